@@ -1,0 +1,1 @@
+"""The aiohttp service (issue: the service face). Not built yet."""

@@ -1,0 +1,170 @@
+"""``pupyl-queue``: run the stack or a worker, and index, search or remove images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from pupyl_queue import constants as C
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from pupyl_queue.client import PupylQueue
+
+    return PupylQueue(characteristic=args.characteristic, collection=args.collection, model=args.model)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from pupyl_queue.settings import Settings
+    from pupyl_queue.stack import run_stack
+
+    return run_stack(Settings.from_env())
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from pupyl_queue.stack import worker_command
+
+    command = worker_command(args.kind, loglevel=args.loglevel)
+    os.execv(command[0], command)
+    return 0  # pragma: no cover - execv does not return
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    client = _client(args)
+    job = client.index(args.uri, check_unique=args.check_unique)
+    if not args.wait:
+        print(job.id)
+        return 0
+    from tqdm import tqdm
+
+    with tqdm(desc="indexing", unit="img") as bar:
+        import time
+
+        while True:
+            state = job.progress()
+            seen = int(state.get("indexed", 0)) + int(state.get("duplicate", 0)) + int(state.get("failed", 0))
+            bar.total = int(state.get("total") or 0) or None
+            bar.n = seen
+            bar.refresh()
+            if state.get("state") in ("done", "failed"):
+                break
+            time.sleep(0.3)
+    return _print_job(job, args.json)
+
+
+def _print_job(job: Any, as_json: bool) -> int:
+    state = job.progress()
+    failures = job.failures() if state.get("state") != "queued" else []
+    if as_json:
+        print(json.dumps({"job": job.id, **state, "failures": failures}, indent=2))
+    else:
+        print(
+            f"job {job.id}: {state.get('state')} - {state.get('indexed', 0)} indexed, "
+            f"{state.get('duplicate', 0)} duplicate, {state.get('failed', 0)} failed "
+            f"of {state.get('total', '?')}"
+        )
+        if state.get("error"):
+            print(f"error: {state['error']}")
+        for item in failures:
+            print(f"  failed: {item['ref']}: {item['error']}")
+    return 1 if state.get("state") == "failed" else 0
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    return _print_job(_client(args).job(args.job_id), args.json)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    client = _client(args)
+    query: Any = int(args.query) if args.query.isdigit() else args.query
+    results = client.search(
+        query,
+        top=args.top,
+        return_metadata=args.metadata or args.json,
+        return_distances=args.distances,
+    )
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for rank, row in enumerate(results, 1):
+        if isinstance(row, dict):
+            print(
+                f"{rank:>3}. id {row['id']}  distance {row['distance']:.4f}  {row.get('original_path', '')}"
+            )
+        elif isinstance(row, tuple):
+            print(f"{rank:>3}. id {row[0]}  distance {row[1]:.4f}")
+        else:
+            print(f"{rank:>3}. id {row}")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    result = _client(args).remove(args.id)
+    print(json.dumps(result))
+    return 0 if result.get("removed") else 1
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    print(json.dumps(_client(args).compact(), indent=2))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pupyl-queue", description=__doc__)
+    p.add_argument("--collection", default=C.DEFAULT_COLLECTION)
+    p.add_argument("--characteristic", default=None, help="1-9 or a name (new collections only)")
+    p.add_argument("--model", default=None, help="a .keras model file instead of a characteristic")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="run Redis (embedded unless PUPYL_REDIS_URL) and one worker per queue")
+    w = sub.add_parser("worker", help="run one Celery worker")
+    w.add_argument("kind", choices=C.QUEUES)
+    w.add_argument("--loglevel", default="INFO")
+    i = sub.add_parser("index", help="index a folder, image file, glob or tar archive")
+    i.add_argument("uri")
+    i.add_argument("--check-unique", action="store_true")
+    i.add_argument("--wait", action="store_true", help="show progress and a summary")
+    s = sub.add_parser("search", help="search by an image file or an indexed id")
+    s.add_argument("query")
+    s.add_argument("--top", type=int, default=4)
+    s.add_argument("--metadata", action="store_true")
+    s.add_argument("--distances", action="store_true")
+    r = sub.add_parser("remove", help="remove an image by id")
+    r.add_argument("id", type=int)
+    j = sub.add_parser("job", help="a job's state and failures")
+    j.add_argument("job_id")
+    sub.add_parser("compact", help="write a snapshot of the collection's index")
+    return p
+
+
+COMMANDS = {
+    "up": cmd_up,
+    "worker": cmd_worker,
+    "index": cmd_index,
+    "search": cmd_search,
+    "remove": cmd_remove,
+    "job": cmd_job,
+    "compact": cmd_compact,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, LookupError, OSError, TimeoutError, RuntimeError) as exc:
+        print(f"pupyl-queue: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

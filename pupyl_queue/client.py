@@ -1,0 +1,219 @@
+"""The producer client, shaped like pupyl's ``PupylImageSearch``.
+
+It imports neither TensorFlow nor FAISS: it only sends JSON task messages and
+reads results and job counters, so any application can embed it cheaply.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from celery.result import AsyncResult
+
+from pupyl_queue import constants as C
+from pupyl_queue.characteristics import Characteristic
+from pupyl_queue.coordination import Coordinator, connect, read_job
+from pupyl_queue.layout import Layout, check_collection
+from pupyl_queue.settings import Settings
+from pupyl_queue.stack import discover_redis_url
+from pupyl_queue.store import ObjectNotFound, ObjectStore, open_store
+
+
+class JobFailed(RuntimeError):
+    """The job as a whole failed (e.g. unreadable URI, model mismatch)."""
+
+
+class Job:
+    """A bulk index job; ignore it (fire-and-forget) or wait on it."""
+
+    def __init__(self, client: PupylQueue, job_id: str) -> None:
+        self.client = client
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def progress(self) -> dict[str, Any]:
+        state = read_job(self.client.redis, self.id)
+        if state is None:
+            raise KeyError(f"no job {self.id}")
+        return state
+
+    def done(self) -> bool:
+        return self.progress().get("state") in ("done", "failed")
+
+    def wait(self, timeout: float | None = None, poll: float = 0.2) -> dict[str, Any]:
+        """Block until the job ends; raises JobFailed or TimeoutError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            state = self.progress()
+            if state.get("state") == "failed":
+                raise JobFailed(f"job {self.id} failed: {state.get('error')}")
+            if state.get("state") == "done":
+                return state
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {self.id} still {state.get('state')} after {timeout}s")
+            time.sleep(poll)
+
+    def report(self) -> list[dict[str, Any]]:
+        """Every item of the job with its outcome, read from the store (survives Redis)."""
+        state = self.progress()
+        layout = Layout(state["collection"])
+        items: list[dict[str, Any]] = []
+        for batch in range(int(state.get("batches_total") or 0)):
+            try:
+                items.extend(json.loads(self.client.store.get(layout.job_report(self.id, batch)))["items"])
+            except ObjectNotFound:
+                continue
+        return items
+
+    def failures(self) -> list[dict[str, Any]]:
+        return [item for item in self.report() if item["status"] == "failed"]
+
+    @property
+    def sequence(self) -> int:
+        """The commit sequence a search must reach to see everything this job indexed."""
+        raw = self.client.redis.hgetall(Layout().job_key(self.id) + ":batches")
+        return max((int(json.loads(v).get("sequence") or 0) for v in raw.values()), default=0)
+
+
+class PupylQueue:
+    """Index, search and remove images through the pupyl-queue workers."""
+
+    def __init__(
+        self,
+        characteristic: Characteristic | int | str | None = None,
+        collection: str = C.DEFAULT_COLLECTION,
+        model: str | Path | None = None,
+        settings: Settings | None = None,
+        **overrides: Any,
+    ) -> None:
+        settings = settings or Settings.from_env(**overrides)
+        if not settings.redis_url:
+            settings = settings.replace(redis_url=discover_redis_url(settings))
+        self.settings = settings
+        self.collection = check_collection(collection)
+        self.characteristic = None if characteristic is None else Characteristic.parse(characteristic)
+        self.model = str(Path(model).expanduser().resolve()) if model else None
+
+    @cached_property
+    def app(self):  # type: ignore[no-untyped-def]
+        from workers.app import make_app
+
+        return make_app(self.settings, include_tasks=False)
+
+    @cached_property
+    def redis(self):  # type: ignore[no-untyped-def]
+        return connect(self.settings.broker_url)
+
+    @cached_property
+    def store(self) -> ObjectStore:
+        return open_store(self.settings)
+
+    # --- index
+    def index(self, uri: str | Path, check_unique: bool = False) -> Job:
+        """Queue a bulk job for a folder, file or archive; returns at once."""
+        job_id = uuid.uuid4().hex
+        uri = str(Path(uri).expanduser().resolve()) if Path(str(uri)).expanduser().exists() else str(uri)
+        request = {
+            "job_id": job_id,
+            "collection": self.collection,
+            "uri": uri,
+            "check_unique": bool(check_unique),
+            "characteristic": None if self.characteristic is None else int(self.characteristic),
+            "default_characteristic": int(self.settings.characteristic),
+            "model": self.model,
+        }
+        Coordinator(self.redis, Layout(self.collection)).create_job(
+            job_id, {"state": "queued", "uri": uri, "collection": self.collection}
+        )
+        self.app.send_task(C.TASK_INDEX, kwargs=request, task_id=job_id)
+        return Job(self, job_id)
+
+    def job(self, job_id: str) -> Job:
+        return Job(self, job_id)
+
+    # --- search
+    def search_async(
+        self,
+        query: Any,
+        top: int = 4,
+        return_metadata: bool = False,
+        min_sequence: int = 0,
+    ) -> AsyncResult:
+        request = {
+            "collection": self.collection,
+            "query": self._query(query),
+            "top": int(top),
+            "metadata": bool(return_metadata),
+            "min_sequence": int(min_sequence),
+        }
+        return self.app.send_task(C.TASK_SEARCH, kwargs=request)
+
+    def search(
+        self,
+        query: Any,
+        top: int = 4,
+        return_metadata: bool = False,
+        return_distances: bool = False,
+        min_sequence: int = 0,
+        timeout: float | None = None,
+    ) -> list[Any]:
+        """As pupyl: ids; or metadata dicts with ``distance``; or ``(id, distance)`` tuples.
+
+        Distances are cosine distances (0 = same direction; smaller is closer).
+        """
+        result = self.search_async(query, top, return_metadata, min_sequence)
+        answer = result.get(timeout=timeout or self.settings.search_timeout)
+        rows = answer["results"]
+        if return_metadata:
+            return [
+                {**(row.get("metadata") or {"id": row["id"]}), "distance": row["distance"]} for row in rows
+            ]
+        if return_distances:
+            return [(row["id"], row["distance"]) for row in rows]
+        return [row["id"] for row in rows]
+
+    def _query(self, query: Any) -> dict[str, Any]:
+        if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
+            return {"id": int(query)}
+        if isinstance(query, np.ndarray):
+            return {"vector": query.astype(float).ravel().tolist()}
+        if isinstance(query, (str, Path)):
+            path = Path(query).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"query image {path} not found")
+            if path.stat().st_size > self.settings.max_image_bytes:
+                raise ValueError(f"query image {path} is larger than PUPYL_MAX_IMAGE_BYTES")
+            query = path.read_bytes()
+        if isinstance(query, (bytes, bytearray)):
+            if len(query) <= self.settings.inline_limit:
+                return {"image_b64": base64.b64encode(query).decode()}
+            key = Layout(self.collection).query(uuid.uuid4().hex)
+            self.store.put(key, bytes(query))
+            return {"key": key}
+        raise TypeError(f"cannot search by {type(query).__name__}: give a path, bytes, an id or a vector")
+
+    # --- remove and maintenance
+    def remove_async(self, index: int) -> AsyncResult:
+        return self.app.send_task(C.TASK_REMOVE, kwargs={"collection": self.collection, "id": int(index)})
+
+    def remove(self, index: int, timeout: float | None = None) -> dict[str, Any]:
+        return self.remove_async(index).get(timeout=timeout or self.settings.search_timeout)
+
+    def compact(self, timeout: float | None = None) -> dict[str, Any]:
+        result = self.app.send_task(C.TASK_COMPACT, kwargs={"collection": self.collection})
+        return result.get(timeout=timeout or 600)
+
+    def close(self) -> None:
+        if "app" in self.__dict__:
+            self.app.close()
+        if "redis" in self.__dict__:
+            self.redis.close()

@@ -1,0 +1,88 @@
+"""A collection's manifest: the model it was created with, fixed for its life.
+
+The first index request creates it; every later request must name the same
+model (DESIGN.md principle 7). Redis decides the race between two first
+requests (SET NX); the store keeps the manifest for good.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from pupyl_queue import constants as C
+from pupyl_queue.layout import Layout
+from pupyl_queue.models import ModelSpec, load_keras_model, sha256_file
+from pupyl_queue.store import ObjectNotFound, ObjectStore
+
+
+class CollectionMissing(LookupError):
+    """Searching or removing in a collection nothing was ever indexed into."""
+
+
+def read_manifest(store: ObjectStore, layout: Layout) -> dict[str, Any] | None:
+    try:
+        return json.loads(store.get(layout.manifest))
+    except ObjectNotFound:
+        return None
+
+
+def model_spec(store: ObjectStore, layout: Layout) -> ModelSpec:
+    manifest = read_manifest(store, layout)
+    if manifest is None:
+        raise CollectionMissing(f"collection {layout.collection!r} is empty: index images first")
+    return ModelSpec.from_json(manifest["model"])
+
+
+def requested_spec(request: dict[str, Any]) -> tuple[ModelSpec, Path | None]:
+    """What an index request asks for: a Keras model file on disk, or a characteristic.
+
+    ``request`` holds ``model`` (a path), ``characteristic`` (named explicitly by the
+    caller) and ``default_characteristic`` (the caller's setting, used only to create).
+    """
+    if request.get("model"):
+        path = Path(request["model"]).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"model file {path} not found on this worker")
+        return load_keras_model(path).spec, path
+    chosen = request.get("characteristic") or request.get("default_characteristic") or 1
+    return ModelSpec.for_characteristic(chosen), None
+
+
+def ensure_collection(
+    store: ObjectStore, client: redis.Redis, layout: Layout, request: dict[str, Any]
+) -> ModelSpec:
+    """The collection's spec, creating the collection from ``request`` if it is new.
+
+    Raises ModelMismatchError when the request names another model than the
+    collection's; a request that names none adopts the collection's.
+    """
+    existing = read_manifest(store, layout)
+    if existing is not None:
+        spec = ModelSpec.from_json(existing["model"])
+        if request.get("model"):
+            wanted = sha256_file(request["model"])
+            if wanted != spec.sha256:
+                spec.check_same(ModelSpec("keras", 0, 0, sha256=wanted))
+        elif request.get("characteristic"):
+            spec.check_same(ModelSpec.for_characteristic(request["characteristic"]))
+        return spec
+    spec, path = requested_spec(request)
+    claim = json.dumps(spec.to_json(), sort_keys=True)
+    client.set(layout.key("model"), claim, nx=True)
+    winner = ModelSpec.from_json(json.loads(client.get(layout.key("model"))))
+    winner.check_same(spec)
+    if path is not None:
+        store.put(layout.model_file, path.read_bytes())
+    manifest = {
+        "schema": C.SCHEMA_VERSION,
+        "collection": layout.collection,
+        "model": spec.to_json(),
+        "created_at": time.time(),
+    }
+    store.put(layout.manifest, json.dumps(manifest, indent=2).encode())
+    return spec

@@ -1,0 +1,61 @@
+"""Every name shared between producers, workers and the store, in one place.
+
+Task names, queue names, Redis keys and store prefixes are public contract:
+other Celery clients enqueue by these names, and a running cluster's data is
+laid out by them. Change them only with a schema version bump.
+"""
+
+from __future__ import annotations
+
+import re
+
+SCHEMA_VERSION = 1
+
+# Celery queues (DESIGN.md: search never queues behind ingestion).
+QUEUE_INGEST = "ingest"
+QUEUE_EMBED = "embed"
+QUEUE_SEARCH = "search"
+QUEUE_MAINTENANCE = "maintenance"
+QUEUES = (QUEUE_INGEST, QUEUE_EMBED, QUEUE_SEARCH, QUEUE_MAINTENANCE)
+
+# Celery task names and the queue each one is routed to.
+TASK_INDEX = "pupyl.index"
+TASK_EMBED = "pupyl.embed"
+TASK_SEARCH = "pupyl.search"
+TASK_REMOVE = "pupyl.remove"
+TASK_COMPACT = "pupyl.compact"
+TASK_ROUTES = {
+    TASK_INDEX: QUEUE_INGEST,
+    TASK_EMBED: QUEUE_EMBED,
+    TASK_SEARCH: QUEUE_SEARCH,
+    TASK_REMOVE: QUEUE_MAINTENANCE,
+    TASK_COMPACT: QUEUE_MAINTENANCE,
+}
+
+DEFAULT_COLLECTION = "default"
+COLLECTION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+# Redis keys; every one is prefixed by REDIS_PREFIX and the collection name.
+REDIS_PREFIX = "pupyl"
+KEY_ID_COUNTER = "ids"  # INCRBY: next image id
+KEY_SEQUENCE = "seq"  # INCR: last commit sequence number
+KEY_CHANGES = "changes"  # INCR on every commit: one GET tells a searcher it is stale
+KEY_COMMITS = "commits"  # ZSET score=sequence member=store key of the segment/tombstone
+KEY_COMMIT_BY_OBJECT = "commit-of"  # HASH store key -> sequence (idempotent publish)
+KEY_HASHES = "hashes"  # HASH sha256 -> id (dedup)
+KEY_BATCH_IDS = "batch-ids"  # HASH batch id -> "first:count" (ids a batch owns)
+KEY_JOB = "job"  # job:{id} HASH of counters, job:{id}:batches HASH of finished batches
+
+# Object store layout under the collection prefix.
+STORE_COLLECTIONS = "collections"
+STORE_MANIFEST = "manifest.json"
+STORE_IMAGES = "images"
+STORE_SEGMENTS = "segments"
+STORE_TOMBSTONES = "tombstones"
+STORE_SNAPSHOTS = "snapshots"
+STORE_SNAPSHOT_POINTER = "snapshots/LATEST.json"
+STORE_STAGING = "staging"
+STORE_JOBS = "jobs"
+STORE_QUERIES = "queries"
+
+JOB_STATES = ("expanding", "running", "done", "failed")

@@ -1,0 +1,167 @@
+"""Coordination state in Redis: ids, the commit log, dedup and job counters.
+
+Every multi-step update is one Lua script so that concurrent workers, and a
+task that runs twice after a redelivery, see it happen once or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from pupyl_queue import constants as C
+from pupyl_queue.layout import Layout
+
+# Allocate ``count`` ids to a batch once; a rerun of the batch gets the same ids.
+_ALLOCATE = """
+local have = redis.call('HGET', KEYS[2], ARGV[1])
+if have then return tonumber(have) end
+local last = redis.call('INCRBY', KEYS[1], ARGV[2])
+local first = last - tonumber(ARGV[2]) + 1
+redis.call('HSET', KEYS[2], ARGV[1], first)
+return first
+"""
+
+# Publish one store object as the next commit, once: a second publish of the
+# same key returns the sequence it already has.
+_PUBLISH = """
+local have = redis.call('HGET', KEYS[3], ARGV[1])
+if have then return tonumber(have) end
+local seq = redis.call('INCR', KEYS[1])
+redis.call('ZADD', KEYS[2], seq, ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], seq)
+redis.call('INCR', KEYS[4])
+return seq
+"""
+
+# Record a finished batch of a job once, adding its counts to the job.
+_FINISH_BATCH = """
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'batches_done', 1)
+redis.call('HINCRBY', KEYS[1], 'indexed', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'duplicate', ARGV[4])
+redis.call('HINCRBY', KEYS[1], 'failed', ARGV[5])
+return 1
+"""
+
+# Drop a content hash only while it still points at the removed image.
+_RELEASE_HASH = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+
+
+class Coordinator:
+    """One collection's view of the shared Redis state."""
+
+    def __init__(self, client: redis.Redis, layout: Layout) -> None:
+        self.r = client
+        self.layout = layout
+        self._allocate = client.register_script(_ALLOCATE)
+        self._publish = client.register_script(_PUBLISH)
+        self._finish = client.register_script(_FINISH_BATCH)
+        self._release = client.register_script(_RELEASE_HASH)
+
+    def _k(self, name: str) -> str:
+        return self.layout.key(name)
+
+    # --- ids
+    def allocate_ids(self, batch_id: str, count: int) -> list[int]:
+        keys = [self._k(C.KEY_ID_COUNTER), self._k(C.KEY_BATCH_IDS)]
+        first = int(self._allocate(keys=keys, args=[batch_id, count]))
+        return list(range(first, first + count))
+
+    # --- dedup
+    def claim_hash(self, sha256: str, image_id: int) -> int:
+        """The id that owns this content: ``image_id`` if it is the first, else the earlier one."""
+        key = self._k(C.KEY_HASHES)
+        pipe = self.r.pipeline()
+        pipe.hsetnx(key, sha256, image_id)
+        pipe.hget(key, sha256)
+        _, owner = pipe.execute()
+        return int(owner)
+
+    def release_hash(self, sha256: str, image_id: int) -> None:
+        self._release(keys=[self._k(C.KEY_HASHES)], args=[sha256, image_id])
+
+    # --- commit log
+    def publish(self, store_key: str) -> int:
+        keys = [
+            self._k(C.KEY_SEQUENCE),
+            self._k(C.KEY_COMMITS),
+            self._k(C.KEY_COMMIT_BY_OBJECT),
+            self._k(C.KEY_CHANGES),
+        ]
+        return int(self._publish(keys=keys, args=[store_key]))
+
+    def commits_after(self, sequence: int) -> list[tuple[int, str]]:
+        rows = self.r.zrangebyscore(self._k(C.KEY_COMMITS), f"({sequence}", "+inf", withscores=True)
+        return [(int(score), key) for key, score in rows]
+
+    def changes(self) -> int:
+        return int(self.r.get(self._k(C.KEY_CHANGES)) or 0)
+
+    def last_sequence(self) -> int:
+        return int(self.r.get(self._k(C.KEY_SEQUENCE)) or 0)
+
+    # --- jobs
+    def create_job(self, job_id: str, fields: dict[str, Any]) -> None:
+        key = self.layout.job_key(job_id)
+        base = {
+            "state": "expanding",
+            "total": 0,
+            "batches_total": 0,
+            "batches_done": 0,
+            "indexed": 0,
+            "duplicate": 0,
+            "failed": 0,
+            "created_at": time.time(),
+        }
+        base.update(fields)
+        self.r.hset(key, mapping={k: _text(v) for k, v in base.items()})
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        self.r.hset(self.layout.job_key(job_id), mapping={k: _text(v) for k, v in fields.items()})
+
+    def finish_batch(self, job_id: str, batch: int, summary: dict[str, Any]) -> bool:
+        """Count a batch into its job once; False when it was already counted."""
+        key = self.layout.job_key(job_id)
+        done = self._finish(
+            keys=[key, key + ":batches"],
+            args=[batch, json.dumps(summary), summary["indexed"], summary["duplicate"], summary["failed"]],
+        )
+        return bool(done)
+
+    def finished_batch(self, job_id: str, batch: int) -> dict[str, Any] | None:
+        raw = self.r.hget(self.layout.job_key(job_id) + ":batches", str(batch))
+        return None if raw is None else json.loads(raw)
+
+
+def read_job(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
+    raw = client.hgetall(f"{C.REDIS_PREFIX}:{C.KEY_JOB}:{job_id}")
+    if not raw:
+        return None
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        out[key] = _parse(value)
+    return out
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _parse(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value

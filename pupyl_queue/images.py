@@ -1,0 +1,123 @@
+"""Decoding untrusted image bytes into RGB, with the checks that keep a worker alive.
+
+Rules (documented in the README):
+- formats: JPEG, PNG, GIF, BMP, WebP, TIFF; the content is sniffed, names are ignored;
+- EXIF orientation is applied; grayscale, palette, RGBA (over white), CMYK and
+  16-bit/float images become 8-bit RGB;
+- an animated image becomes the pixel mean of up to ``MAX_FRAMES`` frames sampled
+  evenly over the animation (pupyl also summarises a GIF as one image);
+- more than ``max_pixels`` pixels (per frame) is refused before decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+MAX_FRAMES = 16
+NORMALIZED_FORMAT = "JPEG"
+NORMALIZED_QUALITY = 92
+
+
+class ImageError(ValueError):
+    """Bytes that cannot become an image; the message is the per-item failure reason."""
+
+
+@dataclass
+class DecodedImage:
+    rgb: Image.Image
+    sha256: str
+    width: int
+    height: int
+    format: str
+    frames: int
+    size_bytes: int
+
+    def pixels(self, size: int) -> np.ndarray:
+        """The image squashed to ``size``×``size`` (as pupyl: no crop), uint8 HWC."""
+        return np.asarray(self.rgb.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+    def normalized_bytes(self) -> bytes:
+        out = io.BytesIO()
+        self.rgb.save(out, NORMALIZED_FORMAT, quality=NORMALIZED_QUALITY)
+        return out.getvalue()
+
+
+def decode(data: bytes, max_pixels: int) -> DecodedImage:
+    if not data:
+        raise ImageError("empty file")
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=FORMATS)
+            fmt = im.format or "unknown"
+            width, height = im.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"image too large: {width}x{height} = {width * height} pixels exceeds the "
+                    f"limit of {max_pixels} (decompression bomb guard, PUPYL_MAX_PIXELS)"
+                )
+            frames = int(getattr(im, "n_frames", 1) or 1)
+            if frames > 1:
+                rgb = _mean_of_frames(im, frames)
+            else:
+                im.load()
+                rgb = _to_rgb(ImageOps.exif_transpose(im))
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(
+            "not an image: content matches none of " + ", ".join(FORMATS)
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image too large (decompression bomb guard): {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"corrupt or truncated {fmt_name(data)} image: {exc}") from None
+    return DecodedImage(rgb, sha, width, height, fmt, frames, len(data))
+
+
+def fmt_name(data: bytes) -> str:
+    signatures = {
+        b"\xff\xd8": "JPEG",
+        b"\x89PNG": "PNG",
+        b"GIF8": "GIF",
+        b"BM": "BMP",
+        b"RIFF": "WebP",
+        b"II*\x00": "TIFF",
+        b"MM\x00*": "TIFF",
+    }
+    for magic, name in signatures.items():
+        if data.startswith(magic):
+            return name
+    return "unknown"
+
+
+def _mean_of_frames(im: Image.Image, frames: int) -> Image.Image:
+    picks = np.unique(np.linspace(0, frames - 1, num=min(frames, MAX_FRAMES)).astype(int))
+    total = np.zeros((im.size[1], im.size[0], 3), dtype=np.float64)
+    for index in picks:
+        im.seek(int(index))
+        total += np.asarray(_to_rgb(im.copy()), dtype=np.float64)
+    return Image.fromarray(np.round(total / len(picks)).astype(np.uint8), "RGB")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+        im = Image.fromarray(arr, "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return im.convert("RGB")

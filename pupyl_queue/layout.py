@@ -1,0 +1,69 @@
+"""Where a collection's things live: store keys and Redis keys, derived in one place."""
+
+from __future__ import annotations
+
+from pupyl_queue import constants as C
+
+
+def check_collection(name: str) -> str:
+    if not isinstance(name, str) or not C.COLLECTION_NAME.match(name):
+        raise ValueError(
+            f"invalid collection name {name!r}: use 1-63 of a-z, 0-9, '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+class Layout:
+    """Store keys and Redis keys of one collection."""
+
+    def __init__(self, collection: str = C.DEFAULT_COLLECTION) -> None:
+        self.collection = check_collection(collection)
+        self.root = f"{C.STORE_COLLECTIONS}/{collection}"
+
+    # --- store
+    @property
+    def manifest(self) -> str:
+        return f"{self.root}/{C.STORE_MANIFEST}"
+
+    @property
+    def model_file(self) -> str:
+        return f"{self.root}/model.keras"
+
+    def image(self, image_id: int) -> str:
+        return f"{self.root}/{C.STORE_IMAGES}/{image_id}.jpg"
+
+    def image_meta(self, image_id: int) -> str:
+        return f"{self.root}/{C.STORE_IMAGES}/{image_id}.json"
+
+    def segment(self, batch_id: str) -> str:
+        return f"{self.root}/{C.STORE_SEGMENTS}/{batch_id}.npz"
+
+    def tombstone(self, image_id: int) -> str:
+        return f"{self.root}/{C.STORE_TOMBSTONES}/{image_id}.json"
+
+    def snapshot(self, sequence: int) -> str:
+        return f"{self.root}/{C.STORE_SNAPSHOTS}/{sequence:016d}"
+
+    @property
+    def snapshot_pointer(self) -> str:
+        return f"{self.root}/{C.STORE_SNAPSHOT_POINTER}"
+
+    def staging(self, job_id: str) -> str:
+        return f"{self.root}/{C.STORE_STAGING}/{job_id}"
+
+    def staged_item(self, job_id: str, number: int) -> str:
+        return f"{self.staging(job_id)}/{number}"
+
+    def job_report(self, job_id: str, batch: int) -> str:
+        return f"{self.root}/{C.STORE_JOBS}/{job_id}/batch-{batch:06d}.json"
+
+    def query(self, name: str) -> str:
+        return f"{self.root}/{C.STORE_QUERIES}/{name}"
+
+    # --- redis
+    def key(self, name: str) -> str:
+        return f"{C.REDIS_PREFIX}:{self.collection}:{name}"
+
+    def job_key(self, job_id: str) -> str:
+        return f"{C.REDIS_PREFIX}:{C.KEY_JOB}:{job_id}"

@@ -1,0 +1,208 @@
+"""Feature extractors: the nine characteristics and a user's own Keras model.
+
+A collection fixes its model in its manifest as a :class:`ModelSpec` (plain
+JSON). Workers turn a spec into a resident :class:`FeatureExtractor` once per
+process (:func:`extractor_for`); TensorFlow is imported only there, after any
+fork, because TensorFlow is not fork-safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pupyl_queue.characteristics import Characteristic
+
+log = logging.getLogger(__name__)
+
+METRIC = "cosine"  # inner product on L2-normalised vectors; distance = 1 - cosine
+
+
+class ModelError(RuntimeError):
+    """A model cannot be built or loaded; the message says what was tried and how to fix it."""
+
+
+class ModelMismatchError(ValueError):
+    """A request names another model than the one its collection was created with."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a collection's vectors come from; equal specs give comparable vectors."""
+
+    kind: str  # "characteristic" or "keras"
+    dim: int
+    input_size: int
+    characteristic: int = 0
+    sha256: str = ""
+    metric: str = METRIC
+
+    @property
+    def label(self) -> str:
+        if self.kind == "characteristic":
+            return Characteristic(self.characteristic).name
+        return f"keras model sha256:{self.sha256[:12]}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(**data)
+
+    @classmethod
+    def for_characteristic(cls, characteristic: Characteristic | int | str) -> ModelSpec:
+        c = Characteristic.parse(characteristic)
+        net = c.network
+        return cls("characteristic", net.feature_size, net.input_size, characteristic=c.value)
+
+    def check_same(self, other: ModelSpec) -> None:
+        if self != other:
+            raise ModelMismatchError(
+                f"this collection was created with {self.label} ({self.dim}-d); "
+                f"the request asks for {other.label} ({other.dim}-d). Use the collection's "
+                "model, or index into a new collection"
+            )
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class FeatureExtractor:
+    """A built network: uint8 RGB batches in, L2-normalised float32 vectors out."""
+
+    def __init__(self, spec: ModelSpec, model: Any, preprocess: Any) -> None:
+        import tensorflow as tf
+
+        self.spec = spec
+        self._model = model
+        self._preprocess = preprocess
+        self._forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        self._lock = threading.Lock()
+
+    @property
+    def input_size(self) -> int:
+        return self.spec.input_size
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """One forward pass over a whole batch of ``(n, size, size, 3)`` uint8 images."""
+        if batch.ndim != 4 or batch.shape[1:] != (self.input_size, self.input_size, 3):
+            raise ValueError(f"expected (n, {self.input_size}, {self.input_size}, 3), got {batch.shape}")
+        x = batch.astype(np.float32)
+        if self._preprocess is not None:
+            x = self._preprocess(x)
+        with self._lock:
+            out = np.asarray(self._forward(x), dtype=np.float32)
+        out = out.reshape(len(batch), -1)
+        return normalize(out)
+
+
+def normalize(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def build_characteristic(
+    characteristic: Characteristic | int | str, weights: str | Path | None
+) -> FeatureExtractor:
+    """Build one of the nine networks; ``weights`` is "imagenet", a file, or None (random)."""
+    import keras
+
+    c = Characteristic.parse(characteristic)
+    net = c.network
+    app = getattr(keras.applications, net.application)
+    preprocess = getattr(keras.applications, net.preprocess_module).preprocess_input
+    kwargs: dict[str, Any] = dict(
+        include_top=False,
+        pooling="avg",
+        input_shape=(net.input_size, net.input_size, 3),
+        weights=None if weights is None else str(weights),
+    )
+    try:
+        model = app(**kwargs)
+    except Exception as exc:  # Keras raises a bare Exception when a fetch fails
+        if weights == "imagenet":
+            raise ModelError(
+                f"could not fetch the ImageNet weights of {net.application} ({c.name}) from "
+                f"{net.weights_url}: {exc}. Offline, download that file elsewhere and set "
+                "PUPYL_WEIGHTS to it, or to a directory holding it (a copy of ~/.keras/models "
+                "from a machine that has run this characteristic works)"
+            ) from exc
+        raise ModelError(f"could not load weights {weights} into {net.application}: {exc}") from exc
+    return FeatureExtractor(ModelSpec.for_characteristic(c), model, preprocess)
+
+
+def resolve_weights(characteristic: Characteristic, weights_setting: str) -> str:
+    """Map PUPYL_WEIGHTS to what Keras takes: "imagenet", or a local file that must exist."""
+    if not weights_setting:
+        return "imagenet"
+    path = Path(weights_setting).expanduser()
+    if path.is_dir():
+        candidate = path / characteristic.network.weights_file
+        if not candidate.is_file():
+            raise ModelError(
+                f"PUPYL_WEIGHTS is the directory {path}, but it holds no "
+                f"{characteristic.network.weights_file} for {characteristic.name}; "
+                f"fetch it from {characteristic.network.weights_url} and put it there"
+            )
+        return str(candidate)
+    if not path.is_file():
+        raise ModelError(f"PUPYL_WEIGHTS={path} is neither a weights file nor a directory")
+    return str(path)
+
+
+def load_keras_model(path: str | Path) -> FeatureExtractor:
+    """A user's model file: RGB image in (values 0..255), one vector out."""
+    import keras
+
+    path = Path(path)
+    try:
+        model = keras.models.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:
+        raise ModelError(f"could not load the Keras model file {path}: {exc}") from exc
+    shape = tuple(model.input_shape)
+    out = tuple(model.output_shape)
+    if len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2] or shape[1] is None:
+        raise ModelError(f"{path}: expected a square RGB image input, got input shape {shape}")
+    if len(out) != 2 or out[1] is None:
+        raise ModelError(f"{path}: expected one vector out per image, got output shape {out}")
+    spec = ModelSpec("keras", int(out[1]), int(shape[1]), sha256=sha256_file(path))
+    return FeatureExtractor(spec, model, None)
+
+
+_cache: dict[ModelSpec, FeatureExtractor] = {}
+_cache_lock = threading.Lock()
+
+
+def extractor_for(spec: ModelSpec, weights_setting: str, model_file: Path | None) -> FeatureExtractor:
+    """The process-wide extractor for a spec, built on first use and kept resident."""
+    with _cache_lock:
+        found = _cache.get(spec)
+        if found is not None:
+            return found
+        if spec.kind == "characteristic":
+            c = Characteristic(spec.characteristic)
+            extractor = build_characteristic(c, resolve_weights(c, weights_setting))
+        elif model_file is not None:
+            extractor = load_keras_model(model_file)
+            if extractor.spec.sha256 != spec.sha256:
+                raise ModelError(
+                    f"model file {model_file} has sha256 {extractor.spec.sha256}, "
+                    f"the collection expects {spec.sha256}"
+                )
+        else:
+            raise ModelError(f"no model file for {spec.label}")
+        log.info("built %s (%d-d) in this process", spec.label, spec.dim)
+        _cache[spec] = extractor
+        return extractor

@@ -1,0 +1,131 @@
+"""Search and remove, as run by the search and maintenance workers.
+
+A query is JSON: ``{"image_b64": ...}`` (small images inline), ``{"key": ...}``
+(bytes the client put in the store), ``{"id": N}`` (more like an indexed image)
+or ``{"vector": [...]}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import numpy as np
+
+from pupyl_queue.images import decode
+from pupyl_queue.layout import Layout
+from pupyl_queue.models import normalize
+from pupyl_queue.runtime import Runtime
+from pupyl_queue.store import ObjectNotFound
+
+
+class QueryError(ValueError):
+    """The query cannot be turned into a vector (bad image, unknown id, wrong size)."""
+
+
+class NotCaughtUp(TimeoutError):
+    """The searcher did not reach the requested commit sequence in time."""
+
+
+def query_vector(rt: Runtime, collection: str, query: dict[str, Any]) -> np.ndarray:
+    searcher = rt.searcher(collection)
+    if "id" in query:
+        try:
+            return searcher.vector(int(query["id"]))
+        except KeyError as exc:
+            raise QueryError(str(exc.args[0])) from None
+    if "vector" in query:
+        vector = np.asarray(query["vector"], dtype=np.float32).reshape(1, -1)
+        spec = rt.spec(collection)
+        if vector.shape[1] != spec.dim:
+            raise QueryError(f"query vector has {vector.shape[1]} values, the collection {spec.dim}")
+        return normalize(vector)[0]
+    if "image_b64" in query:
+        data = base64.b64decode(query["image_b64"], validate=True)
+    elif "key" in query:
+        try:
+            data = rt.store.get(query["key"])
+        except ObjectNotFound:
+            raise QueryError("the uploaded query image is gone from the store") from None
+    else:
+        raise QueryError("a query needs one of: image_b64, key, id, vector")
+    extractor = rt.extractor(collection)
+    image = decode(data, rt.settings.max_pixels)  # ImageError is a QueryError's sibling: both ValueError
+    return extractor.embed(image.pixels(extractor.input_size)[None])[0]
+
+
+def search(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
+    collection = task.get("collection", "default")
+    top = int(task.get("top", 4))
+    if not 1 <= top <= 10_000:
+        raise QueryError("top must be between 1 and 10000")
+    searcher = rt.searcher(collection)
+    started = time.perf_counter()
+    wanted = int(task.get("min_sequence") or 0)
+    if wanted and not searcher.wait_for(wanted, float(task.get("wait_timeout", 30))):
+        raise NotCaughtUp(f"searcher is at sequence {searcher.sequence}, asked for {wanted}")
+    try:
+        vector = query_vector(rt, collection, task["query"])
+    finally:
+        if "key" in task["query"]:
+            rt.store.delete(task["query"]["key"])
+    hits = searcher.search(vector, top)
+    results: list[dict[str, Any]] = []
+    layout = Layout(collection)
+    for image_id, distance in hits:
+        row: dict[str, Any] = {"id": image_id, "distance": distance}
+        if task.get("metadata"):
+            try:
+                row["metadata"] = json.loads(rt.store.get(layout.image_meta(image_id)))
+            except ObjectNotFound:
+                row["metadata"] = None
+        results.append(row)
+    return {
+        "collection": collection,
+        "sequence": searcher.sequence,
+        "count": len(searcher),
+        "took_ms": round((time.perf_counter() - started) * 1000, 2),
+        "results": results,
+    }
+
+
+def remove(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
+    """Tombstone an id (committed like a segment), then delete its image and metadata."""
+    collection = task.get("collection", "default")
+    image_id = int(task["id"])
+    layout = Layout(collection)
+    coord = rt.coordinator(collection)
+    tombstone = layout.tombstone(image_id)
+    try:
+        meta = json.loads(rt.store.get(layout.image_meta(image_id)))
+    except ObjectNotFound:
+        meta = None
+    if meta is None and not rt.store.exists(tombstone):
+        return {"id": image_id, "removed": False, "reason": f"no image with id {image_id}"}
+    if not rt.store.exists(tombstone):
+        rt.store.put(tombstone, json.dumps({"id": image_id, "removed_at": time.time()}).encode())
+    sequence = coord.publish(tombstone)
+    rt.store.delete(layout.image(image_id))
+    rt.store.delete(layout.image_meta(image_id))
+    if meta is not None:
+        coord.release_hash(meta["sha256"], image_id)
+    return {"id": image_id, "removed": True, "sequence": sequence}
+
+
+def compact(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
+    """Write a snapshot of the collection (one compaction at a time, whatever the replicas)."""
+    from pupyl_queue.searcher import Searcher
+
+    collection = task.get("collection", "default")
+    layout = Layout(collection)
+    lock = rt.redis.lock(layout.key("compact-lock"), timeout=3600, blocking_timeout=0)
+    if not lock.acquire(blocking=False):
+        return {"collection": collection, "skipped": "another compaction is running"}
+    try:
+        searcher = Searcher(rt.store, rt.coordinator(collection), layout)
+        searcher.load()
+        return searcher.write_snapshot(rt.spec(collection).to_json())
+    finally:
+        lock.release()

@@ -1,0 +1,123 @@
+"""The one settings object, read from the environment (``PUPYL_*``).
+
+Built on demand by :meth:`Settings.from_env`, never at import time, so tests
+and embedded stacks can build their own. Secrets are kept out of ``repr`` so a
+logged settings object never leaks them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pupyl_queue.characteristics import Characteristic
+
+ENV_PREFIX = "PUPYL_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of pupyl-queue. Environment name = ``PUPYL_`` + upper-cased field."""
+
+    data_dir: Path = field(default_factory=lambda: Path.home() / ".pupyl-queue")
+    redis_url: str = ""
+    store: str = ""
+    s3_endpoint: str = ""
+    s3_access_key: str = field(default="", repr=False)
+    s3_secret_key: str = field(default="", repr=False)
+    s3_secure: bool = True
+    s3_region: str = ""
+    characteristic: Characteristic = Characteristic.MINIMUMWEIGHT_FAST_SMALL_PRECISION
+    model: str = ""
+    weights: str = ""
+    batch_size: int = 32
+    max_pixels: int = 64_000_000
+    max_image_bytes: int = 64 * 1024 * 1024
+    inline_limit: int = 512 * 1024
+    result_expires: int = 24 * 3600
+    visibility_timeout: int = 4 * 3600
+    search_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
+        object.__setattr__(self, "characteristic", Characteristic.parse(self.characteristic))
+        if self.batch_size < 1:
+            raise SettingsError("PUPYL_BATCH_SIZE must be at least 1")
+        if self.store and not self.store.startswith(("file://", "s3://")):
+            raise SettingsError(f"PUPYL_STORE must be file:///path or s3://bucket/prefix, got {self.store!r}")
+
+    @property
+    def store_url(self) -> str:
+        """The store in use: ``PUPYL_STORE`` or the embedded default under the data dir."""
+        return self.store or (self.data_dir / "store").resolve().as_uri()
+
+    @property
+    def broker_url(self) -> str:
+        return self.redis_url or "redis://localhost:6379/0"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in a child process."""
+        env = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Characteristic):
+                value = value.name
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            env[ENV_PREFIX + f.name.upper()] = str(value)
+        return env
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            values[f.name] = _coerce(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise SettingsError(f"unknown settings: {sorted(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """Every environment variable this module reads."""
+        return [ENV_PREFIX + f.name.upper() for f in dataclasses.fields(cls)]
+
+
+def _coerce(name: str, kind: Any, raw: str) -> Any:
+    kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    env_name = ENV_PREFIX + name.upper()
+    try:
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered in _TRUE:
+                return True
+            if lowered in _FALSE:
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path":
+            return Path(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{env_name} must be a {kind}, got {raw!r}") from exc
+    return raw

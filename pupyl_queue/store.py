@@ -1,0 +1,214 @@
+"""The object store: the source of truth (DESIGN.md principle 1).
+
+One small interface, two implementations: a local directory (the embedded
+default) and S3 through the minio SDK. Keys are '/'-separated relative paths;
+a key that tries to leave its root is refused. Every put is atomic: a reader
+sees the old object or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlparse
+
+from pupyl_queue.settings import Settings
+
+T = TypeVar("T")
+
+
+class ObjectNotFound(KeyError):
+    """No object under that key."""
+
+
+class StoreUnavailable(ConnectionError):
+    """The store cannot be reached now; the operation can be retried."""
+
+
+def check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in key:
+        raise ValueError(f"invalid store key {key!r}")
+    return key
+
+
+class ObjectStore(ABC):
+    url: str
+
+    @abstractmethod
+    def put(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def get(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete one object; deleting a missing object is not an error."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Every key under ``prefix`` (a folder-like prefix ending in '/' or ''), sorted."""
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = list(self.list(prefix))
+        for key in keys:
+            self.delete(key)
+        return len(keys)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+class LocalStore(ObjectStore):
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.url = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*check_key(key).split("/"))
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(key) from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        base = self.root.joinpath(*prefix.rstrip("/").split("/")) if prefix else self.root
+        if not base.is_dir():
+            return iter(())
+        keys = []
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith(".tmp-"):
+                    continue
+                keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
+        return iter(sorted(keys))
+
+
+class S3Store(ObjectStore):
+    """Any S3 server (MinIO in production) through the minio SDK; creates its bucket."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        secure: bool = True,
+        region: str = "",
+    ) -> None:
+        from minio import Minio
+
+        if not endpoint:
+            raise ValueError("an s3:// store needs PUPYL_S3_ENDPOINT (host:port)")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.url = f"s3://{bucket}/{self.prefix}"
+        self._client = Minio(
+            endpoint,
+            access_key=access_key or None,
+            secret_key=secret_key or None,
+            secure=secure,
+            region=region or None,
+        )
+        self._guard(self._ensure_bucket)
+
+    def _ensure_bucket(self) -> None:
+        if not self._client.bucket_exists(self.bucket):
+            self._client.make_bucket(self.bucket)
+
+    def _guard(self, fn: Callable[[], T], key: str = "") -> T:
+        """Map the SDK's errors onto the store's: missing object, or store unreachable."""
+        from minio.error import S3Error
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return fn()
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject"):
+                raise ObjectNotFound(key) from None
+            raise
+        except (HTTPError, OSError) as exc:
+            raise StoreUnavailable(f"S3 store {self.url} unreachable: {type(exc).__name__}") from exc
+
+    def _name(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def put(self, key: str, data: bytes) -> None:
+        self._guard(
+            lambda: self._client.put_object(self.bucket, self._name(key), io.BytesIO(data), len(data))
+        )
+
+    def get(self, key: str) -> bytes:
+        def fetch() -> bytes:
+            response = self._client.get_object(self.bucket, self._name(key))
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._guard(fetch, key)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._guard(lambda: self._client.stat_object(self.bucket, self._name(key)), key)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def delete(self, key: str) -> None:
+        self._guard(lambda: self._client.remove_object(self.bucket, self._name(key)))
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        objects = self._guard(
+            lambda: list(self._client.list_objects(self.bucket, self.prefix + prefix, recursive=True))
+        )
+        return iter(sorted(o.object_name[len(self.prefix) :] for o in objects))
+
+
+def open_store(settings: Settings) -> ObjectStore:
+    url = settings.store_url
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return LocalStore(parsed.path)
+    if parsed.scheme == "s3":
+        return S3Store(
+            parsed.netloc,
+            parsed.path,
+            settings.s3_endpoint,
+            settings.s3_access_key,
+            settings.s3_secret_key,
+            settings.s3_secure,
+            settings.s3_region,
+        )
+    raise ValueError(f"unsupported store {url!r}")

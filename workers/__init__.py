@@ -1,0 +1,1 @@
+"""Celery app, tasks and worker entry points of pupyl-queue."""

@@ -1,0 +1,67 @@
+"""Celery tasks: thin wrappers that give the pupyl_queue functions a name and a queue.
+
+Task contracts (names, JSON kwargs, JSON results) are public: see docs/tasks.md.
+Transient failures (store or Redis unreachable) are retried with backoff;
+a bad request fails the task with a clear message and is not retried.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from celery import shared_task
+
+from pupyl_queue import constants as C
+from pupyl_queue import ingest, queries
+from pupyl_queue.runtime import runtime
+from pupyl_queue.store import StoreUnavailable
+
+log = logging.getLogger(__name__)
+TRANSIENT = (StoreUnavailable, redis.ConnectionError, redis.TimeoutError)
+RETRY = dict(autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=60, max_retries=12)
+
+
+@shared_task(name=C.TASK_INDEX, bind=True, **RETRY)
+def index(self: Any, **job: Any) -> dict[str, Any]:
+    rt = runtime()
+    job.setdefault("job_id", self.request.id)
+    try:
+        return ingest.expand_job(rt, job, lambda batch: embed.apply_async(kwargs=batch))
+    except TRANSIENT:
+        raise
+    except Exception as exc:
+        rt.coordinator(job["collection"]).update_job(
+            job["job_id"], state="failed", error=f"{type(exc).__name__}: {exc}"
+        )
+        raise
+
+
+@shared_task(name=C.TASK_EMBED, bind=True, **RETRY)
+def embed(self: Any, **batch: Any) -> dict[str, Any]:
+    rt = runtime()
+    try:
+        return ingest.embed_batch(rt, batch)
+    except TRANSIENT:
+        raise
+    except Exception as exc:
+        rt.coordinator(batch["collection"]).update_job(
+            batch["job_id"], state="failed", error=f"{type(exc).__name__}: {exc}"
+        )
+        raise
+
+
+@shared_task(name=C.TASK_SEARCH, **RETRY)
+def search(**request: Any) -> dict[str, Any]:
+    return queries.search(runtime(), request)
+
+
+@shared_task(name=C.TASK_REMOVE, **RETRY)
+def remove(**request: Any) -> dict[str, Any]:
+    return queries.remove(runtime(), request)
+
+
+@shared_task(name=C.TASK_COMPACT, **RETRY)
+def compact(**request: Any) -> dict[str, Any]:
+    return queries.compact(runtime(), request)
