@@ -1,0 +1,41 @@
+"""Real Celery worker processes for integration tests, started like ``pupyl-queue up`` does."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from pupyl_queue import constants as C
+from pupyl_queue.settings import Settings
+from pupyl_queue.stack import start_worker, stop
+
+
+class Workers:
+    """One worker per queue; each can be stopped, killed or restarted."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, *queues: str) -> None:
+        for queue in queues or C.QUEUES:
+            self.procs[queue] = start_worker(queue, self.settings, log_path=self.log_dir / f"{queue}.log")
+
+    def restart(self, queue: str) -> None:
+        stop(self.procs[queue])
+        self.start(queue)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            stop(proc)
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {path.name}\n{path.read_text(errors='replace')[-4000:]}"
+            for path in sorted(self.log_dir.glob("*.log"))
+        )
+
+    def check_alive(self) -> None:
+        dead = {q: p.returncode for q, p in self.procs.items() if p.poll() is not None}
+        assert not dead, f"workers died: {dead}\n{self.logs()}"
