@@ -110,7 +110,8 @@ class FeatureExtractor:
 
 def normalize(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+    # A tiny floor: random-weight networks give valid directions at norms far below 1e-12.
+    return (vectors / np.maximum(norms, 1e-30)).astype(np.float32)
 
 
 def build_characteristic(

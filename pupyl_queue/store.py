@@ -126,6 +126,7 @@ class S3Store(ObjectStore):
         secure: bool = True,
         region: str = "",
     ) -> None:
+        import urllib3
         from minio import Minio
 
         if not endpoint:
@@ -139,6 +140,12 @@ class S3Store(ObjectStore):
             secret_key=secret_key or None,
             secure=secure,
             region=region or None,
+            # Few, quick retries here: tasks retry a StoreUnavailable with backoff themselves.
+            http_client=urllib3.PoolManager(
+                timeout=urllib3.Timeout(connect=5, read=120),
+                retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+                maxsize=16,
+            ),
         )
         self._guard(self._ensure_bucket)
 

@@ -11,7 +11,7 @@ import pytest
 from pupyl_queue import PupylQueue, Settings
 from pupyl_queue.layout import Layout
 from pupyl_queue.store import open_store
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.conftest import MOBILENET_025, S3_ACCESS_KEY, S3_SECRET_KEY, need_shared
 from tests.workers import Workers
 
 pytestmark = pytest.mark.slow
@@ -113,3 +113,16 @@ def test_job_report_survives_in_store(stack: tuple[PupylQueue, Workers], tmp_pat
     report = json.loads(open_store(client.settings).get(Layout().job_report(job.id, 0)))
     assert report["items"][0]["status"] == "failed"
     assert report["items"][0]["ref"].endswith("x.jpg")
+
+
+@pytest.mark.realweights
+def test_nearest_other_image_of_a_cat_is_a_cat(stack: tuple[PupylQueue, Workers], photo_dir: Path) -> None:
+    """Real ImageNet weights (MobileNet 0.25 from ../shared/data/models) give semantic neighbours."""
+    need_shared(MOBILENET_025)
+    client, _ = stack
+    cats = {"cat_test_0.bmp", "cat_train_0.bmp", "black_cat.jpg"}
+    for name in ("cat_test_0.bmp", "cat_train_0.bmp"):
+        query = next(photo_dir.rglob(name))
+        hits = client.search(query, top=2, return_metadata=True)
+        assert hits[0]["original_file_name"] == name
+        assert hits[1]["original_file_name"] in cats - {name}, [h["original_file_name"] for h in hits]

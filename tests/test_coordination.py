@@ -1,0 +1,66 @@
+"""Coordination scripts against a real redis-server."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import redis
+
+from pupyl_queue.coordination import Coordinator, read_job
+from pupyl_queue.layout import Layout
+
+
+def test_batch_ids_are_allocated_once(redis_client: redis.Redis) -> None:
+    coord = Coordinator(redis_client, Layout())
+    first = coord.allocate_ids("job-000001", 3)
+    assert first == [1, 2, 3]
+    assert coord.allocate_ids("job-000001", 3) == first  # a redelivered batch
+    assert coord.allocate_ids("job-000002", 2) == [4, 5]
+
+
+def test_concurrent_allocations_never_overlap(redis_client: redis.Redis) -> None:
+    coord = Coordinator(redis_client, Layout())
+    with ThreadPoolExecutor(8) as pool:
+        batches = list(pool.map(lambda n: coord.allocate_ids(f"b{n}", 5), range(40)))
+    ids = [i for batch in batches for i in batch]
+    assert len(ids) == len(set(ids)) == 200
+
+
+def test_publish_is_idempotent_and_ordered(redis_client: redis.Redis) -> None:
+    coord = Coordinator(redis_client, Layout())
+    assert coord.publish("s/a") == 1
+    assert coord.publish("s/b") == 2
+    assert coord.publish("s/a") == 1
+    assert coord.changes() == 2
+    assert coord.commits_after(0) == [(1, "s/a"), (2, "s/b")]
+    assert coord.commits_after(1) == [(2, "s/b")]
+
+
+def test_hash_claim_has_one_winner(redis_client: redis.Redis) -> None:
+    coord = Coordinator(redis_client, Layout())
+    with ThreadPoolExecutor(8) as pool:
+        owners = set(pool.map(lambda i: coord.claim_hash("abc", i), range(1, 50)))
+    assert len(owners) == 1
+    owner = owners.pop()
+    coord.release_hash("abc", owner + 1000)  # not the owner: no effect
+    assert coord.claim_hash("abc", 999) == owner
+    coord.release_hash("abc", owner)
+    assert coord.claim_hash("abc", 999) == 999
+
+
+def test_batch_counts_once(redis_client: redis.Redis) -> None:
+    coord = Coordinator(redis_client, Layout())
+    coord.create_job("j1", {"collection": "default"})
+    summary = {"batch": 0, "sequence": 1, "indexed": 3, "duplicate": 1, "failed": 2}
+    assert coord.finish_batch("j1", 0, summary) is True
+    assert coord.finish_batch("j1", 0, summary) is False
+    job = read_job(redis_client, "j1")
+    assert job is not None
+    assert (job["indexed"], job["duplicate"], job["failed"], job["batches_done"]) == (3, 1, 2, 1)
+    assert coord.finished_batch("j1", 0) == summary
+
+
+def test_collections_do_not_share_keys(redis_client: redis.Redis) -> None:
+    a, b = Coordinator(redis_client, Layout("a")), Coordinator(redis_client, Layout("b"))
+    a.publish("x")
+    assert b.commits_after(0) == [] and b.last_sequence() == 0

@@ -1,0 +1,95 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pupyl_queue.images import ImageError, decode
+from tests.conftest import SHARED_DATA
+from tests.imagegen import encode, pattern
+
+LIMIT = 10_000_000
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF"])
+def test_formats(fmt: str) -> None:
+    image = decode(encode(pattern(1), fmt), LIMIT)
+    assert image.format == fmt
+    assert (image.width, image.height) == (160, 120)
+    assert image.rgb.mode == "RGB"
+    assert image.pixels(64).shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1"])
+def test_modes_become_rgb(mode: str) -> None:
+    source = pattern(2)
+    if mode == "I;16":
+        source = Image.fromarray(np.asarray(source.convert("L"), dtype=np.uint16) * 257)
+        assert source.mode == "I;16"
+        data = encode(source, "PNG")
+    else:
+        data = encode(source.convert(mode), "TIFF" if mode == "CMYK" else "PNG")
+    image = decode(data, LIMIT)
+    assert image.rgb.mode == "RGB"
+    assert np.asarray(image.rgb).std() > 5  # picture content survived
+
+
+def test_transparent_pixels_go_white() -> None:
+    rgba = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
+    image = decode(encode(rgba, "PNG"), LIMIT)
+    assert np.asarray(image.rgb)[0, 0].tolist() == [255, 255, 255]
+
+
+def test_exif_orientation_applied() -> None:
+    source = pattern(3, size=(200, 100))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    image = decode(encode(source, "JPEG", exif=exif), LIMIT)
+    assert (image.rgb.width, image.rgb.height) == (100, 200)
+
+
+def test_animated_gif_is_mean_of_frames() -> None:
+    frames = [Image.new("RGB", (8, 8), (0, 0, 0)), Image.new("RGB", (8, 8), (200, 200, 200))]
+    out = io.BytesIO()
+    frames[0].save(out, "GIF", save_all=True, append_images=frames[1:], duration=10)
+    image = decode(out.getvalue(), LIMIT)
+    assert image.frames == 2
+    assert np.asarray(image.rgb)[0, 0].tolist() == pytest.approx([100, 100, 100], abs=2)
+
+
+def test_decompression_bomb_refused_before_decoding() -> None:
+    bomb = encode(Image.new("L", (5000, 5000)), "PNG")  # tiny file, 25 M pixels
+    assert len(bomb) < 100_000
+    with pytest.raises(ImageError, match="decompression bomb"):
+        decode(bomb, LIMIT)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty file"),
+        (b"hello world", "not an image"),
+        (encode(pattern(4), "JPEG")[:400], "corrupt or truncated JPEG"),
+        (encode(pattern(4), "PNG")[:300], "corrupt or truncated PNG"),
+    ],
+)
+def test_bad_bytes_are_clear_errors(data: bytes, message: str) -> None:
+    with pytest.raises(ImageError, match=message):
+        decode(data, LIMIT)
+
+
+def test_shared_bad_files() -> None:
+    bad = SHARED_DATA / "bad"
+    if not bad.exists():
+        pytest.skip("../shared/data/bad is absent")
+    with pytest.raises(ImageError, match="truncated"):
+        decode((bad / "truncated.jpg").read_bytes(), LIMIT)
+    with pytest.raises(ImageError, match="not an image"):
+        decode((bad / "not_image.jpg").read_bytes(), LIMIT)
+
+
+def test_normalized_copy_is_a_jpeg_of_the_same_size() -> None:
+    image = decode(encode(pattern(5), "PNG"), LIMIT)
+    again = Image.open(io.BytesIO(image.normalized_bytes()))
+    assert again.format == "JPEG" and again.size == (160, 120)
+    assert len(image.sha256) == 64

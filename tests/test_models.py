@@ -1,0 +1,116 @@
+"""Building networks and loading weights, all offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from pupyl_queue.characteristics import Characteristic
+from pupyl_queue.collection import ensure_collection, model_spec
+from pupyl_queue.layout import Layout
+from pupyl_queue.models import (
+    ModelError,
+    ModelMismatchError,
+    ModelSpec,
+    build_characteristic,
+    extractor_for,
+    load_keras_model,
+    resolve_weights,
+)
+from pupyl_queue.store import LocalStore
+
+MOBILENET = Characteristic.MINIMUMWEIGHT_FAST_SMALL_PRECISION
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random MobileNet weights saved under the file name Keras caches them as."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    folder = tmp_path_factory.mktemp("weights")
+    model = build_characteristic(MOBILENET, None)._model
+    with h5py.File(folder / MOBILENET.network.weights_file, "w") as fh:
+        legacy_h5_format.save_weights_to_hdf5_group(fh, model)
+    return folder
+
+
+def test_characteristic_loads_from_weights_directory(weights_dir: Path) -> None:
+    path = resolve_weights(MOBILENET, str(weights_dir))
+    assert path == str(weights_dir / "mobilenet_1_0_224_tf_no_top.h5")
+    a = build_characteristic(MOBILENET, path)
+    b = build_characteristic(MOBILENET, path)
+    assert a.spec == ModelSpec.for_characteristic(1) and a.spec.dim == 1024
+    batch = np.random.default_rng(0).integers(0, 255, (3, 224, 224, 3), dtype=np.uint8)
+    va, vb = a.embed(batch), b.embed(batch)
+    assert va.shape == (3, 1024)
+    np.testing.assert_allclose(va, vb, atol=1e-5)  # same file, same features
+    np.testing.assert_allclose(np.linalg.norm(va, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(va[0], va[1])
+
+
+def test_extractor_is_built_once_per_process(weights_dir: Path) -> None:
+    spec = ModelSpec.for_characteristic(1)
+    assert extractor_for(spec, str(weights_dir), None) is extractor_for(spec, str(weights_dir), None)
+
+
+def test_missing_weights_say_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="mobilenet_1_0_224_tf_no_top.h5.*https://storage.googleapis"):
+        resolve_weights(MOBILENET, str(tmp_path))
+    with pytest.raises(ModelError, match="neither a weights file nor a directory"):
+        resolve_weights(MOBILENET, str(tmp_path / "nope.h5"))
+
+
+def test_failed_imagenet_fetch_is_explained(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # A dead proxy makes the real fetch path fail fast, with or without internet.
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(ModelError) as err:
+        build_characteristic(MOBILENET, resolve_weights(MOBILENET, ""))
+    message = str(err.value)
+    assert MOBILENET.network.weights_url in message and "PUPYL_WEIGHTS" in message
+
+
+def test_own_keras_model(tiny_model: Path) -> None:
+    extractor = load_keras_model(tiny_model)
+    assert (extractor.spec.kind, extractor.spec.dim, extractor.input_size) == ("keras", 256, 224)
+    assert len(extractor.spec.sha256) == 64
+    with pytest.raises(ValueError, match=r"expected \(n, 224, 224, 3\)"):
+        extractor.embed(np.zeros((1, 100, 100, 3), dtype=np.uint8))
+
+
+def test_bad_model_files(tmp_path: Path) -> None:
+    import keras
+
+    junk = tmp_path / "junk.keras"
+    junk.write_bytes(b"not a zip")
+    with pytest.raises(ModelError, match="could not load the Keras model file"):
+        load_keras_model(junk)
+    inputs = keras.Input((32, 48, 3))
+    odd = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))
+    odd.save(tmp_path / "odd.keras")
+    with pytest.raises(ModelError, match="square RGB image input"):
+        load_keras_model(tmp_path / "odd.keras")
+
+
+def test_collection_keeps_its_characteristic(redis_client: redis.Redis, tmp_path: Path) -> None:
+    store, layout = LocalStore(tmp_path), Layout("photos")
+    spec = ensure_collection(store, redis_client, layout, {"characteristic": 1})
+    assert model_spec(store, layout) == spec
+    assert ensure_collection(store, redis_client, layout, {"default_characteristic": 2}) == spec
+    with pytest.raises(ModelMismatchError, match="created with MINIMUMWEIGHT.*asks for LIGHTWEIGHT"):
+        ensure_collection(store, redis_client, layout, {"characteristic": "LIGHTWEIGHT_FAST_SMALL_PRECISION"})
+
+
+def test_collection_with_own_model(redis_client: redis.Redis, tmp_path: Path, tiny_model: Path) -> None:
+    store, layout = LocalStore(tmp_path), Layout()
+    spec = ensure_collection(store, redis_client, layout, {"model": str(tiny_model)})
+    assert spec.kind == "keras" and store.get(layout.model_file) == tiny_model.read_bytes()
+    with pytest.raises(ModelMismatchError, match="keras model"):
+        ensure_collection(store, redis_client, layout, {"characteristic": 1})
