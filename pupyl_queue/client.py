@@ -30,6 +30,22 @@ class JobFailed(RuntimeError):
     """The job as a whole failed (e.g. unreadable URI, model mismatch)."""
 
 
+class TaskFailed(RuntimeError):
+    """A worker refused or failed a request; the message is the worker's reason."""
+
+
+def _get(result: AsyncResult, timeout: float) -> Any:
+    """A task's result; a worker-side failure becomes TaskFailed with the worker's message."""
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    try:
+        return result.get(timeout=timeout)
+    except CeleryTimeout:
+        raise TimeoutError(f"no answer from a worker within {timeout}s (is one running?)") from None
+    except Exception as exc:  # the worker's exception, rebuilt from JSON
+        raise TaskFailed(f"{type(exc).__name__}: {exc}") from None
+
+
 class Job:
     """A bulk index job; ignore it (fire-and-forget) or wait on it."""
 
@@ -101,6 +117,7 @@ class PupylQueue:
         self.settings = settings
         self.collection = check_collection(collection)
         self.characteristic = None if characteristic is None else Characteristic.parse(characteristic)
+        model = model or settings.model or None
         self.model = str(Path(model).expanduser().resolve()) if model else None
 
     @cached_property
@@ -171,7 +188,7 @@ class PupylQueue:
         Distances are cosine distances (0 = same direction; smaller is closer).
         """
         result = self.search_async(query, top, return_metadata, min_sequence)
-        answer = result.get(timeout=timeout or self.settings.search_timeout)
+        answer = _get(result, timeout or self.settings.search_timeout)
         rows = answer["results"]
         if return_metadata:
             return [
@@ -206,11 +223,11 @@ class PupylQueue:
         return self.app.send_task(C.TASK_REMOVE, kwargs={"collection": self.collection, "id": int(index)})
 
     def remove(self, index: int, timeout: float | None = None) -> dict[str, Any]:
-        return self.remove_async(index).get(timeout=timeout or self.settings.search_timeout)
+        return _get(self.remove_async(index), timeout or self.settings.search_timeout)
 
     def compact(self, timeout: float | None = None) -> dict[str, Any]:
         result = self.app.send_task(C.TASK_COMPACT, kwargs={"collection": self.collection})
-        return result.get(timeout=timeout or 600)
+        return _get(result, timeout or 600)
 
     def close(self) -> None:
         if "app" in self.__dict__:

@@ -24,6 +24,12 @@ class CollectionMissing(LookupError):
     """Searching or removing in a collection nothing was ever indexed into."""
 
 
+def list_collections(store: ObjectStore) -> list[str]:
+    """Collections that hold a manifest (were indexed into at least once)."""
+    names = store.children(C.STORE_COLLECTIONS)
+    return [name for name in names if store.exists(Layout(name).manifest)]
+
+
 def read_manifest(store: ObjectStore, layout: Layout) -> dict[str, Any] | None:
     try:
         return json.loads(store.get(layout.manifest))

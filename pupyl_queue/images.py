@@ -73,9 +73,7 @@ def decode(data: bytes, max_pixels: int) -> DecodedImage:
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(
-            "not an image: content matches none of " + ", ".join(FORMATS)
-        ) from None
+        raise ImageError("not an image: content matches none of " + ", ".join(FORMATS)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"image too large (decompression bomb guard): {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

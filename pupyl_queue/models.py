@@ -182,6 +182,28 @@ def load_keras_model(path: str | Path) -> FeatureExtractor:
     return FeatureExtractor(spec, model, None)
 
 
+def wrap_mobilenet(weights: str | Path | None, out: str | Path, alpha: float = 1.0) -> Path:
+    """Save a Keras MobileNet (weights file or random) as an own-model file: RGB 0..255 in, vector out.
+
+    How to turn a Keras Applications weights file into a model any collection can
+    use with PUPYL_MODEL; the preprocessing is inside the saved model.
+    """
+    import keras
+
+    base = keras.applications.MobileNet(
+        input_shape=(224, 224, 3),
+        alpha=alpha,
+        include_top=False,
+        pooling="avg",
+        weights=None if weights is None else str(weights),
+    )
+    inputs = keras.Input((224, 224, 3))
+    outputs = base(keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs))
+    out = Path(out)
+    keras.Model(inputs, outputs).save(out)
+    return out
+
+
 _cache: dict[ModelSpec, FeatureExtractor] = {}
 _cache_lock = threading.Lock()
 

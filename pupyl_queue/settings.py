@@ -50,7 +50,10 @@ class Settings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
-        object.__setattr__(self, "characteristic", Characteristic.parse(self.characteristic))
+        try:
+            object.__setattr__(self, "characteristic", Characteristic.parse(self.characteristic))
+        except ValueError as exc:
+            raise SettingsError(f"PUPYL_CHARACTERISTIC: {exc}") from None
         if self.batch_size < 1:
             raise SettingsError("PUPYL_BATCH_SIZE must be at least 1")
         if self.store and not self.store.startswith(("file://", "s3://")):

@@ -57,6 +57,10 @@ class ObjectStore(ABC):
     def list(self, prefix: str = "") -> Iterator[str]:
         """Every key under ``prefix`` (a folder-like prefix ending in '/' or ''), sorted."""
 
+    @abstractmethod
+    def children(self, prefix: str) -> list[str]:
+        """The names one level below ``prefix`` (like a directory listing), without a full scan."""
+
     def delete_prefix(self, prefix: str) -> int:
         keys = list(self.list(prefix))
         for key in keys:
@@ -111,6 +115,12 @@ class LocalStore(ObjectStore):
                     continue
                 keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
         return iter(sorted(keys))
+
+    def children(self, prefix: str) -> list[str]:
+        base = self.root.joinpath(*prefix.strip("/").split("/")) if prefix.strip("/") else self.root
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if not p.name.startswith(".tmp-"))
 
 
 class S3Store(ObjectStore):
@@ -201,6 +211,11 @@ class S3Store(ObjectStore):
             lambda: list(self._client.list_objects(self.bucket, self.prefix + prefix, recursive=True))
         )
         return iter(sorted(o.object_name[len(self.prefix) :] for o in objects))
+
+    def children(self, prefix: str) -> list[str]:
+        folder = self.prefix + prefix.strip("/") + "/" if prefix.strip("/") else self.prefix
+        objects = self._guard(lambda: list(self._client.list_objects(self.bucket, folder, recursive=False)))
+        return sorted(o.object_name[len(folder) :].rstrip("/") for o in objects)
 
 
 def open_store(settings: Settings) -> ObjectStore:

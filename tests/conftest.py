@@ -84,17 +84,10 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, keras_home: Path) -> Pa
     With ../shared/data/models present it carries real ImageNet weights, so
     retrieval is meaningful; otherwise random weights (same code path).
     """
-    import keras
+    from pupyl_queue.models import wrap_mobilenet
 
-    weights = str(MOBILENET_025) if MOBILENET_025.exists() else None
-    base = keras.applications.MobileNet(
-        input_shape=(224, 224, 3), alpha=0.25, include_top=False, pooling="avg", weights=weights
-    )
-    inputs = keras.Input((224, 224, 3))
-    outputs = base(keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs))
-    path = tmp_path_factory.mktemp("models") / "mobilenet025.keras"
-    keras.Model(inputs, outputs).save(path)
-    return path
+    weights = MOBILENET_025 if MOBILENET_025.exists() else None
+    return wrap_mobilenet(weights, tmp_path_factory.mktemp("models") / "mobilenet025.keras", alpha=0.25)
 
 
 @pytest.fixture(scope="session")

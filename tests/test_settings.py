@@ -47,7 +47,7 @@ def test_round_trips_through_environment(tmp_path: Path) -> None:
     ],
 )
 def test_bad_values_are_clear_errors(env: dict[str, str], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(SettingsError, match=message):
         Settings.from_env(env)
 
 
@@ -57,7 +57,8 @@ def test_secrets_stay_out_of_repr() -> None:
 
 
 @pytest.mark.parametrize(
-    "given", [Characteristic(3), 3, "3", "LIGHTWEIGHT_FAST_SHORT_PRECISION", "lightweight_fast_short_precision"]
+    "given",
+    [Characteristic(3), 3, "3", "LIGHTWEIGHT_FAST_SHORT_PRECISION", "lightweight_fast_short_precision"],
 )
 def test_characteristic_by_enum_value_or_name(given: object) -> None:
     assert Characteristic.parse(given) is Characteristic.LIGHTWEIGHT_FAST_SHORT_PRECISION
@@ -70,9 +71,18 @@ def test_unknown_characteristic(bad: object) -> None:
 
 
 def test_table_of_nine() -> None:
-    table = {c.value: (NETWORKS[c].application, NETWORKS[c].input_size, NETWORKS[c].feature_size) for c in Characteristic}
+    table = {
+        c.value: (NETWORKS[c].application, NETWORKS[c].input_size, NETWORKS[c].feature_size)
+        for c in Characteristic
+    }
     assert table == {
-        1: ("MobileNet", 224, 1024), 2: ("ResNet50V2", 224, 2048), 3: ("ResNet101V2", 224, 2048),
-        4: ("DenseNet169", 224, 1664), 5: ("DenseNet201", 224, 1920), 6: ("InceptionV3", 299, 2048),
-        7: ("Xception", 299, 2048), 8: ("EfficientNetV2M", 480, 1280), 9: ("EfficientNetV2L", 480, 1280),
+        1: ("MobileNet", 224, 1024),
+        2: ("ResNet50V2", 224, 2048),
+        3: ("ResNet101V2", 224, 2048),
+        4: ("DenseNet169", 224, 1664),
+        5: ("DenseNet201", 224, 1920),
+        6: ("InceptionV3", 299, 2048),
+        7: ("Xception", 299, 2048),
+        8: ("EfficientNetV2M", 480, 1280),
+        9: ("EfficientNetV2L", 480, 1280),
     }

@@ -47,7 +47,9 @@ def test_size_limit(tmp_path: Path) -> None:
     assert "too large" in refs(tmp_path, limit=10)["big.jpg"]
 
 
-@pytest.mark.parametrize("mode, suffix", [("w", ".tar"), ("w:gz", ".tar.gz"), ("w:bz2", ".tar.bz2"), ("w:xz", ".tar.xz")])
+@pytest.mark.parametrize(
+    "mode, suffix", [("w", ".tar"), ("w:gz", ".tar.gz"), ("w:bz2", ".tar.bz2"), ("w:xz", ".tar.xz")]
+)
 def test_tar_archives_are_streamed(tmp_path: Path, mode: str, suffix: str) -> None:
     path = tmp_path / f"images{suffix}"
     jpeg = encode(pattern(1), "JPEG")
@@ -84,7 +86,10 @@ def test_glob_and_single_file(tmp_path: Path) -> None:
     assert list(refs(tmp_path / "b.png")) == ["b.png"]
 
 
-@pytest.mark.parametrize("uri, message", [("/no/such/dir", "no such file"), ("/no/*.jpg", "matches nothing"), ("ftp://x/y", "unsupported")])
+@pytest.mark.parametrize(
+    "uri, message",
+    [("/no/such/dir", "no such file"), ("/no/*.jpg", "matches nothing"), ("ftp://x/y", "unsupported")],
+)
 def test_bad_uris(uri: str, message: str) -> None:
     with pytest.raises(SourceError, match=message):
         list(expand(uri, LIMIT))

@@ -50,6 +50,9 @@ def test_list_and_delete_prefix(store: ObjectStore) -> None:
         store.put(key, key.encode())
     assert list(store.list("x/")) == ["x/1", "x/2", "x/sub/3"]
     assert list(store.list("missing/")) == []
+    assert store.children("x") == ["1", "2", "sub"]
+    assert store.children("") == ["x", "xx", "y"]
+    assert store.children("missing") == []
     assert store.delete_prefix("x/") == 3
     assert sorted(store.list("")) == ["xx/1", "y/1"]
 

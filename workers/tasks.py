@@ -12,9 +12,11 @@ from typing import Any
 
 import redis
 from celery import shared_task
+from celery.signals import worker_ready
 
 from pupyl_queue import constants as C
 from pupyl_queue import ingest, queries
+from pupyl_queue.collection import list_collections
 from pupyl_queue.runtime import runtime
 from pupyl_queue.store import StoreUnavailable
 
@@ -65,3 +67,24 @@ def remove(**request: Any) -> dict[str, Any]:
 @shared_task(name=C.TASK_COMPACT, **RETRY)
 def compact(**request: Any) -> dict[str, Any]:
     return queries.compact(runtime(), request)
+
+
+@worker_ready.connect
+def preload_searchers(sender: Any = None, **_: Any) -> None:
+    """A search worker loads every collection's index and model at start, not on the first query.
+
+    Search workers run ``--pool solo``, so this is the process that answers.
+    """
+    queues = {q.name for q in getattr(sender.task_consumer, "queues", [])} if sender else set()
+    if C.QUEUE_SEARCH not in queues:
+        return
+    rt = runtime()
+    for name in list_collections(rt.store):
+        try:
+            searcher = rt.searcher(name)
+            rt.extractor(name)
+            log.info(
+                "collection %s loaded: %d vectors at sequence %d", name, len(searcher), searcher.sequence
+            )
+        except Exception:
+            log.exception("could not preload collection %s; it loads on its first search", name)

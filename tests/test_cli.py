@@ -1,0 +1,69 @@
+"""The ``pupyl-queue`` command: ``up`` runs the whole local stack; the verbs talk to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pupyl_queue.cli", *args],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_up_index_search_remove_and_clean_stop(tmp_path: Path, tiny_model: Path, photo_dir: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PUPYL_")}
+    env.update(PUPYL_DATA_DIR=str(tmp_path / "data"), PUPYL_MODEL=str(tiny_model))
+    up = subprocess.Popen(
+        [sys.executable, "-m", "pupyl_queue.cli", "up"], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        stack_file = tmp_path / "data" / "stack.json"
+        deadline = time.monotonic() + 60
+        while not stack_file.exists():
+            assert up.poll() is None, up.stdout.read() if up.stdout else ""
+            assert time.monotonic() < deadline, "pupyl-queue up did not start"
+            time.sleep(0.2)
+        children = psutil.Process(up.pid).children(recursive=True)
+        assert len(children) >= 5  # redis-server and four workers
+
+        done = cli(env, "index", str(photo_dir), "--wait")
+        assert done.returncode == 0, done.stderr
+        assert "done" in done.stdout and "2 failed" in done.stdout
+        assert "not an image" in done.stdout  # failures are listed with reasons
+
+        query = next(p for p in sorted(photo_dir.rglob("*.jpg")) if p.name != "truncated.jpg")
+        found = cli(env, "--json", "search", str(query), "--top", "2")
+        assert found.returncode == 0, found.stderr
+        hits = json.loads(found.stdout)
+        assert hits[0]["original_file_name"] == query.name and hits[0]["distance"] < 1e-4
+
+        removed = cli(env, "remove", str(hits[0]["id"]))
+        assert removed.returncode == 0 and json.loads(removed.stdout)["removed"] is True
+        plain = cli(env, "search", str(query), "--top", "3", "--distances")
+        assert f"id {hits[0]['id']} " not in plain.stdout and plain.stdout.count("distance") == 3
+
+        missing = cli(env, "search", str(tmp_path / "nope.jpg"))
+        assert missing.returncode == 2 and "not found" in missing.stderr
+        bad = cli(env, "search", str(photo_dir / "truncated.jpg"))
+        assert bad.returncode == 2 and "truncated" in bad.stderr and "Traceback" not in bad.stderr
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(timeout=60)
+    assert up.returncode == 0
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not (tmp_path / "data" / "stack.json").exists()
+    assert list((tmp_path / "data" / "redis").glob("appendonly*"))  # persisted under the data dir
