@@ -92,9 +92,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 0
     for rank, row in enumerate(results, 1):
         if isinstance(row, dict):
-            print(
-                f"{rank:>3}. id {row['id']}  distance {row['distance']:.4f}  {row.get('original_path', '')}"
-            )
+            where = os.path.join(row.get("original_path", ""), row.get("original_file_name", ""))
+            print(f"{rank:>3}. id {row['id']}  distance {row['distance']:.4f}  {where}")
         elif isinstance(row, tuple):
             print(f"{rank:>3}. id {row[0]}  distance {row[1]:.4f}")
         else:

@@ -19,7 +19,10 @@ pytestmark = pytest.mark.slow
 def cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pupyl_queue.cli", *args],
-        env=env, capture_output=True, text=True, timeout=timeout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -27,8 +30,11 @@ def test_up_index_search_remove_and_clean_stop(tmp_path: Path, tiny_model: Path,
     env = {k: v for k, v in os.environ.items() if not k.startswith("PUPYL_")}
     env.update(PUPYL_DATA_DIR=str(tmp_path / "data"), PUPYL_MODEL=str(tiny_model))
     up = subprocess.Popen(
-        [sys.executable, "-m", "pupyl_queue.cli", "up"], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "pupyl_queue.cli", "up"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         stack_file = tmp_path / "data" / "stack.json"
