@@ -6,6 +6,8 @@ kept for the life of the process, so a task never pays for a model load twice.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
 from functools import cached_property
 from pathlib import Path
@@ -52,9 +54,11 @@ class Runtime:
         path = self.settings.data_dir / "models" / f"{spec.sha256}.keras"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".part")
-            tmp.write_bytes(self.store.get(Layout(collection).model_file))
-            tmp.replace(path)
+            # A private temp name: other threads and processes may fetch the same file at once.
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(self.store.get(Layout(collection).model_file))
+            os.replace(tmp, path)
         return path
 
     def searcher(self, collection: str):  # type: ignore[no-untyped-def]

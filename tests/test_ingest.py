@@ -1,0 +1,103 @@
+"""Expansion and embedding in-process (real Redis, real store, real model; no Celery).
+
+Here the redelivery cases run deterministically: a batch run twice, two batches
+with the same bytes at the same moment.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from PIL import Image
+
+from pupyl_queue.coordination import read_job
+from pupyl_queue.ingest import embed_batch, expand_job
+from pupyl_queue.layout import Layout
+from pupyl_queue.runtime import Runtime
+from pupyl_queue.settings import Settings
+from tests.imagegen import encode, pattern
+
+
+@pytest.fixture
+def rt(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> Runtime:
+    return Runtime(Settings(data_dir=tmp_path, redis_url=redis_url, batch_size=4))
+
+
+def job(rt: Runtime, uri: Path, model: Path, job_id: str, check_unique: bool = False) -> list[dict[str, Any]]:
+    batches: list[dict[str, Any]] = []
+    request = {"job_id": job_id, "collection": "default", "uri": str(uri), "model": str(model)}
+    rt.coordinator("default").create_job(job_id, {"collection": "default"})
+    expand_job(rt, {**request, "check_unique": check_unique}, batches.append)
+    return batches
+
+
+def folder_of(tmp_path: Path, count: int, name: str = "imgs") -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    for seed in range(count):
+        (folder / f"{seed:02d}.png").write_bytes(encode(pattern(seed), "PNG"))
+    return folder
+
+
+def test_redelivered_batch_indexes_nothing_twice(rt: Runtime, tmp_path: Path, tiny_model: Path) -> None:
+    batches = job(rt, folder_of(tmp_path, 6), tiny_model, "j1")
+    assert [len(b["items"]) for b in batches] == [4, 2]
+    first = embed_batch(rt, batches[0])
+    again = embed_batch(rt, batches[0])  # e.g. the worker died after committing, before the ack
+    assert again["sequence"] == first["sequence"] == 1
+    assert [i["id"] for i in first["items"]] == [1, 2, 3, 4]
+    embed_batch(rt, batches[1])
+    state = read_job(rt.redis, "j1")
+    assert state is not None
+    assert (state["state"], state["indexed"], state["batches_done"]) == ("done", 6, 2)
+    searcher = rt.searcher("default")
+    assert len(searcher) == 6 and searcher.sequence == 2
+    assert list(rt.store.list(Layout().staging("j1") + "/")) == []  # staged bytes cleaned up
+
+
+def test_crash_before_commit_then_rerun_reuses_ids(rt: Runtime, tmp_path: Path, tiny_model: Path) -> None:
+    batches = job(rt, folder_of(tmp_path, 3), tiny_model, "j2")
+    coord = rt.coordinator("default")
+    ids_before_crash = coord.allocate_ids("j2-000000", 3)  # what a dying worker had allocated
+    result = embed_batch(rt, batches[0])
+    assert [i["id"] for i in result["items"]] == ids_before_crash
+    assert coord.last_sequence() == 1
+
+
+def test_same_bytes_in_two_concurrent_jobs(rt: Runtime, tmp_path: Path, tiny_model: Path) -> None:
+    a = job(rt, folder_of(tmp_path, 2, "a"), tiny_model, "ja", check_unique=True)
+    b = job(rt, folder_of(tmp_path, 2, "b"), tiny_model, "jb", check_unique=True)
+    results: list[dict[str, Any]] = []
+    gate = threading.Barrier(2)
+
+    def run(batch: dict[str, Any]) -> None:
+        gate.wait()
+        results.append(embed_batch(rt, batch))
+
+    threads = [threading.Thread(target=run, args=(batch[0],)) for batch in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    items = [i for r in results for i in r["items"]]
+    assert sorted(i["status"] for i in items) == ["duplicate", "duplicate", "indexed", "indexed"]
+    indexed = {i["id"] for i in items if i["status"] == "indexed"}
+    assert {i["duplicate_of"] for i in items if i["status"] == "duplicate"} == indexed
+    assert len(rt.searcher("default")) == 2
+
+
+def test_bad_items_fail_alone(rt: Runtime, tmp_path: Path, tiny_model: Path) -> None:
+    folder = folder_of(tmp_path, 2)
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "bomb.png").write_bytes(encode(Image.new("L", (9000, 9000)), "PNG"))
+    rt = Runtime(rt.settings.replace(max_pixels=50_000_000))
+    (batch,) = job(rt, folder, tiny_model, "j3")
+    result = embed_batch(rt, batch)
+    outcome = {Path(i["ref"]).name: i.get("error", i["status"]) for i in result["items"]}
+    assert outcome["00.png"] == outcome["01.png"] == "indexed"
+    assert outcome["zero.jpg"] == "empty file"
+    assert "decompression bomb" in outcome["bomb.png"]
