@@ -147,6 +147,7 @@ class PupylQueue:
             "characteristic": None if self.characteristic is None else int(self.characteristic),
             "default_characteristic": int(self.settings.characteristic),
             "model": self.model,
+            "origin": "local",  # this process may name any path its workers can read
         }
         Coordinator(self.redis, Layout(self.collection)).create_job(
             job_id, {"state": "queued", "uri": uri, "collection": self.collection}

@@ -22,12 +22,13 @@ from pupyl_queue.images import DecodedImage, ImageError, decode
 from pupyl_queue.layout import Layout
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.searcher import encode_segment
-from pupyl_queue.sources import expand
+from pupyl_queue.sources import Sources, fetch_pending
 from pupyl_queue.store import ObjectNotFound
 
 log = logging.getLogger(__name__)
 
 Dispatch = Callable[[dict[str, Any]], None]
+FETCH_WINDOW = 64  # URLs fetched concurrently per window while expanding
 
 
 def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str, Any]:
@@ -56,7 +57,11 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
             batches += 1
             batch = []
 
-    for item in expand(job["uri"], rt.settings.max_image_bytes):
+    sources = Sources(rt.settings, origin=job.get("origin") or "network")
+    items = fetch_pending(
+        sources.expand(job["uri"]), sources.fetcher, rt.settings.max_image_bytes, FETCH_WINDOW
+    )
+    for item in items:
         entry: dict[str, Any] = {"ref": item.ref, "meta": item.meta}
         if item.error:
             entry["error"] = item.error
@@ -67,6 +72,7 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
         total += 1
         if len(batch) >= rt.settings.batch_size:
             flush()
+            coord.update_job(job_id, total=total)  # progress while expanding
     flush()
     coord.update_job(job_id, total=total, batches_total=batches, expanded=1, state="running")
     finish_if_done(rt, job_id, collection)

@@ -47,6 +47,18 @@ class Settings:
     result_expires: int = 24 * 3600
     visibility_timeout: int = 4 * 3600
     search_timeout: float = 60.0
+    fetch_concurrency: int = 16
+    fetch_connect_timeout: float = 10.0
+    fetch_read_timeout: float = 30.0
+    fetch_retries: int = 3
+    fetch_max_redirects: int = 5
+    fetch_allow_networks: str = ""
+    allowed_roots: str = ""
+    max_archive_bytes: int = 4 * 1024**3
+    max_archive_ratio: int = 200
+    max_archive_depth: int = 2
+    max_list_bytes: int = 256 * 1024**2
+    near_duplicate: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
@@ -58,6 +70,11 @@ class Settings:
             raise SettingsError("PUPYL_BATCH_SIZE must be at least 1")
         if self.store and not self.store.startswith(("file://", "s3://")):
             raise SettingsError(f"PUPYL_STORE must be file:///path or s3://bucket/prefix, got {self.store!r}")
+
+    @property
+    def allowed_root_paths(self) -> list[Path]:
+        """Local roots a request from the network may read (PUPYL_ALLOWED_ROOTS, comma-separated)."""
+        return [Path(p.strip()).expanduser().resolve() for p in self.allowed_roots.split(",") if p.strip()]
 
     @property
     def store_url(self) -> str:

@@ -1,19 +1,45 @@
 """Expanding an index URI into the image references it names.
 
-For now: a local directory (recursive; symlinks that lead out of it are not
-followed), a single image file, a glob, and a tar archive (plain, gz, bz2, xz)
-read as a stream. Each reference yields its bytes or the reason it has none.
+A URI is a local directory (recursive; no symlink out of it is followed), an
+image file, a glob, an archive (tar, tar.gz/bz2/xz, zip), a list of references
+(CSV first column or plain text, also gz/bz2/xz/zip-compressed), an http(s)
+URL of any of these, or ``s3://bucket/prefix`` on the configured endpoint.
+What a file is, is sniffed from its bytes, never taken from its name.
+
+Each reference becomes a :class:`SourceItem` holding its bytes, a URL still to
+fetch (fetched concurrently, in windows, by :func:`fetch_pending`), or the
+reason it has neither. Only a URI that cannot be read at all raises.
 """
 
 from __future__ import annotations
 
+import bz2
+import csv
 import glob
+import gzip
+import io
+import lzma
 import os
+import stat
 import tarfile
-from collections.abc import Iterator
+import zipfile
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
+from urllib.parse import unquote, urlparse
+
+from pupyl_queue.fetch import Fetcher, FetchError
+from pupyl_queue.images import FORMATS
+from pupyl_queue.settings import Settings
+
+ORIGINS = ("local", "network")
+_OPENERS: dict[bytes, Any] = {
+    b"\x1f\x8b": lambda fh: gzip.GzipFile(fileobj=fh),
+    b"BZh": bz2.BZ2File,
+    b"\xfd7zXZ\x00": lzma.LZMAFile,
+}
 
 
 class SourceError(ValueError):
@@ -25,106 +51,440 @@ class SourceItem:
     ref: str
     data: bytes | None = None
     error: str = ""
+    url: str = ""  # still to fetch
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+def is_url(text: str) -> bool:
+    return text.startswith(("http://", "https://"))
 
 
-def expand(uri: str, max_bytes: int) -> Iterator[SourceItem]:
-    path_text = uri.removeprefix("file://")
-    if "://" in path_text:
-        raise SourceError(f"unsupported URI scheme in {uri!r} (for now: local paths and tar archives)")
-    path = Path(path_text).expanduser()
-    if path.is_dir():
-        yield from _directory(path, max_bytes)
-    elif path.is_file():
-        if path.name.lower().endswith(TAR_SUFFIXES) or _is_tar(path):
-            yield from _tar(path, max_bytes)
+def url_meta(url: str, size: int) -> dict[str, Any]:
+    path = urlparse(url).path
+    return {
+        "original_file_name": unquote(path.rsplit("/", 1)[-1]) or url,
+        "original_path": url.rsplit("/", 1)[0],
+        "original_file_size": size,
+        "original_access_time": None,
+    }
+
+
+class Sources:
+    """Expands URIs for one job; ``origin="network"`` confines local paths to PUPYL_ALLOWED_ROOTS."""
+
+    def __init__(self, settings: Settings, origin: str = "network", fetcher: Fetcher | None = None) -> None:
+        if origin not in ORIGINS:
+            raise ValueError(f"origin must be one of {ORIGINS}")
+        self.settings = settings
+        self.origin = origin
+        self.fetcher = fetcher or Fetcher(settings)
+
+    # --- entry point
+    def expand(self, uri: str) -> Iterator[SourceItem]:
+        uri = uri.strip()
+        if is_url(uri):
+            yield from self._remote(uri)
+        elif uri.startswith("s3://"):
+            yield from self._s3(uri)
+        elif "://" in uri and not uri.startswith("file://"):
+            raise SourceError(f"unsupported URI scheme in {uri!r}: use a path, http(s)://, s3:// or file://")
         else:
-            yield _file(path, path.name, max_bytes)
-    elif glob.has_magic(path_text):
-        matches = sorted(glob.glob(os.path.expanduser(path_text), recursive=True))
-        if not matches:
-            raise SourceError(f"the pattern {uri!r} matches nothing")
-        for match in matches:
-            if os.path.isfile(match):
-                yield _file(Path(match), match, max_bytes)
-    else:
-        raise SourceError(f"no such file or directory: {uri!r}")
+            yield from self._local(uri.removeprefix("file://"))
+
+    # --- local paths
+    def local_path_error(self, path: Path) -> str:
+        """Why a path may not be read for this request ('' when it may)."""
+        if self.origin == "local":
+            return ""
+        real = path.resolve()
+        if any(real.is_relative_to(root) for root in self.settings.allowed_root_paths):
+            return ""
+        return "refused: local path outside the allowed roots (PUPYL_ALLOWED_ROOTS)"
+
+    def _local(self, text: str) -> Iterator[SourceItem]:
+        path = Path(text).expanduser()
+        if glob.has_magic(text) and not path.exists():
+            matches = sorted(glob.glob(os.path.expanduser(text), recursive=True))
+            if not matches:
+                raise SourceError(f"the pattern {text!r} matches nothing")
+            for match in matches:
+                if os.path.isfile(match):
+                    yield from self._local_file(Path(match), top=False)
+            return
+        if not path.exists():
+            raise SourceError(f"no such file or directory: {text!r}")
+        refused = self.local_path_error(path)
+        if refused:
+            raise SourceError(f"{text}: {refused}")
+        if path.is_dir():
+            yield from self._directory(path)
+        else:
+            yield from self._local_file(path, top=True)
+
+    def _local_file(self, path: Path, top: bool) -> Iterator[SourceItem]:
+        ref = str(path)
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as fh:
+                head = fh.read(512)
+                kind = sniff(head)
+                if kind in ("tar", "zip", "compressed", "list") and (top or kind != "list"):
+                    fh.seek(0)
+                    yield from self._blob(ref, fh, size, depth=0, base=path.parent)
+                    return
+                if size > self.settings.max_image_bytes:
+                    yield SourceItem(ref, error=_too_large(size, self.settings.max_image_bytes))
+                    return
+                fh.seek(0)
+                data = fh.read()
+        except OSError as exc:
+            yield SourceItem(ref, error=f"cannot read: {exc.strerror or exc}")
+            return
+        yield SourceItem(ref, data, meta=_file_meta(path, size))
+
+    def _directory(self, root: Path) -> Iterator[SourceItem]:
+        real_root = root.resolve()
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = Path(dirpath) / name
+                if name.startswith("."):
+                    continue
+                if path.is_symlink():
+                    target = path.resolve()
+                    if not target.is_relative_to(real_root) or not target.is_file():
+                        yield SourceItem(str(path), error="symlink leads out of the indexed folder; skipped")
+                        continue
+                yield from self._local_file(path, top=False)
+
+    # --- remote and S3
+    def _remote(self, url: str) -> Iterator[SourceItem]:
+        try:
+            fh = self.fetcher.download(url, self.settings.max_archive_bytes)
+        except FetchError as exc:
+            raise SourceError(f"cannot fetch {url}: {exc}") from None
+        with fh:
+            head = fh.read(512)
+            fh.seek(0, io.SEEK_END)
+            size = fh.tell()
+            fh.seek(0)
+            kind = sniff(head)
+            if kind == "html":
+                raise SourceError(f"{url} is an HTML page, not an image, an archive or a list")
+            if kind == "image" or kind == "other":
+                yield SourceItem(url, fh.read(), meta=url_meta(url, size))
+                return
+            yield from self._blob(url, fh, size, depth=0, base=None)
+
+    def _s3(self, uri: str) -> Iterator[SourceItem]:
+        from pupyl_queue.store import S3Store, StoreUnavailable
+
+        parsed = urlparse(uri)
+        s = self.settings
+        try:
+            source = S3Store(
+                parsed.netloc, "", s.s3_endpoint, s.s3_access_key, s.s3_secret_key, s.s3_secure, s.s3_region
+            )
+            keys = list(source.list(parsed.path.lstrip("/")))
+        except (StoreUnavailable, ValueError) as exc:
+            raise SourceError(f"cannot list {uri}: {exc}") from None
+        except Exception as exc:  # the SDK's S3Error: access denied, no such bucket, ...
+            raise SourceError(f"cannot list {uri}: {type(exc).__name__}: {exc}") from None
+        for key in keys:
+            ref = f"s3://{parsed.netloc}/{key}"
+            try:
+                data = source.get(key)
+            except Exception as exc:
+                yield SourceItem(ref, error=f"cannot fetch: {type(exc).__name__}: {exc}")
+                continue
+            if len(data) > s.max_image_bytes:
+                yield SourceItem(ref, error=_too_large(len(data), s.max_image_bytes))
+                continue
+            meta = {"original_file_name": key.rsplit("/", 1)[-1], "original_path": ref.rsplit("/", 1)[0]}
+            yield SourceItem(ref, data, meta={**meta, "original_file_size": len(data)})
+
+    # --- archives and lists (local, remote, or inside another archive)
+    def _blob(
+        self, ref: str, fh: IO[bytes], size: int, depth: int, base: Path | None
+    ) -> Iterator[SourceItem]:
+        kind = sniff(fh.read(512))
+        fh.seek(0)
+        if kind in ("tar", "zip") and depth >= self.settings.max_archive_depth:
+            yield SourceItem(
+                ref, error=f"nested archive deeper than {self.settings.max_archive_depth}; skipped"
+            )
+        elif kind == "tar" or (kind == "compressed" and _is_tar(fh)):
+            fh.seek(0)
+            yield from self._tar(ref, fh, size, depth, base)
+        elif kind == "zip":
+            yield from self._zip(ref, fh, size, depth, base)
+        elif kind == "compressed":
+            try:
+                text = _decompress(fh.read(), self.settings.max_list_bytes)
+            except (OSError, EOFError, ValueError, lzma.LZMAError) as exc:
+                yield SourceItem(ref, error=f"damaged compressed file: {exc}")
+                return
+            yield from self._list(ref, text, base)
+        elif kind == "list":
+            yield from self._list(ref, fh.read(self.settings.max_list_bytes + 1), base)
+        else:
+            yield SourceItem(ref, fh.read(), meta=_member_meta(ref, size))
+
+    def _member(self, ref: str, data: bytes, depth: int, base: Path | None) -> Iterator[SourceItem]:
+        kind = sniff(data[:512])
+        if kind in ("tar", "zip", "compressed", "list"):
+            yield from self._blob(ref, io.BytesIO(data), len(data), depth + 1, base)
+        else:
+            yield SourceItem(ref, data, meta=_member_meta(ref, len(data)))
+
+    def _tar(self, ref: str, fh: IO[bytes], size: int, depth: int, base: Path | None) -> Iterator[SourceItem]:
+        guard = _BombGuard(self.settings, size)
+        try:
+            archive = tarfile.open(fileobj=fh, mode="r|*")  # noqa: SIM115 - closed below
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            yield SourceItem(ref, error=f"damaged archive: {exc}")
+            return
+        with archive:
+            try:
+                for member in archive:
+                    inner = f"{ref}#{member.name}"
+                    if member.isdir():
+                        continue
+                    unsafe = _unsafe_name(member.name)
+                    if unsafe:
+                        yield SourceItem(inner, error=unsafe)
+                    elif member.issym() or member.islnk():
+                        yield SourceItem(inner, error="link in archive (symlink or hard link); skipped")
+                    elif not member.isfile():
+                        yield SourceItem(inner, error="not a regular file in archive; skipped")
+                    elif member.size > self.settings.max_image_bytes:
+                        yield SourceItem(inner, error=_too_large(member.size, self.settings.max_image_bytes))
+                    else:
+                        stop = guard.add(member.size)
+                        if stop:
+                            yield SourceItem(inner, error=stop)
+                            return
+                        extracted = archive.extractfile(member)
+                        data = extracted.read() if extracted is not None else b""
+                        yield from self._member(inner, data, depth, base)
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+                yield SourceItem(f"{ref}#?", error=f"archive is damaged from here on: {exc}")
+
+    def _zip(self, ref: str, fh: IO[bytes], size: int, depth: int, base: Path | None) -> Iterator[SourceItem]:
+        guard = _BombGuard(self.settings, size)
+        try:
+            archive = zipfile.ZipFile(fh)
+        except (zipfile.BadZipFile, OSError) as exc:
+            yield SourceItem(ref, error=f"damaged archive: {exc}")
+            return
+        limit = self.settings.max_image_bytes
+        with archive:
+            for info in archive.infolist():
+                inner = f"{ref}#{info.filename}"
+                if info.is_dir():
+                    continue
+                unsafe = _unsafe_name(info.filename)
+                if unsafe:
+                    yield SourceItem(inner, error=unsafe)
+                    continue
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    yield SourceItem(inner, error="link in archive (symlink); skipped")
+                    continue
+                if info.file_size > limit:
+                    yield SourceItem(inner, error=_too_large(info.file_size, limit))
+                    continue
+                try:
+                    with archive.open(info) as member:
+                        data = member.read(limit + 1)  # the header's size may lie
+                except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, zlib.error) as exc:
+                    yield SourceItem(inner, error=f"damaged archive member: {exc}")
+                    continue
+                if len(data) > limit:
+                    yield SourceItem(inner, error=_too_large(len(data), limit))
+                    continue
+                stop = guard.add(len(data))
+                if stop:
+                    yield SourceItem(inner, error=stop)
+                    return
+                yield from self._member(inner, data, depth, base)
+
+    def _list(self, ref: str, raw: bytes, base: Path | None) -> Iterator[SourceItem]:
+        if len(raw) > self.settings.max_list_bytes:
+            yield SourceItem(ref, error=f"list larger than {self.settings.max_list_bytes} bytes; skipped")
+            return
+        text = raw.decode("utf-8-sig", errors="replace")
+        remote = base is None
+        for number, row in enumerate(csv.reader(io.StringIO(text)), 1):
+            entry = row[0].strip() if row else ""
+            if not entry or entry.startswith("#"):
+                continue
+            where = f"{ref}:{number}"
+            if is_url(entry):
+                yield SourceItem(entry, url=entry, meta={"list": where})
+            elif _looks_like_path(entry):
+                if remote:
+                    yield SourceItem(entry, error=f"local path in a remote list ({where}); refused")
+                    continue
+                path = Path(entry) if os.path.isabs(entry) else (base or Path(".")) / entry
+                refused = self.local_path_error(path)
+                if refused:
+                    yield SourceItem(entry, error=refused)
+                elif not path.is_file():
+                    yield SourceItem(entry, error=f"no such file ({where})")
+                else:
+                    yield from self._local_file(path, top=False)
+            elif number == 1 and not any(c in entry for c in "/\\."):
+                continue  # a header line such as "url" or "path"
+            else:
+                yield SourceItem(entry[:200], error=f"neither a path nor a URL ({where})")
 
 
-def _is_tar(path: Path) -> bool:
+def fetch_pending(
+    items: Iterable[SourceItem], fetcher: Fetcher, max_bytes: int, window: int
+) -> Iterator[SourceItem]:
+    """Fetch the URL items concurrently, ``window`` at a time, keeping the order."""
+    pending: list[SourceItem] = []
+
+    def flush() -> Iterator[SourceItem]:
+        urls = [item.url for item in pending if item.url]
+        results = iter(fetcher.fetch_many(urls, max_bytes))
+        for item in pending:
+            if item.url:
+                got = next(results)
+                if got.error:
+                    item.error = got.error
+                else:
+                    item.data = got.data
+                    item.meta = {**url_meta(item.url, len(got.data)), **item.meta}
+                if got.attempts > 1:
+                    item.meta["fetch_attempts"] = got.attempts
+                item.url = ""
+            yield item
+        pending.clear()
+
+    for item in items:
+        pending.append(item)
+        if len(pending) >= window:
+            yield from flush()
+    yield from flush()
+
+
+# --- helpers
+def sniff(head: bytes) -> str:
+    """What bytes are: image, tar, zip, compressed, html, list (text) or other."""
+    if _image_signature(head):
+        return "image"
+    if len(head) > 262 and head[257:262] == b"ustar":
+        return "tar"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return "zip"
+    if any(head.startswith(magic) for magic in _OPENERS):
+        return "compressed"
+    stripped = head.lstrip().lower()
+    if stripped.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "html"
+    if head and b"\x00" not in head:
+        try:
+            head.decode("utf-8")
+            return "list"
+        except UnicodeDecodeError:
+            if len(head) >= 512:  # maybe a multi-byte character cut at the end
+                try:
+                    head[:-3].decode("utf-8")
+                    return "list"
+                except UnicodeDecodeError:
+                    pass
+    return "other"
+
+
+def _image_signature(head: bytes) -> bool:
+    if head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")):
+        return True
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return True
+    return head.startswith(b"BM") and len(head) >= 26 and head[6:10] == b"\x00\x00\x00\x00"
+
+
+def _is_tar(fh: IO[bytes]) -> bool:
     try:
-        return tarfile.is_tarfile(path)
-    except OSError:
+        fh.seek(0)
+        with tarfile.open(fileobj=fh, mode="r:*") as tar:
+            return tar.next() is not None
+    except (tarfile.TarError, OSError, EOFError):
         return False
+    finally:
+        fh.seek(0)
+
+
+def _decompress(data: bytes, limit: int) -> bytes:
+    """Decompress a gz/bz2/xz file, reading at most ``limit + 1`` bytes (a bomb stops there)."""
+    for magic, opener in _OPENERS.items():
+        if data.startswith(magic):
+            with opener(io.BytesIO(data)) as fh:
+                return fh.read(limit + 1)
+    raise ValueError("not a compressed file")
+
+
+def _unsafe_name(name: str) -> str:
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or (len(name) > 1 and name[1] == ":"):
+        return "unsafe path in archive (absolute or '..'); skipped"
+    return ""
+
+
+def _looks_like_path(entry: str) -> bool:
+    return entry.startswith(("/", "./", "../", "~")) or "/" in entry or "." in Path(entry).name
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"file too large: {size} bytes > {limit} (PUPYL_MAX_IMAGE_BYTES)"
 
 
 def _file_meta(path: Path, size: int) -> dict[str, Any]:
-    stat = path.stat()
     return {
         "original_file_name": path.name,
         "original_path": str(path.parent.resolve()),
         "original_file_size": size,
-        "original_access_time": stat.st_atime,
+        "original_access_time": path.stat().st_atime,
     }
 
 
-def _file(path: Path, ref: str, max_bytes: int) -> SourceItem:
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            return SourceItem(
-                ref, error=f"file too large: {size} bytes > {max_bytes} (PUPYL_MAX_IMAGE_BYTES)"
+def _member_meta(ref: str, size: int) -> dict[str, Any]:
+    outer, _, inner = ref.rpartition("#")
+    name = PurePosixPath(inner or ref)
+    where = f"{outer}#{name.parent}" if outer else str(name.parent)
+    return {
+        "original_file_name": name.name,
+        "original_path": where,
+        "original_file_size": size,
+        "original_access_time": None,
+    }
+
+
+class _BombGuard:
+    """Stops an archive whose unpacked size passes the byte limit or the expansion-ratio limit."""
+
+    FLOOR = 64 * 1024**2  # ratios only count past this many unpacked bytes
+
+    def __init__(self, settings: Settings, packed: int) -> None:
+        self.settings = settings
+        self.packed = max(packed, 1)
+        self.total = 0
+
+    def add(self, size: int) -> str:
+        self.total += size
+        s = self.settings
+        if self.total > s.max_archive_bytes:
+            return (
+                f"archive bomb guard: more than {s.max_archive_bytes} bytes unpacked "
+                "(PUPYL_MAX_ARCHIVE_BYTES); archive skipped from here"
             )
-        return SourceItem(ref, path.read_bytes(), meta=_file_meta(path, size))
-    except OSError as exc:
-        return SourceItem(ref, error=f"cannot read: {exc.strerror or exc}")
+        if self.total > self.FLOOR and self.total / self.packed > s.max_archive_ratio:
+            return (
+                f"archive bomb guard: expands more than {s.max_archive_ratio}x "
+                "(PUPYL_MAX_ARCHIVE_RATIO); archive skipped from here"
+            )
+        return ""
 
 
-def _directory(root: Path, max_bytes: int) -> Iterator[SourceItem]:
-    real_root = root.resolve()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if name.startswith("."):
-                continue
-            if path.is_symlink():
-                target = path.resolve()
-                if not target.is_relative_to(real_root) or not target.is_file():
-                    yield SourceItem(str(path), error="symlink leads out of the indexed folder; skipped")
-                    continue
-            yield _file(path, str(path), max_bytes)
-
-
-def _tar(path: Path, max_bytes: int) -> Iterator[SourceItem]:
-    try:
-        archive = tarfile.open(path, "r|*")  # noqa: SIM115 - closed by the with below
-    except (tarfile.TarError, OSError) as exc:
-        raise SourceError(f"cannot open archive {path}: {exc}") from None
-    with archive:
-        try:
-            for member in archive:
-                ref = f"{path}#{member.name}"
-                if not member.isfile():
-                    continue
-                name = PurePosixPath(member.name)
-                if name.is_absolute() or ".." in name.parts:
-                    yield SourceItem(ref, error="unsafe path in archive (absolute or '..'); skipped")
-                    continue
-                if member.size > max_bytes:
-                    yield SourceItem(ref, error=f"member too large: {member.size} bytes > {max_bytes}")
-                    continue
-                fh = archive.extractfile(member)
-                data = fh.read() if fh is not None else b""
-                meta = {
-                    "original_file_name": name.name,
-                    "original_path": f"{path}#{name.parent}",
-                    "original_file_size": member.size,
-                    "original_access_time": float(member.mtime),
-                }
-                yield SourceItem(ref, data, meta=meta)
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            yield SourceItem(f"{path}#?", error=f"archive is damaged from here on: {exc}")
+__all__ = ["FORMATS", "SourceError", "SourceItem", "Sources", "fetch_pending", "sniff"]

@@ -107,3 +107,11 @@ def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
         write_photo_set(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def http_server() -> Iterator[object]:
+    from tests.httpserver import serve
+
+    with serve() as server:
+        yield server

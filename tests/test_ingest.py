@@ -29,7 +29,13 @@ def rt(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> Runtime:
 
 def job(rt: Runtime, uri: Path, model: Path, job_id: str, check_unique: bool = False) -> list[dict[str, Any]]:
     batches: list[dict[str, Any]] = []
-    request = {"job_id": job_id, "collection": "default", "uri": str(uri), "model": str(model)}
+    request = {
+        "job_id": job_id,
+        "collection": "default",
+        "uri": str(uri),
+        "model": str(model),
+        "origin": "local",
+    }
     rt.coordinator("default").create_job(job_id, {"collection": "default"})
     expand_job(rt, {**request, "check_unique": check_unique}, batches.append)
     return batches

@@ -1,0 +1,80 @@
+"""A real aiohttp server on loopback, serving what the fetch tests need."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from aiohttp import web
+
+from pupyl_queue.stack import free_port
+
+
+class LoopbackServer:
+    def __init__(self) -> None:
+        self.files: dict[str, tuple[bytes, str]] = {}
+        self.fail_first: dict[str, int] = {}
+        self.hits: dict[str, int] = defaultdict(int)
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def add(self, name: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        self.files[name] = (data, content_type)
+        return f"{self.base}/files/{name}"
+
+    def app(self) -> web.Application:
+        async def files(request: web.Request) -> web.StreamResponse:
+            name = request.match_info["name"]
+            self.hits[name] += 1
+            if self.hits[name] <= self.fail_first.get(name, 0):
+                return web.Response(status=503, text="try later")
+            if name not in self.files:
+                raise web.HTTPNotFound()
+            data, content_type = self.files[name]
+            return web.Response(body=data, content_type=content_type)
+
+        async def redirect(request: web.Request) -> web.StreamResponse:
+            raise web.HTTPFound(request.query["to"])
+
+        async def slow(request: web.Request) -> web.StreamResponse:
+            await asyncio.sleep(float(request.query.get("seconds", "30")))
+            return web.Response(text="late")
+
+        async def endless_redirect(request: web.Request) -> web.StreamResponse:
+            raise web.HTTPFound(f"/loop?n={int(request.query.get('n', 0)) + 1}")
+
+        app = web.Application()
+        app.router.add_get("/files/{name}", files)
+        app.router.add_get("/redirect", redirect)
+        app.router.add_get("/slow", slow)
+        app.router.add_get("/loop", endless_redirect)
+        return app
+
+
+@contextmanager
+def serve() -> Iterator[LoopbackServer]:
+    server = LoopbackServer()
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(server.app(), shutdown_timeout=0.5)  # do not wait for /slow
+    ready = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", server.port).start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    ready.wait(10)
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
