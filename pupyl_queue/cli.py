@@ -35,7 +35,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_index(args: argparse.Namespace) -> int:
     client = _client(args)
-    job = client.index(args.uri, check_unique=args.check_unique)
+    job = client.index(args.uri, check_unique=args.check_unique, near_duplicate=args.near_duplicate)
     if not args.wait:
         print(job.id)
         return 0
@@ -124,9 +124,16 @@ def parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run one Celery worker")
     w.add_argument("kind", choices=C.QUEUES)
     w.add_argument("--loglevel", default="INFO")
-    i = sub.add_parser("index", help="index a folder, image file, glob or tar archive")
+    i = sub.add_parser("index", help="index a folder, file, glob, archive, list, http(s) URL or s3:// prefix")
     i.add_argument("uri")
-    i.add_argument("--check-unique", action="store_true")
+    i.add_argument("--check-unique", action="store_true", help="refuse exact copies of indexed images")
+    i.add_argument(
+        "--near-duplicate",
+        type=float,
+        default=None,
+        metavar="DISTANCE",
+        help="also refuse images within this cosine distance of an indexed one (e.g. 0.05)",
+    )
     i.add_argument("--wait", action="store_true", help="show progress and a summary")
     s = sub.add_parser("search", help="search by an image file or an indexed id")
     s.add_argument("query")

@@ -57,9 +57,12 @@ class Job:
         return f"Job({self.id!r})"
 
     def progress(self) -> dict[str, Any]:
+        """Counters: total discovered, indexed, duplicate, failed, in_flight; state and times."""
         state = read_job(self.client.redis, self.id)
         if state is None:
             raise KeyError(f"no job {self.id}")
+        finished = sum(int(state.get(k) or 0) for k in ("indexed", "duplicate", "failed"))
+        state["in_flight"] = max(0, int(state.get("total") or 0) - finished)
         return state
 
     def done(self) -> bool:
@@ -135,8 +138,13 @@ class PupylQueue:
         return open_store(self.settings)
 
     # --- index
-    def index(self, uri: str | Path, check_unique: bool = False) -> Job:
-        """Queue a bulk job for a folder, file or archive; returns at once."""
+    def index(self, uri: str | Path, check_unique: bool = False, near_duplicate: float | None = None) -> Job:
+        """Queue a bulk job for a folder, file, glob, archive, list, URL or s3:// prefix; returns at once.
+
+        ``check_unique`` refuses exact copies (same bytes) of indexed images;
+        ``near_duplicate`` (a cosine distance, e.g. 0.05) also refuses images that
+        close to an indexed one. Default: PUPYL_NEAR_DUPLICATE (0 = off).
+        """
         job_id = uuid.uuid4().hex
         uri = str(Path(uri).expanduser().resolve()) if Path(str(uri)).expanduser().exists() else str(uri)
         request = {
@@ -144,6 +152,9 @@ class PupylQueue:
             "collection": self.collection,
             "uri": uri,
             "check_unique": bool(check_unique),
+            "near_duplicate": float(
+                self.settings.near_duplicate if near_duplicate is None else near_duplicate
+            ),
             "characteristic": None if self.characteristic is None else int(self.characteristic),
             "default_characteristic": int(self.settings.characteristic),
             "model": self.model,

@@ -52,6 +52,7 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
                     "batch": batches,
                     "items": batch,
                     "check_unique": bool(job.get("check_unique")),
+                    "near_duplicate": float(job.get("near_duplicate") or 0.0),
                 }
             )
             batches += 1
@@ -99,8 +100,15 @@ def _decode_item(rt: Runtime, item: dict[str, Any]) -> DecodedImage | str:
         return "staged copy is missing (the batch was already committed or the store lost it)"
 
 
-def embed_batch(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
-    """Decode, dedup, store, embed and commit one batch; each item ends indexed, duplicate or failed."""
+Nearest = Callable[[str, np.ndarray], list[tuple[int, float] | None]]
+
+
+def embed_batch(rt: Runtime, task: dict[str, Any], nearest: Nearest | None = None) -> dict[str, Any]:
+    """Decode, dedup, store, embed and commit one batch; each item ends indexed, duplicate or failed.
+
+    ``nearest(collection, vectors)`` gives each vector's nearest indexed image;
+    it is asked only when the task sets a near-duplicate distance.
+    """
     job_id, batch, collection = task["job_id"], int(task["batch"]), task["collection"]
     coord = rt.coordinator(collection)
     layout = coord.layout
@@ -116,8 +124,8 @@ def embed_batch(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
     decode_s = time.perf_counter() - started
 
     report: list[dict[str, Any]] = []
-    keep: list[tuple[int, dict[str, Any], DecodedImage]] = []
-    for image_id, item, result in zip(ids, items, decoded):
+    keep: list[int] = []  # positions of the items to embed
+    for position, (image_id, item, result) in enumerate(zip(ids, items, decoded)):
         if isinstance(result, str):
             report.append({"ref": item["ref"], "status": "failed", "error": result})
             continue
@@ -125,22 +133,32 @@ def embed_batch(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
         if task.get("check_unique") and owner != image_id:
             report.append({"ref": item["ref"], "status": "duplicate", "duplicate_of": owner})
             continue
-        keep.append((image_id, item, result))
+        keep.append(position)
         report.append({"ref": item["ref"], "status": "indexed", "id": image_id})
 
     sequence = None
     embed_s = 0.0
     if keep:
         size = extractor.input_size
-        pixels = np.stack([image.pixels(size) for _, _, image in keep])
+        pixels = np.stack([decoded[p].pixels(size) for p in keep])  # type: ignore[union-attr]
         started = time.perf_counter()
         vectors = extractor.embed(pixels)
         embed_s = time.perf_counter() - started
-        for image_id, item, image in keep:
-            rt.store.put(layout.image(image_id), image.normalized_bytes())
-            rt.store.put(layout.image_meta(image_id), json.dumps(_metadata(image_id, item, image)).encode())
+        threshold = float(task.get("near_duplicate") or 0.0)
+        if threshold > 0:
+            before = keep
+            keep, vectors = _drop_near_duplicates(task, keep, vectors, ids, report, threshold, nearest)
+            for p in set(before) - set(keep):  # not indexed: its content hash must not point at it
+                coord.release_hash(decoded[p].sha256, ids[p])  # type: ignore[union-attr]
+    if keep:
+        for p in keep:
+            image = decoded[p]
+            assert isinstance(image, DecodedImage)
+            rt.store.put(layout.image(ids[p]), image.normalized_bytes())
+            meta = _metadata(ids[p], items[p], image)
+            rt.store.put(layout.image_meta(ids[p]), json.dumps(meta).encode())
         segment = layout.segment(f"{job_id}-{batch:06d}")
-        rt.store.put(segment, encode_segment(np.array([k[0] for k in keep]), vectors))
+        rt.store.put(segment, encode_segment(np.array([ids[p] for p in keep]), vectors))
         sequence = coord.publish(segment)
 
     counts = {s: sum(1 for r in report if r["status"] == s) for s in ("indexed", "duplicate", "failed")}
@@ -158,6 +176,42 @@ def embed_batch(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
             rt.store.delete(item["key"])
     finish_if_done(rt, job_id, collection)
     return {**summary, "items": report}
+
+
+def _drop_near_duplicates(
+    task: dict[str, Any],
+    keep: list[int],
+    vectors: np.ndarray,
+    ids: list[int],
+    report: list[dict[str, Any]],
+    threshold: float,
+    nearest: Nearest | None,
+) -> tuple[list[int], np.ndarray]:
+    """Mark items within ``threshold`` cosine distance of an indexed image, or of an earlier item."""
+    if nearest is None:
+        raise RuntimeError("near-duplicate detection needs a search worker (no nearest function given)")
+    found = nearest(task["collection"], vectors)
+    kept: list[int] = []
+    for row, position in enumerate(keep):
+        match = found[row]
+        if kept:  # earlier items of this batch count as indexed
+            sims = vectors[[keep.index(p) for p in kept]] @ vectors[row]
+            best = int(np.argmax(sims))
+            distance = max(0.0, 1.0 - float(sims[best]))
+            if match is None or distance < match[1]:
+                match = (ids[kept[best]], distance)
+        if match is not None and match[1] <= threshold:
+            decoded_sha = report[position]
+            report[position] = {
+                "ref": decoded_sha["ref"],
+                "status": "duplicate",
+                "duplicate_of": match[0],
+                "distance": round(match[1], 6),
+            }
+            continue
+        kept.append(position)
+    rows = [keep.index(p) for p in kept]
+    return kept, vectors[rows]
 
 
 def _metadata(image_id: int, item: dict[str, Any], image: DecodedImage) -> dict[str, Any]:

@@ -123,6 +123,13 @@ class Searcher:
                 return []
             return self.index.search(vector[None, :], top)[0]
 
+    def search_many(self, vectors: np.ndarray, top: int) -> list[list[tuple[int, float]]]:
+        with self._lock:
+            self.refresh()
+            if self.index is None:
+                return [[] for _ in range(len(vectors))]
+            return self.index.search(vectors, top)
+
     def vector(self, image_id: int) -> np.ndarray:
         with self._lock:
             self.refresh()

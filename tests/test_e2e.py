@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
+import tarfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pupyl_queue import PupylQueue, Settings
 from pupyl_queue.layout import Layout
 from pupyl_queue.store import open_store
-from tests.conftest import MOBILENET_025, S3_ACCESS_KEY, S3_SECRET_KEY, need_shared
+from tests.conftest import MOBILENET_025, PHOTOS, S3_ACCESS_KEY, S3_SECRET_KEY, need_shared
+from tests.httpserver import LoopbackServer
+from tests.imagegen import encode, pattern
 from tests.workers import Workers
 
 pytestmark = pytest.mark.slow
@@ -27,7 +34,11 @@ def stack(
 ) -> Iterator[tuple[PupylQueue, Workers]]:
     home = tmp_path_factory.mktemp(f"stack-{request.param}")
     db = 1 if request.param == "file" else 2
-    settings = Settings(data_dir=home / "data", redis_url=redis_url.rsplit("/", 1)[0] + f"/{db}")
+    settings = Settings(
+        data_dir=home / "data",
+        redis_url=redis_url.rsplit("/", 1)[0] + f"/{db}",
+        fetch_allow_networks="127.0.0.1/32",  # the loopback test HTTP server
+    )
     if request.param == "s3":
         settings = settings.replace(
             store="s3://pupyl-test/e2e",
@@ -126,3 +137,71 @@ def test_nearest_other_image_of_a_cat_is_a_cat(stack: tuple[PupylQueue, Workers]
         hits = client.search(query, top=2, return_metadata=True)
         assert hits[0]["original_file_name"] == name
         assert hits[1]["original_file_name"] in cats - {name}, [h["original_file_name"] for h in hits]
+
+
+def count(client: PupylQueue) -> int:
+    return int(client.search_async(np.ones(256, dtype=np.float32), top=1).get(timeout=60)["count"])
+
+
+def test_remote_archive_and_list(stack: tuple[PupylQueue, Workers], http_server: LoopbackServer) -> None:
+    client, _ = stack
+    before = count(client)
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for seed in range(100, 103):
+            data = encode(pattern(seed), "JPEG")
+            info = tarfile.TarInfo(f"remote/{seed}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    tar_url = http_server.add(f"e2e-{uuid.uuid4().hex}.tar.gz", archive.getvalue())
+    urls = [
+        http_server.add(f"e2e-{uuid.uuid4().hex}.png", encode(pattern(s), "PNG"), "image/png")
+        for s in (104, 105)
+    ]
+    list_url = http_server.add(
+        f"e2e-{uuid.uuid4().hex}.csv", ("url\n" + "\n".join(urls) + "\nnonsense\n").encode()
+    )
+    first, second = client.index(tar_url), client.index(list_url)
+    assert (first.wait(timeout=120)["indexed"], first.progress()["in_flight"]) == (3, 0)
+    state = second.wait(timeout=120)
+    assert (state["indexed"], state["failed"]) == (2, 1)
+    assert "neither a path nor a URL" in second.failures()[0]["error"]
+    assert count(client) == before + 5
+
+
+def test_two_jobs_over_overlapping_folders(stack: tuple[PupylQueue, Workers], tmp_path: Path) -> None:
+    """Two embed workers, two jobs sharing five images, check_unique: each image indexed once."""
+    client, workers = stack
+    before = count(client)
+    images = {seed: encode(pattern(seed), "PNG") for seed in range(200, 215)}
+    for name, seeds in (("a", range(200, 210)), ("b", range(205, 215))):
+        (tmp_path / name).mkdir()
+        for seed in seeds:
+            (tmp_path / name / f"{name}-{seed}.png").write_bytes(images[seed])
+    workers.start_extra("embed")
+    jobs = [client.index(tmp_path / "a", check_unique=True), client.index(tmp_path / "b", check_unique=True)]
+    states = [job.wait(timeout=300) for job in jobs]
+    assert sum(s["indexed"] for s in states) == 15
+    assert sum(s["duplicate"] for s in states) == 5
+    assert count(client) == before + 15
+    indexed = [i for job in jobs for i in job.report() if i["status"] == "indexed"]
+    assert len({i["id"] for i in indexed}) == 15
+    assert len({Path(i["ref"]).name.split("-")[1] for i in indexed}) == 15  # each seed once
+    workers.check_alive()
+
+
+@pytest.mark.realweights
+def test_near_duplicate_through_search_worker(stack: tuple[PupylQueue, Workers], tmp_path: Path) -> None:
+    client, _ = stack
+    photos = need_shared(PHOTOS)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    shutil.copy(photos / "coral" / "cat.bmp", tmp_path / "one" / "cat.bmp")
+    shutil.copy(photos / "coral" / "cat_720p.jpg", tmp_path / "two" / "cat_720p.jpg")
+    shutil.copy(photos / "coral" / "owl.jpg", tmp_path / "two" / "owl.jpg")
+    client.index(tmp_path / "one", near_duplicate=0.02).wait(timeout=120)
+    second = client.index(tmp_path / "two", near_duplicate=0.02)
+    state = second.wait(timeout=120)
+    report = {Path(i["ref"]).name: i for i in second.report()}
+    assert report["cat_720p.jpg"]["status"] == "duplicate" and report["cat_720p.jpg"]["distance"] < 0.02
+    assert state["duplicate"] == 1 and report["owl.jpg"]["status"] == "indexed"

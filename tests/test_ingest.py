@@ -6,6 +6,7 @@ with the same bytes at the same moment.
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from pupyl_queue.ingest import embed_batch, expand_job
 from pupyl_queue.layout import Layout
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.settings import Settings
+from tests.conftest import MOBILENET_025, PHOTOS, need_shared
 from tests.imagegen import encode, pattern
 
 
@@ -107,3 +109,74 @@ def test_bad_items_fail_alone(rt: Runtime, tmp_path: Path, tiny_model: Path) -> 
     assert outcome["00.png"] == outcome["01.png"] == "indexed"
     assert outcome["zero.jpg"] == "empty file"
     assert "decompression bomb" in outcome["bomb.png"]
+    # failed items leave nothing behind: only the two good images are stored
+    assert len([k for k in rt.store.list(Layout().root + "/images/") if k.endswith(".json")]) == 2
+
+
+def searcher_nearest(rt: Runtime):  # type: ignore[no-untyped-def]
+    """What the search workers answer to pupyl.nearest, computed in this process."""
+
+    def nearest(collection: str, vectors: Any) -> list[tuple[int, float] | None]:
+        rows = rt.searcher(collection).search_many(vectors, 1)
+        return [row[0] if row else None for row in rows]
+
+    return nearest
+
+
+def run_job(rt: Runtime, folder: Path, model: Path, job_id: str, **options: Any) -> list[dict[str, Any]]:
+    request = {
+        "job_id": job_id,
+        "collection": "default",
+        "uri": str(folder),
+        "model": str(model),
+        "origin": "local",
+    }
+    rt.coordinator("default").create_job(job_id, {"collection": "default"})
+    batches: list[dict[str, Any]] = []
+    expand_job(rt, {**request, **options}, batches.append)
+    return [item for b in batches for item in embed_batch(rt, b, searcher_nearest(rt))["items"]]
+
+
+def test_check_unique_accepts_distinct_and_refuses_copies(
+    rt: Runtime, tmp_path: Path, tiny_model: Path
+) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for seed in range(7):
+        (folder / f"distinct_{seed}.png").write_bytes(encode(pattern(seed), "PNG"))
+    for seed in (1, 4, 6):
+        (folder / f"zz_copy_of_{seed}.png").write_bytes((folder / f"distinct_{seed}.png").read_bytes())
+    items = run_job(rt, folder, tiny_model, "ju", check_unique=True)
+    by_name = {Path(i["ref"]).name: i for i in items}
+    assert all(by_name[f"distinct_{s}.png"]["status"] == "indexed" for s in range(7))
+    for seed in (1, 4, 6):
+        copy = by_name[f"zz_copy_of_{seed}.png"]
+        assert copy["status"] == "duplicate" and copy["duplicate_of"] == by_name[f"distinct_{seed}.png"]["id"]
+    # indexing the folder again refuses everything, and indexes nothing twice
+    again = run_job(rt, folder, tiny_model, "ju2", check_unique=True)
+    assert {i["status"] for i in again} == {"duplicate"}
+    assert len(rt.searcher("default")) == 7
+
+
+@pytest.mark.realweights
+def test_near_duplicates_with_a_threshold(rt: Runtime, tmp_path: Path, tiny_model: Path) -> None:
+    need_shared(MOBILENET_025)
+    photos = need_shared(PHOTOS)
+    first = tmp_path / "first"
+    shutil.copytree(photos / "coral", first, ignore=shutil.ignore_patterns("imprinting"))
+    shutil.copy(photos / "pupyl" / "test_database_0_0.jpg", first)
+    items = run_job(rt, first, tiny_model, "jn", near_duplicate=0.02)
+    by_name = {Path(i["ref"]).name: i for i in items}
+    # cat_720p.jpg is cat.bmp at another size: a near duplicate; every other photo is distinct.
+    assert by_name["cat_720p.jpg"]["status"] == "duplicate"
+    assert by_name["cat_720p.jpg"]["duplicate_of"] == by_name["cat.bmp"]["id"]
+    assert by_name["cat_720p.jpg"]["distance"] < 0.02
+    assert [n for n, i in by_name.items() if i["status"] != "indexed"] == ["cat_720p.jpg"]
+    # A later job: test_image.jpg is a near copy of test_database_0_0.jpg, found through the index.
+    second = tmp_path / "second"
+    second.mkdir()
+    shutil.copy(photos / "pupyl" / "test_image.jpg", second)
+    shutil.copy(photos / "caer" / "tent.jpg", second)
+    later = {Path(i["ref"]).name: i for i in run_job(rt, second, tiny_model, "jn2", near_duplicate=0.02)}
+    assert later["test_image.jpg"]["duplicate_of"] == by_name["test_database_0_0.jpg"]["id"]
+    assert later["tent.jpg"]["status"] == "indexed"

@@ -22,6 +22,11 @@ class Workers:
         for queue in queues or C.QUEUES:
             self.procs[queue] = start_worker(queue, self.settings, log_path=self.log_dir / f"{queue}.log")
 
+    def start_extra(self, queue: str) -> None:
+        """One more worker on a queue (e.g. a second embed worker)."""
+        name = f"{queue}-{len(self.procs)}"
+        self.procs[name] = start_worker(queue, self.settings, log_path=self.log_dir / f"{name}.log")
+
     def restart(self, queue: str) -> None:
         stop(self.procs[queue])
         self.start(queue)

@@ -40,11 +40,19 @@ def index(self: Any, **job: Any) -> dict[str, Any]:
         raise
 
 
+def ask_nearest(collection: str, vectors: Any) -> list[tuple[int, float] | None]:
+    """Near-duplicate lookup on the search workers, which hold the index (embed workers do not)."""
+    request = {"collection": collection, **queries.encode_vectors(vectors)}
+    result = nearest.apply_async(kwargs=request)
+    answer = result.get(timeout=runtime().settings.search_timeout, disable_sync_subtasks=False)
+    return [None if row is None else (int(row[0]), float(row[1])) for row in answer["nearest"]]
+
+
 @shared_task(name=C.TASK_EMBED, bind=True, **RETRY)
 def embed(self: Any, **batch: Any) -> dict[str, Any]:
     rt = runtime()
     try:
-        return ingest.embed_batch(rt, batch)
+        return ingest.embed_batch(rt, batch, ask_nearest)
     except TRANSIENT:
         raise
     except Exception as exc:
@@ -57,6 +65,11 @@ def embed(self: Any, **batch: Any) -> dict[str, Any]:
 @shared_task(name=C.TASK_SEARCH, **RETRY)
 def search(**request: Any) -> dict[str, Any]:
     return queries.search(runtime(), request)
+
+
+@shared_task(name=C.TASK_NEAREST, **RETRY)
+def nearest(**request: Any) -> dict[str, Any]:
+    return queries.nearest(runtime(), request)
 
 
 @shared_task(name=C.TASK_REMOVE, **RETRY)
