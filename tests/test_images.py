@@ -69,6 +69,8 @@ def test_decompression_bomb_refused_before_decoding() -> None:
     [
         (b"", "empty file"),
         (b"hello world", "not an image"),
+        (b"<!DOCTYPE html><html><body>a page</body></html>", "not an image"),
+        (encode(pattern(4), "ICO"), "not an image: content matches none of JPEG"),  # unsupported format
         (encode(pattern(4), "JPEG")[:400], "corrupt or truncated JPEG"),
         (encode(pattern(4), "PNG")[:300], "corrupt or truncated PNG"),
     ],
