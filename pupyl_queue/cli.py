@@ -26,10 +26,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from pupyl_queue.stack import worker_command
+    from pupyl_queue.stack import pinned_env, worker_command
 
     command = worker_command(args.kind, loglevel=args.loglevel)
-    os.execv(command[0], command)
+    os.execve(command[0], command, {**os.environ, **pinned_env(args.gpu)})
     return 0  # pragma: no cover - execv does not return
 
 
@@ -124,6 +124,9 @@ def parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run one Celery worker")
     w.add_argument("kind", choices=C.QUEUES)
     w.add_argument("--loglevel", default="INFO")
+    w.add_argument(
+        "--gpu", type=int, default=None, help="pin this worker to one GPU (one embed worker per GPU)"
+    )
     i = sub.add_parser("index", help="index a folder, file, glob, archive, list, http(s) URL or s3:// prefix")
     i.add_argument("uri")
     i.add_argument("--check-unique", action="store_true", help="refuse exact copies of indexed images")

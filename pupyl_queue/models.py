@@ -114,6 +114,41 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
     return (vectors / np.maximum(norms, 1e-30)).astype(np.float32)
 
 
+_configured: dict[str, Any] = {}
+
+
+def configure_tensorflow(threads: int, mixed_precision: bool) -> dict[str, Any]:
+    """Thread pools and GPU options, set once per process before the first network is built.
+
+    On CPU, TensorFlow's intra-op pool gets ``threads`` (default: every core)
+    and its inter-op pool 1: a feature extractor is one chain of big ops, and
+    decoding runs in our own thread pool beside it. On GPU: memory growth (so
+    several processes can share a card) and, if asked, mixed precision.
+    """
+    if _configured:
+        return _configured
+    import os
+
+    import tensorflow as tf
+
+    cores = threads or os.cpu_count() or 1
+    gpus = tf.config.list_physical_devices("GPU")
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(cores)
+        tf.config.threading.set_inter_op_parallelism_threads(1 if not gpus else 2)
+        for gpu in gpus:
+            tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError as exc:  # TensorFlow already initialised in this process
+        log.warning("TensorFlow already initialised; thread settings unchanged: %s", exc)
+    if mixed_precision and gpus:
+        import keras
+
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    _configured.update(gpus=len(gpus), intra_op_threads=cores, mixed_precision=bool(mixed_precision and gpus))
+    log.info("TensorFlow: %s", _configured)
+    return _configured
+
+
 def build_characteristic(
     characteristic: Characteristic | int | str, weights: str | Path | None
 ) -> FeatureExtractor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 
@@ -27,6 +28,7 @@ class Runtime:
         self.settings = settings
         self._lock = threading.Lock()
         self._searchers: dict[str, object] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     @cached_property
     def store(self) -> ObjectStore:
@@ -42,7 +44,25 @@ class Runtime:
     def spec(self, collection: str) -> ModelSpec:
         return model_spec(self.store, Layout(collection))
 
+    def device(self) -> dict[str, object]:
+        from pupyl_queue.models import configure_tensorflow
+
+        return configure_tensorflow(self.settings.tf_threads, self.settings.mixed_precision)
+
+    def infer_batch(self) -> int:
+        """Images per forward pass: PUPYL_INFER_BATCH, else 128 on a GPU and 32 on CPU."""
+        return self.settings.infer_batch or (128 if self.device()["gpus"] else 32)
+
+    def pool(self) -> ThreadPoolExecutor:
+        """Decode and store-write threads, shared by this process's tasks."""
+        with self._lock:
+            if self._pool is None:
+                workers = self.settings.decode_threads or max(2, os.cpu_count() or 1)
+                self._pool = ThreadPoolExecutor(workers, thread_name_prefix="pupyl-decode")
+            return self._pool
+
     def extractor(self, collection: str) -> FeatureExtractor:
+        self.device()
         spec = self.spec(collection)
         model_file = None
         if spec.kind == "keras":

@@ -40,7 +40,11 @@ class Settings:
     characteristic: Characteristic = Characteristic.MINIMUMWEIGHT_FAST_SMALL_PRECISION
     model: str = ""
     weights: str = ""
-    batch_size: int = 32
+    batch_size: int = 64
+    infer_batch: int = 0
+    decode_threads: int = 0
+    tf_threads: int = 0
+    mixed_precision: bool = False
     max_pixels: int = 64_000_000
     max_image_bytes: int = 64 * 1024 * 1024
     inline_limit: int = 512 * 1024

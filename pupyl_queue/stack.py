@@ -144,6 +144,22 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
         proc.wait()
 
 
+def gpu_count() -> int:
+    """GPUs the NVIDIA driver lists (0 without one); read without importing TensorFlow."""
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def pinned_env(gpu: int | None) -> dict[str, str]:
+    """Environment that gives a worker exactly one GPU (or none: -1 hides every GPU)."""
+    return {} if gpu is None else {"CUDA_VISIBLE_DEVICES": str(gpu)}
+
+
 def discover_redis_url(settings: Settings) -> str:
     """PUPYL_REDIS_URL, else the embedded Redis a running ``pupyl-queue up`` wrote down."""
     if settings.redis_url:
@@ -169,7 +185,12 @@ def run_stack(settings: Settings, queues: tuple[str, ...] = C.QUEUES) -> int:
     stack_file.write_text(json.dumps({"redis_url": settings.redis_url, "pid": os.getpid()}))
     logs = settings.data_dir / "logs"
     logs.mkdir(exist_ok=True)
-    workers = {q: start_worker(q, settings, log_path=logs / f"{q}.log") for q in queues}
+    workers = {q: start_worker(q, settings, log_path=logs / f"{q}.log") for q in queues if q != C.QUEUE_EMBED}
+    if C.QUEUE_EMBED in queues:  # one embed worker per GPU (DESIGN.md), or one on the CPU
+        gpus = gpu_count()
+        for gpu in range(gpus) if gpus else [None]:
+            name = C.QUEUE_EMBED if gpu is None else f"{C.QUEUE_EMBED}-gpu{gpu}"
+            workers[name] = start_worker(C.QUEUE_EMBED, settings, pinned_env(gpu), logs / f"{name}.log")
     log.info("workers started (%s); logs in %s; store %s", ", ".join(queues), logs, settings.store_url)
     stopping = False
 

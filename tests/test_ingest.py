@@ -16,7 +16,8 @@ import redis
 from PIL import Image
 
 from pupyl_queue.coordination import read_job
-from pupyl_queue.ingest import embed_batch, expand_job
+from pupyl_queue.embedding import embed_batch
+from pupyl_queue.ingest import expand_job
 from pupyl_queue.layout import Layout
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.settings import Settings

@@ -15,7 +15,7 @@ from celery import shared_task
 from celery.signals import worker_ready
 
 from pupyl_queue import constants as C
-from pupyl_queue import ingest, queries
+from pupyl_queue import embedding, ingest, queries
 from pupyl_queue.collection import list_collections
 from pupyl_queue.runtime import runtime
 from pupyl_queue.store import StoreUnavailable
@@ -52,7 +52,7 @@ def ask_nearest(collection: str, vectors: Any) -> list[tuple[int, float] | None]
 def embed(self: Any, **batch: Any) -> dict[str, Any]:
     rt = runtime()
     try:
-        return ingest.embed_batch(rt, batch, ask_nearest)
+        return embedding.embed_batch(rt, batch, ask_nearest)
     except TRANSIENT:
         raise
     except Exception as exc:

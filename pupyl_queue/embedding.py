@@ -1,0 +1,238 @@
+"""The embed stage: one batch in, one committed segment out, at the machine's limit.
+
+Inside a task the work is a pipeline. A thread pool (PUPYL_DECODE_THREADS)
+fetches the staged bytes, decodes, resizes to the network's input and encodes
+the normalized copy; as soon as the first ``infer_batch`` images are ready the
+network runs on them, compiled, while the pool keeps decoding the rest. Store
+writes run on the same pool. Decoding releases the GIL (Pillow) and inference
+runs in TensorFlow's own threads, so the two overlap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pupyl_queue.images import DecodedImage, ImageError, decode
+from pupyl_queue.ingest import finish_if_done
+from pupyl_queue.runtime import Runtime
+from pupyl_queue.searcher import encode_segment
+from pupyl_queue.store import ObjectNotFound
+
+log = logging.getLogger(__name__)
+
+Nearest = Callable[[str, np.ndarray], list[tuple[int, float] | None]]
+
+
+@dataclass
+class Prepared:
+    """One item after the decode stage: pixels for the network and the normalized copy, or an error."""
+
+    image: DecodedImage | None = None
+    pixels: np.ndarray | None = None
+    normalized: bytes = b""
+    error: str = ""
+
+
+def prepare(rt: Runtime, item: dict[str, Any], size: int) -> Prepared:
+    if item.get("error"):
+        return Prepared(error=item["error"])
+    try:
+        image = decode(rt.store.get(item["key"]), rt.settings.max_pixels)
+    except ImageError as exc:
+        return Prepared(error=str(exc))
+    except ObjectNotFound:
+        return Prepared(error="staged copy is missing (the batch was already committed or the store lost it)")
+    return Prepared(image, image.pixels(size), image.normalized_bytes())
+
+
+@dataclass
+class Timings:
+    wait_s: float = 0.0  # inference waiting for decoded images
+    infer_s: float = 0.0
+    write_s: float = 0.0
+
+    def to_json(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.__dict__.items()}
+
+
+def embed_batch(rt: Runtime, task: dict[str, Any], nearest: Nearest | None = None) -> dict[str, Any]:
+    """Decode, dedup, store, embed and commit one batch; each item ends indexed, duplicate or failed.
+
+    ``nearest(collection, vectors)`` gives each vector's nearest indexed image;
+    it is asked only when the task sets a near-duplicate distance.
+    """
+    job_id, batch, collection = task["job_id"], int(task["batch"]), task["collection"]
+    coord = rt.coordinator(collection)
+    layout = coord.layout
+    done = coord.finished_batch(job_id, batch)
+    if done is not None:
+        return done
+    items = task["items"]
+    ids = coord.allocate_ids(f"{job_id}-{batch:06d}", len(items))
+    run = _BatchRun(rt, task, ids)
+    run.embed()
+    threshold = float(task.get("near_duplicate") or 0.0)
+    if run.keep and threshold > 0:
+        before = run.keep
+        run.keep, run.vectors = _drop_near_duplicates(
+            task, run.keep, run.vectors, ids, run.report, threshold, nearest
+        )
+        for p in set(before) - set(run.keep):  # not indexed: its content hash must not point at it
+            coord.release_hash(run.prepared[p].image.sha256, ids[p])  # type: ignore[union-attr]
+    sequence = run.commit(f"{job_id}-{batch:06d}") if run.keep else None
+
+    counts = {s: sum(1 for r in run.report if r["status"] == s) for s in ("indexed", "duplicate", "failed")}
+    summary = {"batch": batch, "sequence": sequence, **counts, **run.timings.to_json()}
+    rt.store.put(layout.job_report(job_id, batch), json.dumps({**summary, "items": run.report}).encode())
+    coord.finish_batch(job_id, batch, summary)
+    for item in items:
+        if item.get("key"):
+            rt.store.delete(item["key"])
+    finish_if_done(rt, job_id, collection)
+    return {**summary, "items": run.report}
+
+
+class _BatchRun:
+    """The state of one batch as it moves through decode, inference and the store."""
+
+    def __init__(self, rt: Runtime, task: dict[str, Any], ids: list[int]) -> None:
+        self.rt = rt
+        self.task = task
+        self.items: list[dict[str, Any]] = task["items"]
+        self.ids = ids
+        self.coord = rt.coordinator(task["collection"])
+        self.extractor = rt.extractor(task["collection"])
+        self.timings = Timings()
+        self.report: list[dict[str, Any]] = []
+        self.prepared: list[Prepared] = []
+        self.keep: list[int] = []  # positions embedded, in order
+        self.vectors = np.zeros((0, self.extractor.spec.dim), np.float32)
+        self._pending: list[int] = []
+        self._chunks: list[np.ndarray] = []
+
+    def embed(self) -> None:
+        """Decode in the pool; run the network on each ``infer_batch`` as soon as it is ready."""
+        pool, chunk = self.rt.pool(), self.rt.infer_batch()
+        size = self.extractor.input_size
+        futures = [pool.submit(prepare, self.rt, item, size) for item in self.items]
+        for position, future in enumerate(futures):
+            started = time.perf_counter()
+            ready = future.result()
+            self.timings.wait_s += time.perf_counter() - started
+            self.prepared.append(ready)
+            if self._admit(position, ready):
+                self._pending.append(position)
+                if len(self._pending) >= chunk:
+                    self._infer()
+        if self._pending:
+            self._infer()
+        if self._chunks:
+            self.vectors = np.concatenate(self._chunks)
+
+    def _admit(self, position: int, ready: Prepared) -> bool:
+        """Record the item's outcome so far; True when it goes to the network."""
+        ref, image_id = self.items[position]["ref"], self.ids[position]
+        if ready.image is None:
+            self.report.append({"ref": ref, "status": "failed", "error": ready.error})
+            return False
+        owner = self.coord.claim_hash(ready.image.sha256, image_id)
+        if self.task.get("check_unique") and owner != image_id:
+            self.report.append({"ref": ref, "status": "duplicate", "duplicate_of": owner})
+            return False
+        self.report.append({"ref": ref, "status": "indexed", "id": image_id})
+        return True
+
+    def _infer(self) -> None:
+        started = time.perf_counter()
+        pixels = np.stack([self.prepared[p].pixels for p in self._pending])  # type: ignore[misc]
+        self._chunks.append(self.extractor.embed(pixels))
+        self.timings.infer_s += time.perf_counter() - started
+        for p in self._pending:
+            self.prepared[p].pixels = None  # free memory as we go
+        self.keep.extend(self._pending)
+        self._pending.clear()
+
+    def commit(self, batch_id: str) -> int:
+        """Write images and metadata (in parallel), then the segment, then publish it."""
+        started = time.perf_counter()
+        layout, pool, put = self.coord.layout, self.rt.pool(), self.rt.store.put
+        writes: list[Future[None]] = []
+        for p in self.keep:
+            image_id = self.ids[p]
+            meta = _metadata(image_id, self.items[p], self.prepared[p].image)  # type: ignore[arg-type]
+            writes.append(pool.submit(put, layout.image(image_id), self.prepared[p].normalized))
+            writes.append(pool.submit(put, layout.image_meta(image_id), json.dumps(meta).encode()))
+        for write in writes:
+            write.result()
+        segment = layout.segment(batch_id)
+        put(segment, encode_segment(np.array([self.ids[p] for p in self.keep]), self.vectors))
+        sequence = self.coord.publish(segment)
+        self.timings.write_s = time.perf_counter() - started
+        return sequence
+
+
+def _drop_near_duplicates(
+    task: dict[str, Any],
+    keep: list[int],
+    vectors: np.ndarray,
+    ids: list[int],
+    report: list[dict[str, Any]],
+    threshold: float,
+    nearest: Nearest | None,
+) -> tuple[list[int], np.ndarray]:
+    """Mark items within ``threshold`` cosine distance of an indexed image, or of an earlier item."""
+    if nearest is None:
+        raise RuntimeError("near-duplicate detection needs a search worker (no nearest function given)")
+    found = nearest(task["collection"], vectors)
+    kept: list[int] = []
+    for row, position in enumerate(keep):
+        match = found[row]
+        if kept:  # earlier items of this batch count as indexed
+            sims = vectors[[keep.index(p) for p in kept]] @ vectors[row]
+            best = int(np.argmax(sims))
+            distance = max(0.0, 1.0 - float(sims[best]))
+            if match is None or distance < match[1]:
+                match = (ids[kept[best]], distance)
+        if match is not None and match[1] <= threshold:
+            decoded_sha = report[position]
+            report[position] = {
+                "ref": decoded_sha["ref"],
+                "status": "duplicate",
+                "duplicate_of": match[0],
+                "distance": round(match[1], 6),
+            }
+            continue
+        kept.append(position)
+    rows = [keep.index(p) for p in kept]
+    return kept, vectors[rows]
+
+
+def _metadata(image_id: int, item: dict[str, Any], image: DecodedImage) -> dict[str, Any]:
+    meta = {
+        "id": image_id,
+        "original_file_name": item["ref"].rsplit("/", 1)[-1],
+        "original_path": item["ref"],
+        "original_file_size": image.size_bytes,
+        "original_access_time": None,
+    }
+    meta.update(item.get("meta") or {})
+    meta.update(
+        {
+            "ref": item["ref"],
+            "sha256": image.sha256,
+            "width": image.width,
+            "height": image.height,
+            "format": image.format,
+            "frames": image.frames,
+            "indexed_at": time.time(),
+        }
+    )
+    return meta
