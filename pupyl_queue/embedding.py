@@ -10,6 +10,7 @@ runs in TensorFlow's own threads, so the two overlap.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -45,7 +46,8 @@ def prepare(rt: Runtime, item: dict[str, Any], size: int) -> Prepared:
     if item.get("error"):
         return Prepared(error=item["error"])
     try:
-        image = decode(rt.store.get(item["key"]), rt.settings.max_pixels)
+        data = base64.b64decode(item["data_b64"]) if "data_b64" in item else rt.store.get(item["key"])
+        image = decode(data, rt.settings.max_pixels, target=size)
     except ImageError as exc:
         return Prepared(error=str(exc))
     except ObjectNotFound:

@@ -8,6 +8,7 @@ happens once (Lua scripts in coordination.py).
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 Dispatch = Callable[[dict[str, Any]], None]
 FETCH_WINDOW = 64  # URLs fetched concurrently per window while expanding
+INLINE_BATCH_BYTES = 1 << 20  # most image bytes one embed message carries inline
 
 
 def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str, Any]:
@@ -34,9 +36,10 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
     ensure_collection(rt.store, rt.redis, layout, job)
     batch: list[dict[str, Any]] = []
     batches = total = 0
+    inline_budget = INLINE_BATCH_BYTES
 
     def flush() -> None:
-        nonlocal batch, batches
+        nonlocal batch, batches, inline_budget
         if batch:
             dispatch(
                 {
@@ -50,6 +53,7 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
             )
             batches += 1
             batch = []
+            inline_budget = INLINE_BATCH_BYTES
 
     sources = Sources(rt.settings, origin=job.get("origin") or "network")
     items = fetch_pending(
@@ -57,20 +61,29 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
     )
     for item in items:
         entry: dict[str, Any] = {"ref": item.ref, "meta": item.meta}
+        data = item.data or b""
         if item.error:
             entry["error"] = item.error
+        elif len(data) <= min(rt.settings.inline_item_bytes, inline_budget):
+            entry["data_b64"] = base64.b64encode(data).decode()  # small: in the message itself
+            inline_budget -= len(data)
         else:
-            entry["key"] = layout.staged_item(job_id, total)
-            rt.store.put(entry["key"], item.data or b"")
+            entry["key"] = layout.staged_item(job_id, total)  # large: through the store
+            rt.store.put(entry["key"], data)
         batch.append(entry)
         total += 1
-        if len(batch) >= rt.settings.batch_size:
+        if len(batch) >= _batch_target(batches, rt.settings.batch_size):
             flush()
             coord.update_job(job_id, total=total)  # progress while expanding
     flush()
     coord.update_job(job_id, total=total, batches_total=batches, expanded=1, state="running")
     finish_if_done(rt, job_id, collection)
     return {"job_id": job_id, "total": total, "batches": batches}
+
+
+def _batch_target(number: int, size: int) -> int:
+    """Batch sizes ramp up (size/8, size/4, size/2, size, ...) so the embed workers start early."""
+    return max(1, size >> max(0, 3 - number))
 
 
 def finish_if_done(rt: Runtime, job_id: str, collection: str) -> None:

@@ -52,8 +52,9 @@ def query_vector(rt: Runtime, collection: str, query: dict[str, Any]) -> np.ndar
     else:
         raise QueryError("a query needs one of: image_b64, key, id, vector")
     extractor = rt.extractor(collection)
-    image = decode(data, rt.settings.max_pixels)  # ImageError is a QueryError's sibling: both ValueError
-    return extractor.embed(image.pixels(extractor.input_size)[None])[0]
+    size = extractor.input_size
+    image = decode(data, rt.settings.max_pixels, target=size)  # as when indexing: same pixels, same vector
+    return extractor.embed(image.pixels(size)[None])[0]
 
 
 def search(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:

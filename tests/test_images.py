@@ -95,3 +95,22 @@ def test_normalized_copy_is_a_jpeg_of_the_same_size() -> None:
     again = Image.open(io.BytesIO(image.normalized_bytes()))
     assert again.format == "JPEG" and again.size == (160, 120)
     assert len(image.sha256) == 64
+
+
+def test_plain_jpeg_is_its_own_normalized_copy_and_decodes_reduced() -> None:
+    data = encode(pattern(6, size=(1600, 1200)), "JPEG", quality=90)
+    full, reduced = decode(data, LIMIT * 10), decode(data, LIMIT * 10, target=224)
+    assert reduced.normalized_bytes() == data == full.normalized_bytes()
+    assert (reduced.width, reduced.height) == (1600, 1200)  # the original's size is recorded
+    assert reduced.rgb.width < 1600 and reduced.rgb.width >= 224  # decoded at a reduced DCT scale
+    diff = np.abs(full.pixels(224).astype(int) - reduced.pixels(224).astype(int))
+    assert diff.mean() < 3  # the network sees nearly the same pixels
+
+
+def test_rotated_jpeg_is_re_encoded_upright() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(pattern(3, size=(200, 100)), "JPEG", exif=exif)
+    image = decode(data, LIMIT, target=64)
+    copy = Image.open(io.BytesIO(image.normalized_bytes()))
+    assert image.normalized_bytes() != data and copy.size == (100, 200)

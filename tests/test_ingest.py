@@ -53,25 +53,29 @@ def folder_of(tmp_path: Path, count: int, name: str = "imgs") -> Path:
 
 
 def test_redelivered_batch_indexes_nothing_twice(rt: Runtime, tmp_path: Path, tiny_model: Path) -> None:
-    batches = job(rt, folder_of(tmp_path, 6), tiny_model, "j1")
-    assert [len(b["items"]) for b in batches] == [4, 2]
-    first = embed_batch(rt, batches[0])
-    again = embed_batch(rt, batches[0])  # e.g. the worker died after committing, before the ack
+    rt = Runtime(rt.settings.replace(inline_item_bytes=0))  # every image through the store's staging area
+    batches = job(rt, folder_of(tmp_path, 9), tiny_model, "j1")
+    assert all("key" in item for b in batches for item in b["items"])
+    assert [len(b["items"]) for b in batches] == [1, 1, 2, 4, 1]  # sizes ramp up to batch_size
+    first = embed_batch(rt, batches[3])
+    again = embed_batch(rt, batches[3])  # e.g. the worker died after committing, before the ack
     assert again["sequence"] == first["sequence"] == 1
     assert [i["id"] for i in first["items"]] == [1, 2, 3, 4]
-    embed_batch(rt, batches[1])
+    for batch in batches:
+        embed_batch(rt, batch)
     state = read_job(rt.redis, "j1")
     assert state is not None
-    assert (state["state"], state["indexed"], state["batches_done"]) == ("done", 6, 2)
+    assert (state["state"], state["indexed"], state["batches_done"]) == ("done", 9, 5)
     searcher = rt.searcher("default")
-    assert len(searcher) == 6 and searcher.sequence == 2
+    assert len(searcher) == 9 and searcher.sequence == 5
     assert list(rt.store.list(Layout().staging("j1") + "/")) == []  # staged bytes cleaned up
 
 
 def test_crash_before_commit_then_rerun_reuses_ids(rt: Runtime, tmp_path: Path, tiny_model: Path) -> None:
     batches = job(rt, folder_of(tmp_path, 3), tiny_model, "j2")
     coord = rt.coordinator("default")
-    ids_before_crash = coord.allocate_ids("j2-000000", 3)  # what a dying worker had allocated
+    ids_before_crash = coord.allocate_ids("j2-000000", 1)  # what a dying worker had allocated
+    assert "data_b64" in batches[0]["items"][0]  # small images travel inline in the message
     result = embed_batch(rt, batches[0])
     assert [i["id"] for i in result["items"]] == ids_before_crash
     assert coord.last_sequence() == 1
@@ -83,11 +87,12 @@ def test_same_bytes_in_two_concurrent_jobs(rt: Runtime, tmp_path: Path, tiny_mod
     results: list[dict[str, Any]] = []
     gate = threading.Barrier(2)
 
-    def run(batch: dict[str, Any]) -> None:
+    def run(batches: list[dict[str, Any]]) -> None:
         gate.wait()
-        results.append(embed_batch(rt, batch))
+        for batch in batches:
+            results.append(embed_batch(rt, batch))
 
-    threads = [threading.Thread(target=run, args=(batch[0],)) for batch in (a, b)]
+    threads = [threading.Thread(target=run, args=(batches,)) for batches in (a, b)]
     for t in threads:
         t.start()
     for t in threads:
@@ -104,9 +109,8 @@ def test_bad_items_fail_alone(rt: Runtime, tmp_path: Path, tiny_model: Path) -> 
     (folder / "zero.jpg").write_bytes(b"")
     (folder / "bomb.png").write_bytes(encode(Image.new("L", (9000, 9000)), "PNG"))
     rt = Runtime(rt.settings.replace(max_pixels=50_000_000))
-    (batch,) = job(rt, folder, tiny_model, "j3")
-    result = embed_batch(rt, batch)
-    outcome = {Path(i["ref"]).name: i.get("error", i["status"]) for i in result["items"]}
+    items = [i for batch in job(rt, folder, tiny_model, "j3") for i in embed_batch(rt, batch)["items"]]
+    outcome = {Path(i["ref"]).name: i.get("error", i["status"]) for i in items}
     assert outcome["00.png"] == outcome["01.png"] == "indexed"
     assert outcome["zero.jpg"] == "empty file"
     assert "decompression bomb" in outcome["bomb.png"]

@@ -1,0 +1,254 @@
+"""Ingestion throughput: model-only limit, pupyl-queue end to end through Celery, and pupyl 0.14.7.
+
+One script, one machine, the same photos and the same weights everywhere; each
+figure is the median of --runs runs. Usage (see BENCHMARKS.md for the numbers):
+
+    .venv/bin/python bench/ingest.py --images 1000 --runs 3 --pupyl-python /tmp/pupylvenv/bin/python
+    .venv/bin/python bench/ingest.py --images 24 --runs 1 --characteristics 1   # smoke run (CI)
+
+The weights are random (speed does not depend on their values), written in the
+legacy HDF5 format under the file name Keras caches, so pupyl finds them in
+$KERAS_HOME/models and pupyl-queue loads them through PUPYL_WEIGHTS: no download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+from pupyl_queue.characteristics import Characteristic  # noqa: E402
+from pupyl_queue.settings import Settings  # noqa: E402
+
+PUPYL_SCRIPT = """
+import sys, time
+from pupyl.search import PupylImageSearch
+search = PupylImageSearch(data_dir=sys.argv[2], characteristic=int(sys.argv[3]))
+started = time.perf_counter()
+search.index(sys.argv[1])
+print(time.perf_counter() - started)
+"""
+
+
+def photo_set(count: int, folder: Path) -> list[Path]:
+    """``count`` real photos: the flowers set round-robin over classes, then ../shared/data/photos."""
+    sources: list[Path] = []
+    flowers = SHARED / "flowers"
+    if flowers.exists():
+        classes = [sorted(d.glob("*.jpg")) for d in sorted(flowers.iterdir()) if d.is_dir()]
+        for row in range(max(len(c) for c in classes)):
+            sources.extend(c[row] for c in classes if row < len(c))
+    photos = SHARED / "photos"
+    if photos.exists():
+        sources = (
+            sorted(p for p in photos.rglob("*") if p.suffix.lower() in (".jpg", ".bmp", ".png")) + sources
+        )
+    if len(sources) < count:
+        raise SystemExit(f"only {len(sources)} photos under {SHARED}; ask for fewer with --images")
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for n, src in enumerate(sources[:count]):
+        dest = folder / f"{n:05d}{src.suffix.lower()}"
+        shutil.copy(src, dest)
+        out.append(dest)
+    return out
+
+
+def write_weights(characteristic: Characteristic, keras_home: Path) -> Path:
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    from pupyl_queue.models import build_characteristic
+
+    folder = keras_home / "models"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / characteristic.network.weights_file
+    if not path.exists():
+        model = build_characteristic(characteristic, None)._model
+        with h5py.File(path, "w") as fh:
+            legacy_h5_format.save_weights_to_hdf5_group(fh, model)
+    return folder
+
+
+def model_only(
+    characteristic: Characteristic, weights: Path, files: list[Path], runs: int, batch: int
+) -> float:
+    """Images/s of the forward pass alone on pre-decoded batches (the limit)."""
+    import numpy as np
+
+    from pupyl_queue.images import decode
+    from pupyl_queue.models import build_characteristic, configure_tensorflow, resolve_weights
+
+    configure_tensorflow(0, False)
+    extractor = build_characteristic(characteristic, resolve_weights(characteristic, str(weights)))
+    size = extractor.input_size
+    pixels = np.stack([decode(f.read_bytes(), 10**9).pixels(size) for f in files])
+    extractor.embed(pixels[:batch])  # warm-up: trace and compile
+    rates = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        for start in range(0, len(pixels), batch):
+            extractor.embed(pixels[start : start + batch])
+        rates.append(len(pixels) / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+class PeakRSS:
+    """Samples a process's resident memory; /proc's VmHWM misses nothing between samples."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def peak_mib(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+
+def end_to_end(
+    characteristic: Characteristic, weights: Path, folder: Path, count: int, runs: int, work: Path
+) -> tuple[float, float]:
+    """Images/s from index() to job done through real Redis, ingest and embed workers; peak embed RSS."""
+    from pupyl_queue import PupylQueue
+    from pupyl_queue.stack import free_port, start_redis, start_worker, stop
+
+    port = free_port()
+    redis = start_redis(work / f"redis-{characteristic.value}", port, appendonly=False)
+    settings = Settings(
+        data_dir=work / f"data-{characteristic.value}",
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        weights=str(weights),
+        characteristic=characteristic,
+    )
+    ingest = start_worker("ingest", settings, log_path=work / "ingest.log")
+    embed = start_worker("embed", settings, log_path=work / "embed.log")
+    try:
+        warm = work / "warm"
+        warm.mkdir(exist_ok=True)
+        for f in sorted(folder.iterdir())[:4]:
+            shutil.copy(f, warm / f.name)
+        PupylQueue(settings=settings, collection=f"warm{characteristic.value}").index(warm).wait(timeout=600)
+        rates = []
+        for run in range(runs):
+            client = PupylQueue(settings=settings, collection=f"c{characteristic.value}-run{run}")
+            started = time.perf_counter()
+            job = client.index(folder)
+            state = job.wait(timeout=3600, poll=0.02)
+            elapsed = time.perf_counter() - started
+            assert state["indexed"] == count, state
+            rates.append(count / elapsed)
+            spent = _stage_seconds(client, job.id, int(state["batches_total"]))
+            print(
+                f"  run {run}: {elapsed:.2f}s; embed worker: "
+                + ", ".join(f"{k} {v:.2f}s" for k, v in spent.items())
+            )
+        return statistics.median(rates), PeakRSS(embed.pid).peak_mib()
+    finally:
+        for proc in (ingest, embed, redis):
+            stop(proc)
+
+
+def _stage_seconds(client: object, job_id: str, batches: int) -> dict[str, float]:
+    """Where the embed worker's time went, summed over the job's batch reports."""
+    from pupyl_queue.layout import Layout
+
+    totals = {"wait_s": 0.0, "infer_s": 0.0, "write_s": 0.0}
+    for batch in range(batches):
+        report = json.loads(client.store.get(Layout(client.collection).job_report(job_id, batch)))  # type: ignore[attr-defined]
+        for key in totals:
+            totals[key] += report.get(key, 0.0)
+    return totals
+
+
+def pupyl_rate(
+    python: str, characteristic: Characteristic, folder: Path, count: int, runs: int, work: Path
+) -> float:
+    rates = []
+    for run in range(runs):
+        data_dir = work / f"pupyl-{characteristic.value}-{run}"
+        out = subprocess.run(
+            [python, "-c", PUPYL_SCRIPT, str(folder), str(data_dir), str(characteristic.value)],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=os.environ.copy(),
+        )
+        if out.returncode != 0:
+            raise SystemExit(f"pupyl failed:\n{out.stderr[-3000:]}")
+        rates.append(count / float(out.stdout.strip().splitlines()[-1]))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--characteristics", default="1,2")
+    parser.add_argument("--batch", type=int, default=32, help="forward-pass batch of the model-only figure")
+    parser.add_argument("--pupyl-python", default="", help="python of a venv with pupyl==0.14.7")
+    parser.add_argument("--json", default="", help="also write the results here")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="pupyl-bench-"))
+    os.environ["KERAS_HOME"] = str(work / "keras")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from pupyl_queue.models import configure_tensorflow
+
+    configure_tensorflow(0, False)  # as an embed worker does, before any network is built
+    files = photo_set(args.images, work / "photos")
+    rows = []
+    for value in args.characteristics.split(","):
+        c = Characteristic.parse(value)
+        weights = write_weights(c, work / "keras")
+        limit = model_only(c, weights, files, args.runs, args.batch)
+        e2e, peak = end_to_end(c, weights, work / "photos", len(files), args.runs, work)
+        pupyl = None
+        if args.pupyl_python and c.value == 1:  # Keras checks the hash of every other weights file
+            pupyl = pupyl_rate(args.pupyl_python, c, work / "photos", len(files), args.runs, work)
+        rows.append(
+            {
+                "characteristic": f"{c.value} {c.network.application}",
+                "model_only": limit,
+                "end_to_end": e2e,
+                "pupyl": pupyl,
+                "embed_peak_rss_mib": peak,
+            }
+        )
+    print(
+        f"\n{len(files)} photos, median of {args.runs} runs, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
+    )
+    print(
+        f"{'characteristic':<16} {'model-only img/s':>17} {'end-to-end img/s':>17} {'e2e/limit':>10} "
+        f"{'pupyl 0.14.7 img/s':>19} {'e2e/pupyl':>10} {'embed peak RSS':>15}"
+    )
+    for r in rows:
+        pupyl = f"{r['pupyl']:.1f}" if r["pupyl"] else "-"
+        ratio = f"{r['end_to_end'] / r['pupyl']:.1f}x" if r["pupyl"] else "-"
+        print(
+            f"{r['characteristic']:<16} {r['model_only']:>17.1f} {r['end_to_end']:>17.1f} "
+            f"{r['end_to_end'] / r['model_only']:>9.0%} {pupyl:>19} {ratio:>10} "
+            f"{r['embed_peak_rss_mib']:>11.0f} MiB"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
