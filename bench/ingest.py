@@ -14,6 +14,7 @@ $KERAS_HOME/models and pupyl-queue loads them through PUPYL_WEIGHTS: no download
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -83,18 +85,22 @@ def write_weights(characteristic: Characteristic, keras_home: Path) -> Path:
 
 
 def model_only(
-    characteristic: Characteristic, weights: Path, files: list[Path], runs: int, batch: int
+    characteristic: Characteristic, weights: Path, files: list[Path], runs: int, batch: int, precision: str
 ) -> float:
     """Images/s of the forward pass alone on pre-decoded batches (the limit)."""
     import numpy as np
 
     from pupyl_queue.images import decode
+    from pupyl_queue.int8 import CALIBRATION_IMAGES, Int8Extractor, convert
     from pupyl_queue.models import build_characteristic, configure_tensorflow, resolve_weights
 
     configure_tensorflow(0, False)
-    extractor = build_characteristic(characteristic, resolve_weights(characteristic, str(weights)))
+    extractor: Any = build_characteristic(characteristic, resolve_weights(characteristic, str(weights)))
     size = extractor.input_size
-    pixels = np.stack([decode(f.read_bytes(), 10**9).pixels(size) for f in files])
+    pixels = np.stack([decode(f.read_bytes(), 10**9, target=size).pixels(size) for f in files])
+    if precision == "int8":
+        tflite = convert(extractor, pixels[:CALIBRATION_IMAGES])
+        extractor = Int8Extractor(extractor.spec.with_precision("int8"), tflite, extractor.preprocess)
     extractor.embed(pixels[:batch])  # warm-up: trace and compile
     rates = []
     for _ in range(runs):
@@ -119,16 +125,23 @@ class PeakRSS:
 
 
 def end_to_end(
-    characteristic: Characteristic, weights: Path, folder: Path, count: int, runs: int, work: Path
+    characteristic: Characteristic,
+    weights: Path,
+    folder: Path,
+    count: int,
+    runs: int,
+    work: Path,
+    precision: str,
 ) -> tuple[float, float]:
     """Images/s from index() to job done through real Redis, ingest and embed workers; peak embed RSS."""
     from pupyl_queue import PupylQueue
     from pupyl_queue.stack import free_port, start_redis, start_worker, stop
 
     port = free_port()
-    redis = start_redis(work / f"redis-{characteristic.value}", port, appendonly=False)
+    tag = f"{characteristic.value}-{precision}"
+    redis = start_redis(work / f"redis-{tag}", port, appendonly=False)
     settings = Settings(
-        data_dir=work / f"data-{characteristic.value}",
+        data_dir=work / f"data-{tag}",
         redis_url=f"redis://127.0.0.1:{port}/0",
         weights=str(weights),
         characteristic=characteristic,
@@ -136,14 +149,17 @@ def end_to_end(
     ingest = start_worker("ingest", settings, log_path=work / "ingest.log")
     embed = start_worker("embed", settings, log_path=work / "embed.log")
     try:
-        warm = work / "warm"
-        warm.mkdir(exist_ok=True)
-        for f in sorted(folder.iterdir())[:4]:
-            shutil.copy(f, warm / f.name)
-        PupylQueue(settings=settings, collection=f"warm{characteristic.value}").index(warm).wait(timeout=600)
+        # A first job builds the model (and, for int8, calibrates and converts it on these photos);
+        # the timed jobs index the same photos again into the same collection.
+        client = PupylQueue(settings=settings, collection=f"c{tag}", precision=precision)
+        started = time.perf_counter()
+        client.index(folder).wait(timeout=3600)
+        print(
+            f"  {tag}: first job (model build{', int8 conversion' if precision == 'int8' else ''}) "
+            f"{time.perf_counter() - started:.1f}s"
+        )
         rates = []
         for run in range(runs):
-            client = PupylQueue(settings=settings, collection=f"c{characteristic.value}-run{run}")
             started = time.perf_counter()
             job = client.index(folder)
             state = job.wait(timeout=3600, poll=0.02)
@@ -199,6 +215,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--characteristics", default="1,2")
+    parser.add_argument("--precisions", default="float32", help="float32, int8 or both: float32,int8")
     parser.add_argument("--batch", type=int, default=32, help="forward-pass batch of the model-only figure")
     parser.add_argument("--pupyl-python", default="", help="python of a venv with pupyl==0.14.7")
     parser.add_argument("--json", default="", help="also write the results here")
@@ -212,17 +229,17 @@ def main() -> None:
     configure_tensorflow(0, False)  # as an embed worker does, before any network is built
     files = photo_set(args.images, work / "photos")
     rows = []
-    for value in args.characteristics.split(","):
+    for value, precision in itertools.product(args.characteristics.split(","), args.precisions.split(",")):
         c = Characteristic.parse(value)
         weights = write_weights(c, work / "keras")
-        limit = model_only(c, weights, files, args.runs, args.batch)
-        e2e, peak = end_to_end(c, weights, work / "photos", len(files), args.runs, work)
+        limit = model_only(c, weights, files, args.runs, args.batch, precision)
+        e2e, peak = end_to_end(c, weights, work / "photos", len(files), args.runs, work, precision)
         pupyl = None
-        if args.pupyl_python and c.value == 1:  # Keras checks the hash of every other weights file
+        if args.pupyl_python and c.value == 1 and precision == "float32":  # Keras checks other files' hashes
             pupyl = pupyl_rate(args.pupyl_python, c, work / "photos", len(files), args.runs, work)
         rows.append(
             {
-                "characteristic": f"{c.value} {c.network.application}",
+                "characteristic": f"{c.value} {c.network.application} {precision}",
                 "model_only": limit,
                 "end_to_end": e2e,
                 "pupyl": pupyl,
@@ -234,14 +251,14 @@ def main() -> None:
         f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
     )
     print(
-        f"{'characteristic':<16} {'model-only img/s':>17} {'end-to-end img/s':>17} {'e2e/limit':>10} "
+        f"{'characteristic':<24} {'model-only img/s':>17} {'end-to-end img/s':>17} {'e2e/limit':>10} "
         f"{'pupyl 0.14.7 img/s':>19} {'e2e/pupyl':>10} {'embed peak RSS':>15}"
     )
     for r in rows:
         pupyl = f"{r['pupyl']:.1f}" if r["pupyl"] else "-"
         ratio = f"{r['end_to_end'] / r['pupyl']:.1f}x" if r["pupyl"] else "-"
         print(
-            f"{r['characteristic']:<16} {r['model_only']:>17.1f} {r['end_to_end']:>17.1f} "
+            f"{r['characteristic']:<24} {r['model_only']:>17.1f} {r['end_to_end']:>17.1f} "
             f"{r['end_to_end'] / r['model_only']:>9.0%} {pupyl:>19} {ratio:>10} "
             f"{r['embed_peak_rss_mib']:>11.0f} MiB"
         )

@@ -111,6 +111,7 @@ class PupylQueue:
         characteristic: Characteristic | int | str | None = None,
         collection: str = C.DEFAULT_COLLECTION,
         model: str | Path | None = None,
+        precision: str | None = None,
         settings: Settings | None = None,
         **overrides: Any,
     ) -> None:
@@ -120,6 +121,7 @@ class PupylQueue:
         self.settings = settings
         self.collection = check_collection(collection)
         self.characteristic = None if characteristic is None else Characteristic.parse(characteristic)
+        self.precision = precision
         model = model or settings.model or None
         self.model = str(Path(model).expanduser().resolve()) if model else None
 
@@ -158,6 +160,8 @@ class PupylQueue:
             "characteristic": None if self.characteristic is None else int(self.characteristic),
             "default_characteristic": int(self.settings.characteristic),
             "model": self.model,
+            "precision": self.precision,
+            "default_precision": self.settings.precision,
             "origin": "local",  # this process may name any path its workers can read
         }
         Coordinator(self.redis, Layout(self.collection)).create_job(

@@ -47,16 +47,18 @@ def model_spec(store: ObjectStore, layout: Layout) -> ModelSpec:
 def requested_spec(request: dict[str, Any]) -> tuple[ModelSpec, Path | None]:
     """What an index request asks for: a Keras model file on disk, or a characteristic.
 
-    ``request`` holds ``model`` (a path), ``characteristic`` (named explicitly by the
-    caller) and ``default_characteristic`` (the caller's setting, used only to create).
+    ``request`` holds ``model`` (a path), ``characteristic`` and ``precision`` (named
+    explicitly by the caller) and ``default_characteristic`` / ``default_precision``
+    (the caller's settings, used only to create).
     """
+    precision = request.get("precision") or request.get("default_precision") or "float32"
     if request.get("model"):
         path = Path(request["model"]).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"model file {path} not found on this worker")
-        return load_keras_model(path).spec, path
+        return load_keras_model(path).spec.with_precision(precision), path
     chosen = request.get("characteristic") or request.get("default_characteristic") or 1
-    return ModelSpec.for_characteristic(chosen), None
+    return ModelSpec.for_characteristic(chosen, precision), None
 
 
 def ensure_collection(
@@ -70,12 +72,14 @@ def ensure_collection(
     existing = read_manifest(store, layout)
     if existing is not None:
         spec = ModelSpec.from_json(existing["model"])
+        precision = request.get("precision") or spec.precision
         if request.get("model"):
             wanted = sha256_file(request["model"])
             if wanted != spec.sha256:
-                spec.check_same(ModelSpec("keras", 0, 0, sha256=wanted))
+                spec.check_same(ModelSpec("keras", 0, 0, sha256=wanted, precision=precision))
         elif request.get("characteristic"):
-            spec.check_same(ModelSpec.for_characteristic(request["characteristic"]))
+            spec.check_same(ModelSpec.for_characteristic(request["characteristic"], precision))
+        spec.check_same(spec.with_precision(precision))
         return spec
     spec, path = requested_spec(request)
     claim = json.dumps(spec.to_json(), sort_keys=True)

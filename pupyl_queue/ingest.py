@@ -9,15 +9,16 @@ happens once (Lua scripts in coordination.py).
 from __future__ import annotations
 
 import base64
+import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from pupyl_queue.collection import ensure_collection
 from pupyl_queue.layout import Layout
 from pupyl_queue.runtime import Runtime
-from pupyl_queue.sources import Sources, fetch_pending
+from pupyl_queue.sources import SourceItem, Sources, fetch_pending
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
     coord = rt.coordinator(collection)
     job_id = job["job_id"]
     coord.update_job(job_id, state="expanding", started_at=time.time())
-    ensure_collection(rt.store, rt.redis, layout, job)
+    spec = ensure_collection(rt.store, rt.redis, layout, job)
     batch: list[dict[str, Any]] = []
     batches = total = 0
     inline_budget = INLINE_BATCH_BYTES
@@ -56,9 +57,11 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
             inline_budget = INLINE_BATCH_BYTES
 
     sources = Sources(rt.settings, origin=job.get("origin") or "network")
-    items = fetch_pending(
+    items: Iterable[SourceItem] = fetch_pending(
         sources.expand(job["uri"]), sources.fetcher, rt.settings.max_image_bytes, FETCH_WINDOW
     )
+    if spec.precision == "int8" and not rt.store.children(layout.calibration):
+        items = _keep_calibration_sample(rt, layout, items)
     for item in items:
         entry: dict[str, Any] = {"ref": item.ref, "meta": item.meta}
         data = item.data or b""
@@ -79,6 +82,23 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
     coord.update_job(job_id, total=total, batches_total=batches, expanded=1, state="running")
     finish_if_done(rt, job_id, collection)
     return {"job_id": job_id, "total": total, "batches": batches}
+
+
+def _keep_calibration_sample(
+    rt: Runtime, layout: Layout, items: Iterable[SourceItem]
+) -> Iterator[SourceItem]:
+    """Save the job's first images as the collection's int8 calibration set, before any batch runs."""
+    from pupyl_queue.int8 import CALIBRATION_IMAGES
+
+    head: list[SourceItem] = []
+    rest = iter(items)
+    for item in rest:
+        head.append(item)
+        if sum(1 for i in head if i.data) >= CALIBRATION_IMAGES:
+            break
+    for number, item in enumerate(i for i in head if i.data):
+        rt.store.put(f"{layout.calibration}/{number:03d}", item.data or b"")
+    return itertools.chain(head, rest)
 
 
 def _batch_target(number: int, size: int) -> int:

@@ -30,6 +30,14 @@ class Layout:
     def model_file(self) -> str:
         return f"{self.root}/model.keras"
 
+    @property
+    def calibration(self) -> str:
+        """Folder of images an int8 model of this collection is calibrated on."""
+        return f"{self.root}/calibration"
+
+    def int8_model(self, source_hash: str) -> str:
+        return f"{self.root}/int8/{source_hash}.tflite"
+
     def image(self, image_id: int) -> str:
         return f"{self.root}/{C.STORE_IMAGES}/{image_id}.jpg"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,8 @@ from pupyl_queue.characteristics import Characteristic
 
 log = logging.getLogger(__name__)
 
-METRIC = "cosine"  # inner product on L2-normalised vectors; distance = 1 - cosine
+METRIC = "cosine"
+PRECISIONS = ("float32", "int8")  # inner product on L2-normalised vectors; distance = 1 - cosine
 
 
 class ModelError(RuntimeError):
@@ -42,12 +43,23 @@ class ModelSpec:
     characteristic: int = 0
     sha256: str = ""
     metric: str = METRIC
+    precision: str = "float32"  # or "int8": vectors of the two are not comparable
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     @property
     def label(self) -> str:
-        if self.kind == "characteristic":
-            return Characteristic(self.characteristic).name
-        return f"keras model sha256:{self.sha256[:12]}"
+        name = (
+            Characteristic(self.characteristic).name
+            if self.kind == "characteristic"
+            else f"keras model sha256:{self.sha256[:12]}"
+        )
+        return f"{name} ({self.precision})"
+
+    def with_precision(self, precision: str) -> ModelSpec:
+        return replace(self, precision=precision)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,10 +69,14 @@ class ModelSpec:
         return cls(**data)
 
     @classmethod
-    def for_characteristic(cls, characteristic: Characteristic | int | str) -> ModelSpec:
+    def for_characteristic(
+        cls, characteristic: Characteristic | int | str, precision: str = "float32"
+    ) -> ModelSpec:
         c = Characteristic.parse(characteristic)
         net = c.network
-        return cls("characteristic", net.feature_size, net.input_size, characteristic=c.value)
+        return cls(
+            "characteristic", net.feature_size, net.input_size, characteristic=c.value, precision=precision
+        )
 
     def check_same(self, other: ModelSpec) -> None:
         if self != other:
@@ -95,13 +111,15 @@ class FeatureExtractor:
     def input_size(self) -> int:
         return self.spec.input_size
 
+    def preprocess(self, x: np.ndarray) -> np.ndarray:
+        """The network's own preprocessing of float RGB 0..255 (none for a user's model)."""
+        return x if self._preprocess is None else self._preprocess(x)
+
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """One forward pass over a whole batch of ``(n, size, size, 3)`` uint8 images."""
         if batch.ndim != 4 or batch.shape[1:] != (self.input_size, self.input_size, 3):
             raise ValueError(f"expected (n, {self.input_size}, {self.input_size}, 3), got {batch.shape}")
-        x = batch.astype(np.float32)
-        if self._preprocess is not None:
-            x = self._preprocess(x)
+        x = self.preprocess(batch.astype(np.float32))
         with self._lock:
             out = np.asarray(self._forward(x), dtype=np.float32)
         out = out.reshape(len(batch), -1)

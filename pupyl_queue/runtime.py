@@ -6,6 +6,7 @@ kept for the life of the process, so a task never pays for a model load twice.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -13,14 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import redis
 
 from pupyl_queue.collection import model_spec
 from pupyl_queue.coordination import Coordinator, connect
 from pupyl_queue.layout import Layout
-from pupyl_queue.models import FeatureExtractor, ModelSpec, extractor_for
+from pupyl_queue.models import FeatureExtractor, ModelError, ModelSpec, extractor_for
 from pupyl_queue.settings import Settings
 from pupyl_queue.store import ObjectStore, open_store
+
+log = logging.getLogger(__name__)
 
 
 class Runtime:
@@ -29,6 +33,7 @@ class Runtime:
         self._lock = threading.Lock()
         self._searchers: dict[str, object] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._int8_models: dict[str, object] = {}
 
     @cached_property
     def store(self) -> ObjectStore:
@@ -62,12 +67,56 @@ class Runtime:
             return self._pool
 
     def extractor(self, collection: str) -> FeatureExtractor:
+        """The collection's extractor, float or int8 (then its own network, quantized)."""
         self.device()
         spec = self.spec(collection)
+        float_spec = spec.with_precision("float32")
         model_file = None
         if spec.kind == "keras":
             model_file = self._local_model_file(collection, spec)
-        return extractor_for(spec, self.settings.weights, model_file)
+        extractor = extractor_for(float_spec, self.settings.weights, model_file)
+        if spec.precision == "int8":
+            return self._int8(collection, spec, extractor)  # type: ignore[return-value]
+        return extractor
+
+    def _int8(self, collection: str, spec: ModelSpec, extractor: FeatureExtractor) -> object:
+        from pupyl_queue.int8 import Int8Extractor, convert, source_hash
+
+        with self._lock:
+            found = self._int8_models.get(collection)
+            if found is not None:
+                return found
+        layout = Layout(collection)
+        key = layout.int8_model(source_hash(extractor))
+        if not self.store.exists(key):
+            # One conversion per collection, whatever the number of workers asking at once.
+            with self.redis.lock(layout.key("int8-convert"), timeout=1800, blocking_timeout=1800):
+                if not self.store.exists(key):
+                    calibration = self._calibration(layout, extractor.input_size)
+                    log.info("converting %s to int8 on %d images", spec.label, len(calibration))
+                    self.store.put(key, convert(extractor, calibration))
+        model = Int8Extractor(spec, self.store.get(key), extractor.preprocess, self.settings.tf_threads)
+        with self._lock:
+            return self._int8_models.setdefault(collection, model)
+
+    def _calibration(self, layout: Layout, size: int) -> np.ndarray:
+        """The collection's calibration images (saved by its first job), else its stored images."""
+        from pupyl_queue.images import ImageError, decode
+        from pupyl_queue.int8 import CALIBRATION_IMAGES
+
+        keys = list(self.store.list(layout.calibration + "/"))
+        if not keys:
+            keys = [k for k in self.store.list(f"{layout.root}/images/") if k.endswith(".jpg")]
+        step = max(1, len(keys) // CALIBRATION_IMAGES)
+        pixels = []
+        for key in keys[::step][:CALIBRATION_IMAGES]:
+            try:
+                pixels.append(decode(self.store.get(key), self.settings.max_pixels, target=size).pixels(size))
+            except ImageError:
+                continue
+        if not pixels:
+            raise ModelError(f"collection {layout.collection!r} has no images to calibrate its int8 model on")
+        return np.stack(pixels)
 
     def _local_model_file(self, collection: str, spec: ModelSpec) -> Path:
         """A collection's own model, copied once from the store to the data dir."""

@@ -45,6 +45,7 @@ class Settings:
     decode_threads: int = 0
     tf_threads: int = 0
     mixed_precision: bool = False
+    precision: str = "float32"
     max_pixels: int = 64_000_000
     max_image_bytes: int = 64 * 1024 * 1024
     inline_limit: int = 512 * 1024
@@ -71,6 +72,8 @@ class Settings:
             object.__setattr__(self, "characteristic", Characteristic.parse(self.characteristic))
         except ValueError as exc:
             raise SettingsError(f"PUPYL_CHARACTERISTIC: {exc}") from None
+        if self.precision not in ("float32", "int8"):
+            raise SettingsError(f"PUPYL_PRECISION must be float32 or int8, got {self.precision!r}")
         if self.batch_size < 1:
             raise SettingsError("PUPYL_BATCH_SIZE must be at least 1")
         if self.store and not self.store.startswith(("file://", "s3://")):

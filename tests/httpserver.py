@@ -74,6 +74,7 @@ def serve() -> Iterator[LoopbackServer]:
     try:
         yield server
     finally:
+
         async def shutdown() -> None:
             await runner.cleanup()
             others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
