@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -42,14 +43,19 @@ def convert(extractor: FeatureExtractor, calibration: np.ndarray) -> bytes:
         raise ValueError("int8 conversion needs calibration images")
     size = extractor.input_size
     model = extractor._model
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
     forward = tf.function(lambda x: model(x, training=False))
-    concrete = forward.get_concrete_function(tf.TensorSpec([1, size, size, 3], tf.float32))
+    # Weights become constants: LiteRT then quantizes them instead of keeping resource variables.
+    concrete = convert_variables_to_constants_v2(
+        forward.get_concrete_function(tf.TensorSpec([1, size, size, 3], tf.float32))
+    )
 
     def representative() -> Any:
         for image in calibration:
             yield [extractor.preprocess(image[None].astype(np.float32))]
 
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -57,7 +63,10 @@ def convert(extractor: FeatureExtractor, calibration: np.ndarray) -> bytes:
         cwd = os.getcwd()
         os.chdir(tmp)
         try:
-            return bytes(converter.convert())
+            with warnings.catch_warnings():
+                # Our input stays float32 (quantized inside the model): no input statistics needed.
+                warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+                return bytes(converter.convert())
         finally:
             os.chdir(cwd)
 
