@@ -25,6 +25,7 @@ TASK_SEARCH = "pupyl.search"
 TASK_NEAREST = "pupyl.nearest"
 TASK_REMOVE = "pupyl.remove"
 TASK_COMPACT = "pupyl.compact"
+TASK_COMPACT_ALL = "pupyl.compact_all"
 TASK_ROUTES = {
     TASK_INDEX: QUEUE_INGEST,
     TASK_EMBED: QUEUE_EMBED,
@@ -32,6 +33,7 @@ TASK_ROUTES = {
     TASK_NEAREST: QUEUE_SEARCH,
     TASK_REMOVE: QUEUE_MAINTENANCE,
     TASK_COMPACT: QUEUE_MAINTENANCE,
+    TASK_COMPACT_ALL: QUEUE_MAINTENANCE,
 }
 
 DEFAULT_COLLECTION = "default"
@@ -44,6 +46,7 @@ KEY_SEQUENCE = "seq"  # INCR: last commit sequence number
 KEY_CHANGES = "changes"  # INCR on every commit: one GET tells a searcher it is stale
 KEY_COMMITS = "commits"  # ZSET score=sequence member=store key of the segment/tombstone
 KEY_COMMIT_BY_OBJECT = "commit-of"  # HASH store key -> sequence (idempotent publish)
+KEY_SNAPSHOT = "snapshot"  # watermark of the newest published snapshot
 KEY_HASHES = "hashes"  # HASH sha256 -> id (dedup)
 KEY_BATCH_IDS = "batch-ids"  # HASH batch id -> "first:count" (ids a batch owns)
 KEY_JOB = "job"  # job:{id} HASH of counters, job:{id}:batches HASH of finished batches
@@ -56,6 +59,7 @@ STORE_SEGMENTS = "segments"
 STORE_TOMBSTONES = "tombstones"
 STORE_SNAPSHOTS = "snapshots"
 STORE_SNAPSHOT_POINTER = "snapshots/LATEST.json"
+STORE_VECTORS = "vectors"  # live vectors merged at compaction: the input of the next one
 STORE_STAGING = "staging"
 STORE_JOBS = "jobs"
 STORE_QUERIES = "queries"

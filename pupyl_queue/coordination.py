@@ -110,6 +110,24 @@ class Coordinator:
     def changes(self) -> int:
         return int(self.r.get(self._k(C.KEY_CHANGES)) or 0)
 
+    def snapshot_watermark(self) -> int:
+        """The watermark of the newest published snapshot (0: none yet)."""
+        return int(self.r.get(self._k(C.KEY_SNAPSHOT)) or 0)
+
+    def set_snapshot_watermark(self, watermark: int) -> None:
+        self.r.set(self._k(C.KEY_SNAPSHOT), watermark)
+
+    def trim_commits(self, up_to: int) -> int:
+        """Forget commits at or below ``up_to`` (their objects are inside a snapshot)."""
+        keys = self.r.zrangebyscore(self._k(C.KEY_COMMITS), "-inf", up_to)
+        if not keys:
+            return 0
+        pipe = self.r.pipeline()
+        pipe.zremrangebyscore(self._k(C.KEY_COMMITS), "-inf", up_to)
+        pipe.hdel(self._k(C.KEY_COMMIT_BY_OBJECT), *keys)
+        pipe.execute()
+        return len(keys)
+
     def last_sequence(self) -> int:
         return int(self.r.get(self._k(C.KEY_SEQUENCE)) or 0)
 

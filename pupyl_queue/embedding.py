@@ -238,3 +238,13 @@ def _metadata(image_id: int, item: dict[str, Any], image: DecodedImage) -> dict[
         }
     )
     return meta
+
+
+def compaction_due(rt: Runtime, collection: str, sequence: int | None) -> bool:
+    """True once per PUPYL_COMPACT_COMMITS commits past the last snapshot (a Redis flag dedups)."""
+    if sequence is None:
+        return False
+    coord = rt.coordinator(collection)
+    if sequence - coord.snapshot_watermark() < rt.settings.compact_commits:
+        return False
+    return bool(rt.redis.set(coord.layout.key("compact-due"), 1, nx=True, ex=3600))

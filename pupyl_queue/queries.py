@@ -136,16 +136,15 @@ def remove(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
 
 def compact(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
     """Write a snapshot of the collection (one compaction at a time, whatever the replicas)."""
-    from pupyl_queue.searcher import Searcher
+    from pupyl_queue.compaction import Compactor
 
     collection = task.get("collection", "default")
     layout = Layout(collection)
-    lock = rt.redis.lock(layout.key("compact-lock"), timeout=3600, blocking_timeout=0)
+    lock = rt.redis.lock(layout.key("compact-lock"), timeout=6 * 3600, blocking_timeout=0)
     if not lock.acquire(blocking=False):
         return {"collection": collection, "skipped": "another compaction is running"}
     try:
-        searcher = Searcher(rt.store, rt.coordinator(collection), layout)
-        searcher.load()
-        return searcher.write_snapshot(rt.spec(collection).to_json())
+        return Compactor(rt.store, rt.coordinator(collection), rt.settings).run(rt.spec(collection).to_json())
     finally:
+        rt.redis.delete(layout.key("compact-due"))
         lock.release()

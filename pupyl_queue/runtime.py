@@ -34,6 +34,7 @@ class Runtime:
         self._searchers: dict[str, object] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._int8_models: dict[str, object] = {}
+        self._specs: dict[str, ModelSpec] = {}
 
     @cached_property
     def store(self) -> ObjectStore:
@@ -47,7 +48,11 @@ class Runtime:
         return Coordinator(self.redis, Layout(collection))
 
     def spec(self, collection: str) -> ModelSpec:
-        return model_spec(self.store, Layout(collection))
+        """The collection's model; fixed for the collection's life, so read from the store once."""
+        found = self._specs.get(collection)
+        if found is None:
+            found = self._specs[collection] = model_spec(self.store, Layout(collection))
+        return found
 
     def device(self) -> dict[str, object]:
         from pupyl_queue.models import configure_tensorflow
@@ -136,14 +141,19 @@ class Runtime:
         with self._lock:
             found = self._searchers.get(collection)
             if found is None:
-                found = Searcher(self.store, self.coordinator(collection), Layout(collection))
+                found = Searcher(
+                    self.store, self.coordinator(collection), Layout(collection), self.settings.index_nprobe
+                )
                 found.load()
                 self._searchers[collection] = found
             return found
 
-    def drop_searcher(self, collection: str) -> None:
+    def forget(self, collection: str) -> None:
+        """Drop what this process holds for a collection (it was deleted or restored)."""
         with self._lock:
             self._searchers.pop(collection, None)
+            self._specs.pop(collection, None)
+            self._int8_models.pop(collection, None)
 
 
 _runtime: Runtime | None = None

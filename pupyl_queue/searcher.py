@@ -5,6 +5,8 @@ tombstone committed after the snapshot's watermark, in sequence order. Before
 each search it reads one Redis counter and applies whatever is new, so a
 search sees every committed write (DESIGN.md principle 3). Removal wins: a
 tombstoned id is never added back, whatever order its segment arrives in.
+When compaction publishes a newer snapshot, the searcher loads it in a
+background thread and swaps it in; searches wait only for the swap itself.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pupyl_queue import constants as C
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.layout import Layout
 from pupyl_queue.store import ObjectNotFound, ObjectStore
-from pupyl_queue.vector_index import VectorIndex
+from pupyl_queue.vector_index import IdSet, VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +45,28 @@ def decode_segment(data: bytes) -> tuple[np.ndarray, np.ndarray]:
         return npz["ids"], npz["vectors"]
 
 
+def read_checked(store: ObjectStore, key: str, sha256: str) -> bytes:
+    data = store.get(key)
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise SnapshotDamaged(f"{key} does not match the checksum in its manifest")
+    return data
+
+
 class Searcher:
-    def __init__(self, store: ObjectStore, coordinator: Coordinator, layout: Layout) -> None:
+    def __init__(
+        self, store: ObjectStore, coordinator: Coordinator, layout: Layout, nprobe: int = 32
+    ) -> None:
         self.store = store
         self.coord = coordinator
         self.layout = layout
+        self.nprobe = nprobe
         self.index: VectorIndex | None = None
         self.sequence = 0  # every commit up to here is applied
+        self.snapshot_watermark = 0  # the snapshot this state was loaded from
         self.tombstones: set[int] = set()
         self._seen_changes = -1
         self._lock = threading.RLock()
+        self._swapping = False
 
     # --- loading
     def load(self) -> None:
@@ -67,12 +81,17 @@ class Searcher:
             return
         base = pointer["path"]
         manifest = json.loads(self.store.get(f"{base}/manifest.json"))
-        data = self.store.get(f"{base}/index.faiss")
-        if hashlib.sha256(data).hexdigest() != manifest["index_sha256"]:
-            raise SnapshotDamaged(f"snapshot {base} index does not match its checksum")
-        self.index = VectorIndex.deserialize(data, manifest["dim"])
-        self.tombstones = set(json.loads(self.store.get(f"{base}/tombstones.json")))
-        self.sequence = int(manifest["watermark"])
+        files = manifest["files"]
+        data = read_checked(self.store, f"{base}/index.faiss", files["index.faiss"])
+        ids = IdSet.from_bytes(
+            read_checked(self.store, f"{base}/ids.bits", files["ids.bits"]), manifest["id_bits"]
+        )
+        dead = np.frombuffer(
+            read_checked(self.store, f"{base}/tombstones.npy", files["tombstones.npy"]), np.int64
+        )
+        self.index = VectorIndex.deserialize(data, manifest["dim"], manifest["factory"], ids, self.nprobe)
+        self.tombstones = set(dead.tolist())
+        self.sequence = self.snapshot_watermark = int(manifest["watermark"])
         log.info("loaded snapshot %s: %d vectors at sequence %d", base, len(self.index), self.sequence)
 
     def refresh(self, force: bool = False) -> int:
@@ -83,11 +102,22 @@ class Searcher:
                 return 0
             applied = 0
             for sequence, key in self.coord.commits_after(self.sequence):
-                self._apply(key)
+                try:
+                    self._apply(key)
+                except ObjectNotFound:
+                    # Garbage-collected after a newer snapshot took it in: start from that snapshot.
+                    log.warning("%s is gone; reloading from the newest snapshot", key)
+                    self._reset()
+                    return self.refresh(force=True)
                 self.sequence = sequence
                 applied += 1
             self._seen_changes = changes
-            return applied
+        self._maybe_swap()
+        return applied
+
+    def _reset(self) -> None:
+        self.index, self.sequence, self.snapshot_watermark, self.tombstones = None, 0, 0, set()
+        self._load_snapshot()
 
     def _apply(self, key: str) -> None:
         kind = key.split("/")[-2]
@@ -100,10 +130,34 @@ class Searcher:
             ids, vectors = decode_segment(self.store.get(key))
             keep = np.array([int(i) not in self.tombstones for i in ids], dtype=bool)
             if self.index is None:
-                self.index = VectorIndex(int(vectors.shape[1]))
+                self.index = VectorIndex(int(vectors.shape[1]), nprobe=self.nprobe)
             self.index.add(ids[keep], vectors[keep])
         else:
             raise ValueError(f"unknown commit object {key}")
+
+    def _maybe_swap(self) -> None:
+        """Load a newer snapshot (written by compaction) beside the live state, then swap it in."""
+        published = self.coord.snapshot_watermark()
+        if published <= self.snapshot_watermark or self._swapping:
+            return
+        self._swapping = True
+
+        def load_newer() -> None:
+            try:
+                fresh = Searcher(self.store, self.coord, self.layout, self.nprobe)
+                fresh.load()
+                with self._lock:
+                    fresh.refresh(force=True)  # catch up to the live state before the swap
+                    self.index, self.sequence = fresh.index, fresh.sequence
+                    self.tombstones, self.snapshot_watermark = fresh.tombstones, fresh.snapshot_watermark
+                log.info("swapped in snapshot at sequence %d", self.snapshot_watermark)
+            except Exception:
+                log.exception("could not load the newer snapshot; keeping the live index")
+                self.snapshot_watermark = published  # do not retry in a loop
+            finally:
+                self._swapping = False
+
+        threading.Thread(target=load_newer, name="pupyl-snapshot-swap", daemon=True).start()
 
     # --- reading
     def wait_for(self, sequence: int, timeout: float) -> bool:
@@ -117,22 +171,18 @@ class Searcher:
             time.sleep(0.05)
 
     def search(self, vector: np.ndarray, top: int) -> list[tuple[int, float]]:
-        with self._lock:
-            self.refresh()
-            if self.index is None:
-                return []
-            return self.index.search(vector[None, :], top)[0]
+        return self.search_many(vector[None, :], top)[0]
 
     def search_many(self, vectors: np.ndarray, top: int) -> list[list[tuple[int, float]]]:
+        self.refresh()
         with self._lock:
-            self.refresh()
             if self.index is None:
                 return [[] for _ in range(len(vectors))]
             return self.index.search(vectors, top)
 
     def vector(self, image_id: int) -> np.ndarray:
+        self.refresh()
         with self._lock:
-            self.refresh()
             if self.index is None or image_id not in self.index:
                 raise KeyError(f"no image with id {image_id} in collection {self.layout.collection!r}")
             return self.index.vector(image_id)
@@ -140,31 +190,11 @@ class Searcher:
     def __len__(self) -> int:
         return 0 if self.index is None else len(self.index)
 
-    # --- snapshots
-    def write_snapshot(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """Write a complete snapshot, then publish the pointer to it."""
-        with self._lock:
-            self.refresh(force=True)
-            if self.index is None:
-                raise ValueError("nothing to snapshot yet")
-            data = self.index.serialize()
-            tombstones = json.dumps(sorted(self.tombstones)).encode()
-            manifest = {
-                "schema": C.SCHEMA_VERSION,
-                "model": spec,
-                "dim": self.index.dim,
-                "metric": spec.get("metric", "cosine"),
-                "index_type": "IDMap2,Flat",
-                "watermark": self.sequence,
-                "count": len(self.index),
-                "tombstones": len(self.tombstones),
-                "index_sha256": hashlib.sha256(data).hexdigest(),
-                "created_at": time.time(),
-            }
-            base = self.layout.snapshot(self.sequence)
-        self.store.put(f"{base}/index.faiss", data)
-        self.store.put(f"{base}/tombstones.json", tombstones)
-        self.store.put(f"{base}/manifest.json", json.dumps(manifest, indent=2).encode())
-        pointer = {"path": base, "watermark": manifest["watermark"]}
-        self.store.put(self.layout.snapshot_pointer, json.dumps(pointer).encode())
-        return manifest
+    def stats(self) -> dict[str, Any]:
+        index = self.index
+        return {
+            "count": len(self),
+            "sequence": self.sequence,
+            "snapshot": self.snapshot_watermark,
+            "factory": None if index is None else index.factory,
+        }

@@ -65,6 +65,13 @@ class Settings:
     max_archive_depth: int = 2
     max_list_bytes: int = 256 * 1024**2
     near_duplicate: float = 0.0
+    index_factory: str = ""
+    index_nprobe: int = 32
+    index_memory_gb: float = 8.0
+    flat_below: int = 100_000
+    compact_commits: int = 256
+    compact_interval: int = 3600
+    snapshot_keep: int = 2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())

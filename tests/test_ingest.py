@@ -185,3 +185,17 @@ def test_near_duplicates_with_a_threshold(rt: Runtime, tmp_path: Path, tiny_mode
     later = {Path(i["ref"]).name: i for i in run_job(rt, second, tiny_model, "jn2", near_duplicate=0.02)}
     assert later["test_image.jpg"]["duplicate_of"] == by_name["test_database_0_0.jpg"]["id"]
     assert later["tent.jpg"]["status"] == "indexed"
+
+
+def test_compaction_is_due_once_per_threshold(rt: Runtime) -> None:
+    from pupyl_queue.embedding import compaction_due
+
+    rt = Runtime(rt.settings.replace(compact_commits=3))
+    coord = rt.coordinator("default")
+    assert not compaction_due(rt, "default", None)
+    assert not compaction_due(rt, "default", 2)
+    assert compaction_due(rt, "default", 3)
+    assert not compaction_due(rt, "default", 4)  # already queued
+    coord.set_snapshot_watermark(4)
+    rt.redis.delete(coord.layout.key("compact-due"))  # the compaction ran and cleared the flag
+    assert not compaction_due(rt, "default", 5) and compaction_due(rt, "default", 7)

@@ -1,18 +1,22 @@
-"""The searcher's view of the commit log: real Redis, real local store, no workers."""
+"""The searcher and compaction against a real Redis and a real local store, no workers."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
 
+from pupyl_queue.compaction import Compactor
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.layout import Layout
 from pupyl_queue.models import normalize
 from pupyl_queue.searcher import Searcher, SnapshotDamaged, encode_segment
+from pupyl_queue.settings import Settings
 from pupyl_queue.store import LocalStore
 
 DIM = 8
@@ -44,6 +48,11 @@ def fresh(parts: tuple) -> Searcher:
     return searcher
 
 
+def compact(parts: tuple, **settings: object) -> dict:
+    store, coord, _ = parts
+    return Compactor(store, coord, Settings(**settings)).run({"metric": "cosine", "dim": DIM})  # type: ignore[arg-type]
+
+
 def test_sees_every_commit_before_answering(parts: tuple) -> None:
     searcher = fresh(parts)
     assert len(searcher) == 0
@@ -67,25 +76,106 @@ def test_snapshot_plus_later_commits_equals_replay(parts: tuple) -> None:
     store, _, layout = parts
     vectors = commit_segment(parts, "a", list(range(1, 21)), seed=1)
     commit_tombstone(parts, 5)
-    manifest = fresh(parts).write_snapshot({"kind": "test", "metric": "cosine"})
-    assert (manifest["watermark"], manifest["count"]) == (2, 19)
+    manifest = compact(parts)
+    assert (manifest["watermark"], manifest["count"], manifest["factory"]) == (2, 19, "Flat")
     commit_segment(parts, "b", list(range(21, 31)), seed=2)
     commit_tombstone(parts, 25)
     commit_tombstone(parts, 6)
     from_snapshot = fresh(parts)
-    assert from_snapshot.sequence == 5 and len(from_snapshot) == 27
-    # A searcher that replays the whole log (no snapshot) agrees exactly.
-    store.delete(layout.snapshot_pointer)
+    assert from_snapshot.snapshot_watermark == 2 and from_snapshot.sequence == 5 and len(from_snapshot) == 27
+    store.delete(layout.snapshot_pointer)  # a searcher that replays the whole log agrees exactly
     replay = fresh(parts)
     for q in vectors[:5]:
         assert from_snapshot.search(q, 10) == replay.search(q, 10)
 
 
+def test_trained_index_past_the_threshold(parts: tuple) -> None:
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(10, DIM))
+    for batch in range(4):
+        store, coord, layout = parts
+        ids = np.arange(batch * 500 + 1, batch * 500 + 501)
+        vectors = normalize(centers[rng.integers(0, 10, 500)] + 0.3 * rng.normal(size=(500, DIM)))
+        store.put(layout.segment(f"s{batch}"), encode_segment(ids, vectors))
+        coord.publish(layout.segment(f"s{batch}"))
+    live = fresh(parts)
+    manifest = compact(parts, flat_below=1000, index_nprobe=8)
+    assert manifest["factory"].startswith("IVF") and manifest["count"] == 2000
+    restarted = fresh(parts)
+    assert restarted.index is not None and restarted.index.factory == manifest["factory"]
+    queries = normalize(centers + 0.3 * rng.normal(size=centers.shape))
+    recall = np.mean(
+        [
+            len({i for i, _ in a} & {i for i, _ in b}) / 10
+            for a, b in zip(live.search_many(queries, 10), restarted.search_many(queries, 10))
+        ]
+    )
+    assert recall >= 0.9
+
+
+def test_searcher_swaps_in_a_new_snapshot_and_gc_keeps_it_whole(parts: tuple) -> None:
+    store, coord, layout = parts
+    vectors = commit_segment(parts, "a", list(range(1, 11)), seed=1)
+    live = fresh(parts)
+    first = compact(parts)
+    commit_segment(parts, "b", list(range(11, 21)), seed=2)
+    second = compact(parts)
+    commit_segment(parts, "c", list(range(21, 31)), seed=3)
+    third = compact(parts)
+    # the segment inside the first snapshot is gone; the snapshot before the newest stays whole
+    assert not store.exists(layout.segment("a")) and not store.exists(layout.segment("b"))
+    assert not list(store.list(first["path"] + "/"))
+    assert store.exists(second["path"] + "/manifest.json") and store.exists(third["path"] + "/index.faiss")
+    assert [key for _, key in coord.commits_after(0)] == [layout.segment("c")]  # the log is trimmed
+    deadline = time.monotonic() + 10
+    while live.snapshot_watermark != third["watermark"] and time.monotonic() < deadline:
+        live.refresh(force=True)
+        time.sleep(0.05)
+    assert live.snapshot_watermark == third["watermark"] and len(live) == 30
+    restarted = fresh(parts)
+    assert len(restarted) == 30 and restarted.search(vectors[0], 5) == live.search(vectors[0], 5)
+
+
+def test_compaction_under_concurrent_inserts_and_searches_loses_nothing(parts: tuple) -> None:
+    store, coord, layout = parts
+    commit_segment(parts, "first", list(range(1, 101)), seed=0)
+    live = fresh(parts)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def insert() -> None:
+        for n in range(1, 30):
+            commit_segment(parts, f"more{n}", list(range(100 * n + 1, 100 * n + 101)), seed=n)
+            if n % 7 == 0:
+                commit_tombstone(parts, 100 * n + 5)
+
+    def search() -> None:
+        query = normalize(np.ones((1, DIM)))[0]
+        while not stop.is_set():
+            try:
+                live.search(query, 5)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=insert), threading.Thread(target=search)]
+    for t in threads:
+        t.start()
+    compact(parts)
+    threads[0].join()
+    compact(parts)
+    stop.set()
+    threads[1].join()
+    assert not errors
+    expected = 3000 - 4  # 30 segments of 100, 4 removed (n = 7, 14, 21, 28)
+    assert len(fresh(parts)) == expected
+    live.refresh(force=True)
+    assert len(live) == expected
+
+
 def test_damaged_snapshot_is_detected(parts: tuple) -> None:
     store, _, layout = parts
     commit_segment(parts, "a", [1, 2], seed=1)
-    fresh(parts).write_snapshot({"metric": "cosine"})
-    base = json.loads(store.get(layout.snapshot_pointer))["path"]
+    base = compact(parts)["path"]
     data = store.get(f"{base}/index.faiss")
     store.put(f"{base}/index.faiss", data[:-10])
     with pytest.raises(SnapshotDamaged):

@@ -6,12 +6,18 @@ import numpy as np
 import pytest
 
 from pupyl_queue.models import normalize
-from pupyl_queue.vector_index import VectorIndex
+from pupyl_queue.vector_index import IdSet, VectorIndex, choose_factory
 
 
 def data(n: int = 200, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return rng.choice(10**9, n, replace=False).astype(np.int64), normalize(rng.normal(size=(n, dim)))
+    return rng.choice(10**6, n, replace=False).astype(np.int64) + 1, normalize(rng.normal(size=(n, dim)))
+
+
+def clustered(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(20, dim))
+    return normalize(centers[rng.integers(0, 20, n)] + 0.5 * rng.normal(size=(n, dim)))
 
 
 def brute(ids: np.ndarray, vectors: np.ndarray, query: np.ndarray, top: int) -> list[int]:
@@ -31,30 +37,53 @@ def test_matches_brute_force_with_explicit_ids() -> None:
         assert dists == sorted(dists)
 
 
-def test_adding_twice_is_harmless_and_remove_is_by_id() -> None:
+def test_adding_twice_is_harmless_and_removal_is_filtered_at_once() -> None:
     ids, vectors = data()
     index = VectorIndex(16)
     index.add(ids, vectors)
     assert index.add(ids[:10], vectors[:10]) == 0
     assert len(index) == 200
-    assert index.remove([int(ids[0]), 12345]) == 1
-    assert int(ids[0]) not in index
-    hits = index.search(vectors[0], 5)[0]
-    assert int(ids[0]) not in [i for i, _ in hits]
-    assert [i for i, _ in hits] == brute(ids[1:], vectors[1:], vectors[0], 5)
+    # remove the 10 nearest neighbours of a query: the next 10 still come back, none removed
+    nearest = brute(ids, vectors, vectors[0], 10)
+    assert index.remove(nearest + [12345678]) == 10
+    assert len(index) == 190 and nearest[0] not in index
+    hits = [i for i, _ in index.search(vectors[0], 10)[0]]
+    keep = ~np.isin(ids, nearest)
+    assert hits == brute(ids[keep], vectors[keep], vectors[0], 10)
 
 
 def test_serialize_round_trip() -> None:
     ids, vectors = data()
     index = VectorIndex(16)
     index.add(ids, vectors)
-    index.remove([int(ids[3])])
-    again = VectorIndex.deserialize(index.serialize(), 16)
-    assert len(again) == 199 and int(ids[3]) not in again
+    again = VectorIndex.deserialize(
+        index.serialize(), 16, ids=IdSet.from_bytes(index.ids.to_bytes(), index.ids.size)
+    )
+    assert len(again) == 200
     assert again.search(vectors[7], 8) == index.search(vectors[7], 8)
     np.testing.assert_allclose(again.vector(int(ids[7])), vectors[7], atol=1e-6)
     with pytest.raises(ValueError, match="16-d"):
         VectorIndex.deserialize(index.serialize(), 32)
+
+
+def test_ivf_recall_against_exact() -> None:
+    vectors = clustered(6000)
+    ids = np.arange(1, 6001)
+    exact, ivf = VectorIndex(32), VectorIndex(32, "IVF64,SQ8", nprobe=16)
+    ivf.train(vectors)
+    exact.add(ids, vectors)
+    ivf.add(ids, vectors)
+    queries = clustered(50, seed=1)
+    recall = np.mean(
+        [
+            len({i for i, _ in a} & {i for i, _ in b}) / 10
+            for a, b in zip(exact.search(queries, 10), ivf.search(queries, 10))
+        ]
+    )
+    assert recall >= 0.9
+    ivf.remove([int(ids[0])])
+    assert int(ids[0]) not in [i for i, _ in ivf.search(vectors[0], 5)[0]]
+    np.testing.assert_allclose(ivf.vector(5), vectors[4], atol=0.05)  # SQ8 codes are close
 
 
 def test_empty_and_small() -> None:
@@ -64,3 +93,26 @@ def test_empty_and_small() -> None:
     assert [i for i, _ in index.search(np.ones(4, dtype=np.float32), 3)[0]] == [7]
     with pytest.raises(ValueError, match="expected 4-d"):
         index.add(np.array([8]), np.ones((1, 5), dtype=np.float32))
+
+
+def test_index_type_follows_size_and_memory() -> None:
+    gib = 1024**3
+    assert choose_factory(50_000, 1024, 8 * gib, flat_below=100_000) == "Flat"
+    assert choose_factory(1_000_000, 1024, 8 * gib, flat_below=100_000) == "IVF4096,SQ8"
+    assert choose_factory(10_000_000, 1024, 8 * gib, flat_below=100_000) == "IVF16384,PQ64"
+    assert choose_factory(200_000, 256, 8 * gib, flat_below=100_000) == "IVF2048,SQ8"
+
+
+def test_id_set() -> None:
+    s = IdSet()
+    s.add(np.array([3, 5, 5000]))
+    assert len(s) == 3 and s.contains(np.array([3, 4, 5000, -1, 10**7])).tolist() == [
+        True,
+        False,
+        True,
+        False,
+        False,
+    ]
+    assert s.discard(np.array([5, 6])) == 1 and len(s) == 2
+    again = IdSet.from_bytes(s.to_bytes(), s.size)
+    assert again.contains(np.array([3, 5, 5000])).tolist() == [True, False, True]

@@ -45,6 +45,10 @@ def make_app(settings: Settings | None = None, include_tasks: bool = True) -> Ce
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
+        # `celery -A workers.app beat` compacts every collection with new commits on this schedule.
+        beat_schedule={
+            "compact-all": {"task": C.TASK_COMPACT_ALL, "schedule": float(settings.compact_interval)},
+        },
     )
     return app
 

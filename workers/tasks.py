@@ -52,7 +52,10 @@ def ask_nearest(collection: str, vectors: Any) -> list[tuple[int, float] | None]
 def embed(self: Any, **batch: Any) -> dict[str, Any]:
     rt = runtime()
     try:
-        return embedding.embed_batch(rt, batch, ask_nearest)
+        result = embedding.embed_batch(rt, batch, ask_nearest)
+        if embedding.compaction_due(rt, batch["collection"], result.get("sequence")):
+            compact.apply_async(kwargs={"collection": batch["collection"]})
+        return result
     except TRANSIENT:
         raise
     except Exception as exc:
@@ -80,6 +83,19 @@ def remove(**request: Any) -> dict[str, Any]:
 @shared_task(name=C.TASK_COMPACT, **RETRY)
 def compact(**request: Any) -> dict[str, Any]:
     return queries.compact(runtime(), request)
+
+
+@shared_task(name=C.TASK_COMPACT_ALL, **RETRY)
+def compact_all() -> dict[str, Any]:
+    """Celery beat's periodic compaction: queue one per collection that has new commits."""
+    rt = runtime()
+    queued = []
+    for name in list_collections(rt.store):
+        coord = rt.coordinator(name)
+        if coord.last_sequence() > coord.snapshot_watermark():
+            compact.apply_async(kwargs={"collection": name})
+            queued.append(name)
+    return {"queued": queued}
 
 
 @worker_ready.connect
