@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 VECTORS = ROOT.parent / "shared" / "bench" / "vectors.py"
 
+from pupyl_queue.collection import ensure_collection  # noqa: E402
 from pupyl_queue.compaction import Compactor  # noqa: E402
 from pupyl_queue.coordination import Coordinator, connect  # noqa: E402
 from pupyl_queue.layout import Layout  # noqa: E402
@@ -78,6 +79,8 @@ def run_size(
     layout = Layout(collection)
     store = LocalStore(work / "store")
     coord = Coordinator(connect(settings.broker_url), layout)
+    # A collection of characteristic 1 (1024-d); vector queries never build its network.
+    ensure_collection(store, coord.r, layout, {"characteristic": 1})
     # exact top-10 by brute force, chunk by chunk, for recall
     best = np.full((len(queries), 10), -np.inf, dtype=np.float32)
     best_ids = np.zeros((len(queries), 10), dtype=np.int64)
@@ -109,6 +112,20 @@ def run_size(
         found.append(searcher.search(q, 10))
         inproc.append((time.perf_counter() - t) * 1000)
     recall = float(np.mean([len({i for i, _ in f} & set(e.tolist())) / 10 for f, e in zip(found, exact_top)]))
+    sweep = {}
+    for nprobe in (int(v) for v in args.nprobe_sweep.split(",") if v):
+        searcher.index.set_nprobe(nprobe)  # type: ignore[union-attr]
+        times, hits = [], []
+        for q, e in zip(queries, exact_top):
+            t = time.perf_counter()
+            got = searcher.search(q, 10)
+            times.append((time.perf_counter() - t) * 1000)
+            hits.append(len({i for i, _ in got} & set(e.tolist())) / 10)
+        sweep[nprobe] = {"p50_ms": statistics.median(times), "recall_at_10": float(np.mean(hits))}
+        row = sweep[nprobe]
+        print(f"  nprobe {nprobe:>4}: p50 {row['p50_ms']:.2f} ms, recall@10 {row['recall_at_10']:.3f}")
+    searcher.index.set_nprobe(settings.index_nprobe)  # type: ignore[union-attr]
+    nprobe_used = searcher.index.nprobe  # type: ignore[union-attr]
 
     # Through Celery and Redis: a real search worker process holding the snapshot.
     worker = start_worker("search", settings, log_path=work / f"search-{n}.log")
@@ -137,7 +154,7 @@ def run_size(
     return {
         "n": n,
         "factory": manifest["factory"],
-        "nprobe": settings.index_nprobe,
+        "nprobe": nprobe_used,
         "build_s": build_s,
         "search_worker_rss_mib": memory,
         "inproc_p50_ms": p50,
@@ -168,7 +185,10 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--e2e-queries", type=int, default=200)
-    parser.add_argument("--nprobe", type=int, default=32)
+    parser.add_argument("--nprobe", type=int, default=0, help="0: the default (nlist/16)")
+    parser.add_argument(
+        "--nprobe-sweep", default="32,64,128,256", help="in-process recall/latency per nprobe"
+    )
     parser.add_argument("--pupyl-python", default="", help="a python with annoy (pupyl's venv)")
     parser.add_argument("--annoy-trees", type=int, default=10)
     parser.add_argument("--json", default="")
@@ -205,12 +225,12 @@ def main() -> None:
         f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
     )
     print(
-        f"{'vectors':>10} {'index':>16} {'build s':>8} {'RSS MiB':>8} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'vectors':>10} {'index':>16} {'nprobe':>6} {'build s':>8} {'RSS MiB':>8} {'p50 ms':>7} {'p99 ms':>7} "
         f"{'e2e p50':>8} {'e2e p99':>8} {'recall@10':>10} {'visible ms':>11}"
     )
     for r in rows:
         print(
-            f"{r['n']:>10} {r['factory']:>16} {r['build_s']:>8.1f} {r['search_worker_rss_mib']:>8.0f} "
+            f"{r['n']:>10} {r['factory']:>16} {r['nprobe'] or '-':>6} {r['build_s']:>8.1f} {r['search_worker_rss_mib']:>8.0f} "
             f"{r['inproc_p50_ms']:>7.2f} {r['inproc_p99_ms']:>7.2f} "
             f"{r['e2e_p50_ms']:>8.2f} {r['e2e_p99_ms']:>8.2f} "
             f"{r['recall_at_10']:>10.3f} {r['visible_ms']:>11.0f}"

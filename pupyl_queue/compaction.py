@@ -123,7 +123,7 @@ class Compactor:
             "metric": model.get("metric", "cosine"),
             "factory": factory,
             "index_type": factory if factory != "Flat" else "IDMap2,Flat",
-            "nprobe": s.index_nprobe,
+            "nprobe": index.nprobe,
             "watermark": watermark,
             "count": len(index),
             "tombstones": len(tombstones),

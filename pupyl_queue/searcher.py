@@ -53,9 +53,7 @@ def read_checked(store: ObjectStore, key: str, sha256: str) -> bytes:
 
 
 class Searcher:
-    def __init__(
-        self, store: ObjectStore, coordinator: Coordinator, layout: Layout, nprobe: int = 32
-    ) -> None:
+    def __init__(self, store: ObjectStore, coordinator: Coordinator, layout: Layout, nprobe: int = 0) -> None:
         self.store = store
         self.coord = coordinator
         self.layout = layout

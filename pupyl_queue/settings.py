@@ -66,7 +66,7 @@ class Settings:
     max_list_bytes: int = 256 * 1024**2
     near_duplicate: float = 0.0
     index_factory: str = ""
-    index_nprobe: int = 32
+    index_nprobe: int = 0
     index_memory_gb: float = 8.0
     flat_below: int = 100_000
     compact_commits: int = 256
