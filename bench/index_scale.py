@@ -225,12 +225,14 @@ def main() -> None:
         f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
     )
     print(
-        f"{'vectors':>10} {'index':>16} {'nprobe':>6} {'build s':>8} {'RSS MiB':>8} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'vectors':>10} {'index':>16} {'nprobe':>6} {'build s':>8} {'RSS MiB':>8} "
+        f"{'p50 ms':>7} {'p99 ms':>7} "
         f"{'e2e p50':>8} {'e2e p99':>8} {'recall@10':>10} {'visible ms':>11}"
     )
     for r in rows:
         print(
-            f"{r['n']:>10} {r['factory']:>16} {r['nprobe'] or '-':>6} {r['build_s']:>8.1f} {r['search_worker_rss_mib']:>8.0f} "
+            f"{r['n']:>10} {r['factory']:>16} {r['nprobe'] or '-':>6} {r['build_s']:>8.1f} "
+            f"{r['search_worker_rss_mib']:>8.0f} "
             f"{r['inproc_p50_ms']:>7.2f} {r['inproc_p99_ms']:>7.2f} "
             f"{r['e2e_p50_ms']:>8.2f} {r['e2e_p99_ms']:>8.2f} "
             f"{r['recall_at_10']:>10.3f} {r['visible_ms']:>11.0f}"
