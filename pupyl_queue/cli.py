@@ -15,7 +15,12 @@ from pupyl_queue import constants as C
 def _client(args: argparse.Namespace) -> Any:
     from pupyl_queue.client import PupylQueue
 
-    return PupylQueue(characteristic=args.characteristic, collection=args.collection, model=args.model)
+    return PupylQueue(
+        characteristic=args.characteristic,
+        collection=args.collection,
+        model=args.model,
+        precision=args.precision,
+    )
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -117,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--collection", default=C.DEFAULT_COLLECTION)
     p.add_argument("--characteristic", default=None, help="1-9 or a name (new collections only)")
     p.add_argument("--model", default=None, help="a .keras model file instead of a characteristic")
+    p.add_argument("--precision", choices=("float32", "int8"), default=None, help="new collections only")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
