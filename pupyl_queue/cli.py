@@ -117,6 +117,51 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_collections(args: argparse.Namespace) -> int:
+    client = _client(args)
+    rows = [client.describe(name) for name in client.collections()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    for row in [] if args.json else rows:
+        print(
+            f"{row['name']:<24} {row['images']:>10} images  {row['model']['dim']:>5}-d  {row['index_type']}"
+        )
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    print(json.dumps(_client(args).describe(args.name), indent=2))
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    if not args.yes:
+        print(
+            f"pupyl-queue: deleting {args.name!r} removes all its images and index; add --yes",
+            file=sys.stderr,
+        )
+        return 2
+    print(json.dumps(_client(args).delete_collection(args.name)))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    query: Any = int(args.query) if args.query.isdigit() else args.query
+    for path in _client(args).export(query, args.out, args.top, args.keep_ids, args.keep_names):
+        print(path)
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    print(json.dumps(_client(args).backup(args.dest, args.name)))
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    print(json.dumps(_client(args).restore(args.src, args.as_name)))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pupyl-queue", description=__doc__)
     p.add_argument("--collection", default=C.DEFAULT_COLLECTION)
@@ -154,6 +199,25 @@ def parser() -> argparse.ArgumentParser:
     j = sub.add_parser("job", help="a job's state and failures")
     j.add_argument("job_id")
     sub.add_parser("compact", help="write a snapshot of the collection's index")
+    sub.add_parser("collections", help="list collections with their sizes")
+    d = sub.add_parser("describe", help="a collection's model, counts, index type and last snapshot")
+    d.add_argument("name", nargs="?", default=None)
+    x = sub.add_parser("delete", help="delete a collection: everything of it, and only it")
+    x.add_argument("name")
+    x.add_argument("--yes", action="store_true")
+    e = sub.add_parser("export", help="write the ranked results' images to a folder")
+    e.add_argument("query")
+    e.add_argument("out")
+    e.add_argument("--top", type=int, default=4)
+    names = e.add_mutually_exclusive_group()
+    names.add_argument("--keep-ids", action="store_true")
+    names.add_argument("--keep-names", action="store_true")
+    b = sub.add_parser("backup", help="back a collection up to an archive or an s3:// / file:// prefix")
+    b.add_argument("name")
+    b.add_argument("dest")
+    r2 = sub.add_parser("restore", help="restore a backup into an empty collection")
+    r2.add_argument("src")
+    r2.add_argument("--as", dest="as_name", default=None)
     return p
 
 
@@ -165,6 +229,12 @@ COMMANDS = {
     "remove": cmd_remove,
     "job": cmd_job,
     "compact": cmd_compact,
+    "collections": cmd_collections,
+    "describe": cmd_describe,
+    "delete": cmd_delete,
+    "export": cmd_export,
+    "backup": cmd_backup,
+    "restore": cmd_restore,
 }
 
 

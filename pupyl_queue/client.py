@@ -234,6 +234,63 @@ class PupylQueue:
             return {"key": key}
         raise TypeError(f"cannot search by {type(query).__name__}: give a path, bytes, an id or a vector")
 
+    # --- export
+    def export(
+        self, query: Any, out: str | Path, top: int = 4, keep_ids: bool = False, keep_names: bool = False
+    ) -> list[Path]:
+        """Write the ranked results' images to a folder, as pupyl's export: ``<rank>.<ext>`` by default,
+        ``<rank>_<id>.<ext>`` with keep_ids, ``<rank>_<original name>`` with keep_names. The file
+        is the original as uploaded when the collection keeps originals, else the normalized JPEG.
+        """
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        layout = Layout(self.collection)
+        written = []
+        for rank, hit in enumerate(self.search(query, top=top, return_metadata=True), 1):
+            image_id = hit["id"]
+            try:
+                data, ext = self.store.get(layout.original(image_id)), Path(hit["original_file_name"]).suffix
+            except ObjectNotFound:
+                data, ext = self.store.get(layout.image(image_id)), ".jpg"
+            if keep_names:
+                name = f"{rank}_{Path(hit['original_file_name']).stem}{ext}"
+            elif keep_ids:
+                name = f"{rank}_{image_id}{ext}"
+            else:
+                name = f"{rank}{ext}"
+            path = out / name.replace("/", "_")
+            path.write_bytes(data)
+            written.append(path)
+        return written
+
+    # --- collections
+    def collections(self) -> list[str]:
+        from pupyl_queue.catalog import list_collections
+
+        return list_collections(self.store)
+
+    def describe(self, collection: str | None = None) -> dict[str, Any]:
+        from pupyl_queue.catalog import describe_collection
+
+        return describe_collection(self.store, self.redis, collection or self.collection)
+
+    def delete_collection(self, collection: str | None = None) -> dict[str, Any]:
+        from pupyl_queue.catalog import delete_collection
+
+        return delete_collection(self.store, self.redis, check_collection(collection or self.collection))
+
+    def backup(self, dest: str | Path, collection: str | None = None) -> dict[str, Any]:
+        """Back the collection up to an archive file (.tar, .tar.gz) or an empty s3:// or file:// prefix."""
+        from pupyl_queue.backup import backup
+
+        return backup(self.store, self.redis, collection or self.collection, str(dest), self.settings)
+
+    def restore(self, src: str | Path, as_name: str | None = None) -> dict[str, Any]:
+        """Restore a backup into an empty collection (its own name, or ``as_name``); checks it all first."""
+        from pupyl_queue.backup import restore
+
+        return restore(str(src), self.store, self.redis, self.settings, as_name)
+
     # --- remove and maintenance
     def remove_async(self, index: int) -> AsyncResult:
         return self.app.send_task(C.TASK_REMOVE, kwargs={"collection": self.collection, "id": int(index)})

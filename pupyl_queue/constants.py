@@ -44,6 +44,7 @@ REDIS_PREFIX = "pupyl"
 KEY_ID_COUNTER = "ids"  # INCRBY: next image id
 KEY_SEQUENCE = "seq"  # INCR: last commit sequence number
 KEY_CHANGES = "changes"  # INCR on every commit: one GET tells a searcher it is stale
+KEY_COUNT = "count"  # images indexed and not removed
 KEY_COMMITS = "commits"  # ZSET score=sequence member=store key of the segment/tombstone
 KEY_COMMIT_BY_OBJECT = "commit-of"  # HASH store key -> sequence (idempotent publish)
 KEY_SNAPSHOT = "snapshot"  # watermark of the newest published snapshot

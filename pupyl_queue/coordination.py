@@ -34,6 +34,7 @@ local seq = redis.call('INCR', KEYS[1])
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], seq)
 redis.call('INCR', KEYS[4])
+redis.call('INCRBY', KEYS[5], ARGV[2])
 return seq
 """
 
@@ -94,14 +95,19 @@ class Coordinator:
         self._release(keys=[self._k(C.KEY_HASHES)], args=[sha256, image_id])
 
     # --- commit log
-    def publish(self, store_key: str) -> int:
+    def publish(self, store_key: str, images: int = 0) -> int:
+        """Commit a store object once; ``images`` (added or removed) goes into the image count."""
         keys = [
             self._k(C.KEY_SEQUENCE),
             self._k(C.KEY_COMMITS),
             self._k(C.KEY_COMMIT_BY_OBJECT),
             self._k(C.KEY_CHANGES),
+            self._k(C.KEY_COUNT),
         ]
-        return int(self._publish(keys=keys, args=[store_key]))
+        return int(self._publish(keys=keys, args=[store_key, images]))
+
+    def image_count(self) -> int:
+        return int(self.r.get(self._k(C.KEY_COUNT)) or 0)
 
     def commits_after(self, sequence: int) -> list[tuple[int, str]]:
         rows = self.r.zrangebyscore(self._k(C.KEY_COMMITS), f"({sequence}", "+inf", withscores=True)

@@ -40,6 +40,7 @@ class Prepared:
     pixels: np.ndarray | None = None
     normalized: bytes = b""
     error: str = ""
+    original: bytes = b""  # the file as uploaded, with PUPYL_KEEP_ORIGINALS
 
 
 def prepare(rt: Runtime, item: dict[str, Any], size: int) -> Prepared:
@@ -52,7 +53,8 @@ def prepare(rt: Runtime, item: dict[str, Any], size: int) -> Prepared:
         return Prepared(error=str(exc))
     except ObjectNotFound:
         return Prepared(error="staged copy is missing (the batch was already committed or the store lost it)")
-    return Prepared(image, image.pixels(size), image.normalized_bytes())
+    original = data if rt.settings.keep_originals else b""
+    return Prepared(image, image.pixels(size), image.normalized_bytes(), original=original)
 
 
 @dataclass
@@ -171,12 +173,14 @@ class _BatchRun:
             image_id = self.ids[p]
             meta = _metadata(image_id, self.items[p], self.prepared[p].image)  # type: ignore[arg-type]
             writes.append(pool.submit(put, layout.image(image_id), self.prepared[p].normalized))
+            if self.prepared[p].original:
+                writes.append(pool.submit(put, layout.original(image_id), self.prepared[p].original))
             writes.append(pool.submit(put, layout.image_meta(image_id), json.dumps(meta).encode()))
         for write in writes:
             write.result()
         segment = layout.segment(batch_id)
         put(segment, encode_segment(np.array([self.ids[p] for p in self.keep]), self.vectors))
-        sequence = self.coord.publish(segment)
+        sequence = self.coord.publish(segment, images=len(self.keep))
         self.timings.write_s = time.perf_counter() - started
         return sequence
 

@@ -41,6 +41,10 @@ class Layout:
     def image(self, image_id: int) -> str:
         return f"{self.root}/{C.STORE_IMAGES}/{image_id}.jpg"
 
+    def original(self, image_id: int) -> str:
+        """The file as uploaded, kept only with PUPYL_KEEP_ORIGINALS."""
+        return f"{self.root}/{C.STORE_IMAGES}/{image_id}.orig"
+
     def image_meta(self, image_id: int) -> str:
         return f"{self.root}/{C.STORE_IMAGES}/{image_id}.json"
 

@@ -126,8 +126,9 @@ def remove(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
         return {"id": image_id, "removed": False, "reason": f"no image with id {image_id}"}
     if not rt.store.exists(tombstone):
         rt.store.put(tombstone, json.dumps({"id": image_id, "removed_at": time.time()}).encode())
-    sequence = coord.publish(tombstone)
+    sequence = coord.publish(tombstone, images=-1 if meta is not None else 0)
     rt.store.delete(layout.image(image_id))
+    rt.store.delete(layout.original(image_id))
     rt.store.delete(layout.image_meta(image_id))
     if meta is not None:
         coord.release_hash(meta["sha256"], image_id)

@@ -6,10 +6,12 @@ kept for the life of the process, so a task never pays for a model load twice.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +23,7 @@ from pupyl_queue.collection import model_spec
 from pupyl_queue.coordination import Coordinator, connect
 from pupyl_queue.layout import Layout
 from pupyl_queue.models import FeatureExtractor, ModelError, ModelSpec, extractor_for
+from pupyl_queue.searcher import Searcher
 from pupyl_queue.settings import Settings
 from pupyl_queue.store import ObjectStore, open_store
 
@@ -31,10 +34,9 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
-        self._searchers: dict[str, object] = {}
+        self._searchers: OrderedDict[str, Searcher] = OrderedDict()
         self._pool: ThreadPoolExecutor | None = None
         self._int8_models: dict[str, object] = {}
-        self._specs: dict[str, ModelSpec] = {}
 
     @cached_property
     def store(self) -> ObjectStore:
@@ -48,11 +50,14 @@ class Runtime:
         return Coordinator(self.redis, Layout(collection))
 
     def spec(self, collection: str) -> ModelSpec:
-        """The collection's model; fixed for the collection's life, so read from the store once."""
-        found = self._specs.get(collection)
-        if found is None:
-            found = self._specs[collection] = model_spec(self.store, Layout(collection))
-        return found
+        """The collection's model, from Redis (one GET; set at creation), else from its manifest."""
+        layout = Layout(collection)
+        claim = self.redis.get(layout.key("model"))
+        if claim is not None:
+            return ModelSpec.from_json(json.loads(claim))
+        spec = model_spec(self.store, layout)
+        self.redis.set(layout.key("model"), json.dumps(spec.to_json(), sort_keys=True), nx=True)
+        return spec
 
     def device(self) -> dict[str, object]:
         from pupyl_queue.models import configure_tensorflow
@@ -135,24 +140,38 @@ class Runtime:
             os.replace(tmp, path)
         return path
 
-    def searcher(self, collection: str):  # type: ignore[no-untyped-def]
-        from pupyl_queue.searcher import Searcher
-
+    def searcher(self, collection: str) -> Searcher:
         with self._lock:
             found = self._searchers.get(collection)
-            if found is None:
+            if found is not None:
+                self._searchers.move_to_end(collection)  # most recently used
+            else:
                 found = Searcher(
                     self.store, self.coordinator(collection), Layout(collection), self.settings.index_nprobe
                 )
                 found.load()
                 self._searchers[collection] = found
+                self._evict(keep=collection)
             return found
+
+    def _evict(self, keep: str) -> None:
+        """Unload the least recently used collections while the indexes exceed PUPYL_SEARCH_MEMORY_GB."""
+        budget = self.settings.search_memory_gb * 1024**3
+
+        def used() -> int:
+            return sum(s.index.memory_bytes() for s in self._searchers.values() if s.index is not None)
+
+        while used() > budget and len(self._searchers) > 1:
+            name = next(iter(self._searchers))
+            if name == keep:
+                break
+            log.info("unloading collection %s (search memory budget)", name)
+            del self._searchers[name]
 
     def forget(self, collection: str) -> None:
         """Drop what this process holds for a collection (it was deleted or restored)."""
         with self._lock:
             self._searchers.pop(collection, None)
-            self._specs.pop(collection, None)
             self._int8_models.pop(collection, None)
 
 

@@ -98,6 +98,9 @@ class Searcher:
             changes = self.coord.changes()
             if not force and changes == self._seen_changes:
                 return 0
+            if changes < self._seen_changes:  # the collection was deleted or restored meanwhile
+                log.info("collection %s was reset; reloading", self.layout.collection)
+                self._reset()
             applied = 0
             for sequence, key in self.coord.commits_after(self.sequence):
                 try:

@@ -72,6 +72,8 @@ class Settings:
     compact_commits: int = 256
     compact_interval: int = 3600
     snapshot_keep: int = 2
+    keep_originals: bool = False
+    search_memory_gb: float = 16.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())

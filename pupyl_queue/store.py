@@ -139,6 +139,7 @@ class S3Store(ObjectStore):
         import urllib3
         from minio import Minio
 
+        self.url = f"s3://{bucket}/{prefix.strip('/')}"
         if not endpoint:
             raise ValueError("an s3:// store needs PUPYL_S3_ENDPOINT (host:port)")
         self.bucket = bucket

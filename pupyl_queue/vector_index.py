@@ -123,6 +123,16 @@ class VectorIndex:
     def __contains__(self, image_id: int) -> bool:
         return bool(self.ids.contains(np.array([image_id]))[0])
 
+    def memory_bytes(self) -> int:
+        """About what the index holds in memory: codes and ids per vector, plus the id bitmap."""
+        per_vector = {"Flat": self.dim * 4}.get(self.factory)
+        if per_vector is None:
+            codes = self.factory.split(",")[-1]
+            per_vector = (
+                int(codes[2:]) if codes.startswith("PQ") else self.dim if codes == "SQ8" else self.dim * 4
+            )
+        return int(self._index.ntotal) * (per_vector + 8) + self.ids.size // 8
+
     @property
     def is_trained(self) -> bool:
         return bool(self._index.is_trained)

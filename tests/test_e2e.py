@@ -205,3 +205,17 @@ def test_near_duplicate_through_search_worker(stack: tuple[PupylQueue, Workers],
     report = {Path(i["ref"]).name: i for i in second.report()}
     assert report["cat_720p.jpg"]["status"] == "duplicate" and report["cat_720p.jpg"]["distance"] < 0.02
     assert state["duplicate"] == 1 and report["owl.jpg"]["status"] == "indexed"
+
+
+def test_export_in_rank_order(stack: tuple[PupylQueue, Workers], photo_dir: Path, tmp_path: Path) -> None:
+    client, _ = stack
+    query = next(p for p in sorted(photo_dir.rglob("*.jpg")) if p.name not in BAD_FILES)
+    hits = client.search(query, top=3, return_metadata=True)
+    store, layout = open_store(client.settings), Layout()
+    plain = client.export(query, tmp_path / "plain", top=3)
+    assert [p.name for p in plain] == ["1.jpg", "2.jpg", "3.jpg"]
+    assert [p.read_bytes() for p in plain] == [store.get(layout.image(h["id"])) for h in hits]
+    ids = client.export(query, tmp_path / "ids", top=3, keep_ids=True)
+    assert [p.name for p in ids] == [f"{rank}_{h['id']}.jpg" for rank, h in enumerate(hits, 1)]
+    names = client.export(query, tmp_path / "names", top=3, keep_names=True)
+    assert names[0].name == f"1_{Path(hits[0]['original_file_name']).stem}.jpg"
