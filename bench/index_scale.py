@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 VECTORS = ROOT.parent / "shared" / "bench" / "vectors.py"
 
-from pupyl_queue.collection import ensure_collection  # noqa: E402
 from pupyl_queue.compaction import Compactor  # noqa: E402
 from pupyl_queue.coordination import Coordinator, connect  # noqa: E402
 from pupyl_queue.layout import Layout  # noqa: E402
+from pupyl_queue.models import ModelSpec  # noqa: E402
 from pupyl_queue.searcher import Searcher, encode_segment  # noqa: E402
 from pupyl_queue.settings import Settings  # noqa: E402
 from pupyl_queue.store import LocalStore  # noqa: E402
@@ -79,8 +79,10 @@ def run_size(
     layout = Layout(collection)
     store = LocalStore(work / "store")
     coord = Coordinator(connect(settings.broker_url), layout)
-    # A collection of characteristic 1 (1024-d); vector queries never build its network.
-    ensure_collection(store, coord.r, layout, {"characteristic": 1})
+    # A collection of `dim`-d vectors; vector queries never build its network.
+    spec = ModelSpec.for_characteristic(1) if dim == 1024 else ModelSpec("keras", dim, 224, sha256="bench")
+    manifest = {"schema": 1, "collection": collection, "model": spec.to_json(), "created_at": time.time()}
+    store.put(layout.manifest, json.dumps(manifest).encode())
     # exact top-10 by brute force, chunk by chunk, for recall
     best = np.full((len(queries), 10), -np.inf, dtype=np.float32)
     best_ids = np.zeros((len(queries), 10), dtype=np.int64)

@@ -121,6 +121,8 @@ class _BatchRun:
         self.vectors = np.zeros((0, self.extractor.spec.dim), np.float32)
         self._pending: list[int] = []
         self._chunks: list[np.ndarray] = []
+        self._writes: list[Future[None]] = []
+        self._written: set[int] = set()
 
     def embed(self) -> None:
         """Decode in the pool; run the network on each ``infer_batch`` as soon as it is ready."""
@@ -161,25 +163,30 @@ class _BatchRun:
         self.timings.infer_s += time.perf_counter() - started
         for p in self._pending:
             self.prepared[p].pixels = None  # free memory as we go
+        if not self.task.get("near_duplicate"):  # nothing can drop these now: write while the next chunk runs
+            self._write_images(self._pending)
         self.keep.extend(self._pending)
         self._pending.clear()
+
+    def _write_images(self, positions: list[int]) -> None:
+        layout, pool, put = self.coord.layout, self.rt.pool(), self.rt.store.put
+        for p in positions:
+            image_id = self.ids[p]
+            meta = _metadata(image_id, self.items[p], self.prepared[p].image)  # type: ignore[arg-type]
+            self._writes.append(pool.submit(put, layout.image(image_id), self.prepared[p].normalized))
+            self._writes.append(pool.submit(put, layout.image_meta(image_id), json.dumps(meta).encode()))
+            if self.prepared[p].original:
+                self._writes.append(pool.submit(put, layout.original(image_id), self.prepared[p].original))
+            self._written.add(p)
 
     def commit(self, batch_id: str) -> int:
         """Write images and metadata (in parallel), then the segment, then publish it."""
         started = time.perf_counter()
-        layout, pool, put = self.coord.layout, self.rt.pool(), self.rt.store.put
-        writes: list[Future[None]] = []
-        for p in self.keep:
-            image_id = self.ids[p]
-            meta = _metadata(image_id, self.items[p], self.prepared[p].image)  # type: ignore[arg-type]
-            writes.append(pool.submit(put, layout.image(image_id), self.prepared[p].normalized))
-            if self.prepared[p].original:
-                writes.append(pool.submit(put, layout.original(image_id), self.prepared[p].original))
-            writes.append(pool.submit(put, layout.image_meta(image_id), json.dumps(meta).encode()))
-        for write in writes:
+        self._write_images([p for p in self.keep if p not in self._written])
+        for write in self._writes:
             write.result()
-        segment = layout.segment(batch_id)
-        put(segment, encode_segment(np.array([self.ids[p] for p in self.keep]), self.vectors))
+        segment = self.coord.layout.segment(batch_id)
+        self.rt.store.put(segment, encode_segment(np.array([self.ids[p] for p in self.keep]), self.vectors))
         sequence = self.coord.publish(segment, images=len(self.keep))
         self.timings.write_s = time.perf_counter() - started
         return sequence

@@ -76,14 +76,21 @@ class LocalStore(ObjectStore):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.url = self.root.as_uri()
+        self._folders: set[Path] = set()
 
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*check_key(key).split("/"))
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        if path.parent not in self._folders:  # one mkdir per folder per process, not per object
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._folders.add(path.parent)
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        except FileNotFoundError:  # the folder was deleted meanwhile (delete_prefix)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)

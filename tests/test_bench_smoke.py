@@ -1,0 +1,57 @@
+"""The benchmarks run end to end on a handful of inputs (their figures live in BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, SHARED_DATA, need_shared
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args: str) -> str:
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_ingest_benchmark_smoke() -> None:
+    need_shared(SHARED_DATA / "photos")
+    table = run(
+        "bench/ingest.py",
+        "--images",
+        "12",
+        "--runs",
+        "1",
+        "--characteristics",
+        "1",
+        "--precisions",
+        "float32,int8",
+    )
+    rows = [line for line in table.splitlines() if line.startswith("1 MobileNet")]
+    assert len(rows) == 2 and "float32" in rows[0] and "int8" in rows[1]
+    rates = [float(row.split()[3]) for row in rows]  # model-only img/s
+    assert all(rate > 0 for rate in rates)
+
+
+def test_index_benchmark_smoke() -> None:
+    need_shared(ROOT.parent / "shared" / "bench" / "vectors.py")
+    table = run(
+        "bench/index_scale.py",
+        "--sizes",
+        "3000",
+        "--dim",
+        "64",
+        "--queries",
+        "20",
+        "--e2e-queries",
+        "5",
+        "--nprobe-sweep",
+        "8",
+    )
+    row = next(line for line in table.splitlines() if line.strip().startswith("3000"))
+    recall = float(row.split()[-2])
+    assert 0.5 <= recall <= 1.0
