@@ -187,7 +187,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--e2e-queries", type=int, default=200)
-    parser.add_argument("--nprobe", type=int, default=0, help="0: the default (nlist/16)")
+    parser.add_argument("--nprobe", type=int, default=0, help="0: the default, max(64, nlist/32)")
     parser.add_argument(
         "--nprobe-sweep", default="32,64,128,256", help="in-process recall/latency per nprobe"
     )

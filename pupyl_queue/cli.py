@@ -33,8 +33,15 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from pupyl_queue.stack import pinned_env, worker_command
 
-    command = worker_command(args.kind, loglevel=args.loglevel)
-    os.execve(command[0], command, {**os.environ, **pinned_env(args.gpu)})
+    env = {**os.environ, **pinned_env(args.gpu)}
+    queue = args.kind
+    if args.shard is not None:
+        if args.kind != C.QUEUE_SEARCH:
+            raise ValueError("--shard is for search workers")
+        queue = C.shard_queue(args.shard)
+        env["PUPYL_SEARCH_SHARD"] = str(args.shard)
+    command = worker_command(queue, loglevel=args.loglevel)
+    os.execve(command[0], command, env)
     return 0  # pragma: no cover - execv does not return
 
 

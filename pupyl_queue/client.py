@@ -180,13 +180,16 @@ class PupylQueue:
         top: int = 4,
         return_metadata: bool = False,
         min_sequence: int = 0,
+        allow_partial: bool = False,
     ) -> AsyncResult:
+        """The search task's AsyncResult; on a sharded cluster its result also says ``partial``."""
         request = {
             "collection": self.collection,
             "query": self._query(query),
             "top": int(top),
             "metadata": bool(return_metadata),
             "min_sequence": int(min_sequence),
+            "allow_partial": bool(allow_partial),
         }
         return self.app.send_task(C.TASK_SEARCH, kwargs=request)
 

@@ -23,6 +23,7 @@ TASK_INDEX = "pupyl.index"
 TASK_EMBED = "pupyl.embed"
 TASK_SEARCH = "pupyl.search"
 TASK_NEAREST = "pupyl.nearest"
+TASK_SEARCH_SHARD = "pupyl.search_shard"  # sent by a router to each shard's own queue
 TASK_REMOVE = "pupyl.remove"
 TASK_COMPACT = "pupyl.compact"
 TASK_COMPACT_ALL = "pupyl.compact_all"
@@ -35,6 +36,12 @@ TASK_ROUTES = {
     TASK_COMPACT: QUEUE_MAINTENANCE,
     TASK_COMPACT_ALL: QUEUE_MAINTENANCE,
 }
+
+
+def shard_queue(shard: int) -> str:
+    """The queue of one search shard (its replicas share it)."""
+    return f"{QUEUE_SEARCH}.shard{shard}"
+
 
 DEFAULT_COLLECTION = "default"
 COLLECTION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")

@@ -18,6 +18,7 @@ from pupyl_queue.images import decode
 from pupyl_queue.layout import Layout
 from pupyl_queue.models import normalize
 from pupyl_queue.runtime import Runtime
+from pupyl_queue.sharding import Send, fan_out, shard_vector
 from pupyl_queue.store import ObjectNotFound
 
 
@@ -29,11 +30,12 @@ class NotCaughtUp(TimeoutError):
     """The searcher did not reach the requested commit sequence in time."""
 
 
-def query_vector(rt: Runtime, collection: str, query: dict[str, Any]) -> np.ndarray:
-    searcher = rt.searcher(collection)
+def query_vector(rt: Runtime, collection: str, query: dict[str, Any], send: Send | None = None) -> np.ndarray:
     if "id" in query:
         try:
-            return searcher.vector(int(query["id"]))
+            if rt.is_router and send is not None:
+                return shard_vector(rt, collection, int(query["id"]), send)
+            return rt.searcher(collection).vector(int(query["id"]))
         except KeyError as exc:
             raise QueryError(str(exc.args[0])) from None
     if "vector" in query:
@@ -57,22 +59,29 @@ def query_vector(rt: Runtime, collection: str, query: dict[str, Any]) -> np.ndar
     return extractor.embed(image.pixels(size)[None])[0]
 
 
-def search(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
+def search(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict[str, Any]:
+    """Rank a collection by a query; a router of a sharded cluster fans out through ``send``."""
     collection = task.get("collection", "default")
     top = int(task.get("top", 4))
     if not 1 <= top <= 10_000:
         raise QueryError("top must be between 1 and 10000")
-    searcher = rt.searcher(collection)
     started = time.perf_counter()
-    wanted = int(task.get("min_sequence") or 0)
-    if wanted and not searcher.wait_for(wanted, float(task.get("wait_timeout", 30))):
-        raise NotCaughtUp(f"searcher is at sequence {searcher.sequence}, asked for {wanted}")
     try:
-        vector = query_vector(rt, collection, task["query"])
+        vector = query_vector(rt, collection, task["query"], send)
     finally:
         if "key" in task["query"]:
             rt.store.delete(task["query"]["key"])
-    hits = searcher.search(vector, top)
+    if rt.is_router:
+        if send is None:
+            raise RuntimeError("a search router needs a way to reach its shards")
+        (hits,), info = fan_out(rt, collection, vector[None], top, task, send)
+    else:
+        searcher = rt.searcher(collection)
+        wanted = int(task.get("min_sequence") or 0)
+        if wanted and not searcher.wait_for(wanted, float(task.get("wait_timeout", 30))):
+            raise NotCaughtUp(f"searcher is at sequence {searcher.sequence}, asked for {wanted}")
+        hits = searcher.search(vector, top)
+        info = {"sequence": searcher.sequence, "count": len(searcher)}
     results: list[dict[str, Any]] = []
     layout = Layout(collection)
     for image_id, distance in hits:
@@ -85,8 +94,7 @@ def search(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
         results.append(row)
     return {
         "collection": collection,
-        "sequence": searcher.sequence,
-        "count": len(searcher),
+        **info,
         "took_ms": round((time.perf_counter() - started) * 1000, 2),
         "results": results,
     }
@@ -103,11 +111,14 @@ def decode_vectors(payload: dict[str, Any]) -> np.ndarray:
     return flat.reshape(-1, int(payload["dim"]))
 
 
-def nearest(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
+def nearest(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict[str, Any]:
     """Each vector's nearest indexed image (near-duplicate checks of the embed workers)."""
     collection = task.get("collection", "default")
     vectors = decode_vectors(task)
-    hits = rt.searcher(collection).search_many(vectors, 1)
+    if rt.is_router and send is not None:
+        hits, _ = fan_out(rt, collection, vectors, 1, task, send)
+    else:
+        hits = rt.searcher(collection).search_many(vectors, 1)
     return {"nearest": [[row[0][0], row[0][1]] if row else None for row in hits]}
 
 

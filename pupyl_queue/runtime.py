@@ -140,14 +140,21 @@ class Runtime:
             os.replace(tmp, path)
         return path
 
+    @property
+    def is_router(self) -> bool:
+        """A search worker of a sharded cluster that holds no shard: it fans queries out."""
+        return self.settings.search_shards > 1 and self.settings.search_shard < 0
+
     def searcher(self, collection: str) -> Searcher:
         with self._lock:
             found = self._searchers.get(collection)
             if found is not None:
                 self._searchers.move_to_end(collection)  # most recently used
             else:
+                s = self.settings
+                shard = (s.search_shard, s.search_shards) if s.search_shard >= 0 else None
                 found = Searcher(
-                    self.store, self.coordinator(collection), Layout(collection), self.settings.index_nprobe
+                    self.store, self.coordinator(collection), Layout(collection), s.index_nprobe, shard
                 )
                 found.load()
                 self._searchers[collection] = found

@@ -53,7 +53,15 @@ def read_checked(store: ObjectStore, key: str, sha256: str) -> bytes:
 
 
 class Searcher:
-    def __init__(self, store: ObjectStore, coordinator: Coordinator, layout: Layout, nprobe: int = 0) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        coordinator: Coordinator,
+        layout: Layout,
+        nprobe: int = 0,
+        shard: tuple[int, int] | None = None,
+    ) -> None:
+        self.shard = shard  # (k, n): this searcher owns the ids with id % n == k
         self.store = store
         self.coord = coordinator
         self.layout = layout
@@ -79,6 +87,9 @@ class Searcher:
             return
         base = pointer["path"]
         manifest = json.loads(self.store.get(f"{base}/manifest.json"))
+        if self.shard is not None:
+            self._load_shard(manifest)
+            return
         files = manifest["files"]
         data = read_checked(self.store, f"{base}/index.faiss", files["index.faiss"])
         ids = IdSet.from_bytes(
@@ -91,6 +102,35 @@ class Searcher:
         self.tombstones = set(dead.tolist())
         self.sequence = self.snapshot_watermark = int(manifest["watermark"])
         log.info("loaded snapshot %s: %d vectors at sequence %d", base, len(self.index), self.sequence)
+
+    def _own(self, ids: np.ndarray) -> np.ndarray:
+        if self.shard is None:
+            return np.ones(len(ids), dtype=bool)
+        k, n = self.shard
+        return np.asarray(ids) % n == k
+
+    def _load_shard(self, manifest: dict[str, Any]) -> None:
+        """A shard keeps only its ids: it streams the snapshot's vector files instead of its index."""
+        base = manifest["path"]
+        dead = np.frombuffer(
+            read_checked(self.store, f"{base}/tombstones.npy", manifest["files"]["tombstones.npy"]), np.int64
+        )
+        ids_parts, vector_parts = [], []
+        for key in manifest["vector_files"]:
+            ids, vectors = decode_segment(self.store.get(key))
+            keep = self._own(ids) & ~np.isin(ids, dead)
+            ids_parts.append(ids[keep])
+            vector_parts.append(vectors[keep])
+        ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
+        vectors = np.concatenate(vector_parts) if vector_parts else np.zeros((0, manifest["dim"]), np.float32)
+        factory = manifest["factory"] if len(ids) >= 39 * 16 else "Flat"
+        self.index = VectorIndex(manifest["dim"], factory, nprobe=self.nprobe)
+        if not self.index.is_trained:
+            self.index.train(vectors[:: max(1, len(vectors) // 200_000)])
+        self.index.add(ids, vectors)
+        self.tombstones = set(dead.tolist())
+        self.sequence = self.snapshot_watermark = int(manifest["watermark"])
+        log.info("shard %s loaded %d vectors at sequence %d", self.shard, len(self.index), self.sequence)
 
     def refresh(self, force: bool = False) -> int:
         """Apply every commit newer than what is loaded; returns how many were applied."""
@@ -129,7 +169,7 @@ class Searcher:
                 self.index.remove([image_id])
         elif kind == C.STORE_SEGMENTS:
             ids, vectors = decode_segment(self.store.get(key))
-            keep = np.array([int(i) not in self.tombstones for i in ids], dtype=bool)
+            keep = np.array([int(i) not in self.tombstones for i in ids], dtype=bool) & self._own(ids)
             if self.index is None:
                 self.index = VectorIndex(int(vectors.shape[1]), nprobe=self.nprobe)
             self.index.add(ids[keep], vectors[keep])
@@ -145,7 +185,7 @@ class Searcher:
 
         def load_newer() -> None:
             try:
-                fresh = Searcher(self.store, self.coord, self.layout, self.nprobe)
+                fresh = Searcher(self.store, self.coord, self.layout, self.nprobe, self.shard)
                 fresh.load()
                 with self._lock:
                     fresh.refresh(force=True)  # catch up to the live state before the swap

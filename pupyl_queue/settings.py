@@ -73,6 +73,8 @@ class Settings:
     compact_interval: int = 3600
     snapshot_keep: int = 2
     keep_originals: bool = False
+    search_shards: int = 1
+    search_shard: int = -1
     search_memory_gb: float = 16.0
 
     def __post_init__(self) -> None:

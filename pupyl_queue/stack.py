@@ -96,8 +96,9 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None, what: str, ti
 
 
 def worker_command(queue: str, name: str | None = None, loglevel: str = "INFO") -> list[str]:
-    pool, concurrency = WORKER_POOLS[queue]
-    name = name or f"{queue}-{uuid.uuid4().hex[:6]}@%h"
+    """The celery command of one worker; ``queue`` is a kind, or a shard's queue (search.shard<k>)."""
+    pool, concurrency = WORKER_POOLS[queue.split(".")[0]]
+    name = name or f"{queue.replace('.', '-')}-{uuid.uuid4().hex[:6]}@%h"
     return [
         sys.executable,
         "-m",

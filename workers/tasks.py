@@ -15,7 +15,7 @@ from celery import shared_task
 from celery.signals import worker_ready
 
 from pupyl_queue import constants as C
-from pupyl_queue import embedding, ingest, queries
+from pupyl_queue import embedding, ingest, queries, sharding
 from pupyl_queue.collection import list_collections
 from pupyl_queue.runtime import runtime
 from pupyl_queue.store import StoreUnavailable
@@ -65,14 +65,23 @@ def embed(self: Any, **batch: Any) -> dict[str, Any]:
         raise
 
 
+def to_shard(shard: int, request: dict[str, Any]) -> Any:
+    return search_shard.apply_async(kwargs=request, queue=C.shard_queue(shard))
+
+
 @shared_task(name=C.TASK_SEARCH, **RETRY)
 def search(**request: Any) -> dict[str, Any]:
-    return queries.search(runtime(), request)
+    return queries.search(runtime(), request, to_shard)
+
+
+@shared_task(name=C.TASK_SEARCH_SHARD, **RETRY)
+def search_shard(**request: Any) -> dict[str, Any]:
+    return sharding.shard_search(runtime(), request)
 
 
 @shared_task(name=C.TASK_NEAREST, **RETRY)
 def nearest(**request: Any) -> dict[str, Any]:
-    return queries.nearest(runtime(), request)
+    return queries.nearest(runtime(), request, to_shard)
 
 
 @shared_task(name=C.TASK_REMOVE, **RETRY)
@@ -105,9 +114,9 @@ def preload_searchers(sender: Any = None, **_: Any) -> None:
     Search workers run ``--pool solo``, so this is the process that answers.
     """
     queues = {q.name for q in getattr(sender.task_consumer, "queues", [])} if sender else set()
-    if C.QUEUE_SEARCH not in queues:
-        return
     rt = runtime()
+    if not any(q.split(".")[0] == C.QUEUE_SEARCH for q in queues) or rt.is_router:
+        return
     for name in list_collections(rt.store):
         try:
             searcher = rt.searcher(name)

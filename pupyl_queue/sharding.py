@@ -1,0 +1,96 @@
+"""Sharded search: past one machine's memory, N search workers each own a partition of ids.
+
+Shard k holds the ids with ``id % N == k`` (from the same commit log and
+snapshots as everyone else) and listens on its own queue, ``search.shard<k>``;
+its replicas share that queue. A router (a search worker with no shard, on the
+``search`` queue) embeds the query once, sends it to every shard, and merges
+the top-k lists. A shard that does not answer in time makes the search fail
+loudly, or, when the caller passes ``allow_partial``, marks the answer partial
+and names the missing shards: never silently short.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from pupyl_queue.runtime import Runtime
+
+Send = Callable[[int, dict[str, Any]], Any]  # (shard, request) -> a Celery AsyncResult
+
+
+class ShardUnavailable(RuntimeError):
+    """A shard did not answer in time, and the caller did not accept a partial answer."""
+
+
+def shard_search(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
+    """What a shard answers: its own top-k for each vector, or one of its vectors by id."""
+    from pupyl_queue.queries import decode_vectors, encode_vectors
+
+    searcher = rt.searcher(task.get("collection", "default"))
+    wanted = int(task.get("min_sequence") or 0)
+    if wanted and not searcher.wait_for(wanted, float(task.get("wait_timeout", 30))):
+        raise TimeoutError(f"shard at sequence {searcher.sequence}, asked for {wanted}")
+    if "id" in task:
+        return encode_vectors(searcher.vector(int(task["id"]))[None])
+    hits = searcher.search_many(decode_vectors(task), int(task["top"]))
+    return {
+        "hits": [[[i, d] for i, d in row] for row in hits],
+        "sequence": searcher.sequence,
+        "count": len(searcher),
+    }
+
+
+def shard_vector(rt: Runtime, collection: str, image_id: int, send: Send) -> np.ndarray:
+    """An indexed image's vector, from the shard that owns it."""
+    from pupyl_queue.queries import decode_vectors
+
+    answer = send(image_id % rt.settings.search_shards, {"collection": collection, "id": image_id})
+    return decode_vectors(answer.get(timeout=rt.settings.search_timeout, disable_sync_subtasks=False))[0]
+
+
+def fan_out(
+    rt: Runtime, collection: str, vectors: np.ndarray, top: int, task: dict[str, Any], send: Send
+) -> tuple[list[list[tuple[int, float]]], dict[str, Any]]:
+    """Every shard's top-k for each vector, merged; and whether the answer is whole."""
+    from pupyl_queue.queries import encode_vectors
+
+    request = {
+        "collection": collection,
+        "top": top,
+        **encode_vectors(vectors),
+        "min_sequence": int(task.get("min_sequence") or 0),
+        "wait_timeout": task.get("wait_timeout", 30),
+    }
+    shards = rt.settings.search_shards
+    timeout = float(task.get("shard_timeout") or rt.settings.search_timeout)
+    pending = {k: send(k, request) for k in range(shards)}
+    deadline = time.monotonic() + timeout
+    answers: dict[int, dict[str, Any]] = {}
+    missing: list[int] = []
+    for shard, result in pending.items():
+        try:
+            left = max(0.05, deadline - time.monotonic())
+            answers[shard] = result.get(timeout=left, disable_sync_subtasks=False)
+        except Exception:  # a timeout or a shard's own failure: either way, no answer from it
+            missing.append(shard)
+    if missing and not task.get("allow_partial"):
+        raise ShardUnavailable(
+            f"search shards {missing} of {shards} did not answer within {timeout:.0f}s; "
+            "the answer would be incomplete (pass allow_partial to accept a partial answer)"
+        )
+    merged = []
+    for row in range(len(vectors)):
+        rows = (tuple(hit) for answer in answers.values() for hit in answer["hits"][row])
+        merged.append([(int(i), float(d)) for i, d in heapq.nsmallest(top, rows, key=lambda hit: hit[1])])
+    info = {
+        "partial": bool(missing),
+        "missing_shards": missing,
+        "count": sum(a["count"] for a in answers.values()),
+        "sequence": min((a["sequence"] for a in answers.values()), default=0),
+    }
+    return merged, info
