@@ -45,7 +45,7 @@ def test_two_shards_answer_as_one_index(
     redis_client: redis.Redis, redis_url: str, tmp_path: Path, tiny_model: Path
 ) -> None:
     settings = Settings(
-        data_dir=tmp_path / "data", redis_url=redis_url.rsplit("/", 1)[0] + "/7", search_timeout=20
+        data_dir=tmp_path / "data", redis_url=redis_url.rsplit("/", 1)[0] + "/7", search_timeout=8
     )
     rt = Runtime(settings)
     rt.redis.flushdb()
