@@ -75,17 +75,21 @@ def start_redis(directory: Path, port: int, appendonly: bool = True) -> subproce
         "no",
         "--loglevel",
         "warning",
+        "--logfile",
+        str(directory / "redis.log"),  # a file, not a pipe: an unread pipe fills and stalls the server
     ]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_for_port(port, proc, what="redis-server")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port, proc, what="redis-server", log=directory / "redis.log")
     return proc
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None, what: str, timeout: float = 20) -> None:
+def wait_for_port(
+    port: int, proc: subprocess.Popen[bytes] | None, what: str, timeout: float = 20, log: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            err = log.read_text(errors="replace") if log is not None and log.exists() else ""
             raise RuntimeError(f"{what} exited with {proc.returncode}: {err[-2000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):

@@ -62,19 +62,22 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real S3 server (moto_server) speaking the S3 protocol on a free port."""
     port = free_port()
+    # Its request log goes to a file: an unread pipe fills up and stalls the server.
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_for_port(port, proc, what="moto_server")
         yield f"127.0.0.1:{port}"
     finally:
         stop(proc)
+        log.close()
 
 
 @pytest.fixture(scope="session")
