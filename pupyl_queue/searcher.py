@@ -187,10 +187,19 @@ class Searcher:
             try:
                 fresh = Searcher(self.store, self.coord, self.layout, self.nprobe, self.shard)
                 fresh.load()
-                with self._lock:
-                    fresh.refresh(force=True)  # catch up to the live state before the swap
-                    self.index, self.sequence = fresh.index, fresh.sequence
-                    self.tombstones, self.snapshot_watermark = fresh.tombstones, fresh.snapshot_watermark
+                for attempt in range(10):
+                    if attempt < 9:
+                        fresh.refresh(force=True)  # catch up outside our lock: searches go on meanwhile
+                    with self._lock:
+                        if attempt == 9:
+                            fresh.refresh(force=True)
+                        if fresh.sequence >= self.sequence:
+                            self.index, self.sequence = fresh.index, fresh.sequence
+                            self.tombstones, self.snapshot_watermark = (
+                                fresh.tombstones,
+                                fresh.snapshot_watermark,
+                            )
+                            break
                 log.info("swapped in snapshot at sequence %d", self.snapshot_watermark)
             except Exception:
                 log.exception("could not load the newer snapshot; keeping the live index")
