@@ -84,12 +84,19 @@ class Coordinator:
     # --- dedup
     def claim_hash(self, sha256: str, image_id: int) -> int:
         """The id that owns this content: ``image_id`` if it is the first, else the earlier one."""
+        return self.claim_hashes([(sha256, image_id)])[0]
+
+    def claim_hashes(self, claims: list[tuple[str, int]]) -> list[int]:
+        """Many claims in one round trip, in order: a content seen twice goes to its first id."""
+        if not claims:
+            return []
         key = self._k(C.KEY_HASHES)
         pipe = self.r.pipeline()
-        pipe.hsetnx(key, sha256, image_id)
-        pipe.hget(key, sha256)
-        _, owner = pipe.execute()
-        return int(owner)
+        for sha256, image_id in claims:
+            pipe.hsetnx(key, sha256, image_id)
+            pipe.hget(key, sha256)
+        answers = pipe.execute()
+        return [int(owner) for owner in answers[1::2]]
 
     def release_hash(self, sha256: str, image_id: int) -> None:
         self._release(keys=[self._k(C.KEY_HASHES)], args=[sha256, image_id])

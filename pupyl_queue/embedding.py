@@ -129,13 +129,15 @@ class _BatchRun:
         pool, chunk = self.rt.pool(), self.rt.infer_batch()
         size = self.extractor.input_size
         futures = [pool.submit(prepare, self.rt, item, size) for item in self.items]
+        group: list[int] = []
         for position, future in enumerate(futures):
             started = time.perf_counter()
-            ready = future.result()
+            self.prepared.append(future.result())
             self.timings.wait_s += time.perf_counter() - started
-            self.prepared.append(ready)
-            if self._admit(position, ready):
-                self._pending.append(position)
+            group.append(position)
+            if len(group) >= chunk or position == len(futures) - 1:
+                self._admit(group)  # one Redis round trip for the group's dedup claims
+                group = []
                 if len(self._pending) >= chunk:
                     self._infer()
         if self._pending:
@@ -143,18 +145,20 @@ class _BatchRun:
         if self._chunks:
             self.vectors = np.concatenate(self._chunks)
 
-    def _admit(self, position: int, ready: Prepared) -> bool:
-        """Record the item's outcome so far; True when it goes to the network."""
-        ref, image_id = self.items[position]["ref"], self.ids[position]
-        if ready.image is None:
-            self.report.append({"ref": ref, "status": "failed", "error": ready.error})
-            return False
-        owner = self.coord.claim_hash(ready.image.sha256, image_id)
-        if self.task.get("check_unique") and owner != image_id:
-            self.report.append({"ref": ref, "status": "duplicate", "duplicate_of": owner})
-            return False
-        self.report.append({"ref": ref, "status": "indexed", "id": image_id})
-        return True
+    def _admit(self, positions: list[int]) -> None:
+        """Record each item's outcome so far; the ones that go to the network join the pending chunk."""
+        decoded = [p for p in positions if self.prepared[p].image is not None]
+        claims = [(self.prepared[p].image.sha256, self.ids[p]) for p in decoded]  # type: ignore[union-attr]
+        owners = dict(zip(decoded, self.coord.claim_hashes(claims)))
+        for p in positions:
+            ref, image_id = self.items[p]["ref"], self.ids[p]
+            if p not in owners:
+                self.report.append({"ref": ref, "status": "failed", "error": self.prepared[p].error})
+            elif self.task.get("check_unique") and owners[p] != image_id:
+                self.report.append({"ref": ref, "status": "duplicate", "duplicate_of": owners[p]})
+            else:
+                self.report.append({"ref": ref, "status": "indexed", "id": image_id})
+                self._pending.append(p)
 
     def _infer(self) -> None:
         started = time.perf_counter()

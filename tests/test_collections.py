@@ -14,8 +14,6 @@ import redis
 from pupyl_queue.backup import RestoreError, backup, restore
 from pupyl_queue.catalog import delete_collection, describe_collection, list_collections
 from pupyl_queue.collection import CollectionMissing
-from pupyl_queue.embedding import embed_batch
-from pupyl_queue.ingest import expand_job
 from pupyl_queue.layout import Layout
 from pupyl_queue.models import wrap_mobilenet
 from pupyl_queue.queries import compact, remove, search
@@ -23,6 +21,7 @@ from pupyl_queue.runtime import Runtime
 from pupyl_queue.settings import Settings
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
 from tests.imagegen import encode, pattern
+from tests.indexing import index_folder
 
 
 def folder_of(tmp_path: Path, name: str, seeds: range) -> Path:
@@ -34,19 +33,7 @@ def folder_of(tmp_path: Path, name: str, seeds: range) -> Path:
 
 
 def index(rt: Runtime, collection: str, folder: Path, model: Path) -> None:
-    job_id = uuid.uuid4().hex
-    rt.coordinator(collection).create_job(job_id, {"collection": collection})
-    batches: list[dict[str, Any]] = []
-    request = {
-        "job_id": job_id,
-        "collection": collection,
-        "uri": str(folder),
-        "model": str(model),
-        "origin": "local",
-    }
-    expand_job(rt, request, batches.append)
-    for batch in batches:
-        embed_batch(rt, batch)
+    index_folder(rt, folder, model, collection)
 
 
 def ask(rt: Runtime, collection: str, image: Path, top: int = 50) -> list[tuple[int, float, str]]:

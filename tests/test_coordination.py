@@ -48,6 +48,13 @@ def test_hash_claim_has_one_winner(redis_client: redis.Redis) -> None:
     assert coord.claim_hash("abc", 999) == 999
 
 
+def test_claims_in_one_round_trip_keep_order(redis_client: redis.Redis) -> None:
+    coord = Coordinator(redis_client, Layout())
+    coord.claim_hash("old", 7)
+    assert coord.claim_hashes([("a", 1), ("old", 2), ("a", 3), ("b", 4)]) == [1, 7, 1, 4]
+    assert coord.claim_hashes([]) == []
+
+
 def test_batch_counts_once(redis_client: redis.Redis) -> None:
     coord = Coordinator(redis_client, Layout())
     coord.create_job("j1", {"collection": "default"})

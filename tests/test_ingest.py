@@ -17,12 +17,12 @@ from PIL import Image
 
 from pupyl_queue.coordination import read_job
 from pupyl_queue.embedding import embed_batch
-from pupyl_queue.ingest import expand_job
 from pupyl_queue.layout import Layout
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.settings import Settings
 from tests.conftest import MOBILENET_025, PHOTOS, need_shared
 from tests.imagegen import encode, pattern
+from tests.indexing import expand_folder, index_folder
 
 
 @pytest.fixture
@@ -31,17 +31,7 @@ def rt(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> Runtime:
 
 
 def job(rt: Runtime, uri: Path, model: Path, job_id: str, check_unique: bool = False) -> list[dict[str, Any]]:
-    batches: list[dict[str, Any]] = []
-    request = {
-        "job_id": job_id,
-        "collection": "default",
-        "uri": str(uri),
-        "model": str(model),
-        "origin": "local",
-    }
-    rt.coordinator("default").create_job(job_id, {"collection": "default"})
-    expand_job(rt, {**request, "check_unique": check_unique}, batches.append)
-    return batches
+    return expand_folder(rt, uri, model, job_id=job_id, check_unique=check_unique)
 
 
 def folder_of(tmp_path: Path, count: int, name: str = "imgs") -> Path:
@@ -129,17 +119,7 @@ def searcher_nearest(rt: Runtime):  # type: ignore[no-untyped-def]
 
 
 def run_job(rt: Runtime, folder: Path, model: Path, job_id: str, **options: Any) -> list[dict[str, Any]]:
-    request = {
-        "job_id": job_id,
-        "collection": "default",
-        "uri": str(folder),
-        "model": str(model),
-        "origin": "local",
-    }
-    rt.coordinator("default").create_job(job_id, {"collection": "default"})
-    batches: list[dict[str, Any]] = []
-    expand_job(rt, {**request, **options}, batches.append)
-    return [item for b in batches for item in embed_batch(rt, b, searcher_nearest(rt))["items"]]
+    return index_folder(rt, folder, model, nearest=searcher_nearest(rt), job_id=job_id, **options)
 
 
 def test_check_unique_accepts_distinct_and_refuses_copies(

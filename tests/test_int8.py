@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import redis
 
-from pupyl_queue.embedding import embed_batch
 from pupyl_queue.images import decode
-from pupyl_queue.ingest import expand_job
 from pupyl_queue.layout import Layout
 from pupyl_queue.models import ModelMismatchError
 from pupyl_queue.queries import search
@@ -20,6 +17,7 @@ from pupyl_queue.runtime import Runtime
 from pupyl_queue.settings import Settings
 from tests.conftest import PHOTOS
 from tests.imagegen import encode, pattern
+from tests.indexing import index_folder
 
 
 @pytest.fixture
@@ -36,19 +34,7 @@ def photos(tmp_path: Path) -> Path:
 
 
 def index(rt: Runtime, folder: Path, model: Path, collection: str, precision: str, job_id: str) -> None:
-    request = {
-        "job_id": job_id,
-        "collection": collection,
-        "uri": str(folder),
-        "model": str(model),
-        "origin": "local",
-        "precision": precision,
-    }
-    rt.coordinator(collection).create_job(job_id, {"collection": collection})
-    batches: list[dict[str, Any]] = []
-    expand_job(rt, request, batches.append)
-    for batch in batches:
-        embed_batch(rt, batch)
+    index_folder(rt, folder, model, collection, precision=precision, job_id=job_id)
 
 
 def test_int8_collection_matches_float(

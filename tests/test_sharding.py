@@ -2,43 +2,21 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import redis
 
 from pupyl_queue import PupylQueue, TaskFailed
-from pupyl_queue.embedding import embed_batch
-from pupyl_queue.ingest import expand_job
 from pupyl_queue.queries import compact
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.settings import Settings
 from pupyl_queue.stack import start_worker
 from tests.imagegen import encode, pattern
+from tests.indexing import index_folder
 
 pytestmark = pytest.mark.slow
-
-
-def index(rt: Runtime, folder: Path, model: Path) -> None:
-    job_id = uuid.uuid4().hex
-    rt.coordinator("default").create_job(job_id, {"collection": "default"})
-    batches: list[dict[str, Any]] = []
-    expand_job(
-        rt,
-        {
-            "job_id": job_id,
-            "collection": "default",
-            "uri": str(folder),
-            "model": str(model),
-            "origin": "local",
-        },
-        batches.append,
-    )
-    for batch in batches:
-        embed_batch(rt, batch)
 
 
 def test_two_shards_answer_as_one_index(
@@ -54,7 +32,7 @@ def test_two_shards_answer_as_one_index(
         folder.mkdir()
         for seed in seeds:
             (folder / f"{seed}.png").write_bytes(encode(pattern(seed), "PNG"))
-        index(rt, folder, tiny_model)
+        index_folder(rt, folder, tiny_model)
         if n == 0:
             compact(rt, {"collection": "default"})  # shards load the snapshot, then apply later commits
     one = rt.searcher("default")
