@@ -1,1 +1,1 @@
-"""The aiohttp service (issue: the service face). Not built yet."""
+"""The aiohttp service: ``python -m api`` or ``pupyl-queue api``."""

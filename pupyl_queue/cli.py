@@ -30,6 +30,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     return run_stack(Settings.from_env())
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    from api.app import main as serve
+
+    serve()
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from pupyl_queue.stack import pinned_env, worker_command
 
@@ -179,6 +186,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="run Redis (embedded unless PUPYL_REDIS_URL) and one worker per queue")
+    sub.add_parser("api", help="run the HTTP API (PUPYL_API_HOST, PUPYL_API_PORT, PUPYL_API_TOKENS)")
     w = sub.add_parser("worker", help="run one Celery worker")
     w.add_argument("kind", choices=C.QUEUES)
     w.add_argument("--loglevel", default="INFO")
@@ -230,6 +238,7 @@ def parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "up": cmd_up,
+    "api": cmd_api,
     "worker": cmd_worker,
     "index": cmd_index,
     "search": cmd_search,

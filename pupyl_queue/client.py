@@ -140,7 +140,13 @@ class PupylQueue:
         return open_store(self.settings)
 
     # --- index
-    def index(self, uri: str | Path, check_unique: bool = False, near_duplicate: float | None = None) -> Job:
+    def index(
+        self,
+        uri: str | Path,
+        check_unique: bool = False,
+        near_duplicate: float | None = None,
+        origin: str = "local",
+    ) -> Job:
         """Queue a bulk job for a folder, file, glob, archive, list, URL or s3:// prefix; returns at once.
 
         ``check_unique`` refuses exact copies (same bytes) of indexed images;
@@ -148,7 +154,8 @@ class PupylQueue:
         close to an indexed one. Default: PUPYL_NEAR_DUPLICATE (0 = off).
         """
         job_id = uuid.uuid4().hex
-        uri = str(Path(uri).expanduser().resolve()) if Path(str(uri)).expanduser().exists() else str(uri)
+        local = origin == "local" and Path(str(uri)).expanduser().exists()
+        uri = str(Path(uri).expanduser().resolve()) if local else str(uri)
         request = {
             "job_id": job_id,
             "collection": self.collection,
@@ -162,7 +169,7 @@ class PupylQueue:
             "model": self.model,
             "precision": self.precision,
             "default_precision": self.settings.precision,
-            "origin": "local",  # this process may name any path its workers can read
+            "origin": origin,  # "local": this process may name any path its workers can read
         }
         Coordinator(self.redis, Layout(self.collection)).create_job(
             job_id, {"state": "queued", "uri": uri, "collection": self.collection}

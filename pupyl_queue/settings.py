@@ -74,6 +74,11 @@ class Settings:
     snapshot_keep: int = 2
     keep_originals: bool = False
     search_shards: int = 1
+    api_tokens: str = field(default="", repr=False)
+    api_auth: bool = True
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    api_max_body: int = 32 * 1024 * 1024
     search_shard: int = -1
     search_memory_gb: float = 16.0
 

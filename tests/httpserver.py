@@ -57,14 +57,21 @@ class LoopbackServer:
 @contextmanager
 def serve() -> Iterator[LoopbackServer]:
     server = LoopbackServer()
+    with serve_app(server.app(), server.port):
+        yield server
+
+
+@contextmanager
+def serve_app(app: web.Application, port: int) -> Iterator[None]:
+    """Any aiohttp app on 127.0.0.1:port, in a thread with its own event loop."""
     loop = asyncio.new_event_loop()
-    runner = web.AppRunner(server.app(), shutdown_timeout=0.5)  # do not wait for /slow
+    runner = web.AppRunner(app, shutdown_timeout=0.5)  # do not wait for /slow
     ready = threading.Event()
 
     def run() -> None:
         asyncio.set_event_loop(loop)
         loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", server.port).start())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
         ready.set()
         loop.run_forever()
 
@@ -72,7 +79,7 @@ def serve() -> Iterator[LoopbackServer]:
     thread.start()
     ready.wait(10)
     try:
-        yield server
+        yield
     finally:
 
         async def shutdown() -> None:

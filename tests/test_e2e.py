@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import tarfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -219,3 +220,101 @@ def test_export_in_rank_order(stack: tuple[PupylQueue, Workers], photo_dir: Path
     assert [p.name for p in ids] == [f"{rank}_{h['id']}.jpg" for rank, h in enumerate(hits, 1)]
     names = client.export(query, tmp_path / "names", top=3, keep_names=True)
     assert names[0].name == f"1_{Path(hits[0]['original_file_name']).stem}.jpg"
+
+
+def test_http_api(stack: tuple[PupylQueue, Workers], photo_dir: Path, http_server: LoopbackServer) -> None:
+    """The aiohttp service in front of the same workers: auth, index, jobs, search, tasks, images."""
+    import urllib.error
+    import urllib.request
+
+    from api.app import make_app
+    from pupyl_queue.stack import free_port
+    from tests.httpserver import serve_app
+
+    client, _ = stack
+    query = next(p for p in sorted(photo_dir.rglob("*.jpg")) if p.name not in BAD_FILES)
+    client.index(query.parent, check_unique=True).wait(timeout=120)  # whatever ran before, it is indexed
+    token = "t0ken-" + uuid.uuid4().hex
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+
+    def call(
+        method: str,
+        path: str,
+        body: object = None,
+        auth: bool = True,
+        raw: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, object]:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        request = urllib.request.Request(base + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", content_type)
+        if auth:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                payload = response.read()
+                kind = response.headers.get("Content-Type", "")
+                return response.status, json.loads(payload) if "json" in kind else payload
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    api_settings = client.settings.replace(api_tokens=token, model=client.model or "")
+    with serve_app(make_app(api_settings), port):
+        assert call("GET", "/healthz", auth=False) == (200, {"status": "ok"})
+        status, body = call("POST", "/v1/search", {"id": 1}, auth=False)
+        assert status == 401 and body["error"]["code"] == "unauthorized"  # type: ignore[index]
+        assert call("GET", "/v1/nowhere")[0] == 404
+        assert call("POST", "/v1/index", raw=b"{not json")[1]["error"]["code"] == "bad_json"  # type: ignore[index]
+        assert call("POST", "/v1/index", {"uri": "x", "collection": "../up"})[0] == 400
+
+        url = http_server.add(f"api-{uuid.uuid4().hex}.png", encode(pattern(321), "PNG"), "image/png")
+        status, accepted = call("POST", "/v1/index", {"uri": url})
+        assert status == 202
+        job_path = accepted["url"]  # type: ignore[index]
+        deadline = time.monotonic() + 120
+        while (state := call("GET", job_path)[1])["state"] not in ("done", "failed"):  # type: ignore[index]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert state["indexed"] == 1, state  # type: ignore[index]
+        # a local path from the network is refused: it is not under PUPYL_ALLOWED_ROOTS
+        status, refused = call("POST", "/v1/index", {"uri": str(photo_dir)})
+        while (state := call("GET", refused["url"])[1])["state"] not in ("done", "failed"):  # type: ignore[index]
+            time.sleep(0.2)
+        assert "allowed roots" in state["error"]  # type: ignore[index]
+
+        boundary = "pupylboundary"
+        form = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="top"\r\n\r\n3\r\n'
+                f'--{boundary}\r\nContent-Disposition: form-data; name="metadata"\r\n\r\ntrue\r\n'
+                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n'
+                f"Content-Type: image/jpeg\r\n\r\n"
+            ).encode()
+            + query.read_bytes()
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        status, found = call(
+            "POST", "/v1/search", raw=form, content_type=f"multipart/form-data; boundary={boundary}"
+        )
+        assert status == 200, found
+        first = found["results"][0]  # type: ignore[index]
+        assert first["metadata"]["original_file_name"] == query.name and first["distance"] < 1e-4
+        status, queued = call("POST", "/v1/search", {"id": first["id"], "top": 2, "wait": False})
+        assert status == 202
+        while (task := call("GET", queued["url"])[1])["state"] not in ("SUCCESS", "FAILURE"):  # type: ignore[index]
+            time.sleep(0.1)
+        assert task["result"]["results"][0]["id"] == first["id"]  # type: ignore[index]
+
+        meta = call("GET", f"/v1/images/{first['id']}")[1]
+        assert meta["sha256"] == first["metadata"]["sha256"]  # type: ignore[index]
+        status, jpeg = call("GET", f"/v1/images/{first['id']}/file")
+        assert status == 200 and isinstance(jpeg, bytes) and jpeg[:2] == b"\xff\xd8"
+        status, gone = call("DELETE", f"/v1/images/{first['id']}")
+        assert status == 200 and gone["removed"] is True  # type: ignore[index]
+        assert call("GET", f"/v1/images/{first['id']}")[0] == 404
+        assert call("DELETE", f"/v1/images/{first['id']}") == (200, gone)  # DELETE is idempotent
+        assert call("DELETE", "/v1/images/999999999")[0] == 404
+        # put the image back for the tests that follow on this stack
+        client.index(query.parent, check_unique=True).wait(timeout=120)
