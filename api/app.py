@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 CLIENTS = web.AppKey("clients", dict)
 SETTINGS = web.AppKey("settings", Settings)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OPEN = {"/healthz", "/readyz"}
+OPEN = {"/healthz", "/readyz", "/v1/openapi.json", "/metrics"}
+METRICS = web.AppKey("metrics", object)
 
 
 class ApiError(web.HTTPException):
@@ -79,8 +80,11 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     if settings.api_auth and request.path not in OPEN:
         tokens = [t.strip() for t in settings.api_tokens.split(",") if t.strip()]
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not tokens or not any(hmac.compare_digest(given.encode(), t.encode()) for t in tokens):
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        valid = scheme.lower() == "bearer" and any(
+            hmac.compare_digest(given.strip().encode(), t.encode()) for t in tokens
+        )
+        if not valid:
             raise ApiError(
                 401, "unauthorized", "a valid bearer token is required (Authorization: Bearer ...)"
             )
@@ -226,6 +230,70 @@ async def image_delete(request: web.Request) -> web.Response:
     return web.json_response(result)
 
 
+async def openapi(request: web.Request) -> web.Response:
+    from api.openapi import document
+
+    return web.json_response(document())
+
+
+class Metrics:
+    """Prometheus metrics of this API process and of the cluster it fronts."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "pupyl_api_requests", "HTTP requests", ["route", "method", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "pupyl_api_request_seconds", "HTTP latency", ["route"], registry=self.registry
+        )
+        self.queue = Gauge(
+            "pupyl_queue_length", "Messages waiting per Celery queue", ["queue"], registry=self.registry
+        )
+        self.images = Gauge(
+            "pupyl_images", "Images indexed per collection", ["collection"], registry=self.registry
+        )
+
+
+@web.middleware
+async def measure(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    started = asyncio.get_running_loop().time()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.latency.labels(route).observe(asyncio.get_running_loop().time() - started)  # type: ignore[attr-defined]
+        metrics.requests.labels(route, request.method, str(status)).inc()  # type: ignore[attr-defined]
+
+
+async def metrics(request: web.Request) -> web.Response:
+    from prometheus_client import generate_latest
+
+    from pupyl_queue.catalog import list_collections
+    from pupyl_queue.coordination import Coordinator
+
+    m = request.app[METRICS]
+    pq = client(request)
+
+    def gather() -> None:
+        for queue in C.QUEUES:
+            m.queue.labels(queue).set(pq.redis.llen(queue))  # type: ignore[attr-defined]
+        for name in list_collections(pq.store):
+            m.images.labels(name).set(Coordinator(pq.redis, Layout(name)).image_count())  # type: ignore[attr-defined]
+
+    await blocking(gather)
+    return web.Response(body=generate_latest(m.registry), content_type="text/plain")  # type: ignore[attr-defined]
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -257,8 +325,9 @@ def make_app(settings: Settings | None = None) -> web.Application:
     settings = settings or Settings.from_env()
     if settings.api_auth and not settings.api_tokens.strip():
         raise ValueError("PUPYL_API_TOKENS is empty: set tokens, or PUPYL_API_AUTH=false for local use only")
-    app = web.Application(middlewares=[errors, auth], client_max_size=settings.api_max_body)
+    app = web.Application(middlewares=[measure, errors, auth], client_max_size=settings.api_max_body)
     app[SETTINGS] = settings
+    app[METRICS] = Metrics()
     app[CLIENTS] = {}
     app.router.add_post("/v1/index", index)
     app.router.add_get("/v1/jobs/{job_id}", job)
@@ -269,6 +338,8 @@ def make_app(settings: Settings | None = None) -> web.Application:
     app.router.add_delete("/v1/images/{image_id}", image_delete)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/openapi.json", openapi)
+    app.router.add_get("/metrics", metrics)
 
     async def close_clients(app: web.Application) -> None:
         for pq in app[CLIENTS].values():

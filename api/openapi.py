@@ -1,0 +1,173 @@
+"""The OpenAPI 3.1 document of the HTTP API, served at /v1/openapi.json (a test keeps it = the routes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _responses(ok: str, *errors: int, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {ok: {"description": "OK", "content": {"application/json": {"schema": body or {}}}}}
+    for code in errors:
+        out[str(code)] = {"description": "error", "content": {"application/json": {"schema": ERROR}}}
+    return out
+
+
+COLLECTION = {"name": "collection", "in": "query", "required": False, "schema": {"type": "string"}}
+
+
+def _id(name: str, kind: str = "string") -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": kind}}
+
+
+def document() -> dict[str, Any]:
+    search_json = {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "vector": {"type": "array", "items": {"type": "number"}},
+            "image_b64": {"type": "string"},
+            "top": {"type": "integer", "minimum": 1, "maximum": 1000},
+            "metadata": {"type": "boolean"},
+            "wait": {"type": "boolean"},
+            "collection": {"type": "string"},
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "pupyl-queue",
+            "version": "1",
+            "description": "Reverse image search as a task queue.",
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["code", "message"],
+                            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+                        }
+                    },
+                }
+            },
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/index": {
+                "post": {
+                    "summary": "Queue a bulk index job",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["uri"],
+                                    "properties": {
+                                        "uri": {"type": "string"},
+                                        "check_unique": {"type": "boolean"},
+                                        "near_duplicate": {"type": "number"},
+                                        "collection": {"type": "string"},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": _responses("202", 400, 401, 413),
+                }
+            },
+            "/v1/jobs/{job_id}": {
+                "get": {
+                    "summary": "A job's state, counts and failures",
+                    "parameters": [
+                        _id("job_id"),
+                        COLLECTION,
+                        {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                    ],
+                    "responses": _responses("200", 400, 401, 404),
+                }
+            },
+            "/v1/search": {
+                "post": {
+                    "summary": "Rank images by an uploaded image, an indexed id, or a vector",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {"schema": search_json},
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "image": {"type": "string", "format": "binary"},
+                                        "top": {"type": "integer"},
+                                        "metadata": {"type": "boolean"},
+                                        "collection": {"type": "string"},
+                                    },
+                                }
+                            },
+                        },
+                    },
+                    "responses": {
+                        **_responses("200", 400, 401, 413, 422, 504),
+                        "202": {"description": "queued (wait=false)"},
+                    },
+                }
+            },
+            "/v1/tasks/{task_id}": {
+                "get": {
+                    "summary": "A Celery task's state and result",
+                    "parameters": [_id("task_id"), COLLECTION],
+                    "responses": _responses("200", 401),
+                }
+            },
+            "/v1/images/{image_id}": {
+                "get": {
+                    "summary": "An image's metadata",
+                    "parameters": [_id("image_id", "integer"), COLLECTION],
+                    "responses": _responses("200", 400, 401, 404),
+                },
+                "delete": {
+                    "summary": "Remove an image",
+                    "parameters": [_id("image_id", "integer"), COLLECTION],
+                    "responses": _responses("200", 400, 401, 404, 422),
+                },
+            },
+            "/v1/images/{image_id}/file": {
+                "get": {
+                    "summary": "The stored (normalized) image",
+                    "parameters": [_id("image_id", "integer"), COLLECTION],
+                    "responses": {
+                        "200": {"description": "JPEG", "content": {"image/jpeg": {}}},
+                        "404": {"description": "error", "content": {"application/json": {"schema": ERROR}}},
+                    },
+                }
+            },
+            "/v1/openapi.json": {
+                "get": {"summary": "This document", "security": [], "responses": _responses("200")}
+            },
+            "/healthz": {
+                "get": {"summary": "The process is up", "security": [], "responses": _responses("200")}
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Redis, the store and a search worker answer",
+                    "security": [],
+                    "responses": {**_responses("200"), "503": {"description": "not ready"}},
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "security": [],
+                    "responses": {"200": {"description": "text exposition format"}},
+                }
+            },
+        },
+    }
