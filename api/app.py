@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from pupyl_queue import constants as C
-from pupyl_queue.client import PupylQueue, TaskFailed
+from pupyl_queue.client import PupylQueue, TaskFailed, wait_result
 from pupyl_queue.layout import Layout, check_collection
 from pupyl_queue.settings import Settings
 from pupyl_queue.store import ObjectNotFound
@@ -173,14 +173,8 @@ async def search(request: web.Request) -> web.Response:
     result = await blocking(pq.search_async, query, top, metadata)
     if str(options.get("wait", "true")).lower() in ("0", "false", "no"):
         return web.json_response({"task_id": result.id, "url": f"/v1/tasks/{result.id}"}, status=202)
-    answer = await blocking(_result, result, pq.settings.search_timeout)
+    answer = await blocking(wait_result, result, pq.settings.search_timeout)
     return web.json_response(answer)
-
-
-def _result(result: Any, timeout: float) -> Any:
-    from pupyl_queue.client import _get
-
-    return _get(result, timeout)
 
 
 async def task(request: web.Request) -> web.Response:
@@ -204,22 +198,21 @@ def _image_id(request: web.Request) -> int:
         raise ApiError(400, "bad_request", "image ids are integers") from None
 
 
-async def image_meta(request: web.Request) -> web.Response:
+async def _stored(request: web.Request, key: Callable[[Layout, int], str]) -> bytes:
+    """One stored object of the image the path names; 404 when there is none."""
     pq = client(request)
     try:
-        data = await blocking(pq.store.get, Layout(pq.collection).image_meta(_image_id(request)))
+        return await blocking(pq.store.get, key(Layout(pq.collection), _image_id(request)))
     except ObjectNotFound:
         raise ApiError(404, "not_found", "no such image") from None
-    return web.json_response(json.loads(data))
+
+
+async def image_meta(request: web.Request) -> web.Response:
+    return web.json_response(json.loads(await _stored(request, Layout.image_meta)))
 
 
 async def image_file(request: web.Request) -> web.Response:
-    pq = client(request)
-    try:
-        data = await blocking(pq.store.get, Layout(pq.collection).image(_image_id(request)))
-    except ObjectNotFound:
-        raise ApiError(404, "not_found", "no such image") from None
-    return web.Response(body=data, content_type="image/jpeg")
+    return web.Response(body=await _stored(request, Layout.image), content_type="image/jpeg")
 
 
 async def image_delete(request: web.Request) -> web.Response:

@@ -34,7 +34,7 @@ class TaskFailed(RuntimeError):
     """A worker refused or failed a request; the message is the worker's reason."""
 
 
-def _get(result: AsyncResult, timeout: float) -> Any:
+def wait_result(result: AsyncResult, timeout: float) -> Any:
     """A task's result; a worker-side failure becomes TaskFailed with the worker's message."""
     from celery.exceptions import TimeoutError as CeleryTimeout
 
@@ -214,7 +214,7 @@ class PupylQueue:
         Distances are cosine distances (0 = same direction; smaller is closer).
         """
         result = self.search_async(query, top, return_metadata, min_sequence)
-        answer = _get(result, timeout or self.settings.search_timeout)
+        answer = wait_result(result, timeout or self.settings.search_timeout)
         rows = answer["results"]
         if return_metadata:
             return [
@@ -306,11 +306,11 @@ class PupylQueue:
         return self.app.send_task(C.TASK_REMOVE, kwargs={"collection": self.collection, "id": int(index)})
 
     def remove(self, index: int, timeout: float | None = None) -> dict[str, Any]:
-        return _get(self.remove_async(index), timeout or self.settings.search_timeout)
+        return wait_result(self.remove_async(index), timeout or self.settings.search_timeout)
 
     def compact(self, timeout: float | None = None) -> dict[str, Any]:
         result = self.app.send_task(C.TASK_COMPACT, kwargs={"collection": self.collection})
-        return _get(result, timeout or 600)
+        return wait_result(result, timeout or 600)
 
     def close(self) -> None:
         if "app" in self.__dict__:
