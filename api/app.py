@@ -223,6 +223,32 @@ async def image_delete(request: web.Request) -> web.Response:
     return web.json_response(result)
 
 
+async def collections(request: web.Request) -> web.Response:
+    pq = client(request)
+    names = await blocking(pq.collections)
+    return web.json_response({"collections": [await blocking(pq.describe, name) for name in names]})
+
+
+async def collection_describe(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    pq = client(request, name)
+    try:
+        return web.json_response(await blocking(pq.describe, name))
+    except LookupError:
+        raise ApiError(404, "not_found", f"no collection {name!r}") from None
+
+
+async def collection_delete(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    pq = client(request, name)
+    try:
+        result = await blocking(pq.delete_collection, name)
+    except LookupError:
+        raise ApiError(404, "not_found", f"no collection {name!r}") from None
+    request.app[CLIENTS].pop(name, None)
+    return web.json_response(result)
+
+
 async def openapi(request: web.Request) -> web.Response:
     from api.openapi import document
 
@@ -329,6 +355,9 @@ def make_app(settings: Settings | None = None) -> web.Application:
     app.router.add_get("/v1/images/{image_id}", image_meta)
     app.router.add_get("/v1/images/{image_id}/file", image_file)
     app.router.add_delete("/v1/images/{image_id}", image_delete)
+    app.router.add_get("/v1/collections", collections)
+    app.router.add_get("/v1/collections/{name}", collection_describe)
+    app.router.add_delete("/v1/collections/{name}", collection_delete)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/openapi.json", openapi)

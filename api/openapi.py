@@ -149,6 +149,21 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/collections": {
+                "get": {"summary": "Every collection, described", "responses": _responses("200", 401)}
+            },
+            "/v1/collections/{name}": {
+                "get": {
+                    "summary": "A collection's model, counts, index type and last snapshot",
+                    "parameters": [_id("name")],
+                    "responses": _responses("200", 400, 401, 404),
+                },
+                "delete": {
+                    "summary": "Delete a collection: everything of it, and only it",
+                    "parameters": [_id("name")],
+                    "responses": _responses("200", 400, 401, 404),
+                },
+            },
             "/v1/openapi.json": {
                 "get": {"summary": "This document", "security": [], "responses": _responses("200")}
             },

@@ -68,3 +68,31 @@ def test_auth_errors_and_metrics(tmp_path: Path, redis_url: str, redis_client: r
             assert TOKEN not in text
 
     asyncio.run(scenario())
+
+
+def test_collections_through_the_api(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, tiny_model: Path
+) -> None:
+    from pupyl_queue.runtime import Runtime
+    from tests.imagegen import encode, pattern
+    from tests.indexing import index_folder
+
+    config = settings(tmp_path, redis_url)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for seed in range(3):
+        (folder / f"{seed}.png").write_bytes(encode(pattern(seed), "PNG"))
+    index_folder(Runtime(config), folder, tiny_model, "apitest")
+
+    async def scenario() -> None:
+        good = {"Authorization": f"Bearer {TOKEN}"}
+        async with TestClient(TestServer(make_app(config))) as http:
+            listed = await (await http.get("/v1/collections", headers=good)).json()
+            assert [(c["name"], c["images"]) for c in listed["collections"]] == [("apitest", 3)]
+            assert (await (await http.get("/v1/collections/apitest", headers=good)).json())["dim"] == 256
+            assert (await http.get("/v1/collections/Bad..Name", headers=good)).status == 400
+            deleted = await http.delete("/v1/collections/apitest", headers=good)
+            assert deleted.status == 200 and (await deleted.json())["deleted_objects"] > 0
+            assert (await http.get("/v1/collections/apitest", headers=good)).status == 404
+
+    asyncio.run(scenario())

@@ -316,5 +316,11 @@ def test_http_api(stack: tuple[PupylQueue, Workers], photo_dir: Path, http_serve
         assert call("GET", f"/v1/images/{first['id']}")[0] == 404
         assert call("DELETE", f"/v1/images/{first['id']}") == (200, gone)  # DELETE is idempotent
         assert call("DELETE", "/v1/images/999999999")[0] == 404
+        listed = call("GET", "/v1/collections")[1]["collections"]  # type: ignore[index]
+        assert [c["name"] for c in listed] == ["default"] and listed[0]["images"] > 0
+        assert call("GET", "/v1/collections/default")[1]["dim"] == 256  # type: ignore[index]
+        assert call("GET", "/v1/collections/nothing-here")[0] == 404
+        assert call("DELETE", "/v1/collections/nothing-here")[0] == 404
+        assert call("GET", "/v1/collections/..%2Fetc")[0] in (400, 404)
         # put the image back for the tests that follow on this stack
         client.index(query.parent, check_unique=True).wait(timeout=120)
