@@ -237,6 +237,17 @@ class Sources:
         else:
             yield SourceItem(ref, data, meta=_member_meta(ref, len(data)))
 
+    def _refusal(self, name: str, link: str, size: int) -> str:
+        """Why an archive member (tar or zip) is skipped before it is read; '' when it is read."""
+        unsafe = _unsafe_name(name)
+        if unsafe:
+            return unsafe
+        if link:
+            return f"link in archive ({link}); skipped"
+        if size > self.settings.max_image_bytes:
+            return _too_large(size, self.settings.max_image_bytes)
+        return ""
+
     def _tar(self, ref: str, fh: IO[bytes], size: int, depth: int, base: Path | None) -> Iterator[SourceItem]:
         guard = _BombGuard(self.settings, size)
         try:
@@ -250,15 +261,12 @@ class Sources:
                     inner = f"{ref}#{member.name}"
                     if member.isdir():
                         continue
-                    unsafe = _unsafe_name(member.name)
-                    if unsafe:
-                        yield SourceItem(inner, error=unsafe)
-                    elif member.issym() or member.islnk():
-                        yield SourceItem(inner, error="link in archive (symlink or hard link); skipped")
+                    link = "symlink or hard link" if member.issym() or member.islnk() else ""
+                    refused = self._refusal(member.name, link, member.size)
+                    if refused:
+                        yield SourceItem(inner, error=refused)
                     elif not member.isfile():
                         yield SourceItem(inner, error="not a regular file in archive; skipped")
-                    elif member.size > self.settings.max_image_bytes:
-                        yield SourceItem(inner, error=_too_large(member.size, self.settings.max_image_bytes))
                     else:
                         stop = guard.add(member.size)
                         if stop:
@@ -283,15 +291,10 @@ class Sources:
                 inner = f"{ref}#{info.filename}"
                 if info.is_dir():
                     continue
-                unsafe = _unsafe_name(info.filename)
-                if unsafe:
-                    yield SourceItem(inner, error=unsafe)
-                    continue
-                if stat.S_ISLNK(info.external_attr >> 16):
-                    yield SourceItem(inner, error="link in archive (symlink); skipped")
-                    continue
-                if info.file_size > limit:
-                    yield SourceItem(inner, error=_too_large(info.file_size, limit))
+                link = "symlink" if stat.S_ISLNK(info.external_attr >> 16) else ""
+                refused = self._refusal(info.filename, link, info.file_size)
+                if refused:
+                    yield SourceItem(inner, error=refused)
                     continue
                 try:
                     with archive.open(info) as member:
