@@ -36,7 +36,7 @@ class Runtime:
         self._lock = threading.Lock()
         self._searchers: OrderedDict[str, Searcher] = OrderedDict()
         self._pool: ThreadPoolExecutor | None = None
-        self._int8_models: dict[str, object] = {}
+        self._int8_models: dict[tuple[str, ModelSpec], object] = {}
 
     @cached_property
     def store(self) -> ObjectStore:
@@ -92,8 +92,8 @@ class Runtime:
     def _int8(self, collection: str, spec: ModelSpec, extractor: FeatureExtractor) -> object:
         from pupyl_queue.int8 import Int8Extractor, convert, source_hash
 
-        with self._lock:
-            found = self._int8_models.get(collection)
+        with self._lock:  # keyed by the spec too: a collection deleted and made again gets a new model
+            found = self._int8_models.get((collection, spec))
             if found is not None:
                 return found
         layout = Layout(collection)
@@ -107,7 +107,7 @@ class Runtime:
                     self.store.put(key, convert(extractor, calibration))
         model = Int8Extractor(spec, self.store.get(key), extractor.preprocess, self.settings.tf_threads)
         with self._lock:
-            return self._int8_models.setdefault(collection, model)
+            return self._int8_models.setdefault((collection, spec), model)
 
     def _calibration(self, layout: Layout, size: int) -> np.ndarray:
         """The collection's calibration images (saved by its first job), else its stored images."""
@@ -174,12 +174,6 @@ class Runtime:
                 break
             log.info("unloading collection %s (search memory budget)", name)
             del self._searchers[name]
-
-    def forget(self, collection: str) -> None:
-        """Drop what this process holds for a collection (it was deleted or restored)."""
-        with self._lock:
-            self._searchers.pop(collection, None)
-            self._int8_models.pop(collection, None)
 
 
 _runtime: Runtime | None = None

@@ -239,12 +239,3 @@ class Searcher:
 
     def __len__(self) -> int:
         return 0 if self.index is None else len(self.index)
-
-    def stats(self) -> dict[str, Any]:
-        index = self.index
-        return {
-            "count": len(self),
-            "sequence": self.sequence,
-            "snapshot": self.snapshot_watermark,
-            "factory": None if index is None else index.factory,
-        }
