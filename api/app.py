@@ -15,23 +15,29 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from pupyl_queue import constants as C
 from pupyl_queue.client import PupylQueue, TaskFailed, wait_result
+from pupyl_queue.fetch import Fetcher, FetchError, FetchRefused
 from pupyl_queue.layout import Layout, check_collection
 from pupyl_queue.settings import Settings
+from pupyl_queue.sources import Sources, is_url
 from pupyl_queue.store import ObjectNotFound
 
 log = logging.getLogger(__name__)
 CLIENTS = web.AppKey("clients", dict)
 SETTINGS = web.AppKey("settings", Settings)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OPEN = {"/healthz", "/readyz", "/v1/openapi.json", "/metrics"}
+OPEN = {"/", "/healthz", "/readyz", "/v1/openapi.json", "/metrics"}  # and /static/: the page's assets
 METRICS = web.AppKey("metrics", object)
+FORM_FIELD_BYTES = 64 * 1024  # a form field that is not a file (top, collection, ...)
+STATIC = Path(__file__).with_name("static")
 
 
 class ApiError(web.HTTPException):
@@ -78,7 +84,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     settings = request.app[SETTINGS]
-    if settings.api_auth and request.path not in OPEN:
+    if settings.api_auth and request.path not in OPEN and not request.path.startswith("/static/"):
         tokens = [t.strip() for t in settings.api_tokens.split(",") if t.strip()]
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         valid = scheme.lower() == "bearer" and any(
@@ -89,6 +95,52 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
                 401, "unauthorized", "a valid bearer token is required (Authorization: Bearer ...)"
             )
     return await handler(request)
+
+
+@dataclass
+class Upload:
+    name: str
+    data: bytes
+
+
+async def read_form(request: web.Request) -> tuple[list[Upload], dict[str, Any]]:
+    """A multipart body read part by part, within the upload limits (aiohttp's own limit only
+    covers ``request.post()``): one file at most PUPYL_MAX_IMAGE_BYTES, all at most PUPYL_API_MAX_BODY.
+    """
+    settings = request.app[SETTINGS]
+    files: list[Upload] = []
+    fields: dict[str, Any] = {}
+    total = 0
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise ApiError(400, "bad_request", "nested multipart bodies are not accepted")
+        limit = settings.max_image_bytes if part.filename else FORM_FIELD_BYTES
+        data = bytearray()
+        while chunk := await part.read_chunk(1 << 16):
+            data += chunk
+            total += len(chunk)
+            if len(data) > limit or total > settings.api_max_body:
+                raise ApiError(
+                    413,
+                    "too_large",
+                    f"upload over the limit: {limit} bytes per {'file' if part.filename else 'field'}, "
+                    f"{settings.api_max_body} in all (PUPYL_MAX_IMAGE_BYTES, PUPYL_API_MAX_BODY)",
+                )
+        if part.filename is not None:
+            files.append(Upload(part.filename or f"upload-{len(files)}", bytes(data)))
+        elif part.name:
+            fields[part.name] = data.decode("utf-8", "replace")
+    return files, fields
+
+
+def flag(value: Any, default: bool) -> bool:
+    """A boolean from JSON (true) or a form/query field ("true", "1", "yes")."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 async def body_json(request: web.Request) -> dict[str, Any]:
@@ -103,15 +155,36 @@ async def body_json(request: web.Request) -> dict[str, Any]:
 
 # --- routes
 async def index(request: web.Request) -> web.Response:
-    data = await body_json(request)
-    uri = data.get("uri")
-    if not isinstance(uri, str) or not uri:
-        raise ApiError(400, "bad_request", "'uri' (a string) is required")
+    """A job for a URI (JSON), or for the image files of a multipart upload."""
+    if request.content_type.startswith("multipart/"):
+        files, data = await read_form(request)
+        if not files:
+            raise ApiError(400, "bad_request", "a multipart index request needs at least one image file")
+    else:
+        files, data = [], await body_json(request)
+        if not isinstance(data.get("uri"), str) or not data["uri"]:
+            raise ApiError(400, "bad_request", "'uri' (a string) is required")
     pq = client(request, data.get("collection"))
-    job = await blocking(
-        pq.index, uri, bool(data.get("check_unique", False)), data.get("near_duplicate"), origin="network"
+    check_unique, near = flag(data.get("check_unique"), False), data.get("near_duplicate")
+    if near is not None and not isinstance(near, (int, float)):
+        near = float(near)  # a form field is text; a bad one is a ValueError: 400
+    if files:
+        job = await blocking(pq.index_uploads, [(f.name, f.data) for f in files], check_unique, near)
+    else:
+        job = await blocking(pq.index, data["uri"], check_unique, near, origin="network")
+    return web.json_response(
+        {"job_id": job.id, "url": f"/v1/jobs/{job.id}", "files": len(files) or None}, status=202
     )
-    return web.json_response({"job_id": job.id, "url": f"/v1/jobs/{job.id}"}, status=202)
+
+
+async def jobs(request: web.Request) -> web.Response:
+    """The newest jobs first: what the web page shows as recent jobs."""
+    from pupyl_queue.coordination import recent_jobs
+
+    pq = client(request)
+    _, limit = _page(request)
+    named = request.query.get("collection")
+    return web.json_response({"jobs": await blocking(recent_jobs, pq.redis, limit, named)})
 
 
 async def job(request: web.Request) -> web.Response:
@@ -144,37 +217,68 @@ def _page(request: web.Request) -> tuple[int, int]:
 
 
 async def search(request: web.Request) -> web.Response:
+    query: Any
     if request.content_type.startswith("multipart/"):
-        form = await request.post()
-        upload = form.get("image")
-        if upload is None or not hasattr(upload, "file"):
-            raise ApiError(400, "bad_request", "multipart search needs an 'image' file field")
-        query: Any = upload.file.read()
-        options: dict[str, Any] = {k: v for k, v in form.items() if k != "image"}
+        files, options = await read_form(request)
+        if len(files) != 1:
+            raise ApiError(400, "bad_request", "a multipart search takes exactly one image file")
+        query = files[0].data
     else:
         options = await body_json(request)
         if "id" in options:
+            if isinstance(options["id"], bool) or not isinstance(options["id"], (int, str)):
+                raise ApiError(400, "bad_request", "'id' is an integer")
             query = int(options["id"])
         elif "vector" in options:
             import numpy as np
 
             query = np.asarray(options["vector"], dtype=np.float32)
+            if query.ndim != 1 or not query.size or not np.isfinite(query).all():
+                raise ApiError(400, "bad_request", "'vector' is a non-empty list of finite numbers")
         elif "image_b64" in options:
-            query = base64.b64decode(options["image_b64"], validate=True)
+            query = base64.b64decode(str(options["image_b64"]), validate=True)
+        elif "uri" in options:
+            query = await blocking(read_uri, request.app[SETTINGS], str(options["uri"]))
         else:
             raise ApiError(
-                400, "bad_request", "give an image (multipart), or JSON with id, vector or image_b64"
+                400, "bad_request", "give an image (multipart), or JSON with uri, id, vector or image_b64"
             )
     pq = client(request, options.get("collection"))
     top = int(options.get("top", 4))
     if not 1 <= top <= 1000:
         raise ApiError(400, "bad_request", "top must be between 1 and 1000")
-    metadata = str(options.get("metadata", "false")).lower() in ("1", "true", "yes")
+    metadata, distances = flag(options.get("metadata"), False), flag(options.get("distances"), True)
     result = await blocking(pq.search_async, query, top, metadata)
-    if str(options.get("wait", "true")).lower() in ("0", "false", "no"):
+    if not flag(options.get("wait"), True):
         return web.json_response({"task_id": result.id, "url": f"/v1/tasks/{result.id}"}, status=202)
     answer = await blocking(wait_result, result, pq.settings.search_timeout)
+    if not distances:
+        for row in answer["results"]:
+            row.pop("distance", None)
     return web.json_response(answer)
+
+
+def read_uri(settings: Settings, uri: str) -> bytes:
+    """A query image named by the client: fetched through the SSRF guard, or a local file only
+    under PUPYL_ALLOWED_ROOTS (checked before anything else, so nothing about other paths leaks).
+    """
+    if is_url(uri):
+        try:
+            return Fetcher(settings).fetch(uri, settings.max_image_bytes)
+        except FetchRefused as exc:
+            raise ApiError(403, "refused", str(exc)) from None
+        except FetchError as exc:
+            raise ApiError(422, "fetch_failed", str(exc)) from None
+    if "://" in uri and not uri.startswith("file://"):
+        raise ApiError(400, "bad_request", "'uri' is an http(s) URL or a path under the allowed roots")
+    path = Path(uri.removeprefix("file://"))
+    if not path.is_absolute() or Sources(settings, origin="network").local_path_error(path):
+        raise ApiError(403, "refused", "local path outside the allowed roots (PUPYL_ALLOWED_ROOTS)")
+    if not path.is_file():
+        raise ApiError(404, "not_found", "no such file under the allowed roots")
+    if path.stat().st_size > settings.max_image_bytes:
+        raise ApiError(413, "too_large", "the file is larger than PUPYL_MAX_IMAGE_BYTES")
+    return path.read_bytes()
 
 
 async def task(request: web.Request) -> web.Response:
@@ -274,6 +378,35 @@ class Metrics:
         self.images = Gauge(
             "pupyl_images", "Images indexed per collection", ["collection"], registry=self.registry
         )
+        self.jobs = Gauge(
+            "pupyl_jobs", "Recent jobs (the newest 1,000) by state", ["state"], registry=self.registry
+        )
+        self.in_flight = Gauge(
+            "pupyl_job_images_in_flight",
+            "Images of running jobs not yet indexed, refused or failed",
+            registry=self.registry,
+        )
+        self.tasks = TaskTimings()
+        self.registry.register(self.tasks)
+
+
+class TaskTimings:
+    """Per-task run time histograms and outcomes, as every worker recorded them in Redis."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, dict[str, Any]] = {}
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+        seconds = HistogramMetricFamily("pupyl_task_seconds", "Run time of worker tasks", labels=["task"])
+        outcomes = CounterMetricFamily("pupyl_task_runs", "Task runs by outcome", labels=["task", "state"])
+        for task, stats in sorted(self.stats.items()):
+            seconds.add_metric([task], stats["buckets"], stats["sum"])
+            for state, count in sorted(stats["states"].items()):
+                outcomes.add_metric([task, state], count)
+        yield seconds
+        yield outcomes
 
 
 @web.middleware
@@ -298,19 +431,36 @@ async def metrics(request: web.Request) -> web.Response:
     from prometheus_client import generate_latest
 
     from pupyl_queue.catalog import list_collections
-    from pupyl_queue.coordination import Coordinator
+    from pupyl_queue.coordination import Coordinator, recent_jobs
+    from pupyl_queue.telemetry import read_tasks
 
     m = request.app[METRICS]
     pq = client(request)
 
-    def gather() -> None:
+    def gather() -> bytes:
         for queue in C.QUEUES:
             m.queue.labels(queue).set(pq.redis.llen(queue))  # type: ignore[attr-defined]
         for name in list_collections(pq.store):
             m.images.labels(name).set(Coordinator(pq.redis, Layout(name)).image_count())  # type: ignore[attr-defined]
+        by_state: dict[str, int] = dict.fromkeys(("queued", "expanding", "running", "done", "failed"), 0)
+        in_flight = 0
+        for job in recent_jobs(pq.redis, C.RECENT_JOBS_KEPT):
+            by_state[str(job.get("state"))] = by_state.get(str(job.get("state")), 0) + 1
+            if job.get("state") in ("expanding", "running"):
+                counted = sum(int(job.get(k) or 0) for k in ("indexed", "duplicate", "failed"))
+                in_flight += max(0, int(job.get("total") or 0) - counted)
+        for state, count in by_state.items():
+            m.jobs.labels(state).set(count)  # type: ignore[attr-defined]
+        m.in_flight.set(in_flight)  # type: ignore[attr-defined]
+        m.tasks.stats = read_tasks(pq.redis)  # type: ignore[attr-defined]
+        return generate_latest(m.registry)  # type: ignore[attr-defined]
 
-    await blocking(gather)
-    return web.Response(body=generate_latest(m.registry), content_type="text/plain")  # type: ignore[attr-defined]
+    return web.Response(body=await blocking(gather), content_type="text/plain")
+
+
+async def page(request: web.Request) -> web.FileResponse:
+    """The search page; it asks for the API token itself and keeps it in the tab's session storage."""
+    return web.FileResponse(STATIC / "index.html")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -348,7 +498,10 @@ def make_app(settings: Settings | None = None) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[CLIENTS] = {}
+    app.router.add_get("/", page)
+    app.router.add_static("/static/", STATIC, append_version=False)
     app.router.add_post("/v1/index", index)
+    app.router.add_get("/v1/jobs", jobs)
     app.router.add_get("/v1/jobs/{job_id}", job)
     app.router.add_post("/v1/search", search)
     app.router.add_get("/v1/tasks/{task_id}", task)

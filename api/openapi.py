@@ -14,6 +14,19 @@ def _responses(ok: str, *errors: int, body: dict[str, Any] | None = None) -> dic
     return out
 
 
+BINARY = {"type": "string", "format": "binary"}
+OPTIONS: dict[str, Any] = {
+    "top": {"type": "integer", "minimum": 1, "maximum": 1000},
+    "metadata": {"type": "boolean"},
+    "distances": {"type": "boolean", "description": "false leaves distances out (default true)"},
+    "wait": {"type": "boolean", "description": "false answers 202 with the task id at once"},
+    "collection": {"type": "string"},
+}
+INDEX_OPTIONS: dict[str, Any] = {
+    "check_unique": {"type": "boolean"},
+    "near_duplicate": {"type": "number", "minimum": 0},
+    "collection": {"type": "string"},
+}
 COLLECTION = {"name": "collection", "in": "query", "required": False, "schema": {"type": "string"}}
 
 
@@ -28,10 +41,8 @@ def document() -> dict[str, Any]:
             "id": {"type": "integer"},
             "vector": {"type": "array", "items": {"type": "number"}},
             "image_b64": {"type": "string"},
-            "top": {"type": "integer", "minimum": 1, "maximum": 1000},
-            "metadata": {"type": "boolean"},
-            "wait": {"type": "boolean"},
-            "collection": {"type": "string"},
+            "uri": {"type": "string", "description": "http(s) URL, or a path under PUPYL_ALLOWED_ROOTS"},
+            **OPTIONS,
         },
     }
     return {
@@ -69,17 +80,35 @@ def document() -> dict[str, Any]:
                                 "schema": {
                                     "type": "object",
                                     "required": ["uri"],
+                                    "properties": {"uri": {"type": "string"}, **INDEX_OPTIONS},
+                                }
+                            },
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["files"],
                                     "properties": {
-                                        "uri": {"type": "string"},
-                                        "check_unique": {"type": "boolean"},
-                                        "near_duplicate": {"type": "number"},
-                                        "collection": {"type": "string"},
+                                        "files": {
+                                            "type": "array",
+                                            "items": BINARY,
+                                        },
+                                        **INDEX_OPTIONS,
                                     },
                                 }
-                            }
+                            },
                         },
                     },
                     "responses": _responses("202", 400, 401, 413),
+                }
+            },
+            "/v1/jobs": {
+                "get": {
+                    "summary": "The newest jobs first",
+                    "parameters": [
+                        COLLECTION,
+                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                    ],
+                    "responses": _responses("200", 400, 401),
                 }
             },
             "/v1/jobs/{job_id}": {
@@ -96,7 +125,7 @@ def document() -> dict[str, Any]:
             },
             "/v1/search": {
                 "post": {
-                    "summary": "Rank images by an uploaded image, an indexed id, or a vector",
+                    "summary": "Rank images by an uploaded image, a URL, an indexed id, or a vector",
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -104,18 +133,14 @@ def document() -> dict[str, Any]:
                             "multipart/form-data": {
                                 "schema": {
                                     "type": "object",
-                                    "properties": {
-                                        "image": {"type": "string", "format": "binary"},
-                                        "top": {"type": "integer"},
-                                        "metadata": {"type": "boolean"},
-                                        "collection": {"type": "string"},
-                                    },
+                                    "required": ["image"],
+                                    "properties": {"image": BINARY, **OPTIONS},
                                 }
                             },
                         },
                     },
                     "responses": {
-                        **_responses("200", 400, 401, 413, 422, 504),
+                        **_responses("200", 400, 401, 403, 404, 413, 422, 504),
                         "202": {"description": "queued (wait=false)"},
                     },
                 }
@@ -163,6 +188,13 @@ def document() -> dict[str, Any]:
                     "parameters": [_id("name")],
                     "responses": _responses("200", 400, 401, 404),
                 },
+            },
+            "/": {
+                "get": {
+                    "summary": "The search page",
+                    "security": [],
+                    "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}},
+                }
             },
             "/v1/openapi.json": {
                 "get": {"summary": "This document", "security": [], "responses": _responses("200")}

@@ -10,6 +10,7 @@ import base64
 import json
 import time
 import uuid
+from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -153,9 +154,29 @@ class PupylQueue:
         ``near_duplicate`` (a cosine distance, e.g. 0.05) also refuses images that
         close to an indexed one. Default: PUPYL_NEAR_DUPLICATE (0 = off).
         """
-        job_id = uuid.uuid4().hex
         local = origin == "local" and Path(str(uri)).expanduser().exists()
         uri = str(Path(uri).expanduser().resolve()) if local else str(uri)
+        return self._send_index(uuid.uuid4().hex, uri, check_unique, near_duplicate, origin)
+
+    def index_uploads(
+        self,
+        files: Iterable[tuple[str, bytes]],
+        check_unique: bool = False,
+        near_duplicate: float | None = None,
+    ) -> Job:
+        """Queue a job for images given as (file name, bytes): they go to the store first.
+
+        The way to index from a machine the workers cannot read (the API's multipart uploads).
+        """
+        job_id = uuid.uuid4().hex
+        layout = Layout(self.collection)
+        for number, (name, data) in enumerate(files):
+            self.store.put(layout.upload(job_id, number, name), bytes(data))
+        return self._send_index(job_id, C.UPLOAD_SCHEME + job_id, check_unique, near_duplicate, "network")
+
+    def _send_index(
+        self, job_id: str, uri: str, check_unique: bool, near_duplicate: float | None, origin: str
+    ) -> Job:
         request = {
             "job_id": job_id,
             "collection": self.collection,

@@ -58,6 +58,9 @@ KEY_SNAPSHOT = "snapshot"  # watermark of the newest published snapshot
 KEY_HASHES = "hashes"  # HASH sha256 -> id (dedup)
 KEY_BATCH_IDS = "batch-ids"  # HASH batch id -> "first:count" (ids a batch owns)
 KEY_JOB = "job"  # job:{id} HASH of counters, job:{id}:batches HASH of finished batches
+KEY_RECENT_JOBS = "jobs"  # ZSET score=created_at member=job id (the newest RECENT_JOBS_KEPT jobs)
+RECENT_JOBS_KEPT = 1000
+UPLOAD_SCHEME = "upload:"  # uri of a job whose images were uploaded into the store (upload:<job id>)
 
 # Object store layout under the collection prefix.
 STORE_COLLECTIONS = "collections"
@@ -71,5 +74,6 @@ STORE_VECTORS = "vectors"  # live vectors merged at compaction: the input of the
 STORE_STAGING = "staging"
 STORE_JOBS = "jobs"
 STORE_QUERIES = "queries"
+STORE_UPLOADS = "uploads"  # images uploaded through the API, until their job is done
 
 JOB_STATES = ("expanding", "running", "done", "failed")

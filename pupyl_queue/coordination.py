@@ -158,7 +158,12 @@ class Coordinator:
             "created_at": time.time(),
         }
         base.update(fields)
-        self.r.hset(key, mapping={k: _text(v) for k, v in base.items()})
+        recent = f"{C.REDIS_PREFIX}:{C.KEY_RECENT_JOBS}"
+        with self.r.pipeline() as pipe:
+            pipe.hset(key, mapping={k: _text(v) for k, v in base.items()})
+            pipe.zadd(recent, {job_id: float(base["created_at"])}, nx=True)
+            pipe.zremrangebyrank(recent, 0, -C.RECENT_JOBS_KEPT - 1)
+            pipe.execute()
 
     def update_job(self, job_id: str, **fields: Any) -> None:
         self.r.hset(self.layout.job_key(job_id), mapping={k: _text(v) for k, v in fields.items()})
@@ -185,6 +190,19 @@ def read_job(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
     for key, value in raw.items():
         out[key] = _parse(value)
     return out
+
+
+def recent_jobs(client: redis.Redis, limit: int = 20, collection: str | None = None) -> list[dict[str, Any]]:
+    """The newest jobs first (of one collection when named), as read_job gives them."""
+    ids = client.zrevrange(f"{C.REDIS_PREFIX}:{C.KEY_RECENT_JOBS}", 0, C.RECENT_JOBS_KEPT - 1)
+    jobs = []
+    for job_id in ids:
+        job = read_job(client, job_id)
+        if job is not None and (collection is None or job.get("collection") == collection):
+            jobs.append({"job_id": job_id, **job})
+            if len(jobs) >= limit:
+                break
+    return jobs
 
 
 def _text(value: Any) -> str:

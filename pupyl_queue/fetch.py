@@ -117,8 +117,8 @@ class Fetcher:
 
     def fetch(self, url: str, max_bytes: int) -> bytes:
         result = self.fetch_many([url], max_bytes)[0]
-        if result.error:
-            raise FetchError(result.error)
+        if result.error:  # the guard's reasons all start with "refused:"
+            raise (FetchRefused if result.error.startswith("refused") else FetchError)(result.error)
         return result.data
 
     def download(self, url: str, max_bytes: int) -> IO[bytes]:

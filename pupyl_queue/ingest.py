@@ -15,10 +15,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from pupyl_queue import constants as C
 from pupyl_queue.collection import ensure_collection
 from pupyl_queue.layout import Layout
 from pupyl_queue.runtime import Runtime
-from pupyl_queue.sources import SourceItem, Sources, fetch_pending
+from pupyl_queue.sources import SourceError, SourceItem, Sources, fetch_pending, too_large
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,14 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
             batch = []
             inline_budget = INLINE_BATCH_BYTES
 
-    sources = Sources(rt.settings, origin=job.get("origin") or "network")
-    items: Iterable[SourceItem] = fetch_pending(
-        sources.expand(job["uri"]), sources.fetcher, rt.settings.max_image_bytes, FETCH_WINDOW
-    )
+    items: Iterable[SourceItem]
+    if job["uri"].startswith(C.UPLOAD_SCHEME):
+        items = _uploads(rt, layout, job_id, job["uri"])
+    else:
+        sources = Sources(rt.settings, origin=job.get("origin") or "network")
+        items = fetch_pending(
+            sources.expand(job["uri"]), sources.fetcher, rt.settings.max_image_bytes, FETCH_WINDOW
+        )
     if spec.precision == "int8" and not rt.store.children(layout.calibration):
         items = _keep_calibration_sample(rt, layout, items)
     for item in items:
@@ -82,6 +87,28 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
     coord.update_job(job_id, total=total, batches_total=batches, expanded=1, state="running")
     finish_if_done(rt, job_id, collection)
     return {"job_id": job_id, "total": total, "batches": batches}
+
+
+def _uploads(rt: Runtime, layout: Layout, job_id: str, uri: str) -> Iterator[SourceItem]:
+    """The images a client uploaded for this job (the API puts them in the store first).
+
+    A job may only read its own uploads: ``upload:<its own id>``.
+    """
+    if uri != C.UPLOAD_SCHEME + job_id:
+        raise SourceError(f"{uri!r}: a job can only index its own uploads ({C.UPLOAD_SCHEME}{job_id})")
+    for key in rt.store.list(layout.uploads(job_id) + "/"):
+        name = key.rsplit("/", 1)[-1].split("-", 1)[-1]
+        data = rt.store.get(key)
+        meta = {
+            "original_file_name": name,
+            "original_path": "upload",
+            "original_file_size": len(data),
+            "original_access_time": None,
+        }
+        if len(data) > rt.settings.max_image_bytes:
+            yield SourceItem(ref=name, error=too_large(len(data), rt.settings.max_image_bytes), meta=meta)
+        else:
+            yield SourceItem(ref=name, data=data, meta=meta)
 
 
 def _keep_calibration_sample(
@@ -113,3 +140,4 @@ def finish_if_done(rt: Runtime, job_id: str, collection: str) -> None:
     complete = expanded == "1" and int(total or 0) == int(done or 0)
     if complete and rt.redis.hsetnx(key, "finished_at", time.time()):
         coord.update_job(job_id, state="done")
+        rt.store.delete_prefix(coord.layout.uploads(job_id) + "/")  # every batch holds its own copy now

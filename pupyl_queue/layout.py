@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from pupyl_queue import constants as C
 
 
@@ -66,6 +68,15 @@ class Layout:
 
     def staged_item(self, job_id: str, number: int) -> str:
         return f"{self.staging(job_id)}/{number}"
+
+    def uploads(self, job_id: str) -> str:
+        return f"{self.root}/{C.STORE_UPLOADS}/{job_id}"
+
+    def upload(self, job_id: str, number: int, name: str) -> str:
+        """Numbered so the job reads them in upload order; the name is kept for the metadata."""
+        base = name.replace("\\", "/").rsplit("/", 1)[-1].lstrip(".")  # a name, never a path
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", base)[-100:] or "image"
+        return f"{self.uploads(job_id)}/{number:06d}-{safe}"
 
     def job_report(self, job_id: str, batch: int) -> str:
         return f"{self.root}/{C.STORE_JOBS}/{job_id}/batch-{batch:06d}.json"

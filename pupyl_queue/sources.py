@@ -133,7 +133,7 @@ class Sources:
                     yield from self._blob(ref, fh, size, depth=0, base=path.parent)
                     return
                 if size > self.settings.max_image_bytes:
-                    yield SourceItem(ref, error=_too_large(size, self.settings.max_image_bytes))
+                    yield SourceItem(ref, error=too_large(size, self.settings.max_image_bytes))
                     return
                 fh.seek(0)
                 data = fh.read()
@@ -198,7 +198,7 @@ class Sources:
                 yield SourceItem(ref, error=f"cannot fetch: {type(exc).__name__}: {exc}")
                 continue
             if len(data) > s.max_image_bytes:
-                yield SourceItem(ref, error=_too_large(len(data), s.max_image_bytes))
+                yield SourceItem(ref, error=too_large(len(data), s.max_image_bytes))
                 continue
             meta = {"original_file_name": key.rsplit("/", 1)[-1], "original_path": ref.rsplit("/", 1)[0]}
             yield SourceItem(ref, data, meta={**meta, "original_file_size": len(data)})
@@ -245,7 +245,7 @@ class Sources:
         if link:
             return f"link in archive ({link}); skipped"
         if size > self.settings.max_image_bytes:
-            return _too_large(size, self.settings.max_image_bytes)
+            return too_large(size, self.settings.max_image_bytes)
         return ""
 
     def _tar(self, ref: str, fh: IO[bytes], size: int, depth: int, base: Path | None) -> Iterator[SourceItem]:
@@ -303,7 +303,7 @@ class Sources:
                     yield SourceItem(inner, error=f"damaged archive member: {exc}")
                     continue
                 if len(data) > limit:
-                    yield SourceItem(inner, error=_too_large(len(data), limit))
+                    yield SourceItem(inner, error=too_large(len(data), limit))
                     continue
                 stop = guard.add(len(data))
                 if stop:
@@ -439,7 +439,7 @@ def _looks_like_path(entry: str) -> bool:
     return entry.startswith(("/", "./", "../", "~")) or "/" in entry or "." in Path(entry).name
 
 
-def _too_large(size: int, limit: int) -> str:
+def too_large(size: int, limit: int) -> str:
     return f"file too large: {size} bytes > {limit} (PUPYL_MAX_IMAGE_BYTES)"
 
 

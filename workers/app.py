@@ -20,10 +20,18 @@ def make_app(settings: Settings | None = None, include_tasks: bool = True) -> Ce
         "pupyl_queue",
         broker=settings.broker_url,
         backend=settings.broker_url,
-        include=["workers.tasks"] if include_tasks else [],
+        include=["workers.tasks", "workers.signals"] if include_tasks else [],
         set_as_current=include_tasks,
     )
-    transport = {"visibility_timeout": settings.visibility_timeout}
+    transport = {
+        "visibility_timeout": settings.visibility_timeout,
+        # A message whose worker died (kill -9, OOM, lost node) stays unacknowledged in Redis and comes
+        # back only when a live worker's sweep finds it older than the visibility timeout. Kombu sweeps
+        # every 10 s x 10 (throttle) by default: sweep at a quarter of the timeout (1-60 s) instead, so
+        # recovery takes about the visibility timeout and no longer (found by tests/test_faults.py).
+        "unacked_restore_interval": max(1, min(60, settings.visibility_timeout // 4)),
+        "unacked_restore_throttle": 1,
+    }
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
