@@ -185,7 +185,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="run Redis (embedded unless PUPYL_REDIS_URL) and one worker per queue")
+    sub.add_parser(
+        "up",
+        help="run Redis (embedded unless PUPYL_REDIS_URL), one worker per queue and Flower (PUPYL_FLOWER)",
+    )
     sub.add_parser("api", help="run the HTTP API (PUPYL_API_HOST, PUPYL_API_PORT, PUPYL_API_TOKENS)")
     w = sub.add_parser("worker", help="run one Celery worker")
     w.add_argument("kind", choices=C.QUEUES)

@@ -79,6 +79,12 @@ class Settings:
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     api_max_body: int = 32 * 1024 * 1024
+    flower: bool = True
+    flower_auth: bool = True
+    flower_host: str = "127.0.0.1"
+    flower_port: int = 5555
+    flower_user: str = "pupyl"
+    flower_password: str = field(default="", repr=False)
     search_shard: int = -1
     search_memory_gb: float = 16.0
 

@@ -1,4 +1,4 @@
-"""Starting processes: an embedded redis-server and Celery workers of each kind.
+"""Starting processes: an embedded redis-server, Celery workers of each kind and Flower.
 
 Used by ``pupyl-queue up`` (the local stack in the foreground) and by the
 tests, so both start workers exactly the same way.
@@ -6,9 +6,11 @@ tests, so both start workers exactly the same way.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -20,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from pupyl_queue import constants as C
-from pupyl_queue.settings import Settings
+from pupyl_queue.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ WORKER_POOLS = {
     C.QUEUE_MAINTENANCE: ("solo", 1),
 }
 STACK_FILE = "stack.json"
+FLOWER_PASSWORD_FILE = "flower-password"
 
 
 def free_port() -> int:
@@ -84,7 +87,12 @@ def start_redis(directory: Path, port: int, appendonly: bool = True) -> subproce
 
 
 def wait_for_port(
-    port: int, proc: subprocess.Popen[bytes] | None, what: str, timeout: float = 20, log: Path | None = None
+    port: int,
+    proc: subprocess.Popen[bytes] | None,
+    what: str,
+    timeout: float = 20,
+    log: Path | None = None,
+    host: str = "127.0.0.1",
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -92,7 +100,7 @@ def wait_for_port(
             err = log.read_text(errors="replace") if log is not None and log.exists() else ""
             raise RuntimeError(f"{what} exited with {proc.returncode}: {err[-2000:]}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
@@ -137,6 +145,83 @@ def start_worker(
     return subprocess.Popen(worker_command(queue), env=full_env, stdout=out, stderr=subprocess.STDOUT)
 
 
+def flower_command(settings: Settings, port: int | None = None) -> list[str]:
+    """Flower's command line: no secret on it (the broker URL and basic auth go in the environment)."""
+    port = settings.flower_port if port is None else port
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.app",
+        "flower",
+        f"--port={port}",
+        f"--address={settings.flower_host}",
+    ]
+
+
+def flower_env(settings: Settings) -> dict[str, str]:
+    """Flower's environment: the workers' broker (PUPYL_REDIS_URL), and its auth as FLOWER_* options.
+
+    Flower needs only the broker: the other secrets (S3 keys, API tokens) are left out.
+    """
+    if settings.flower_auth:
+        if not settings.flower_password:
+            raise SettingsError("PUPYL_FLOWER_PASSWORD is empty: set one, or PUPYL_FLOWER=false")
+        if ":" in settings.flower_user or "," in settings.flower_user or "," in settings.flower_password:
+            raise SettingsError("PUPYL_FLOWER_USER takes no ':' or ',', and PUPYL_FLOWER_PASSWORD no ','")
+    elif not _is_loopback(settings.flower_host):
+        raise SettingsError(
+            f"PUPYL_FLOWER_AUTH=false opens Flower's control API to anyone who reaches it: it is for a "
+            f"loopback PUPYL_FLOWER_HOST only, not {settings.flower_host!r}"
+        )
+    unneeded = settings.replace(s3_access_key="", s3_secret_key="", api_tokens="", flower_password="")
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("FLOWER_BASIC_AUTH", "FLOWER_UNAUTHENTICATED_API")
+    }
+    env.update(unneeded.to_env())
+    if settings.flower_auth:
+        env["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{settings.flower_password}"
+    else:
+        env["FLOWER_UNAUTHENTICATED_API"] = "true"
+    return env
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def start_flower(
+    settings: Settings, log_path: Path | None = None, port: int | None = None
+) -> subprocess.Popen[bytes]:
+    """Flower on ``PUPYL_FLOWER_HOST:port`` (default ``PUPYL_FLOWER_PORT``), watching the workers' broker."""
+    command, env = flower_command(settings, port), flower_env(settings)
+    if log_path is None:
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(log_path, "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on host:port (a bind with SO_REUSEADDR, as servers do)."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host or "0.0.0.0", port, type=socket.SOCK_STREAM)[0]
+    except OSError:
+        return False  # let the server report it
+    with socket.socket(family, kind) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError:
+            return True
+    return False
+
+
 def stop(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
     """SIGTERM (Celery's warm shutdown), then SIGKILL if it lingers."""
     if proc.poll() is not None:
@@ -177,9 +262,55 @@ def discover_redis_url(settings: Settings) -> str:
         return settings.broker_url
 
 
+def prepare_flower(settings: Settings) -> tuple[Settings, bool]:
+    """Check Flower's settings before anything starts; with auth on and no password, make one up.
+
+    Returns the settings Flower runs with, and whether its password was generated for this run.
+    """
+    generated = settings.flower_auth and not settings.flower_password
+    if generated:
+        settings = settings.replace(flower_password=secrets.token_urlsafe(24))
+    flower_env(settings)  # raises on settings Flower cannot run with
+    if port_in_use(settings.flower_host, settings.flower_port):
+        raise RuntimeError(
+            f"PUPYL_FLOWER_PORT {settings.flower_port} is in use on {settings.flower_host}: "
+            "set another port, or PUPYL_FLOWER=false"
+        )
+    return settings, generated
+
+
+def announce_flower(settings: Settings, generated: bool) -> None:
+    """Tell the operator where Flower is. A generated password goes to the terminal once, never to a log.
+
+    It is also written to ``<data dir>/flower-password`` (mode 0600, removed when the stack stops), so a
+    run whose stdout is not a terminal (a service manager, a pipe) keeps it out of that output entirely.
+    """
+    url = f"http://{settings.flower_host}:{settings.flower_port}/"
+    password_file = settings.data_dir / FLOWER_PASSWORD_FILE
+    password_file.unlink(missing_ok=True)
+    if not settings.flower_auth:
+        log.warning("flower on %s without authentication (PUPYL_FLOWER_AUTH=false)", url)
+        return
+    log.info("flower on %s (basic auth, user %s)", url, settings.flower_user)
+    if not generated:
+        return
+    fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(settings.flower_password + "\n")
+    if sys.stdout.isatty():
+        print(
+            f"Flower: {url}  user {settings.flower_user}  password {settings.flower_password}\n"
+            f"  (generated for this run, also in {password_file}; set PUPYL_FLOWER_PASSWORD to keep one)",
+            flush=True,
+        )
+    else:
+        print(f"Flower: {url}  user {settings.flower_user}  password in {password_file}", flush=True)
+
+
 def run_stack(settings: Settings, queues: tuple[str, ...] = C.QUEUES) -> int:
-    """Run Redis (if none is configured) and one worker per queue until SIGINT/SIGTERM."""
+    """Run Redis (if none is configured), one worker per queue and Flower until SIGINT/SIGTERM."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    flower, generated = prepare_flower(settings) if settings.flower else (None, False)
     redis_proc = None
     if not settings.redis_url:
         port = free_port()
@@ -190,12 +321,12 @@ def run_stack(settings: Settings, queues: tuple[str, ...] = C.QUEUES) -> int:
     stack_file.write_text(json.dumps({"redis_url": settings.redis_url, "pid": os.getpid()}))
     logs = settings.data_dir / "logs"
     logs.mkdir(exist_ok=True)
-    workers = {q: start_worker(q, settings, log_path=logs / f"{q}.log") for q in queues if q != C.QUEUE_EMBED}
+    procs = {q: start_worker(q, settings, log_path=logs / f"{q}.log") for q in queues if q != C.QUEUE_EMBED}
     if C.QUEUE_EMBED in queues:  # one embed worker per GPU (DESIGN.md), or one on the CPU
         gpus = gpu_count()
         for gpu in range(gpus) if gpus else [None]:
             name = C.QUEUE_EMBED if gpu is None else f"{C.QUEUE_EMBED}-gpu{gpu}"
-            workers[name] = start_worker(C.QUEUE_EMBED, settings, pinned_env(gpu), logs / f"{name}.log")
+            procs[name] = start_worker(C.QUEUE_EMBED, settings, pinned_env(gpu), logs / f"{name}.log")
     log.info("workers started (%s); logs in %s; store %s", ", ".join(queues), logs, settings.store_url)
     stopping = False
 
@@ -206,18 +337,25 @@ def run_stack(settings: Settings, queues: tuple[str, ...] = C.QUEUES) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     code = 0
     try:
+        if flower is not None:
+            flower = flower.replace(redis_url=settings.redis_url)  # the workers' broker, embedded or not
+            procs["flower"] = start_flower(flower, logs / "flower.log")
+            host = "127.0.0.1" if flower.flower_host in ("", "0.0.0.0", "::") else flower.flower_host
+            wait_for_port(flower.flower_port, procs["flower"], "flower", 60, logs / "flower.log", host)
+            announce_flower(flower, generated)
         while not stopping:
-            for queue, proc in workers.items():
+            for name, proc in procs.items():
                 if proc.poll() is not None:
-                    log.error("%s worker exited with %s; see %s", queue, proc.returncode, logs)
+                    log.error("%s exited with %s; see %s", name, proc.returncode, logs)
                     stopping, code = True, 1
             time.sleep(0.2)
     finally:
-        for proc in workers.values():
+        for proc in procs.values():
             stop(proc)
         if redis_proc is not None:
             stop(redis_proc)
         stack_file.unlink(missing_ok=True)
+        (settings.data_dir / FLOWER_PASSWORD_FILE).unlink(missing_ok=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         log.info("stack stopped")

@@ -46,7 +46,13 @@ def test_compose_stack_has_every_part() -> None:
     gpu = services["embed"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"] and services["embed"]["profiles"] == ["gpu"]
     assert services["embed-cpu"]["profiles"] == ["cpu"]
-    assert any("--basic-auth" in part for part in services["flower"]["command"])
+    flower = services["flower"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"] == (
+        "${FLOWER_USER:?set FLOWER_USER in .env}:${FLOWER_PASSWORD:?set FLOWER_PASSWORD in .env}"
+    )  # basic auth from .env, in the environment: never on a command line, where `ps` shows it
+    command_line = " ".join(flower["entrypoint"] + flower["command"])
+    assert "flower" in command_line and "basic-auth" not in command_line and "PASSWORD" not in command_line
+    assert flower["environment"]["PUPYL_REDIS_URL"] == services["ingest"]["environment"]["PUPYL_REDIS_URL"]
     for name, service in services.items():
         if name != "minio-init":
             assert service.get("restart") == "unless-stopped", name
@@ -94,7 +100,9 @@ def test_no_secret_is_committed() -> None:
         "REDIS_PASSWORD",
         "MINIO_ROOT_PASSWORD",
         "FLOWER_PASSWORD",
+        "FLOWER_BASIC_AUTH",
         "PUPYL_API_TOKENS",
+        "PUPYL_FLOWER_PASSWORD",
         "PUPYL_S3_SECRET_KEY",
     ):
         for line in text.splitlines():
