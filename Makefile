@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PHOTOS ?= ../shared/data/photos
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install browser demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,6 +14,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Debian's chromium for the web page's browser test (Playwright drives it; it never downloads one).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && export DEBIAN_FRONTEND=noninteractive && \
+	  { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } \
+	  || echo "warning: no chromium (apt-get install chromium as root); the browser test will be skipped"; }
+
 demo: install
 	PY=$(PY) PHOTOS=$(PHOTOS) bash scripts/demo.sh
 
@@ -21,7 +27,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+test: lint browser
 	$(PY) -m pytest -q -ra --durations=10 $(PYTEST_ARGS)
 
 test-fast: install

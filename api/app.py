@@ -20,7 +20,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from pupyl_queue import constants as C
 from pupyl_queue.client import PupylQueue, TaskFailed, wait_result
@@ -107,14 +108,19 @@ async def read_form(request: web.Request) -> tuple[list[Upload], dict[str, Any]]
     """A multipart body read part by part, within the upload limits (aiohttp's own limit only
     covers ``request.post()``): one file at most PUPYL_MAX_IMAGE_BYTES, all at most PUPYL_API_MAX_BODY.
     """
-    settings = request.app[SETTINGS]
+    try:
+        return await _read_parts(await request.multipart(), request.app[SETTINGS])
+    except (HttpProcessingError, ValueError, AssertionError) as exc:  # aiohttp's parser on bad input
+        raise ApiError(400, "bad_multipart", f"the multipart body cannot be read: {exc}") from None
+
+
+async def _read_parts(reader: MultipartReader, settings: Settings) -> tuple[list[Upload], dict[str, Any]]:
     files: list[Upload] = []
     fields: dict[str, Any] = {}
     total = 0
-    reader = await request.multipart()
     while (part := await reader.next()) is not None:
         if not isinstance(part, BodyPartReader):
-            raise ApiError(400, "bad_request", "nested multipart bodies are not accepted")
+            raise ApiError(400, "bad_multipart", "nested multipart bodies are not accepted")
         limit = settings.max_image_bytes if part.filename else FORM_FIELD_BYTES
         data = bytearray()
         while chunk := await part.read_chunk(1 << 16):
@@ -132,6 +138,19 @@ async def read_form(request: web.Request) -> tuple[list[Upload], dict[str, Any]]
         elif part.name:
             fields[part.name] = data.decode("utf-8", "replace")
     return files, fields
+
+
+def integer(value: Any, name: str, default: int, low: int, high: int) -> int:
+    """An integer option from JSON or a form field, within [low, high]."""
+    if value is None:
+        return default
+    try:
+        number = int(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+    except ValueError:
+        number = None
+    if number is None or not low <= number <= high:
+        raise ApiError(400, "bad_request", f"{name} must be an integer from {low} to {high}")
+    return number
 
 
 def flag(value: Any, default: bool) -> bool:
@@ -166,8 +185,13 @@ async def index(request: web.Request) -> web.Response:
             raise ApiError(400, "bad_request", "'uri' (a string) is required")
     pq = client(request, data.get("collection"))
     check_unique, near = flag(data.get("check_unique"), False), data.get("near_duplicate")
-    if near is not None and not isinstance(near, (int, float)):
-        near = float(near)  # a form field is text; a bad one is a ValueError: 400
+    if near is not None:
+        try:
+            near = float(near) if isinstance(near, (int, float, str)) and not isinstance(near, bool) else -1
+        except ValueError:
+            near = -1.0
+        if not 0 <= near <= 2:  # a cosine distance (NaN fails this too)
+            raise ApiError(400, "bad_request", "near_duplicate is a cosine distance from 0 to 2")
     if files:
         job = await blocking(pq.index_uploads, [(f.name, f.data) for f in files], check_unique, near)
     else:
@@ -207,13 +231,8 @@ async def job(request: web.Request) -> web.Response:
 
 
 def _page(request: web.Request) -> tuple[int, int]:
-    try:
-        offset, limit = int(request.query.get("offset", 0)), int(request.query.get("limit", 100))
-    except ValueError:
-        raise ApiError(400, "bad_request", "offset and limit must be integers") from None
-    if offset < 0 or not 1 <= limit <= 1000:
-        raise ApiError(400, "bad_request", "offset >= 0 and 1 <= limit <= 1000")
-    return offset, limit
+    offset = integer(request.query.get("offset"), "offset", 0, 0, 2**31)
+    return offset, integer(request.query.get("limit"), "limit", 100, 1, 1000)
 
 
 async def search(request: web.Request) -> web.Response:
@@ -226,15 +245,14 @@ async def search(request: web.Request) -> web.Response:
     else:
         options = await body_json(request)
         if "id" in options:
-            if isinstance(options["id"], bool) or not isinstance(options["id"], (int, str)):
-                raise ApiError(400, "bad_request", "'id' is an integer")
-            query = int(options["id"])
+            query = integer(options["id"], "id", 0, 0, 2**63 - 1)
         elif "vector" in options:
             import numpy as np
 
-            query = np.asarray(options["vector"], dtype=np.float32)
+            with np.errstate(all="ignore"):  # overflow to inf is refused just below
+                query = np.asarray(options["vector"], dtype=np.float64).astype(np.float32)
             if query.ndim != 1 or not query.size or not np.isfinite(query).all():
-                raise ApiError(400, "bad_request", "'vector' is a non-empty list of finite numbers")
+                raise ApiError(400, "bad_request", "'vector' is a non-empty list of finite float32 numbers")
         elif "image_b64" in options:
             query = base64.b64decode(str(options["image_b64"]), validate=True)
         elif "uri" in options:
@@ -244,9 +262,7 @@ async def search(request: web.Request) -> web.Response:
                 400, "bad_request", "give an image (multipart), or JSON with uri, id, vector or image_b64"
             )
     pq = client(request, options.get("collection"))
-    top = int(options.get("top", 4))
-    if not 1 <= top <= 1000:
-        raise ApiError(400, "bad_request", "top must be between 1 and 1000")
+    top = integer(options.get("top"), "top", 4, 1, 1000)
     metadata, distances = flag(options.get("metadata"), False), flag(options.get("distances"), True)
     result = await blocking(pq.search_async, query, top, metadata)
     if not flag(options.get("wait"), True):

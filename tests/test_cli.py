@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from pupyl_queue.stack import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +31,9 @@ def cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.Com
 
 def test_up_index_search_remove_and_clean_stop(tmp_path: Path, tiny_model: Path, photo_dir: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PUPYL_")}
+    flower_port = free_port()  # not the default 5555: another stack may hold it
     env.update(PUPYL_DATA_DIR=str(tmp_path / "data"), PUPYL_MODEL=str(tiny_model))
+    env.update(PUPYL_FLOWER_PORT=str(flower_port))
     up = subprocess.Popen(
         [sys.executable, "-m", "pupyl_queue.cli", "up"],
         env=env,
@@ -44,7 +49,9 @@ def test_up_index_search_remove_and_clean_stop(tmp_path: Path, tiny_model: Path,
             assert time.monotonic() < deadline, "pupyl-queue up did not start"
             time.sleep(0.2)
         children = psutil.Process(up.pid).children(recursive=True)
-        assert len(children) >= 5  # redis-server and four workers
+        assert len(children) >= 6  # redis-server, four workers and Flower
+        with socket.create_connection(("127.0.0.1", flower_port), timeout=5):
+            pass  # Flower listens (its API and auth are tested in test_flower.py)
 
         done = cli(env, "index", str(photo_dir), "--wait")
         assert done.returncode == 0, done.stderr

@@ -1,0 +1,222 @@
+"""The HTTP service in front of real workers: uploads, search by URL, the page in Chromium, fuzzing.
+
+The browser is Debian's ``chromium`` driven by Playwright's Python package (it runs the browser
+given by path; Playwright never downloads one here). The fuzzing is a bounded schemathesis run
+against the OpenAPI document: no input the document allows may produce a 5xx.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from api.app import make_app
+from pupyl_queue import PupylQueue, Settings
+from pupyl_queue.layout import Layout
+from pupyl_queue.stack import free_port
+from tests.httpserver import LoopbackServer, serve_app
+from tests.imagegen import encode, pattern
+from tests.workers import Workers
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BAD_FILES = {"truncated.jpg", "not_image.jpg"}
+SCREENSHOT = os.environ.get("PUPYL_SCREENSHOT")  # where to save the README's picture of the page
+
+
+@dataclass
+class Service:
+    client: PupylQueue
+    workers: Workers
+    base: str
+    token: str
+
+    def call(self, method: str, path: str, body: object = None, **headers: str) -> tuple[int, object]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base + path, data=data, method=method)
+        request.add_header("Authorization", f"Bearer {self.token}")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        for name, value in headers.items():
+            request.add_header(name, value)
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                payload = response.read()
+                kind = response.headers.get("Content-Type", "")
+                return response.status, json.loads(payload) if "json" in kind else payload
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def wait_job(self, url: str, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while (state := self.call("GET", url)[1])["state"] not in ("done", "failed"):  # type: ignore[index]
+            assert time.monotonic() < deadline, state
+            time.sleep(0.2)
+        return state  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module")
+def service(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, photo_dir: Path
+) -> Iterator[Service]:
+    home = tmp_path_factory.mktemp("web")
+    settings = Settings(
+        data_dir=home / "data",
+        redis_url=redis_url.rsplit("/", 1)[0] + "/6",
+        fetch_allow_networks="127.0.0.1/32",  # the loopback test HTTP server
+        allowed_roots=str(photo_dir),
+        search_timeout=30,
+    )
+    workers = Workers(settings, home)
+    workers.start()
+    client = PupylQueue(settings=settings, model=tiny_model)
+    client.redis.flushdb()
+    client.index(photo_dir).wait(timeout=300)
+    token = "web-t0ken-" + uuid.uuid4().hex
+    port = free_port()
+    api_settings = settings.replace(api_tokens=token, model=str(tiny_model))
+    try:
+        with serve_app(make_app(api_settings), port):
+            yield Service(client, workers, f"http://127.0.0.1:{port}", token)
+    finally:
+        client.close()
+        workers.stop_all()
+        assert token not in workers.logs()
+
+
+def multipart(files: list[tuple[str, bytes]], **fields: str) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, data in files:
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+        parts.append(head.encode() + b"Content-Type: application/octet-stream\r\n\r\n" + data + b"\r\n")
+    for key, value in fields.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode()
+        )
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_upload_index_then_search_by_url_and_path(
+    service: Service, http_server: LoopbackServer, photo_dir: Path
+) -> None:
+    images = [encode(pattern(900 + seed), "JPEG") for seed in range(3)]
+    body, kind = multipart(
+        [(f"up{seed}.jpg", data) for seed, data in enumerate(images)] + [("broken.jpg", images[0][:300])],
+        check_unique="true",
+    )
+    request = urllib.request.Request(service.base + "/v1/index", data=body, method="POST")
+    request.add_header("Authorization", f"Bearer {service.token}")
+    request.add_header("Content-Type", kind)
+    with urllib.request.urlopen(request, timeout=60) as response:
+        accepted = json.loads(response.read())
+    assert response.status == 202 and accepted["files"] == 4
+    state = service.wait_job(accepted["url"])
+    assert (state["total"], state["indexed"], state["failed"]) == (4, 3, 1), state
+    assert [f["ref"] for f in state["failures"]] == ["broken.jpg"]
+    uploads = Layout().uploads(accepted["job_id"]) + "/"
+    assert list(service.client.store.list(uploads)) == []  # removed once the job is done
+
+    url = http_server.add(f"query-{uuid.uuid4().hex}.jpg", images[1], "image/jpeg")
+    status, answer = service.call("POST", "/v1/search", {"uri": url, "top": 2, "metadata": True})
+    assert status == 200, answer
+    first = answer["results"][0]  # type: ignore[index]
+    assert first["metadata"]["original_file_name"] == "up1.jpg"
+    assert first["distance"] == pytest.approx(0.0, abs=1e-4)
+
+    photo = next(p for p in sorted(photo_dir.rglob("*.jpg")) if p.name not in BAD_FILES)
+    status, answer = service.call("POST", "/v1/search", {"uri": str(photo), "distances": False})
+    assert status == 200, answer
+    assert "distance" not in answer["results"][0]  # type: ignore[index]
+    status, by_path = service.call("POST", "/v1/search", {"uri": f"file://{photo}", "metadata": True})
+    assert by_path["results"][0]["metadata"]["original_file_name"] == photo.name  # type: ignore[index]
+
+    status, refused = service.call("POST", "/v1/search", {"uri": "/etc/passwd"})
+    assert status == 403 and refused["error"]["code"] == "refused"  # type: ignore[index]
+    status, dead = service.call("POST", "/v1/search", {"uri": http_server.base + "/files/gone.jpg"})
+    assert status == 422 and "404" in dead["error"]["message"]  # type: ignore[index]
+
+    status, listed = service.call("GET", "/v1/jobs?limit=5")
+    assert accepted["job_id"] in [j["job_id"] for j in listed["jobs"]]  # type: ignore[index]
+    metrics = service.call("GET", "/metrics")[1].decode()  # type: ignore[union-attr]
+    embed_runs = next(
+        line
+        for line in metrics.splitlines()
+        if line.startswith('pupyl_task_seconds_count{task="pupyl.embed"}')
+    )
+    assert float(embed_runs.split()[-1]) >= 2  # the photo job's batches and the upload's
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make install-browser)")
+def test_search_page_in_chromium(service: Service, photo_dir: Path, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    photo = next(p for p in sorted(photo_dir.rglob("*.jpg")) if p.name not in BAD_FILES)
+    expected = service.client.search(photo, top=2, return_distances=True)
+    problems: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+            page.on("pageerror", lambda exc: problems.append(str(exc)))
+            page.goto(service.base + "/")
+            page.fill("#token", service.token)
+            page.dispatch_event("#token", "change")
+            page.set_input_files("#file", str(photo))
+            page.click("#search-file button")
+            page.wait_for_selector("#results li img[src^='blob:']")
+            cards = page.locator("#results li")
+            assert cards.first.get_attribute("data-id") == str(expected[0][0])
+            assert "distance 0.0000" in cards.first.inner_text()
+            assert photo.name in cards.first.inner_text()  # metadata shown
+            assert page.locator("#jobs tbody tr").count() >= 1  # recent jobs, with progress bars
+            assert page.locator("#jobs progress").count() >= 1
+
+            other = cards.nth(1).get_attribute("data-id")
+            cards.nth(1).locator("img").click()  # search by a result
+            page.wait_for_function(
+                "id => document.querySelector('#results li')?.dataset.id === id", arg=other
+            )
+            assert "distance 0.0000" in page.locator("#results li").first.inner_text()
+            page.wait_for_selector("#results li img[src^='blob:']")
+            if SCREENSHOT:
+                page.screenshot(path=SCREENSHOT, full_page=True)
+
+            page.fill("#token", "wrong")
+            page.dispatch_event("#token", "change")
+            page.click("#search-file button")
+            page.wait_for_selector("#status.error")
+            assert "401" in page.inner_text("#status")
+        finally:
+            browser.close()
+    problems = [p for p in problems if "401" not in p]  # the refused search above logs its 401
+    assert problems == []
+
+
+def test_bounded_fuzzing_finds_no_server_error(service: Service, tmp_path: Path) -> None:
+    """schemathesis: every operation, a fixed seed and a bounded number of examples; no 5xx."""
+    command = [
+        sys.executable, "-m", "schemathesis.cli", "run", service.base + "/v1/openapi.json",
+        "--checks", "not_a_server_error", "--max-examples", "8", "--seed", "7",
+        "--request-timeout", "60", "--header", f"Authorization: Bearer {service.token}",
+        "--exclude-method", "DELETE", "--workers", "1", "--no-color",
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-6000:]
+    generated = re.search(r"(\d+) generated, (\d+) passed", output)
+    assert generated and int(generated[2]) == int(generated[1]) > 100, output[-3000:]  # bounded, not empty
