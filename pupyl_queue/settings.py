@@ -87,6 +87,7 @@ class Settings:
     flower_password: str = field(default="", repr=False)
     search_shard: int = -1
     search_memory_gb: float = 16.0
+    worker_max_rss_mb: int = 6144  # a worker past this after a task stops warmly and is started anew
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())

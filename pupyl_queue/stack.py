@@ -18,7 +18,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 
 from pupyl_queue import constants as C
@@ -35,6 +36,7 @@ WORKER_POOLS = {
     C.QUEUE_MAINTENANCE: ("solo", 1),
 }
 STACK_FILE = "stack.json"
+MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0  # more worker restarts than this in the window stop `up`
 FLOWER_PASSWORD_FILE = "flower-password"
 
 
@@ -321,12 +323,17 @@ def run_stack(settings: Settings, queues: tuple[str, ...] = C.QUEUES) -> int:
     stack_file.write_text(json.dumps({"redis_url": settings.redis_url, "pid": os.getpid()}))
     logs = settings.data_dir / "logs"
     logs.mkdir(exist_ok=True)
-    procs = {q: start_worker(q, settings, log_path=logs / f"{q}.log") for q in queues if q != C.QUEUE_EMBED}
+    starters: dict[str, Callable[[], subprocess.Popen[bytes]]] = {
+        q: partial(start_worker, q, settings, None, logs / f"{q}.log") for q in queues if q != C.QUEUE_EMBED
+    }
     if C.QUEUE_EMBED in queues:  # one embed worker per GPU (DESIGN.md), or one on the CPU
         gpus = gpu_count()
         for gpu in range(gpus) if gpus else [None]:
             name = C.QUEUE_EMBED if gpu is None else f"{C.QUEUE_EMBED}-gpu{gpu}"
-            procs[name] = start_worker(C.QUEUE_EMBED, settings, pinned_env(gpu), logs / f"{name}.log")
+            env, log_path = pinned_env(gpu), logs / f"{name}.log"
+            starters[name] = partial(start_worker, C.QUEUE_EMBED, settings, env, log_path)
+    procs = {name: start() for name, start in starters.items()}
+    restarts: list[float] = []
     log.info("workers started (%s); logs in %s; store %s", ", ".join(queues), logs, settings.store_url)
     stopping = False
 
@@ -344,10 +351,19 @@ def run_stack(settings: Settings, queues: tuple[str, ...] = C.QUEUES) -> int:
             wait_for_port(flower.flower_port, procs["flower"], "flower", 60, logs / "flower.log", host)
             announce_flower(flower, generated)
         while not stopping:
-            for name, proc in procs.items():
-                if proc.poll() is not None:
-                    log.error("%s exited with %s; see %s", name, proc.returncode, logs)
+            for name, proc in list(procs.items()):
+                if proc.poll() is None or stopping:
+                    continue
+                # A worker that exits (its memory bound, a crash, kill -9) is started anew: its
+                # unacknowledged task comes back to the queue. One that keeps dying stops the stack.
+                now = time.monotonic()
+                restarts = [t for t in restarts if t > now - RESTART_WINDOW_S] + [now]
+                if name not in starters or len(restarts) > MAX_RESTARTS:
+                    log.error("%s exited with %s; stopping the stack; see %s", name, proc.returncode, logs)
                     stopping, code = True, 1
+                else:
+                    log.warning("%s exited with %s; starting it again; see %s", name, proc.returncode, logs)
+                    procs[name] = starters[name]()
             time.sleep(0.2)
     finally:
         for proc in procs.values():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pupyl_queue.stack import free_port
+from pupyl_queue.stack import free_port, wait_for_port
 
 pytestmark = pytest.mark.slow
 
@@ -48,10 +47,9 @@ def test_up_index_search_remove_and_clean_stop(tmp_path: Path, tiny_model: Path,
             assert up.poll() is None, up.stdout.read() if up.stdout else ""
             assert time.monotonic() < deadline, "pupyl-queue up did not start"
             time.sleep(0.2)
+        wait_for_port(flower_port, None, "flower", 60)  # its API and auth: test_flower.py
         children = psutil.Process(up.pid).children(recursive=True)
         assert len(children) >= 6  # redis-server, four workers and Flower
-        with socket.create_connection(("127.0.0.1", flower_port), timeout=5):
-            pass  # Flower listens (its API and auth are tested in test_flower.py)
 
         done = cli(env, "index", str(photo_dir), "--wait")
         assert done.returncode == 0, done.stderr
@@ -63,6 +61,16 @@ def test_up_index_search_remove_and_clean_stop(tmp_path: Path, tiny_model: Path,
         assert found.returncode == 0, found.stderr
         hits = json.loads(found.stdout)
         assert hits[0]["original_file_name"] == query.name and hits[0]["distance"] < 1e-4
+
+        # a worker killed -9 is started anew by `up`, and the stack answers as before
+        search_worker = next(c for c in children if "-Q search " in " ".join(c.cmdline()) + " ")
+        search_worker.kill()
+        search_worker.wait(timeout=10)
+        again = cli(env, "--json", "search", str(query), "--top", "2")
+        assert again.returncode == 0 and json.loads(again.stdout) == hits, again.stderr
+        replaced = psutil.Process(up.pid).children(recursive=True)
+        assert any("-Q search " in " ".join(c.cmdline()) + " " for c in replaced)
+        children = replaced
 
         removed = cli(env, "remove", str(hits[0]["id"]))
         assert removed.returncode == 0 and json.loads(removed.stdout)["removed"] is True

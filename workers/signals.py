@@ -1,10 +1,13 @@
-"""Worker-side bookkeeping hooked to Celery's task signals: per-task timings for /metrics."""
+"""Worker-side bookkeeping hooked to Celery's task signals: per-task timings for /metrics, memory bound."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from celery.signals import task_postrun, task_prerun
@@ -34,3 +37,27 @@ def _record(task_id: str | None = None, task: Any = None, state: str | None = No
         telemetry.record_task(runtime().redis, task.name, time.perf_counter() - started, state or "UNKNOWN")
     except Exception:  # noqa: BLE001 - a metric must never fail the task it measures
         log.debug("could not record the timing of %s", task.name, exc_info=True)
+    _stop_if_too_big(runtime().settings.worker_max_rss_mb)
+
+
+def resident_mb() -> float:
+    """This process's resident memory now (not its peak), from /proc; 0 where there is none."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _stop_if_too_big(limit_mb: int) -> None:
+    """Bound a long-running worker's memory: the TensorFlow workers run ``--pool solo`` (no fork after
+    TensorFlow), where Celery's max-tasks/max-memory-per-child do not apply. Past the limit, a warm
+    shutdown (SIGTERM: the task just run is acknowledged first) and the supervisor (``up``, compose,
+    Kubernetes) starts a fresh process.
+    """
+    used = resident_mb()
+    if limit_mb > 0 and used > limit_mb:
+        log.warning(
+            "resident memory %.0f MiB > PUPYL_WORKER_MAX_RSS_MB=%d: stopping, to be restarted", used, limit_mb
+        )
+        os.kill(os.getpid(), signal.SIGTERM)
