@@ -55,3 +55,12 @@ def test_index_benchmark_smoke() -> None:
     row = next(line for line in table.splitlines() if line.strip().startswith("3000"))
     recall = float(row.split()[-2])
     assert 0.5 <= recall <= 1.0
+
+
+def test_load_benchmark_smoke() -> None:
+    need_shared(SHARED_DATA / "photos")
+    table = run("bench/load.py", "--seed", "30", "--producers", "2", "--jobs", "1", "--per-job", "15")
+    phases = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert {"idle", "under ingest", "embed", "search"} <= set(phases)
+    p50 = float(phases["under ingest"].split("|")[3])
+    assert p50 > 0
