@@ -8,7 +8,6 @@ against the OpenAPI document: no input the document allows may produce a 5xx.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -30,6 +29,7 @@ from pupyl_queue.layout import Layout
 from pupyl_queue.stack import free_port
 from tests.httpserver import LoopbackServer, serve_app
 from tests.imagegen import encode, pattern
+from tests.logcapture import all_log_lines
 from tests.workers import Workers
 
 pytestmark = pytest.mark.slow
@@ -89,30 +89,13 @@ def service(
     token = "web-t0ken-" + uuid.uuid4().hex
     port = free_port()
     api_settings = settings.replace(api_tokens=token, model=str(tiny_model))
-    lines = LogLines()
-    root = logging.getLogger()
-    level, root.level = root.level, logging.DEBUG  # every line the API process could write
-    root.addHandler(lines)
     try:
-        with serve_app(make_app(api_settings), port):
+        with all_log_lines() as lines, serve_app(make_app(api_settings), port):
             yield Service(client, workers, f"http://127.0.0.1:{port}", token)
     finally:
-        root.removeHandler(lines)
-        root.setLevel(level)
         client.close()
         workers.stop_all()
     assert lines.seen > 0 and token not in lines.text and token not in workers.logs()
-
-
-class LogLines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.setFormatter(logging.Formatter("%(name)s %(message)s"))
-        self.text, self.seen = "", 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.text += self.format(record) + "\n"
-        self.seen += 1
 
 
 def multipart(files: list[tuple[str, bytes]], **fields: str) -> tuple[bytes, str]:
