@@ -26,6 +26,7 @@ from pupyl_queue import constants as C
 from pupyl_queue.collection import read_manifest
 from pupyl_queue.compaction import read_pointer
 from pupyl_queue.coordination import Coordinator
+from pupyl_queue.integrity import seal
 from pupyl_queue.layout import Layout
 from pupyl_queue.settings import Settings
 from pupyl_queue.store import ObjectNotFound, ObjectStore, open_store
@@ -214,6 +215,10 @@ def _rewrite(rel: str, data: bytes, old_root: str, new_root: str) -> bytes:
     doc["path"] = doc["path"].replace(old_root, new_root, 1)
     if "vector_files" in doc:
         doc["vector_files"] = [k.replace(old_root, new_root, 1) for k in doc["vector_files"]]
+    if "vector_sha256" in doc:
+        doc["vector_sha256"] = {k.replace(old_root, new_root, 1): v for k, v in doc["vector_sha256"].items()}
+    if "checksum" in doc:  # moved on purpose (the archive was verified): sealed again, or readers reject it
+        doc = seal(doc)
     return json.dumps(doc, indent=2).encode()
 
 

@@ -11,6 +11,7 @@ from pupyl_queue import constants as C
 from pupyl_queue.collection import CollectionMissing, list_collections, read_manifest
 from pupyl_queue.compaction import read_pointer
 from pupyl_queue.coordination import Coordinator
+from pupyl_queue.integrity import damaged
 from pupyl_queue.layout import Layout
 from pupyl_queue.store import ObjectStore
 
@@ -36,6 +37,8 @@ def describe_collection(store: ObjectStore, client: redis.Redis, name: str) -> d
         "last_snapshot": None
         if snapshot is None
         else {key: snapshot[key] for key in ("watermark", "count", "factory", "nprobe", "created_at")},
+        # Store objects found truncated or altered (integrity.py): key -> {reason, seen_at, by}.
+        "damaged": damaged(client, layout),
     }
 
 

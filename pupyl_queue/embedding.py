@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from pupyl_queue import integrity
 from pupyl_queue.images import DecodedImage, ImageError, decode
 from pupyl_queue.ingest import finish_if_done
 from pupyl_queue.runtime import Runtime
@@ -190,7 +191,11 @@ class _BatchRun:
         for write in self._writes:
             write.result()
         segment = self.coord.layout.segment(batch_id)
-        self.rt.store.put(segment, encode_segment(np.array([self.ids[p] for p in self.keep]), self.vectors))
+        # A committed segment is immutable: a rerun must not rewrite it (its checksum is in the commit log).
+        if not integrity.is_committed(self.coord, segment):
+            data = encode_segment(np.array([self.ids[p] for p in self.keep]), self.vectors)
+            self.rt.store.put(segment, data)
+            integrity.record_checksum(self.coord, segment, data)
         sequence = self.coord.publish(segment, images=len(self.keep))
         self.timings.write_s = time.perf_counter() - started
         return sequence

@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import threading
 import time
 from typing import Any
 
 import numpy as np
+import redis
+from redis.exceptions import LockError
 
+from pupyl_queue import integrity
 from pupyl_queue.images import decode
 from pupyl_queue.layout import Layout
 from pupyl_queue.models import normalize
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.sharding import Send, fan_out, shard_vector
-from pupyl_queue.store import ObjectNotFound
+from pupyl_queue.store import ObjectNotFound, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 
 class QueryError(ValueError):
@@ -66,11 +73,29 @@ def search(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict[
     if not 1 <= top <= 10_000:
         raise QueryError("top must be between 1 and 10000")
     started = time.perf_counter()
+    # An uploaded query image is deleted once the search is over, not as soon as it is embedded: a
+    # search whose worker dies is delivered again (acks_late), and a transient failure is retried;
+    # either must still find its query image.
     try:
-        vector = query_vector(rt, collection, task["query"], send)
-    finally:
-        if "key" in task["query"]:
-            rt.store.delete(task["query"]["key"])
+        answer = _search(rt, task, collection, top, started, send)
+    except (StoreUnavailable, redis.ConnectionError, redis.TimeoutError):
+        raise
+    except BaseException:
+        _drop_query(rt, task)
+        raise
+    _drop_query(rt, task)
+    return answer
+
+
+def _drop_query(rt: Runtime, task: dict[str, Any]) -> None:
+    if "key" in task["query"]:
+        rt.store.delete(task["query"]["key"])
+
+
+def _search(
+    rt: Runtime, task: dict[str, Any], collection: str, top: int, started: float, send: Send | None
+) -> dict[str, Any]:
+    vector = query_vector(rt, collection, task["query"], send)
     if rt.is_router:
         if send is None:
             raise RuntimeError("a search router needs a way to reach its shards")
@@ -81,7 +106,8 @@ def search(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict[
         if wanted and not searcher.wait_for(wanted, float(task.get("wait_timeout", 30))):
             raise NotCaughtUp(f"searcher is at sequence {searcher.sequence}, asked for {wanted}")
         hits = searcher.search(vector, top)
-        info = {"sequence": searcher.sequence, "count": len(searcher)}
+        # ``degraded``/``damaged`` only when the store had damage this searcher routed around.
+        info = {"sequence": searcher.sequence, "count": len(searcher), **searcher.health()}
     results: list[dict[str, Any]] = []
     layout = Layout(collection)
     for image_id, distance in hits:
@@ -137,6 +163,8 @@ def remove(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
         return {"id": image_id, "removed": False, "reason": f"no image with id {image_id}"}
     if not rt.store.exists(tombstone):
         rt.store.put(tombstone, json.dumps({"id": image_id, "removed_at": time.time()}).encode())
+    if not integrity.is_committed(coord, tombstone):
+        integrity.record_checksum(coord, tombstone, rt.store.get(tombstone))
     sequence = coord.publish(tombstone, images=-1 if meta is not None else 0)
     rt.store.delete(layout.image(image_id))
     rt.store.delete(layout.original(image_id))
@@ -152,11 +180,28 @@ def compact(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
 
     collection = task.get("collection", "default")
     layout = Layout(collection)
-    lock = rt.redis.lock(layout.key("compact-lock"), timeout=6 * 3600, blocking_timeout=0)
+    # A short lock, renewed while the compaction runs: a compaction killed with its worker (kill -9,
+    # OOM) used to hold a 6-hour lock, and every compaction until then was skipped as "running".
+    ttl = max(3, rt.settings.compact_lock_s)
+    lock = rt.redis.lock(layout.key("compact-lock"), timeout=ttl, blocking_timeout=0)
     if not lock.acquire(blocking=False):
         return {"collection": collection, "skipped": "another compaction is running"}
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(ttl / 3):
+            try:
+                lock.reacquire()
+            except Exception:  # noqa: BLE001 - lost it (Redis gone or lapsed): the run goes on regardless
+                log.warning("could not renew the compaction lock of %s", collection)
+
+    threading.Thread(target=renew, name="pupyl-compact-lock", daemon=True).start()
     try:
         return Compactor(rt.store, rt.coordinator(collection), rt.settings).run(rt.spec(collection).to_json())
     finally:
+        done.set()
         rt.redis.delete(layout.key("compact-due"))
-        lock.release()
+        try:
+            lock.release()
+        except LockError:  # it lapsed meanwhile (a stall longer than the lock): nothing to release
+            log.warning("the compaction lock of %s lapsed before the end of the run", collection)

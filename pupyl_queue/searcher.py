@@ -11,7 +11,6 @@ background thread and swaps it in; searches wait only for the swap itself.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -22,7 +21,9 @@ from typing import Any
 import numpy as np
 
 from pupyl_queue import constants as C
+from pupyl_queue import integrity
 from pupyl_queue.coordination import Coordinator
+from pupyl_queue.integrity import StoreDamaged
 from pupyl_queue.layout import Layout
 from pupyl_queue.store import ObjectNotFound, ObjectStore
 from pupyl_queue.vector_index import IdSet, VectorIndex
@@ -30,8 +31,7 @@ from pupyl_queue.vector_index import IdSet, VectorIndex
 log = logging.getLogger(__name__)
 
 
-class SnapshotDamaged(ValueError):
-    """A snapshot's bytes do not match its manifest."""
+SnapshotDamaged = StoreDamaged  # the name this error had before integrity.py
 
 
 def encode_segment(ids: np.ndarray, vectors: np.ndarray) -> bytes:
@@ -43,13 +43,6 @@ def encode_segment(ids: np.ndarray, vectors: np.ndarray) -> bytes:
 def decode_segment(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         return npz["ids"], npz["vectors"]
-
-
-def read_checked(store: ObjectStore, key: str, sha256: str) -> bytes:
-    data = store.get(key)
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise SnapshotDamaged(f"{key} does not match the checksum in its manifest")
-    return data
 
 
 class Searcher:
@@ -71,6 +64,9 @@ class Searcher:
         self.snapshot_watermark = 0  # the snapshot this state was loaded from
         self.tombstones: set[int] = set()
         self._seen_changes = -1
+        self.published_seen = 0  # the newest published snapshot looked at (loaded, or found damaged)
+        self.damaged: dict[str, str] = {}  # store key -> reason, for damage this state routed around
+        self.skipped: dict[str, str] = {}  # damaged segments left out: searches miss their vectors
         self._lock = threading.RLock()
         self._swapping = False
 
@@ -81,24 +77,56 @@ class Searcher:
             self.refresh(force=True)
 
     def _load_snapshot(self) -> None:
+        """The newest published snapshot whose files all match their manifest; else an older one.
+
+        A damaged snapshot is reported and passed over: the one before it, plus
+        the commits after its watermark (GC keeps both), gives the same state.
+        With none usable, the whole commit log is replayed if it is complete;
+        otherwise loading fails with StoreDamaged rather than serve a partial index.
+        """
+        candidates, newest = integrity.snapshot_candidates(self.store, self.coord)
+        self.published_seen = max(self.published_seen, newest)
+        for base in candidates:
+            try:
+                manifest = integrity.open_manifest(self.store, base)
+                if not integrity.log_complete_after(self.coord, int(manifest["watermark"])):
+                    log.warning("snapshot %s is intact but the commits after it were trimmed; skipped", base)
+                    continue
+                if self.shard is not None:
+                    self._load_shard(manifest)
+                else:
+                    self._load_full(manifest)
+            except StoreDamaged as exc:
+                self._damage(exc.key, exc.reason)
+                continue
+            if base != candidates[0]:
+                log.error("serving collection %s from the older snapshot %s", self.layout.collection, base)
+            return
+        if not candidates:
+            return
+        if integrity.log_complete_after(self.coord, 0):
+            log.error("no usable snapshot of %s: replaying the whole commit log", self.layout.collection)
+            return
+        raise StoreDamaged(
+            candidates[0],
+            "no usable snapshot, and the commit log no longer holds every commit (see the damaged list)",
+        )
+
+    def _damage(self, key: str, reason: str) -> None:
+        self.damaged[key] = reason
+        integrity.report(self.coord, key, reason, by="searcher")
+
+    def _load_full(self, manifest: dict[str, Any]) -> None:
+        base = manifest["path"]
+        data = integrity.snapshot_file(self.store, manifest, "index.faiss")
+        id_bits = integrity.snapshot_file(self.store, manifest, "ids.bits")
+        dead = np.frombuffer(integrity.snapshot_file(self.store, manifest, "tombstones.npy"), np.int64)
         try:
-            pointer = json.loads(self.store.get(self.layout.snapshot_pointer))
-        except ObjectNotFound:
-            return
-        base = pointer["path"]
-        manifest = json.loads(self.store.get(f"{base}/manifest.json"))
-        if self.shard is not None:
-            self._load_shard(manifest)
-            return
-        files = manifest["files"]
-        data = read_checked(self.store, f"{base}/index.faiss", files["index.faiss"])
-        ids = IdSet.from_bytes(
-            read_checked(self.store, f"{base}/ids.bits", files["ids.bits"]), manifest["id_bits"]
-        )
-        dead = np.frombuffer(
-            read_checked(self.store, f"{base}/tombstones.npy", files["tombstones.npy"]), np.int64
-        )
-        self.index = VectorIndex.deserialize(data, manifest["dim"], manifest["factory"], ids, self.nprobe)
+            ids = IdSet.from_bytes(id_bits, manifest["id_bits"])
+            index = VectorIndex.deserialize(data, manifest["dim"], manifest["factory"], ids, self.nprobe)
+        except Exception as exc:  # bytes that match an old manifest without sizes, yet do not load
+            raise StoreDamaged(f"{base}/index.faiss", f"unreadable ({type(exc).__name__})") from None
+        self.index = index
         self.tombstones = set(dead.tolist())
         self.sequence = self.snapshot_watermark = int(manifest["watermark"])
         log.info("loaded snapshot %s: %d vectors at sequence %d", base, len(self.index), self.sequence)
@@ -111,13 +139,11 @@ class Searcher:
 
     def _load_shard(self, manifest: dict[str, Any]) -> None:
         """A shard keeps only its ids: it streams the snapshot's vector files instead of its index."""
-        base = manifest["path"]
-        dead = np.frombuffer(
-            read_checked(self.store, f"{base}/tombstones.npy", manifest["files"]["tombstones.npy"]), np.int64
-        )
+        dead = np.frombuffer(integrity.snapshot_file(self.store, manifest, "tombstones.npy"), np.int64)
         ids_parts, vector_parts = [], []
+        checks = manifest.get("vector_sha256", {})
         for key in manifest["vector_files"]:
-            ids, vectors = decode_segment(self.store.get(key))
+            ids, vectors = decode_segment(integrity.read_checked(self.store, key, checks.get(key)))
             keep = self._own(ids) & ~np.isin(ids, dead)
             ids_parts.append(ids[keep])
             vector_parts.append(vectors[keep])
@@ -142,14 +168,20 @@ class Searcher:
                 log.info("collection %s was reset; reloading", self.layout.collection)
                 self._reset()
             applied = 0
-            for sequence, key in self.coord.commits_after(self.sequence):
+            commits = self.coord.commits_after(self.sequence)
+            expected = integrity.checksums(self.coord, [key for _, key in commits])
+            for sequence, key in commits:
                 try:
-                    self._apply(key)
+                    self._apply(key, expected[key])
                 except ObjectNotFound:
-                    # Garbage-collected after a newer snapshot took it in: start from that snapshot.
-                    log.warning("%s is gone; reloading from the newest snapshot", key)
-                    self._reset()
-                    return self.refresh(force=True)
+                    if self.coord.snapshot_watermark() < sequence:
+                        # No snapshot holds it: reloading would meet the same hole again, forever.
+                        self._skip(key, "missing")
+                    else:
+                        # Garbage-collected after a newer snapshot took it in: start from that snapshot.
+                        log.warning("%s is gone; reloading from the newest snapshot", key)
+                        self._reset()
+                        return self.refresh(force=True)
                 self.sequence = sequence
                 applied += 1
             self._seen_changes = changes
@@ -158,17 +190,43 @@ class Searcher:
 
     def _reset(self) -> None:
         self.index, self.sequence, self.snapshot_watermark, self.tombstones = None, 0, 0, set()
+        self.damaged, self.skipped = {}, {}
         self._load_snapshot()
 
-    def _apply(self, key: str) -> None:
+    def _skip(self, key: str, reason: str) -> None:
+        """Leave a damaged segment out, loudly: searches go on without its vectors, marked degraded."""
+        self.skipped[key] = reason
+        self._damage(key, reason)
+
+    def _apply(self, key: str, sha: str | None = None) -> None:
         kind = key.split("/")[-2]
+        data = self.store.get(key)
+        reason = integrity.problem(data, sha)
         if kind == C.STORE_TOMBSTONES:
-            image_id = int(json.loads(self.store.get(key))["id"])
+            try:
+                image_id = int(json.loads(data)["id"]) if reason is None else None
+            except (ValueError, KeyError, TypeError):
+                image_id, reason = None, "not a tombstone"
+            if image_id is None:
+                # The key names the id (tombstones/<id>.json): the removal still wins.
+                self._damage(key, f"{reason}; applied by the id in its name")
+                image_id = int(key.rsplit("/", 1)[-1].split(".")[0])
             self.tombstones.add(image_id)
             if self.index is not None:
                 self.index.remove([image_id])
         elif kind == C.STORE_SEGMENTS:
-            ids, vectors = decode_segment(self.store.get(key))
+            if reason is None:
+                try:
+                    ids, vectors = decode_segment(data)
+                    dim = vectors.shape[1] if vectors.ndim == 2 else 0
+                    want = dim if self.index is None else self.index.dim
+                    if len(ids) != len(vectors) or dim < 1 or dim != want:
+                        reason = f"{len(ids)} ids, vectors of shape {vectors.shape}"
+                except Exception as exc:  # noqa: BLE001 - any decode failure is damage
+                    reason = f"unreadable ({type(exc).__name__})"
+            if reason is not None:
+                self._skip(key, reason)
+                return
             keep = np.array([int(i) not in self.tombstones for i in ids], dtype=bool) & self._own(ids)
             if self.index is None:
                 self.index = VectorIndex(int(vectors.shape[1]), nprobe=self.nprobe)
@@ -176,10 +234,19 @@ class Searcher:
         else:
             raise ValueError(f"unknown commit object {key}")
 
+    def health(self) -> dict[str, Any]:
+        """Nothing when all is well; else ``degraded`` (vectors left out) and what was found damaged."""
+        if not self.damaged:
+            return {}
+        return {
+            "degraded": bool(self.skipped),
+            "damaged": [{"key": k, "reason": r} for k, r in sorted(self.damaged.items())],
+        }
+
     def _maybe_swap(self) -> None:
         """Load a newer snapshot (written by compaction) beside the live state, then swap it in."""
         published = self.coord.snapshot_watermark()
-        if published <= self.snapshot_watermark or self._swapping:
+        if published <= max(self.snapshot_watermark, self.published_seen) or self._swapping:
             return
         self._swapping = True
 
@@ -199,11 +266,13 @@ class Searcher:
                                 fresh.tombstones,
                                 fresh.snapshot_watermark,
                             )
+                            self.published_seen = max(self.published_seen, fresh.published_seen)
+                            self.damaged, self.skipped = fresh.damaged, fresh.skipped
                             break
                 log.info("swapped in snapshot at sequence %d", self.snapshot_watermark)
             except Exception:
                 log.exception("could not load the newer snapshot; keeping the live index")
-                self.snapshot_watermark = published  # do not retry in a loop
+                self.published_seen = published  # do not retry in a loop
             finally:
                 self._swapping = False
 

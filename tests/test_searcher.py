@@ -173,12 +173,18 @@ def test_compaction_under_concurrent_inserts_and_searches_loses_nothing(parts: t
 
 
 def test_damaged_snapshot_is_detected(parts: tuple) -> None:
+    """Detected, reported, and routed around (more in test_store_damage.py)."""
     store, _, layout = parts
     commit_segment(parts, "a", [1, 2], seed=1)
     base = compact(parts)["path"]
     data = store.get(f"{base}/index.faiss")
     store.put(f"{base}/index.faiss", data[:-10])
-    with pytest.raises(SnapshotDamaged):
+    searcher = fresh(parts)  # the only snapshot is damaged: the whole log is replayed instead
+    assert searcher.snapshot_watermark == 0 and len(searcher) == 2
+    assert searcher.health()["damaged"][0]["key"] == f"{base}/index.faiss"
+    store.delete(layout.segment("a"))  # and without the log, loading fails clearly
+    parts[1].trim_commits(1)
+    with pytest.raises(SnapshotDamaged, match="no usable snapshot"):
         fresh(parts)
 
 
