@@ -176,6 +176,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    """Redis lost its state (flushed, or replaced by an empty one): derive it again from the store."""
+    from pupyl_queue.rebuild import rebuild
+
+    client = _client(args)
+    names = client.collections() if args.all else [args.name or client.collection]
+    for name in names:
+        print(json.dumps(rebuild(client.store, client.redis, name, force=args.force)))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pupyl-queue", description=__doc__)
     p.add_argument("--collection", default=C.DEFAULT_COLLECTION)
@@ -236,6 +247,12 @@ def parser() -> argparse.ArgumentParser:
     r2 = sub.add_parser("restore", help="restore a backup into an empty collection")
     r2.add_argument("src")
     r2.add_argument("--as", dest="as_name", default=None)
+    rb = sub.add_parser(
+        "rebuild", help="after Redis lost its state: restore ids, commit log, dedup and jobs from the store"
+    )
+    rb.add_argument("name", nargs="?", default=None, help="a collection (default: --collection)")
+    rb.add_argument("--all", action="store_true", help="every collection in the store")
+    rb.add_argument("--force", action="store_true", help="drop what Redis still holds of it first")
     return p
 
 
@@ -254,6 +271,7 @@ COMMANDS = {
     "export": cmd_export,
     "backup": cmd_backup,
     "restore": cmd_restore,
+    "rebuild": cmd_rebuild,
 }
 
 

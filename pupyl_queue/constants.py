@@ -58,6 +58,7 @@ KEY_SNAPSHOT = "snapshot"  # watermark of the newest published snapshot
 KEY_HASHES = "hashes"  # HASH sha256 -> id (dedup)
 KEY_BATCH_IDS = "batch-ids"  # HASH batch id -> "first:count" (ids a batch owns)
 KEY_JOB = "job"  # job:{id} HASH of counters, job:{id}:batches HASH of finished batches
+KEY_EPOCH = "epoch"  # set when the commit log is rewritten (rebuild): searchers reload from the snapshot
 KEY_RECENT_JOBS = "jobs"  # ZSET score=created_at member=job id (the newest RECENT_JOBS_KEPT jobs)
 RECENT_JOBS_KEPT = 1000
 UPLOAD_SCHEME = "upload:"  # uri of a job whose images were uploaded into the store (upload:<job id>)

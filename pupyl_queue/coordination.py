@@ -123,6 +123,11 @@ class Coordinator:
     def changes(self) -> int:
         return int(self.r.get(self._k(C.KEY_CHANGES)) or 0)
 
+    def change_state(self) -> tuple[int, str]:
+        """(changes, epoch) in one round trip: a reader is stale when either moved."""
+        changes, epoch = self.r.mget(self._k(C.KEY_CHANGES), self._k(C.KEY_EPOCH))
+        return int(changes or 0), epoch or ""
+
     def snapshot_watermark(self) -> int:
         """The watermark of the newest published snapshot (0: none yet)."""
         return int(self.r.get(self._k(C.KEY_SNAPSHOT)) or 0)

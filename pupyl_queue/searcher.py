@@ -64,6 +64,7 @@ class Searcher:
         self.snapshot_watermark = 0  # the snapshot this state was loaded from
         self.tombstones: set[int] = set()
         self._seen_changes = -1
+        self._epoch = ""
         self.published_seen = 0  # the newest published snapshot looked at (loaded, or found damaged)
         self.damaged: dict[str, str] = {}  # store key -> reason, for damage this state routed around
         self.skipped: dict[str, str] = {}  # damaged segments left out: searches miss their vectors
@@ -161,10 +162,12 @@ class Searcher:
     def refresh(self, force: bool = False) -> int:
         """Apply every commit newer than what is loaded; returns how many were applied."""
         with self._lock:
-            changes = self.coord.changes()
-            if not force and changes == self._seen_changes:
+            changes, epoch = self.coord.change_state()
+            if not force and changes == self._seen_changes and epoch == self._epoch:
                 return 0
-            if changes < self._seen_changes:  # the collection was deleted or restored meanwhile
+            # Deleted or restored meanwhile (fewer changes), or its log rebuilt from the store (a new
+            # epoch: the same sequence numbers may now name other commits): start from the snapshot.
+            if changes < self._seen_changes or (self._seen_changes >= 0 and epoch != self._epoch):
                 log.info("collection %s was reset; reloading", self.layout.collection)
                 self._reset()
             applied = 0
@@ -184,7 +187,7 @@ class Searcher:
                         return self.refresh(force=True)
                 self.sequence = sequence
                 applied += 1
-            self._seen_changes = changes
+            self._seen_changes, self._epoch = changes, epoch
         self._maybe_swap()
         return applied
 
