@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from aiohttp import web
 
@@ -93,3 +98,41 @@ def serve_app(app: web.Application, port: int) -> Iterator[None]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+class ApiClient:
+    """The HTTP API as a test calls it: JSON in, (status, JSON or bytes) out, errors included."""
+
+    def __init__(self, base: str, token: str) -> None:
+        self.base, self.token = base, token
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        auth: bool = True,
+        raw: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, Any]:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        request = urllib.request.Request(self.base + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", content_type)
+        if auth:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                payload = response.read()
+                kind = response.headers.get("Content-Type", "")
+                return response.status, json.loads(payload) if "json" in kind else payload
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def wait_job(self, url: str, timeout: float = 180) -> dict[str, Any]:
+        """Poll a job's URL until it is done or failed."""
+        deadline = time.monotonic() + timeout
+        while (state := self.call("GET", url)[1])["state"] not in ("done", "failed"):
+            assert time.monotonic() < deadline, state
+            time.sleep(0.2)
+        return state

@@ -18,7 +18,7 @@ from pupyl_queue import PupylQueue, Settings
 from pupyl_queue.layout import Layout
 from pupyl_queue.store import open_store
 from tests.conftest import MOBILENET_025, PHOTOS, S3_ACCESS_KEY, S3_SECRET_KEY, need_shared
-from tests.httpserver import LoopbackServer
+from tests.httpserver import ApiClient, LoopbackServer
 from tests.imagegen import encode, pattern
 from tests.workers import Workers
 
@@ -224,8 +224,6 @@ def test_export_in_rank_order(stack: tuple[PupylQueue, Workers], photo_dir: Path
 
 def test_http_api(stack: tuple[PupylQueue, Workers], photo_dir: Path, http_server: LoopbackServer) -> None:
     """The aiohttp service in front of the same workers: auth, index, jobs, search, tasks, images."""
-    import urllib.error
-    import urllib.request
 
     from api.app import make_app
     from pupyl_queue.stack import free_port
@@ -238,27 +236,7 @@ def test_http_api(stack: tuple[PupylQueue, Workers], photo_dir: Path, http_serve
     port = free_port()
     base = f"http://127.0.0.1:{port}"
 
-    def call(
-        method: str,
-        path: str,
-        body: object = None,
-        auth: bool = True,
-        raw: bytes | None = None,
-        content_type: str = "application/json",
-    ) -> tuple[int, object]:
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        request = urllib.request.Request(base + path, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", content_type)
-        if auth:
-            request.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                payload = response.read()
-                kind = response.headers.get("Content-Type", "")
-                return response.status, json.loads(payload) if "json" in kind else payload
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+    call = ApiClient(base, token).call
 
     api_settings = client.settings.replace(api_tokens=token, model=client.model or "")
     with serve_app(make_app(api_settings), port):
@@ -272,17 +250,11 @@ def test_http_api(stack: tuple[PupylQueue, Workers], photo_dir: Path, http_serve
         url = http_server.add(f"api-{uuid.uuid4().hex}.png", encode(pattern(321), "PNG"), "image/png")
         status, accepted = call("POST", "/v1/index", {"uri": url})
         assert status == 202
-        job_path = accepted["url"]  # type: ignore[index]
-        deadline = time.monotonic() + 120
-        while (state := call("GET", job_path)[1])["state"] not in ("done", "failed"):  # type: ignore[index]
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        assert state["indexed"] == 1, state  # type: ignore[index]
+        state = ApiClient(base, token).wait_job(accepted["url"])
+        assert state["indexed"] == 1, state
         # a local path from the network is refused: it is not under PUPYL_ALLOWED_ROOTS
         status, refused = call("POST", "/v1/index", {"uri": str(photo_dir)})
-        while (state := call("GET", refused["url"])[1])["state"] not in ("done", "failed"):  # type: ignore[index]
-            time.sleep(0.2)
-        assert "allowed roots" in state["error"]  # type: ignore[index]
+        assert "allowed roots" in ApiClient(base, token).wait_job(refused["url"])["error"]
 
         boundary = "pupylboundary"
         form = (

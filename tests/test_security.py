@@ -15,8 +15,6 @@ import json
 import subprocess
 import tarfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +28,7 @@ from pupyl_queue import PupylQueue, Settings
 from pupyl_queue import constants as C
 from pupyl_queue.stack import free_port, redis_server_binary, start_flower, stop, wait_for_port
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
-from tests.httpserver import LoopbackServer, serve_app
+from tests.httpserver import ApiClient, LoopbackServer, serve_app
 from tests.imagegen import encode, pattern
 from tests.logcapture import all_log_lines
 from tests.workers import Workers
@@ -58,27 +56,6 @@ def locked_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
         yield f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0", home / "redis.log"
     finally:
         stop(proc)
-
-
-def call(base: str, method: str, path: str, body: object = None) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        base + path, data=None if body is None else json.dumps(body).encode(), method=method
-    )
-    request.add_header("Authorization", f"Bearer {API_TOKEN}")
-    request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
-def wait_job(base: str, url: str) -> dict:
-    deadline = time.monotonic() + 180
-    while (state := call(base, "GET", url)[1])["state"] not in ("done", "failed"):
-        assert time.monotonic() < deadline, state
-        time.sleep(0.2)
-    return state
 
 
 def hostile_archive() -> bytes:
@@ -130,14 +107,14 @@ def test_secrets_wire_format_and_guards_through_the_api(
     flower = start_flower(settings, tmp_path / "flower.log")
     client = PupylQueue(settings=settings)
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
+    api = ApiClient(f"http://127.0.0.1:{port}", API_TOKEN)
     try:
         with all_log_lines() as api_log, serve_app(make_app(settings), port):
             wait_for_port(settings.flower_port, flower, "flower", 60, tmp_path / "flower.log")
             url = http_server.add(f"hostile-{uuid.uuid4().hex}.tar", hostile_archive(), "application/x-tar")
-            status, accepted = call(base, "POST", "/v1/index", {"uri": url})
+            status, accepted = api.call("POST", "/v1/index", {"uri": url})
             assert status == 202
-            state = wait_job(base, accepted["url"])
+            state = api.wait_job(accepted["url"])
             assert state["state"] == "done" and state["indexed"] == 1, state  # the rest went on
             reasons = {item["ref"].rsplit("#", 1)[-1]: item["error"] for item in state["failures"]}
             assert "unsafe" in reasons["../escape.jpg"] or ".." in reasons["../escape.jpg"], reasons
@@ -145,15 +122,15 @@ def test_secrets_wire_format_and_guards_through_the_api(
             assert "bomb" in reasons["bomb.png"].lower() or "pixels" in reasons["bomb.png"], reasons
 
             for hostile in ("http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/a.jpg"):
-                status, job = call(base, "POST", "/v1/index", {"uri": hostile})
-                refused = wait_job(base, job["url"])
+                status, job = api.call("POST", "/v1/index", {"uri": hostile})
+                refused = api.wait_job(job["url"])
                 text = json.dumps(refused)
                 assert "refused" in text and "private or local" in text, refused
-                status, answer = call(base, "POST", "/v1/search", {"uri": hostile})
+                status, answer = api.call("POST", "/v1/search", {"uri": hostile})
                 assert status == 403 and answer["error"]["code"] == "refused"
-            status, job = call(base, "POST", "/v1/index", {"uri": str(tmp_path)})  # outside the roots
-            assert "allowed roots" in wait_job(base, job["url"])["error"]
-            status, answer = call(base, "POST", "/v1/search", {"uri": str(tmp_path / "data" / "x.jpg")})
+            status, job = api.call("POST", "/v1/index", {"uri": str(tmp_path)})  # outside the roots
+            assert "allowed roots" in api.wait_job(job["url"])["error"]
+            status, answer = api.call("POST", "/v1/search", {"uri": str(tmp_path / "data" / "x.jpg")})
             assert status == 403
 
             # The wire: a task message as Redis holds it is JSON through and through. A shard queue

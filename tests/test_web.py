@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -27,7 +26,7 @@ from api.app import make_app
 from pupyl_queue import PupylQueue, Settings
 from pupyl_queue.layout import Layout
 from pupyl_queue.stack import free_port
-from tests.httpserver import LoopbackServer, serve_app
+from tests.httpserver import ApiClient, LoopbackServer, serve_app
 from tests.imagegen import encode, pattern
 from tests.logcapture import all_log_lines
 from tests.workers import Workers
@@ -39,34 +38,11 @@ SCREENSHOT = os.environ.get("PUPYL_SCREENSHOT")  # where to save the README's pi
 
 
 @dataclass
-class Service:
+class Service(ApiClient):
     client: PupylQueue
     workers: Workers
     base: str
     token: str
-
-    def call(self, method: str, path: str, body: object = None, **headers: str) -> tuple[int, object]:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base + path, data=data, method=method)
-        request.add_header("Authorization", f"Bearer {self.token}")
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        for name, value in headers.items():
-            request.add_header(name, value)
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                payload = response.read()
-                kind = response.headers.get("Content-Type", "")
-                return response.status, json.loads(payload) if "json" in kind else payload
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-    def wait_job(self, url: str, timeout: float = 120) -> dict:
-        deadline = time.monotonic() + timeout
-        while (state := self.call("GET", url)[1])["state"] not in ("done", "failed"):  # type: ignore[index]
-            assert time.monotonic() < deadline, state
-            time.sleep(0.2)
-        return state  # type: ignore[return-value]
 
 
 @pytest.fixture(scope="module")
