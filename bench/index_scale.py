@@ -14,6 +14,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -222,6 +223,7 @@ def main() -> None:
         )
     finally:
         stop(redis)
+        shutil.rmtree(work, ignore_errors=True)  # gigabytes of segments at 10M
     print(
         f"\n{args.dim}-d synthetic CNN-like vectors, {args.queries} queries ({args.e2e_queries} end to end), "
         f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"

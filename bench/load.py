@@ -21,6 +21,7 @@ import argparse
 import multiprocessing
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -171,6 +172,7 @@ def main() -> None:
         for proc in workers.values():
             stop(proc)
         stop(redis)
+        shutil.rmtree(work, ignore_errors=True)
 
     print(
         f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores; MobileNet "
