@@ -34,6 +34,12 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
     layout = Layout(collection)
     coord = rt.coordinator(collection)
     job_id = job["job_id"]
+    done = rt.redis.hmget(layout.job_key(job_id), "expanded", "total", "batches_total")
+    if done[0] == "1":
+        # Expanded already: this is a redelivery (its first run's ack was lost, e.g. Redis restarted
+        # meanwhile). Expanding again would reset a finished job to "expanding" for good.
+        finish_if_done(rt, job_id, collection)
+        return {"job_id": job_id, "total": int(done[1] or 0), "batches": int(done[2] or 0)}
     coord.update_job(job_id, state="expanding", started_at=time.time())
     spec = ensure_collection(rt.store, rt.redis, layout, job)
     batch: list[dict[str, Any]] = []

@@ -11,11 +11,13 @@ from kombu import Queue
 
 from pupyl_queue import constants as C
 from pupyl_queue.settings import Settings
+from workers import broker_fixes
 
 
 def make_app(settings: Settings | None = None, include_tasks: bool = True) -> Celery:
     """A Celery app for these settings; producers pass include_tasks=False (no TensorFlow)."""
     settings = settings or Settings.from_env()
+    broker_fixes.install()  # a worker must outlive a Redis restart (see workers/broker_fixes.py)
     app = Celery(
         "pupyl_queue",
         broker=settings.broker_url,

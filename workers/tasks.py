@@ -8,11 +8,14 @@ a bad request fails the task with a clear message and is not retried.
 from __future__ import annotations
 
 import logging
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
-from celery import shared_task
+from celery import Task, shared_task
 from celery.signals import worker_ready
+from kombu.exceptions import OperationalError
 
 from pupyl_queue import constants as C
 from pupyl_queue import embedding, ingest, queries, sharding
@@ -21,23 +24,88 @@ from pupyl_queue.runtime import runtime
 from pupyl_queue.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
-TRANSIENT = (StoreUnavailable, redis.ConnectionError, redis.TimeoutError)
+T = TypeVar("T")
+# Redis is the broker as well as the coordination store: while it is down, both fail.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OperationalError)
+TRANSIENT = (StoreUnavailable, *REDIS_DOWN)
+REDIS_WAIT_S = 600  # how long a job task waits in place for Redis before Celery's retry takes over
+
+
+def count_retries(kwargs: dict[str, Any], exc: BaseException, times: int = 1) -> None:
+    """Count retries of a job's task into its job state: ``retries`` and ``last_retry`` (docs/tasks.md).
+
+    Redis only (the store may be the part that is down); a Redis that is down too costs the count,
+    never the retry.
+    """
+    job_id, collection = kwargs.get("job_id"), kwargs.get("collection")
+    if not job_id or not collection:
+        return
+    try:
+        coord = runtime().coordinator(collection)
+        with coord.r.pipeline() as pipe:
+            pipe.hincrby(coord.layout.job_key(job_id), "retries", times)
+            pipe.hset(coord.layout.job_key(job_id), "last_retry", f"{type(exc).__name__}: {exc}")
+            pipe.execute()
+    except REDIS_DOWN:
+        log.warning("job %s: could not count a retry (Redis unreachable)", job_id)
+
+
+class JobTask(Task):  # type: ignore[misc]
+    """A task of a bulk job: each retry of a transient failure shows in the job's state."""
+
+    def on_retry(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        count_retries(kwargs, exc)
+
+
+def riding_out_redis(task: Any, kwargs: dict[str, Any], body: Callable[[], T]) -> T:
+    """Run ``body``; while Redis is unreachable, wait here for it and run ``body`` again.
+
+    Celery's retry sends a new message through the broker. With Redis down that send fails and
+    Celery rejects the delivery without requeue; the message stays unacknowledged in Redis until
+    the visibility timeout (hours) brings it back, so the job looked stuck until then (a Redis
+    restart in tests/test_faults.py). Waiting in the task keeps the delivery. Job bodies are
+    idempotent, so running one again is safe. Past REDIS_WAIT_S, Celery's retry takes over.
+    """
+    deadline = time.monotonic() + REDIS_WAIT_S
+    delay, waits = 0.5, 0
+    while True:
+        try:
+            result = body()
+        except REDIS_DOWN as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning(
+                "%s[%s]: Redis unreachable (%s); again in %.1fs", task.name, task.request.id, exc, delay
+            )
+            time.sleep(delay)
+            delay, waits, last = min(2 * delay, 10.0), waits + 1, exc
+            continue
+        if waits:
+            count_retries(kwargs, last, waits)
+        return result
+
+
 RETRY = dict(autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=60, max_retries=12)
+JOB_RETRY = dict(base=JobTask, **RETRY)
 
 
-@shared_task(name=C.TASK_INDEX, bind=True, **RETRY)
+@shared_task(name=C.TASK_INDEX, bind=True, **JOB_RETRY)
 def index(self: Any, **job: Any) -> dict[str, Any]:
     rt = runtime()
     job.setdefault("job_id", self.request.id)
-    try:
-        return ingest.expand_job(rt, job, lambda batch: embed.apply_async(kwargs=batch))
-    except TRANSIENT:
-        raise
-    except Exception as exc:
-        rt.coordinator(job["collection"]).update_job(
-            job["job_id"], state="failed", error=f"{type(exc).__name__}: {exc}"
-        )
-        raise
+
+    def body() -> dict[str, Any]:
+        try:
+            return ingest.expand_job(rt, job, lambda batch: embed.apply_async(kwargs=batch))
+        except TRANSIENT:
+            raise
+        except Exception as exc:
+            rt.coordinator(job["collection"]).update_job(
+                job["job_id"], state="failed", error=f"{type(exc).__name__}: {exc}"
+            )
+            raise
+
+    return riding_out_redis(self, job, body)
 
 
 def ask_nearest(collection: str, vectors: Any) -> list[tuple[int, float] | None]:
@@ -48,21 +116,25 @@ def ask_nearest(collection: str, vectors: Any) -> list[tuple[int, float] | None]
     return [None if row is None else (int(row[0]), float(row[1])) for row in answer["nearest"]]
 
 
-@shared_task(name=C.TASK_EMBED, bind=True, **RETRY)
+@shared_task(name=C.TASK_EMBED, bind=True, **JOB_RETRY)
 def embed(self: Any, **batch: Any) -> dict[str, Any]:
     rt = runtime()
-    try:
-        result = embedding.embed_batch(rt, batch, ask_nearest)
-        if embedding.compaction_due(rt, batch["collection"], result.get("sequence")):
-            compact.apply_async(kwargs={"collection": batch["collection"]})
-        return result
-    except TRANSIENT:
-        raise
-    except Exception as exc:
-        rt.coordinator(batch["collection"]).update_job(
-            batch["job_id"], state="failed", error=f"{type(exc).__name__}: {exc}"
-        )
-        raise
+
+    def body() -> dict[str, Any]:
+        try:
+            result = embedding.embed_batch(rt, batch, ask_nearest)
+            if embedding.compaction_due(rt, batch["collection"], result.get("sequence")):
+                compact.apply_async(kwargs={"collection": batch["collection"]})
+            return result
+        except TRANSIENT:
+            raise
+        except Exception as exc:
+            rt.coordinator(batch["collection"]).update_job(
+                batch["job_id"], state="failed", error=f"{type(exc).__name__}: {exc}"
+            )
+            raise
+
+    return riding_out_redis(self, batch, body)
 
 
 def to_shard(shard: int, request: dict[str, Any]) -> Any:

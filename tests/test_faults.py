@@ -1,0 +1,350 @@
+"""Fault injection on the ingestion side (issue #10), with real processes only.
+
+Real redis-server, real Celery worker processes, a real S3 server (moto_server)
+and ~2,000 small real photos. Each test breaks one part in the middle of a bulk
+job, then checks that the job completes and that every distinct image is
+indexed exactly once: the job report, the committed segments, the image and
+metadata objects, their sha256s and the search index all agree, and nothing
+is left over in the store.
+
+    worker death     kill -9 an embed worker mid-batch, ten times
+    broker restart   stop redis-server (AOF on) mid-job and start it again
+    store outage     the S3 server unreachable for 30 s mid-job
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from pupyl_queue import PupylQueue, Settings
+from pupyl_queue import constants as C
+from pupyl_queue.coordination import Coordinator
+from pupyl_queue.layout import Layout
+from pupyl_queue.stack import free_port, start_redis, start_worker, stop
+from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, need_shared
+from tests.faults import (
+    FLOWERS,
+    RECEIVED,
+    TcpProxy,
+    assert_exactly_once,
+    audit,
+    count_retries,
+    running_task,
+    small_flowers,
+)
+from tests.workers import Workers
+
+pytestmark = pytest.mark.slow
+
+IMAGES = 2000  # distinct real photos
+COPIES = 20  # plus exact copies of some of them: check_unique must refuse each once
+KILLS = 10
+
+
+@pytest.fixture(scope="module")
+def flowers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[Path, str]]:
+    need_shared(FLOWERS)
+    folder = tmp_path_factory.mktemp("flowers") / "set"
+    return folder, small_flowers(folder, IMAGES, copies=COPIES)
+
+
+def base_settings(home: Path, redis_url: str, **changes: object) -> Settings:
+    return Settings(data_dir=home / "data", redis_url=redis_url, batch_size=16, **changes)  # type: ignore[arg-type]
+
+
+def figures(name: str, **values: object) -> None:
+    """The figures a run gives (job time, faults, retries): printed for BENCHMARKS.md (pytest -s)."""
+    print(f"\n[faults] {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+
+
+def finish(client: PupylQueue, workers: Workers, job_id: str, timeout: float) -> dict[str, object]:
+    job = client.job(job_id)
+    try:
+        return job.wait(timeout=timeout)
+    except Exception:
+        print(workers.logs())
+        raise
+
+
+def check(client: PupylQueue, files: dict[Path, str], job_id: str, state: dict[str, object]) -> None:
+    job = client.job(job_id)
+    distinct = len(set(files.values()))
+    assert (state["total"], state["indexed"], state["duplicate"], state["failed"]) == (
+        len(files),
+        distinct,
+        len(files) - distinct,
+        0,
+    ), state
+    reports = job.report()
+    assert len(reports) == len(files)
+    assert Counter(Path(r["ref"]).name for r in reports) == Counter(p.name for p in files)
+    found = audit(client.store, client.redis, client.collection, reports)
+    assert_exactly_once(found, files, Layout(client.collection))
+
+
+# --- worker death
+def test_embed_worker_killed_mid_batch_ten_times(
+    flowers: tuple[Path, dict[Path, str]],
+    redis_url: str,
+    tiny_model: Path,
+    tmp_path: Path,
+) -> None:
+    folder, files = flowers
+    # A killed worker's message comes back once unacknowledged for the visibility timeout:
+    # short here so the test runs in minutes (production: hours, above the longest task).
+    settings = base_settings(tmp_path, redis_url.rsplit("/", 1)[0] + "/8", visibility_timeout=8)
+    workers = Workers(settings, tmp_path)
+    client = PupylQueue(settings=settings, model=tiny_model)
+    client.redis.flushdb()
+    workers.start("ingest", "embed")
+    workers.start_extra("embed")
+    rng = random.Random(10)
+    killed: list[str] = []
+    phases: Counter[str] = Counter()  # where in its batch each kill landed
+    try:
+        started = time.monotonic()
+        job = client.index(folder, check_unique=True)
+        spy = BatchSpy(client, settings, job.id)
+        while len(killed) < KILLS:
+            assert time.monotonic() - started < 200, f"only {len(killed)} kills before the job ended"
+            assert job.progress()["state"] != "done", f"the job ended after {len(killed)} kills"
+            embeds = [n for n in workers.procs if n.startswith("embed")]
+            running = {n: t for n in embeds if (t := running_task(log_of(workers, n)))}
+            if not running:
+                time.sleep(0.01)
+                continue
+            if len(killed) % 2 == 0:
+                # Every other kill: while its images are being written (stored, not yet committed).
+                victim = next((n for n, t in running.items() if spy.writing(t)), None)
+                if victim is None:
+                    time.sleep(0.005)
+                    continue
+                phase = "writing"
+            else:
+                # The others: anywhere early in a batch (fetch, decode, inference; model loading).
+                victim = rng.choice(sorted(running))
+                time.sleep(rng.uniform(0.01, 0.1))
+                phase = "early"
+            task = running[victim]
+            if running_task(log_of(workers, victim)) != task or spy.finished(task):
+                continue  # it finished meanwhile: not mid-batch
+            os.kill(workers.procs[victim].pid, signal.SIGKILL)
+            workers.procs.pop(victim).wait()
+            killed.append(task)
+            phases[phase] += 1
+            name = f"embed-r{len(killed)}"
+            workers.procs[name] = start_worker("embed", settings, log_path=tmp_path / f"{name}.log")
+        state = finish(client, workers, job.id, timeout=240)
+        took = time.monotonic() - started
+        workers.check_alive()
+        check(client, files, job.id, state)
+        received = Counter(
+            t for path in tmp_path.glob("embed*.log") for t in RECEIVED.findall(path.read_text())
+        )
+        redelivered = sum(n - 1 for n in received.values())
+        assert all(received[t] >= 2 for t in killed), "a killed batch was not delivered again"
+        assert_no_delivery_left(client)
+        figures(
+            "worker death",
+            images=len(files),
+            batches=state["batches_total"],
+            kills=len(killed),
+            **phases,
+            redeliveries=redelivered,
+            job_s=round(took, 1),
+        )
+    finally:
+        client.close()
+        workers.stop_all()
+
+
+class BatchSpy:
+    """Which batch a running embed task holds, and how far it got, read from Redis and the store."""
+
+    def __init__(self, client: PupylQueue, settings: Settings, job_id: str) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.images = settings.data_dir / "store" / "collections" / client.collection / "images"
+        self.coord = Coordinator(client.redis, Layout(client.collection))
+        self._batch: dict[str, int] = {}
+
+    def batch(self, task_id: str) -> int | None:
+        """The batch number, from the task's STARTED record (task_track_started, result_extended)."""
+        if task_id not in self._batch:
+            raw = self.client.redis.get(f"celery-task-meta-{task_id}")
+            meta = json.loads(raw) if raw else {}
+            if meta.get("status") != "STARTED" or not meta.get("kwargs"):
+                return None
+            self._batch[task_id] = int(meta["kwargs"]["batch"])
+        return self._batch[task_id]
+
+    def finished(self, task_id: str) -> bool:
+        batch = self.batch(task_id)
+        return batch is not None and self.coord.finished_batch(self.job_id, batch) is not None
+
+    def writing(self, task_id: str) -> bool:
+        """Some of the batch's images are in the store and the batch is not committed yet."""
+        batch = self.batch(task_id)
+        if batch is None:
+            return False
+        first = self.client.redis.hget(self.coord.layout.key(C.KEY_BATCH_IDS), f"{self.job_id}-{batch:06d}")
+        if first is None or self.finished(task_id):
+            return False
+        segment = self.coord.layout.segment(f"{self.job_id}-{batch:06d}")
+        if self.client.redis.hget(self.coord.layout.key(C.KEY_COMMIT_BY_OBJECT), segment) is not None:
+            return False
+        return any((self.images / f"{int(first) + i}.json").exists() for i in range(4))
+
+
+def log_of(workers: Workers, name: str) -> str:
+    path = workers.log_dir / f"{name}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+# --- broker restart
+def test_redis_restarted_mid_job(
+    flowers: tuple[Path, dict[Path, str]], tiny_model: Path, tmp_path: Path
+) -> None:
+    """Two restarts of the broker (and coordination store): while expanding, then while embedding."""
+    folder, files = flowers
+    port = free_port()
+    redis_dir = tmp_path / "redis"
+    servers = [start_redis(redis_dir, port)]
+    settings = base_settings(tmp_path, f"redis://127.0.0.1:{port}/0")
+    workers = Workers(settings, tmp_path)
+    client = PupylQueue(settings=settings, model=tiny_model)
+
+    def restart_when(ready: Callable[[dict[str, Any]], bool], down_s: float = 3) -> dict[str, Any]:
+        while not ready(progress := job.progress()):
+            assert time.monotonic() - started < 120, progress
+            time.sleep(0.02)
+        client.redis.connection_pool.disconnect()
+        stop(servers[-1])  # SIGTERM: redis-server writes out its AOF and exits
+        time.sleep(down_s)
+        servers.append(start_redis(redis_dir, port))  # same port and directory: the AOF is read back
+        while True:
+            try:
+                client.redis.ping()
+                break
+            except redis.BusyLoadingError:  # still reading its AOF
+                time.sleep(0.05)
+        after = job.progress()
+        for counter in ("total", "batches_done", "indexed", "duplicate"):
+            assert int(after.get(counter) or 0) >= int(progress.get(counter) or 0), (counter, progress, after)
+        return progress
+
+    try:
+        workers.start("ingest", "embed")
+        started = time.monotonic()
+        job = client.index(folder, check_unique=True)
+        expanding = restart_when(lambda p: p["state"] == "expanding" and int(p.get("total") or 0) >= 200)
+        embedding = restart_when(lambda p: int(p.get("batches_done") or 0) >= 60)
+        state = finish(client, workers, job.id, timeout=240)
+        took = time.monotonic() - started
+        workers.check_alive()
+        check(client, files, job.id, state)
+        assert_no_delivery_left(client)
+        received = len(RECEIVED.findall((tmp_path / "embed.log").read_text(errors="replace")))
+        figures(
+            "broker restart",
+            images=len(files),
+            batches=state["batches_total"],
+            staged_at_first_restart=expanding["total"],
+            batches_done_at_second_restart=embedding["batches_done"],
+            embed_deliveries=received,
+            waits_for_redis=state.get("retries", 0),
+            job_s=round(took, 1),
+        )
+    finally:
+        client.close()
+        workers.stop_all()
+        stop(servers[-1])
+
+
+def assert_no_delivery_left(client: PupylQueue, timeout: float = 10) -> None:
+    """No message is left unacknowledged in the broker, to come back after the visibility timeout."""
+    deadline = time.monotonic() + timeout
+    while client.redis.hlen("unacked") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [json.loads(v)[0]["headers"]["task"] for v in client.redis.hgetall("unacked").values()]
+    assert not left, f"deliveries left unacknowledged: {left}"
+
+
+# --- store outage
+@pytest.fixture
+def s3_proxy(s3_endpoint: str) -> Iterator[TcpProxy]:
+    host, port = s3_endpoint.split(":")
+    proxy = TcpProxy((host, int(port)))
+    yield proxy
+    proxy.close()
+
+
+OUTAGE_S = 30
+
+
+def test_s3_unreachable_for_30s_mid_job(
+    flowers: tuple[Path, dict[Path, str]],
+    redis_url: str,
+    s3_proxy: TcpProxy,
+    tiny_model: Path,
+    tmp_path: Path,
+) -> None:
+    folder, files = flowers
+    settings = base_settings(
+        tmp_path,
+        redis_url.rsplit("/", 1)[0] + "/9",
+        store=f"s3://pupyl-faults/{tmp_path.name}",
+        s3_endpoint=f"127.0.0.1:{s3_proxy.port}",
+        s3_access_key=S3_ACCESS_KEY,
+        s3_secret_key=S3_SECRET_KEY,
+        s3_secure=False,
+    )
+    workers = Workers(settings, tmp_path)
+    client = PupylQueue(settings=settings, model=tiny_model)
+    client.redis.flushdb()
+    try:
+        workers.start("ingest", "embed")
+        started = time.monotonic()
+        job = client.index(folder, check_unique=True)
+        while int(job.progress().get("batches_done") or 0) < 20:
+            assert time.monotonic() - started < 120, job.progress()
+            time.sleep(0.05)
+        s3_proxy.down()
+        down_at = job.progress()
+        time.sleep(OUTAGE_S)
+        during = job.progress()
+        s3_proxy.up()
+        assert (
+            during["state"] == "running" and int(during["batches_done"]) <= int(down_at["batches_done"]) + 1
+        )
+        state = finish(client, workers, job.id, timeout=240)
+        took = time.monotonic() - started
+        workers.check_alive()
+        check(client, files, job.id, state)
+        logged = sum(count_retries(p.read_text(errors="replace")) for p in tmp_path.glob("*.log"))
+        assert logged > 0, "no Celery retry in the worker logs"
+        assert int(state.get("retries") or 0) == logged, (state, logged)
+        assert "StoreUnavailable" in str(state.get("last_retry"))
+        assert_no_delivery_left(client)
+        figures(
+            "store outage",
+            images=len(files),
+            batches=state["batches_total"],
+            outage_s=OUTAGE_S,
+            retries=state["retries"],
+            job_s=round(took, 1),
+        )
+    finally:
+        client.close()
+        workers.stop_all()
