@@ -183,7 +183,8 @@ def compact(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
     # A short lock, renewed while the compaction runs: a compaction killed with its worker (kill -9,
     # OOM) used to hold a 6-hour lock, and every compaction until then was skipped as "running".
     ttl = max(3, rt.settings.compact_lock_s)
-    lock = rt.redis.lock(layout.key("compact-lock"), timeout=ttl, blocking_timeout=0)
+    # Not thread-local: the renewing thread must see the token (else its renewals fail and the lock lapses).
+    lock = rt.redis.lock(layout.key("compact-lock"), timeout=ttl, blocking_timeout=0, thread_local=False)
     if not lock.acquire(blocking=False):
         return {"collection": collection, "skipped": "another compaction is running"}
     done = threading.Event()
