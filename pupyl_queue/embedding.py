@@ -79,6 +79,11 @@ def embed_batch(rt: Runtime, task: dict[str, Any], nearest: Nearest | None = Non
     layout = coord.layout
     done = coord.finished_batch(job_id, batch)
     if done is not None:
+        # Done already; but an expansion run again (its first run cut off, e.g. by a Redis restart)
+        # staged this batch's bytes once more: delete them, or they stay in the store for good.
+        for item in task["items"]:
+            if item.get("key"):
+                rt.store.delete(item["key"])
         return done
     items = task["items"]
     ids = coord.allocate_ids(f"{job_id}-{batch:06d}", len(items))

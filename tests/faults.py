@@ -141,6 +141,8 @@ class TcpProxy:
 
     def down(self) -> None:
         """Stop listening (new connections are refused) and cut every live connection."""
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
         self._listener.close()
         self._accept_thread.join(timeout=5)
         with self._lock:
@@ -172,6 +174,17 @@ def running_task(log: str) -> str | None:
 
 def count_retries(log: str) -> int:
     return len(RETRY.findall(log))
+
+
+COUNTDOWN = re.compile(r"Task pupyl\.\w+\[([0-9a-f-]+)\] retry: Retry in (\d+)s")
+
+
+def retry_countdowns(log: str) -> dict[str, list[int]]:
+    """Each retried task's countdowns, in order (Celery's backoff: jittered, doubling)."""
+    out: dict[str, list[int]] = {}
+    for task, seconds in COUNTDOWN.findall(log):
+        out.setdefault(task, []).append(int(seconds))
+    return out
 
 
 # --- the exactly-once check

@@ -52,6 +52,29 @@ def test_expansion_redelivered_after_the_job_is_done(rt: Runtime, tmp_path: Path
     assert (state["state"], state["indexed"], state["batches_done"]) == ("done", 6, len(batches))
 
 
+def test_expansion_rerun_after_some_batches_finished_leaves_no_staged_copy(
+    rt: Runtime, tmp_path: Path, tiny_model: Path
+) -> None:
+    """An expansion interrupted (Redis down) and run again stages the early batches a second time."""
+    rt = Runtime(rt.settings.replace(inline_item_bytes=0))  # every image through the staging area
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for seed in range(6):
+        (folder / f"{seed}.png").write_bytes(encode(pattern(seed), "PNG"))
+    first = expand_folder(rt, folder, tiny_model, job_id="j2")
+    embed_batch(rt, first[0])  # done before the expansion is run again
+    rt.redis.hdel(Layout().job_key("j2"), "expanded")  # as if the first run had stopped before its end
+    again: list[dict[str, object]] = []
+    request = {"job_id": "j2", "collection": "default", "uri": str(folder), "model": str(tiny_model)}
+    expand_job(rt, {**request, "origin": "local"}, again.append)
+    assert [b["items"] for b in again] == [b["items"] for b in first]  # the same batches, the same keys
+    for batch in again:
+        embed_batch(rt, batch)
+    state = read_job(rt.redis, "j2") or {}
+    assert (state["state"], state["indexed"]) == ("done", 6)
+    assert list(rt.store.list(Layout().staging("j2") + "/")) == []
+
+
 def good_audit() -> tuple[Audit, dict[Path, str]]:
     files = {Path("a.jpg"): "sha-a", Path("b.jpg"): "sha-b", Path("copy-a.jpg"): "sha-a"}
     root = Layout().root
