@@ -104,7 +104,10 @@ def test_embed_worker_killed_mid_batch_ten_times(
     folder, files = flowers
     # A killed worker's message comes back once unacknowledged for the visibility timeout:
     # short here so the test runs in minutes (production: hours, above the longest task).
-    settings = base_settings(tmp_path, redis_url.rsplit("/", 1)[0] + "/8", visibility_timeout=8)
+    # Every image staged in the store, so a kill between a batch's commit and its cleanup shows too.
+    settings = base_settings(
+        tmp_path, redis_url.rsplit("/", 1)[0] + "/8", visibility_timeout=8, inline_item_bytes=0
+    )
     workers = Workers(settings, tmp_path)
     client = PupylQueue(settings=settings, model=tiny_model)
     client.redis.flushdb()
@@ -252,7 +255,9 @@ def test_redis_restarted_mid_job(
         job = client.index(folder, check_unique=True)
         # First while expanding (the expansion runs again and stages and dispatches its batches twice;
         # tests/test_redelivery.py covers a batch finished in between), then while embedding.
-        expanding = restart_when(lambda p: p["state"] == "expanding" and int(p.get("total") or 0) >= 200)
+        expanding = restart_when(
+            lambda p: p["state"] == "running" or (p["state"] == "expanding" and int(p["total"]) >= 200)
+        )
         embedding = restart_when(lambda p: int(p.get("batches_done") or 0) >= 60)
         state = finish(client, workers, job.id, timeout=240)
         took = time.monotonic() - started
@@ -264,6 +269,7 @@ def test_redis_restarted_mid_job(
             "broker restart",
             images=len(files),
             batches=state["batches_total"],
+            state_at_first_restart=expanding["state"],
             staged_at_first_restart=expanding["total"],
             batches_done_at_second_restart=embedding["batches_done"],
             embed_deliveries=received,
