@@ -88,6 +88,8 @@ def _print_job(job: Any, as_json: bool) -> int:
         )
         if state.get("error"):
             print(f"error: {state['error']}")
+        if state.get("retries"):  # transient failures its tasks rode out (store or Redis unreachable)
+            print(f"retries: {state['retries']} (last: {state.get('last_retry')})")
         for item in failures:
             print(f"  failed: {item['ref']}: {item['error']}")
     return 1 if state.get("state") == "failed" else 0
