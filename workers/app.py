@@ -22,7 +22,7 @@ def make_app(settings: Settings | None = None, include_tasks: bool = True) -> Ce
         "pupyl_queue",
         broker=settings.broker_url,
         backend=settings.broker_url,
-        include=["workers.tasks", "workers.signals"] if include_tasks else [],
+        include=["workers.tasks", "workers.signals", "workers.liveness"] if include_tasks else [],
         set_as_current=include_tasks,
     )
     transport = {
