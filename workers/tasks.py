@@ -28,7 +28,7 @@ T = TypeVar("T")
 # Redis is the broker as well as the coordination store: while it is down, both fail.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OperationalError)
 TRANSIENT = (StoreUnavailable, *REDIS_DOWN)
-REDIS_WAIT_S = 600  # how long a job task waits in place for Redis before Celery's retry takes over
+REDIS_WAIT_S = 600  # how long a task waits in place for Redis before Celery's retry takes over
 
 
 def count_retries(kwargs: dict[str, Any], exc: BaseException, times: int = 1) -> None:
@@ -63,7 +63,7 @@ def riding_out_redis(task: Any, kwargs: dict[str, Any], body: Callable[[], T]) -
     Celery's retry sends a new message through the broker. With Redis down that send fails and
     Celery rejects the delivery without requeue; the message stays unacknowledged in Redis until
     the visibility timeout (hours) brings it back, so the job looked stuck until then (a Redis
-    restart in tests/test_faults.py). Waiting in the task keeps the delivery. Job bodies are
+    restart in tests/test_faults.py). Waiting in the task keeps the delivery. Task bodies are
     idempotent, so running one again is safe. Past REDIS_WAIT_S, Celery's retry takes over.
     """
     deadline = time.monotonic() + REDIS_WAIT_S
@@ -141,29 +141,29 @@ def to_shard(shard: int, request: dict[str, Any]) -> Any:
     return search_shard.apply_async(kwargs=request, queue=C.shard_queue(shard))
 
 
-@shared_task(name=C.TASK_SEARCH, **RETRY)
-def search(**request: Any) -> dict[str, Any]:
-    return queries.search(runtime(), request, to_shard)
+@shared_task(name=C.TASK_SEARCH, bind=True, **RETRY)
+def search(self: Any, **request: Any) -> dict[str, Any]:
+    return riding_out_redis(self, request, lambda: queries.search(runtime(), request, to_shard))
 
 
-@shared_task(name=C.TASK_SEARCH_SHARD, **RETRY)
-def search_shard(**request: Any) -> dict[str, Any]:
-    return sharding.shard_search(runtime(), request)
+@shared_task(name=C.TASK_SEARCH_SHARD, bind=True, **RETRY)
+def search_shard(self: Any, **request: Any) -> dict[str, Any]:
+    return riding_out_redis(self, request, lambda: sharding.shard_search(runtime(), request))
 
 
-@shared_task(name=C.TASK_NEAREST, **RETRY)
-def nearest(**request: Any) -> dict[str, Any]:
-    return queries.nearest(runtime(), request, to_shard)
+@shared_task(name=C.TASK_NEAREST, bind=True, **RETRY)
+def nearest(self: Any, **request: Any) -> dict[str, Any]:
+    return riding_out_redis(self, request, lambda: queries.nearest(runtime(), request, to_shard))
 
 
-@shared_task(name=C.TASK_REMOVE, **RETRY)
-def remove(**request: Any) -> dict[str, Any]:
-    return queries.remove(runtime(), request)
+@shared_task(name=C.TASK_REMOVE, bind=True, **RETRY)
+def remove(self: Any, **request: Any) -> dict[str, Any]:
+    return riding_out_redis(self, request, lambda: queries.remove(runtime(), request))
 
 
-@shared_task(name=C.TASK_COMPACT, **RETRY)
-def compact(**request: Any) -> dict[str, Any]:
-    return queries.compact(runtime(), request)
+@shared_task(name=C.TASK_COMPACT, bind=True, **RETRY)
+def compact(self: Any, **request: Any) -> dict[str, Any]:
+    return riding_out_redis(self, request, lambda: queries.compact(runtime(), request))
 
 
 @shared_task(name=C.TASK_COMPACT_ALL, **RETRY)
