@@ -109,16 +109,17 @@ def wait_for_port(
     raise TimeoutError(f"{what} did not listen on port {port} within {timeout}s")
 
 
+def celery_command() -> list[str]:
+    """``celery -A workers.app`` with this interpreter: workers and Flower load the same app."""
+    return [sys.executable, "-m", "celery", "-A", "workers.app"]
+
+
 def worker_command(queue: str, name: str | None = None, loglevel: str = "INFO") -> list[str]:
     """The celery command of one worker; ``queue`` is a kind, or a shard's queue (search.shard<k>)."""
     pool, concurrency = WORKER_POOLS[queue.split(".")[0]]
     name = name or f"{queue.replace('.', '-')}-{uuid.uuid4().hex[:6]}@%h"
     return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.app",
+        *celery_command(),
         "worker",
         "-Q",
         queue,
@@ -151,11 +152,7 @@ def flower_command(settings: Settings, port: int | None = None) -> list[str]:
     """Flower's command line: no secret on it (the broker URL and basic auth go in the environment)."""
     port = settings.flower_port if port is None else port
     return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.app",
+        *celery_command(),
         "flower",
         f"--port={port}",
         f"--address={settings.flower_host}",
