@@ -25,6 +25,11 @@ def held(client: PupylQueue) -> list[str]:
     return [t for t, host in client.redis.hgetall(HOLDERS).items() if host.startswith("embed")]
 
 
+def restore_lines(logs: Path) -> list[str]:
+    text = "".join(path.read_text(errors="replace") for path in logs.glob("*.log"))
+    return [line for line in text.splitlines() if "task(s) of dead workers" in line]
+
+
 def test_killed_embed_workers_task_comes_back_without_waiting_hours(
     redis_url: str, tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -58,8 +63,11 @@ def test_killed_embed_workers_task_comes_back_without_waiting_hours(
         state = finish(client, workers, job.id, timeout=120)
         took = time.monotonic() - killed_at
         check(client, files, job.id, state)
-        restored = workers.logs()
-        assert "task(s) of dead workers" in restored and orphan in restored
+        # The job can finish first: a kill after the batch was counted, before its ack, leaves a
+        # task that no batch waits for. The sweep restores it all the same (kombu alone: in 4 h).
+        while not any(orphan in line for line in restore_lines(tmp_path)):
+            assert time.monotonic() - killed_at < 90, restore_lines(tmp_path)
+            time.sleep(0.5)
         print(f"\n[faults] dead worker: job done {took:.1f}s after the kill (visibility timeout 4 h)")
         assert took < 120
     finally:
