@@ -38,6 +38,7 @@ REDIS_PASSWORD = "redis-pw-" + uuid.uuid4().hex
 API_TOKEN = "api-token-" + uuid.uuid4().hex
 FLOWER_PASSWORD = "flower-pw-" + uuid.uuid4().hex
 SECRETS = (REDIS_PASSWORD, API_TOKEN, FLOWER_PASSWORD, S3_SECRET_KEY)
+HOSTILE = "pickle"  # the serializer of the message the workers must refuse
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +146,10 @@ def test_secrets_wire_format_and_guards_through_the_api(
             results = [k for k in client.redis.scan_iter("celery-task-meta-*")]
             assert results and all(json.loads(client.redis.get(k))["status"] for k in results)
 
-            # A pickled message is refused by the worker, and never runs.
+            # A pickled message, as a hostile producer would send it (this test only; nothing in
+            # pupyl-queue sends or accepts one), is refused by the worker and never runs.
             pickled = client.app.send_task(
-                C.TASK_SEARCH, kwargs={"collection": "default", "query": {"id": 1}}, serializer="pickle"
+                C.TASK_SEARCH, kwargs={"collection": "default", "query": {"id": 1}}, serializer=HOSTILE
             )
             deadline = time.monotonic() + 60
             while "untrusted content" not in (tmp_path / "search.log").read_text():
