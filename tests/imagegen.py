@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -38,3 +39,12 @@ def write_photo_set(folder: Path, count: int = 12) -> list[Path]:
     (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (folder / "not_image.jpg").write_bytes(b"hello\n")
     return paths
+
+
+def pattern_folder(folder: Path, seeds: Iterable[int], fmt: str = "JPEG", name: str = "{seed}") -> Path:
+    """A new folder of distinct pictures, one per seed, named by ``name`` (a format with {seed})."""
+    folder.mkdir(parents=True)
+    ext = "jpg" if fmt == "JPEG" else fmt.lower()
+    for seed in seeds:
+        (folder / f"{name.format(seed=seed)}.{ext}").write_bytes(encode(pattern(seed), fmt))
+    return folder

@@ -20,16 +20,12 @@ from pupyl_queue.queries import compact, remove, search
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.settings import Settings
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
-from tests.imagegen import encode, pattern
+from tests.imagegen import pattern_folder
 from tests.indexing import index_folder
 
 
 def folder_of(tmp_path: Path, name: str, seeds: range) -> Path:
-    folder = tmp_path / name
-    folder.mkdir()
-    for seed in seeds:
-        (folder / f"{name}-{seed}.png").write_bytes(encode(pattern(seed), "PNG"))
-    return folder
+    return pattern_folder(tmp_path / name, seeds, "PNG", f"{name}-{{seed}}")
 
 
 def index(rt: Runtime, collection: str, folder: Path, model: Path) -> None:

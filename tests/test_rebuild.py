@@ -20,17 +20,13 @@ from pupyl_queue.queries import compact, remove, search
 from pupyl_queue.rebuild import RebuildError, rebuild
 from pupyl_queue.runtime import Runtime
 from tests.conftest import ROOT
-from tests.imagegen import encode, pattern
+from tests.imagegen import pattern_folder
 from tests.indexing import index_folder
 from tests.workers import Workers
 
 
 def image_folder(root: Path, name: str, seeds: range) -> Path:
-    folder = root / name
-    folder.mkdir()
-    for seed in seeds:
-        (folder / f"{seed}.jpg").write_bytes(encode(pattern(seed), "JPEG"))
-    return folder
+    return pattern_folder(root / name, seeds)
 
 
 def redis_state(client: redis.Redis, layout: Layout) -> dict:
