@@ -11,9 +11,11 @@ process and end to end through a real Celery search worker.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -62,6 +64,10 @@ def percentiles(values: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
+def store_gb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e9
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -102,9 +108,13 @@ def run_size(
         best_ids = np.take_along_axis(merged_ids, order, axis=1)
     exact_top = list(best_ids)
     coord.r.set(layout.key("ids"), next_id)
+    segments_gb = store_gb(work / "store")
     started = time.perf_counter()
     manifest = Compactor(store, coord, settings).run({"metric": "cosine", "dim": dim})
     build_s = time.perf_counter() - started
+    compaction_peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    snapshot_gb = store_gb(work / "store") - segments_gb
+    print(f"  compaction {build_s:.0f} s, {manifest['factory']}, store +{snapshot_gb:.2f} GB", flush=True)
 
     searcher = Searcher(store, coord, layout, settings.index_nprobe)
     searcher.load()
@@ -129,6 +139,8 @@ def run_size(
         print(f"  nprobe {nprobe:>4}: p50 {row['p50_ms']:.2f} ms, recall@10 {row['recall_at_10']:.3f}")
     searcher.index.set_nprobe(settings.index_nprobe)  # type: ignore[union-attr]
     nprobe_used = searcher.index.nprobe  # type: ignore[union-attr]
+    del searcher  # the worker below loads its own copy: two 10 GB indexes would not fit in 24 GB
+    gc.collect()
 
     # Through Celery and Redis: a real search worker process holding the snapshot.
     worker = start_worker("search", settings, log_path=work / f"search-{n}.log")
@@ -159,6 +171,11 @@ def run_size(
         "factory": manifest["factory"],
         "nprobe": nprobe_used,
         "build_s": build_s,
+        "compaction_peak_rss_mib": compaction_peak_mib,
+        "segments_gb": segments_gb,
+        "snapshot_gb": snapshot_gb,
+        "reused_vector_files": manifest.get("reused_vector_files", 0),
+        "memory_budget_gb": settings.index_memory_gb,
         "search_worker_rss_mib": memory,
         "inproc_p50_ms": p50,
         "inproc_p99_ms": p99,
@@ -190,6 +207,9 @@ def main() -> None:
     parser.add_argument("--e2e-queries", type=int, default=200)
     parser.add_argument("--nprobe", type=int, default=0, help="0: the default, max(64, nlist/32)")
     parser.add_argument(
+        "--memory-gb", type=float, default=Settings().index_memory_gb, help="PUPYL_INDEX_MEMORY_GB"
+    )
+    parser.add_argument(
         "--nprobe-sweep", default="32,64,128,256", help="in-process recall/latency per nprobe"
     )
     parser.add_argument("--pupyl-python", default="", help="a python with annoy (pupyl's venv)")
@@ -208,6 +228,7 @@ def main() -> None:
         redis_url=f"redis://127.0.0.1:{port}/0",
         store=(work / "store").as_uri(),
         index_nprobe=args.nprobe,
+        index_memory_gb=args.memory_gb,
     )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     queries = generator().vectors(args.queries, args.dim, seed=1)

@@ -5,17 +5,26 @@ never inside a search worker, so searches are not blocked. It streams the live
 vectors (the previous snapshot's merged vector files, then every later
 segment), drops tombstoned ids, picks the index type for the live count,
 trains it on a sample, adds everything, and writes: the index, its id bitmap,
-the tombstones, merged vector files for the next compaction, and a manifest
+the tombstones, the vector files for the next compaction, and a manifest
 with checksums; then it publishes the pointer. Last, it garbage-collects what
 the snapshot before this one still needed (segments, vector files, snapshot).
+
+Vector files: an input file of at least REUSE_ROWS vectors, none of them
+removed, is referenced as it is (a big segment, or a vector file of the
+previous snapshot); only small or partly removed files are merged into new
+ones. Copying every live vector at every compaction doubled the store's size
+at its peak (40 GB more at 10M 1024-d vectors) and rewrote what had not changed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +41,7 @@ from pupyl_queue.vector_index import VectorIndex, choose_factory
 
 log = logging.getLogger(__name__)
 MERGED_ROWS = 200_000  # vectors per merged vector file
+REUSE_ROWS = 10_000  # an input file this big with no removed vector is referenced, not copied
 TRAIN_PER_LIST = 64
 
 
@@ -111,7 +121,10 @@ class Compactor:
             )
         return None
 
-    def _chunks(self, files: list[str], tombstones: set[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _chunks(
+        self, files: list[str], tombstones: set[int]
+    ) -> Iterator[tuple[str, np.ndarray, np.ndarray, bool]]:
+        """(key, live ids, their vectors, whether every vector of the file is live), file by file."""
         dead = np.fromiter(tombstones, dtype=np.int64, count=len(tombstones))
         for key in files:
             try:
@@ -125,7 +138,9 @@ class Compactor:
                 integrity.report(self.coord, exc.key, exc.reason, by="compaction")
                 raise
             live = ~np.isin(ids, dead)
-            yield ids[live], vectors[live]
+            if live.all() and len(ids) >= REUSE_ROWS and key not in self._checks:
+                self._checks[key] = integrity.sha256(data)  # referenced as it is: its manifest needs one
+            yield key, ids[live], vectors[live], bool(live.all())
 
     def run(self, model: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -135,7 +150,7 @@ class Compactor:
             return {**previous, "skipped": "nothing committed since the last snapshot"}
         files, tombstones = self._inputs(previous, watermark)
         count, dim = 0, 0
-        for ids, vectors in self._chunks(files, tombstones):
+        for _, ids, vectors, _ in self._chunks(files, tombstones):
             count += len(ids)
             dim = dim or (vectors.shape[1] if vectors.size else 0)
         dim = dim or int(model.get("dim", 0))
@@ -148,27 +163,35 @@ class Compactor:
             index.train(self._sample(files, tombstones, factory, count))
         base = self.layout.snapshot(watermark)
         merged: list[str] = []
+        reused: list[str] = []
         buffer_ids: list[np.ndarray] = []
         buffer_vectors: list[np.ndarray] = []
         buffered = 0
-        for ids, vectors in self._chunks(files, tombstones):
+        for key, ids, vectors, whole in self._chunks(files, tombstones):
             index.add(ids, vectors)
+            if whole and len(ids) >= REUSE_ROWS:
+                reused.append(key)
+                continue
             buffer_ids.append(ids)
             buffer_vectors.append(vectors)
             buffered += len(ids)
             if buffered >= MERGED_ROWS:
                 merged.append(self._write_merged(base, len(merged), buffer_ids, buffer_vectors))
                 buffer_ids, buffer_vectors, buffered = [], [], 0
-        if buffered or not merged:
+        if buffered or not (merged or reused):
             merged.append(self._write_merged(base, len(merged), buffer_ids, buffer_vectors))
         built_s = time.perf_counter() - started
         blobs = {
-            "index.faiss": index.serialize(),
             "ids.bits": index.ids.to_bytes(),
             "tombstones.npy": np.array(sorted(tombstones), dtype=np.int64).tobytes(),
         }
+        files_sha = {name: integrity.sha256(data) for name, data in blobs.items()}
+        sizes = {name: len(data) for name, data in blobs.items()}
         for name, data in blobs.items():
             self.store.put(f"{base}/{name}", data)
+        files_sha["index.faiss"], sizes["index.faiss"] = self._put_index(f"{base}/index.faiss", index)
+        nprobe, count_live, id_bits = index.nprobe, len(index), index.ids.size
+        del index  # gigabytes at 10M vectors
         manifest = integrity.seal(
             {
                 "schema": C.SCHEMA_VERSION,
@@ -178,15 +201,20 @@ class Compactor:
                 "metric": model.get("metric", "cosine"),
                 "factory": factory,
                 "index_type": factory if factory != "Flat" else "IDMap2,Flat",
-                "nprobe": index.nprobe,
+                "nprobe": nprobe,
+                "memory_budget_gb": s.index_memory_gb,
                 "watermark": watermark,
-                "count": len(index),
+                "count": count_live,
                 "tombstones": len(tombstones),
-                "id_bits": index.ids.size,
-                "vector_files": merged,
-                "files": {name: integrity.sha256(data) for name, data in blobs.items()},
-                "sizes": {name: len(data) for name, data in blobs.items()},
-                "vector_sha256": {key: self._written[key][0] for key in merged},
+                "id_bits": id_bits,
+                "vector_files": reused + merged,
+                "files": files_sha,
+                "sizes": sizes,
+                "vector_sha256": {
+                    **{key: self._checks[key] for key in reused},
+                    **{key: self._written[key][0] for key in merged},
+                },
+                "reused_vector_files": len(reused),
                 "build_s": round(built_s, 3),
                 "created_at": time.time(),
             }
@@ -200,16 +228,27 @@ class Compactor:
         # A damaged version at this watermark was just rewritten whole.
         integrity.forget_damage_under(self.coord, base + "/")
         self._collect_garbage()
-        log.info("snapshot %s: %d vectors, %s, %.1fs", base, len(index), factory, built_s)
+        log.info("snapshot %s: %d vectors, %s, %.1fs", base, count_live, factory, built_s)
         return manifest
+
+    def _put_index(self, key: str, index: VectorIndex) -> tuple[str, int]:
+        """Write the index through a file (streamed both ways) and return its (sha256, size)."""
+        scratch = self.settings.data_dir / "tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=scratch, prefix="compaction-") as folder:
+            path = Path(folder) / "index.faiss"
+            index.write(path)
+            self.store.put_file(key, path)
+            return integrity.file_sha256(path), path.stat().st_size
 
     def _sample(self, files: list[str], tombstones: set[int], factory: str, count: int) -> np.ndarray:
         """An even sample of the live vectors, large enough to train ``factory``."""
-        nlist = int(factory.split(",")[0].removeprefix("IVF")) if factory.startswith("IVF") else 256
+        lists = re.match(r"IVF(\d+)", factory)  # IVF16384 or IVF16384_HNSW32
+        nlist = int(lists.group(1)) if lists else 256
         want = min(count, max(TRAIN_PER_LIST * nlist, 10_000))
         rng = np.random.default_rng(0)
         parts = []
-        for _, vectors in self._chunks(files, tombstones):
+        for _, _, vectors, _ in self._chunks(files, tombstones):
             take = int(round(len(vectors) * want / max(count, 1)))
             if take:
                 parts.append(vectors[rng.choice(len(vectors), min(take, len(vectors)), replace=False)])
@@ -239,22 +278,37 @@ class Compactor:
         whole = [n for n in versions if n not in damaged and self.store.exists(f"{folder}/{n}/manifest.json")]
         keep = max(1, self.settings.snapshot_keep)
         kept = set(whole[-keep:])
-        deleted: list[str] = []
+        referenced = {key for name in kept for key in self._vector_files(f"{folder}/{name}")}
+        deleted: list[str] = []  # deleted at the end, after the snapshot folders
+        gone: list[str] = []
         for name in versions:
             if name not in kept:
-                deleted += list(self.store.list(f"{folder}/{name}/"))
+                # A segment it referenced outlived its commit (trimmed below): it goes with its last snapshot.
+                deleted += [key for key in self._vector_files(f"{folder}/{name}") if key not in referenced]
+                gone += list(self.store.list(f"{folder}/{name}/"))
                 self.store.delete_prefix(f"{folder}/{name}/")
         for key in self.store.list(f"{self.layout.root}/{C.STORE_VECTORS}/"):
-            if key.rsplit("/", 1)[-1].split("-", 1)[0] not in kept:
-                self.store.delete(key)
-                deleted.append(key)
+            if key.rsplit("/", 1)[-1].split("-", 1)[0] not in kept and key not in referenced:
+                deleted.append(key)  # also what a killed compaction wrote
         # Until there are PUPYL_SNAPSHOT_KEEP of them, replaying the whole log is the fallback: keep it.
         oldest = int(min(kept)) if len(kept) >= keep else 0
+        replay: set[str] = set()  # commits after the oldest kept snapshot: a fallback replays them
         for sequence, key in self.coord.commits_after(0):
             if sequence > oldest:
-                break
-            self.store.delete(key)  # inside every kept snapshot: no reader needs it any more
-            deleted.append(key)
+                replay.add(key)
+            elif key not in referenced:  # inside every kept snapshot: no reader needs it any more
+                deleted.append(key)
+        # A dropped (damaged, say) newer snapshot may list segments the log still needs: never those.
+        deleted = [key for key in deleted if key not in replay and key.startswith(self.layout.root + "/")]
+        for key in deleted:
+            self.store.delete(key)
         if oldest:
             self.coord.trim_commits(oldest)
-        integrity.forget(self.coord, deleted)
+        integrity.forget(self.coord, gone + deleted)
+
+    def _vector_files(self, snapshot: str) -> list[str]:
+        """The vector files a snapshot folder's manifest lists (none when it has no readable manifest)."""
+        try:
+            return list(json.loads(self.store.get(f"{snapshot}/manifest.json"))["vector_files"])
+        except (ObjectNotFound, ValueError, KeyError, TypeError):
+            return []

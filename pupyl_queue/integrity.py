@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 from pupyl_queue import constants as C
@@ -49,6 +50,22 @@ class StoreDamaged(ValueError):
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def file_problem(path: str | Path, sha: str | None, size: int | None = None) -> str | None:
+    """``problem`` for a file, read in chunks: a snapshot index may not fit in memory twice."""
+    length = os.path.getsize(path)
+    if size is not None and length != size:
+        word = "truncated" if length < size else "too long"
+        return f"{word}: {length} bytes, {size} expected"
+    if sha is not None and file_sha256(path) != sha:
+        return "sha256 mismatch (the bytes were altered)"
+    return None
 
 
 def problem(data: bytes, sha: str | None, size: int | None = None) -> str | None:
@@ -104,6 +121,18 @@ def open_manifest(store: ObjectStore, base: str) -> dict[str, Any]:
 def snapshot_file(store: ObjectStore, manifest: dict[str, Any], name: str) -> bytes:
     sizes = manifest.get("sizes", {})
     return read_checked(store, f"{manifest['path']}/{name}", manifest["files"][name], sizes.get(name))
+
+
+def snapshot_file_to(store: ObjectStore, manifest: dict[str, Any], name: str, path: str | Path) -> None:
+    """``snapshot_file`` into a file at ``path``, checked there, never whole in memory."""
+    key = f"{manifest['path']}/{name}"
+    try:
+        store.get_file(key, path)
+    except ObjectNotFound:
+        raise StoreDamaged(key, "missing") from None
+    reason = file_problem(path, manifest["files"][name], manifest.get("sizes", {}).get(name))
+    if reason:
+        raise StoreDamaged(key, reason)
 
 
 # --- which snapshots a reader may use

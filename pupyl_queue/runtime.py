@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # index_bytes() is called under it too
         self._searchers: OrderedDict[str, Searcher] = OrderedDict()
         self._pool: ThreadPoolExecutor | None = None
         self._int8_models: dict[tuple[str, ModelSpec], object] = {}
@@ -154,21 +154,27 @@ class Runtime:
                 s = self.settings
                 shard = (s.search_shard, s.search_shards) if s.search_shard >= 0 else None
                 found = Searcher(
-                    self.store, self.coordinator(collection), Layout(collection), s.index_nprobe, shard
+                    self.store,
+                    self.coordinator(collection),
+                    Layout(collection),
+                    s.index_nprobe,
+                    shard,
+                    s.data_dir / "tmp",
                 )
                 found.load()
                 self._searchers[collection] = found
                 self._evict(keep=collection)
             return found
 
+    def index_bytes(self) -> int:
+        """Memory the loaded indexes hold: a search worker's size beyond its code."""
+        with self._lock:
+            return sum(s.index.memory_bytes() for s in self._searchers.values() if s.index is not None)
+
     def _evict(self, keep: str) -> None:
         """Unload the least recently used collections while the indexes exceed PUPYL_SEARCH_MEMORY_GB."""
         budget = self.settings.search_memory_gb * 1024**3
-
-        def used() -> int:
-            return sum(s.index.memory_bytes() for s in self._searchers.values() if s.index is not None)
-
-        while used() > budget and len(self._searchers) > 1:
+        while self.index_bytes() > budget and len(self._searchers) > 1:
             name = next(iter(self._searchers))
             if name == keep:
                 break

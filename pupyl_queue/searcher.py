@@ -14,8 +14,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,8 +55,10 @@ class Searcher:
         layout: Layout,
         nprobe: int = 0,
         shard: tuple[int, int] | None = None,
+        scratch: Path | None = None,
     ) -> None:
         self.shard = shard  # (k, n): this searcher owns the ids with id % n == k
+        self.scratch = scratch  # where a snapshot index lands on its way in (None: the system's temp dir)
         self.store = store
         self.coord = coordinator
         self.layout = layout
@@ -119,14 +123,19 @@ class Searcher:
 
     def _load_full(self, manifest: dict[str, Any]) -> None:
         base = manifest["path"]
-        data = integrity.snapshot_file(self.store, manifest, "index.faiss")
         id_bits = integrity.snapshot_file(self.store, manifest, "ids.bits")
         dead = np.frombuffer(integrity.snapshot_file(self.store, manifest, "tombstones.npy"), np.int64)
-        try:
-            ids = IdSet.from_bytes(id_bits, manifest["id_bits"])
-            index = VectorIndex.deserialize(data, manifest["dim"], manifest["factory"], ids, self.nprobe)
-        except Exception as exc:  # bytes that match an old manifest without sizes, yet do not load
-            raise StoreDamaged(f"{base}/index.faiss", f"unreadable ({type(exc).__name__})") from None
+        if self.scratch is not None:
+            self.scratch.mkdir(parents=True, exist_ok=True)
+        # Through a file: the index is in memory once, not once more as bytes (gigabytes at 10M).
+        with tempfile.TemporaryDirectory(dir=self.scratch, prefix="snapshot-") as folder:
+            path = Path(folder) / "index.faiss"
+            integrity.snapshot_file_to(self.store, manifest, "index.faiss", path)
+            try:
+                ids = IdSet.from_bytes(id_bits, manifest["id_bits"])
+                index = VectorIndex.read(path, manifest["dim"], manifest["factory"], ids, self.nprobe)
+            except Exception as exc:  # bytes that match an old manifest without sizes, yet do not load
+                raise StoreDamaged(f"{base}/index.faiss", f"unreadable ({type(exc).__name__})") from None
         self.index = index
         self.tombstones = set(dead.tolist())
         self.sequence = self.snapshot_watermark = int(manifest["watermark"])
@@ -255,7 +264,7 @@ class Searcher:
 
         def load_newer() -> None:
             try:
-                fresh = Searcher(self.store, self.coord, self.layout, self.nprobe, self.shard)
+                fresh = Searcher(self.store, self.coord, self.layout, self.nprobe, self.shard, self.scratch)
                 fresh.load()
                 for attempt in range(10):
                     if attempt < 9:

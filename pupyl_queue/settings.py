@@ -67,7 +67,7 @@ class Settings:
     near_duplicate: float = 0.0
     index_factory: str = ""
     index_nprobe: int = 0
-    index_memory_gb: float = 8.0
+    index_memory_gb: float = 12.0  # 10M 1024-d vectors fit as IVF-SQ8 (10 GB) on a 24 GB host
     flat_below: int = 100_000
     compact_commits: int = 256
     compact_interval: int = 3600

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 from urllib.parse import urlparse
 
 from pupyl_queue.settings import Settings
 
 T = TypeVar("T")
+CHUNK = 8 * 1024**2  # bytes per read when streaming a file
 
 
 class ObjectNotFound(KeyError):
@@ -61,6 +63,14 @@ class ObjectStore(ABC):
     def children(self, prefix: str) -> list[str]:
         """The names one level below ``prefix`` (like a directory listing), without a full scan."""
 
+    def put_file(self, key: str, path: str | Path) -> None:
+        """Store a file's content; stores override this to stream it (a snapshot index can be gigabytes)."""
+        self.put(key, Path(path).read_bytes())
+
+    def get_file(self, key: str, path: str | Path) -> None:
+        """Write an object's content to ``path``; stores override this to stream it."""
+        Path(path).write_bytes(self.get(key))
+
     def delete_prefix(self, prefix: str) -> int:
         keys = list(self.list(prefix))
         for key in keys:
@@ -81,7 +91,8 @@ class LocalStore(ObjectStore):
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*check_key(key).split("/"))
 
-    def put(self, key: str, data: bytes) -> None:
+    def _write(self, key: str, fill: Callable[[BinaryIO], object]) -> None:
+        """Write through a temporary file and rename it in place: readers never see half an object."""
         path = self._path(key)
         if path.parent not in self._folders:  # one mkdir per folder per process, not per object
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,15 +104,28 @@ class LocalStore(ObjectStore):
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+                fill(fh)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def put(self, key: str, data: bytes) -> None:
+        self._write(key, lambda fh: fh.write(data))
+
+    def put_file(self, key: str, path: str | Path) -> None:
+        with open(path, "rb") as src:
+            self._write(key, lambda fh: shutil.copyfileobj(src, fh, CHUNK))
+
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(key) from None
+
+    def get_file(self, key: str, path: str | Path) -> None:
+        try:
+            shutil.copyfile(self._path(key), path)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(key) from None
 
@@ -203,6 +227,13 @@ class S3Store(ObjectStore):
                 response.release_conn()
 
         return self._guard(fetch, key)
+
+    def put_file(self, key: str, path: str | Path) -> None:
+        """Multipart upload straight from the file (the SDK picks the part size)."""
+        self._guard(lambda: self._client.fput_object(self.bucket, self._name(key), str(path)))
+
+    def get_file(self, key: str, path: str | Path) -> None:
+        self._guard(lambda: self._client.fget_object(self.bucket, self._name(key), str(path)), key)
 
     def exists(self, key: str) -> bool:
         try:

@@ -4,19 +4,28 @@ Inner product on L2-normalised vectors; distances are reported as cosine
 distance, ``1 - cosine``: 0 for the same image, smaller is closer.
 
 Small collections use exact search (``IDMap2,Flat``). Past a size threshold,
-compaction trains an IVF index: √N-scaled lists, and SQ8 codes when they fit
-the memory budget, PQ codes when they do not. Removal is logical at once (an
-id bitmap filters results; searches over-fetch to still return ``top``) and
-physical at the next compaction (``remove_ids`` is a full pass on big indexes).
+compaction trains an IVF index: √N-scaled lists, and the finest scalar codes
+(SQ8, SQ6, SQ4) that fit the memory budget, PQ codes only when none does: on
+CNN-like 1024-d vectors PQ64 keeps recall@10 near 0.43 and PQ128 near 0.60,
+where SQ8 gives 0.97, SQ6 0.94 and SQ4 0.82 (BENCHMARKS.md). From 8192 lists
+the coarse quantizer is an HNSW graph and is trained by two-level k-means:
+flat k-means over 16k lists of 1024-d vectors takes hours on two cores.
+Removal is logical at once (an id bitmap filters results; searches over-fetch
+to still return ``top``) and physical at the next compaction.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import math
+from pathlib import Path
 
 import faiss
 import numpy as np
+
+from pupyl_queue.gpu_index import GPU_MAX_K, coarse_template, gpu_ivf_vector, ivf_parts, to_cpu, to_gpu
+
+log = logging.getLogger(__name__)
 
 
 class IdSet:
@@ -68,16 +77,70 @@ class IdSet:
         return len(self._bits)
 
 
+# bytes per dimension of each scalar code, finest first
+SCALAR_CODES = (("SQ8", 1.0), ("SQ6", 0.75), ("SQ4", 0.5))
+LARGE_NLIST = 8192  # from here: HNSW coarse quantizer, two-level k-means
+OVERHEAD = 1.2  # list ids, the id bitmap and slack, over the codes themselves
+
+
 def choose_factory(n: int, dim: int, memory_bytes: int, flat_below: int) -> str:
-    """The FAISS factory string for ``n`` vectors: exact below ``flat_below``, else IVF-SQ8 or IVF-PQ."""
+    """The FAISS factory string for ``n`` vectors: exact below ``flat_below``, else IVF with the finest
+    codes whose memory fits ``memory_bytes``."""
     if n < flat_below:
         return "Flat"
     nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
     nlist = max(16, min(nlist, n // 39))  # FAISS wants >= 39 training points per list
-    if n * dim * 1.2 <= memory_bytes:  # SQ8: one byte per dimension
-        return f"IVF{nlist},SQ8"
+    ivf = f"IVF{nlist}_HNSW32" if nlist >= LARGE_NLIST else f"IVF{nlist}"
+    for codes, per_dim in SCALAR_CODES:
+        if n * dim * per_dim * OVERHEAD <= memory_bytes:
+            return f"{ivf},{codes}"
     m = max(d for d in range(1, dim // 16 + 1) if dim % d == 0)  # 64 codes for 1024-d
-    return f"IVF{nlist},PQ{m}"
+    return f"{ivf},PQ{m}"
+
+
+def code_bytes(factory: str, dim: int) -> int:
+    """Bytes one vector's code takes in an index built from ``factory``."""
+    codes = factory.split(",")[-1]
+    if codes == "Flat":
+        return dim * 4
+    if codes.startswith("PQ"):
+        return int(codes[2:].split("x")[0])
+    per_dim = dict(SCALAR_CODES).get(codes)
+    if per_dim is None:
+        raise ValueError(f"unknown codes {codes!r} in {factory!r}")
+    return math.ceil(dim * per_dim)
+
+
+def two_level_centroids(sample: np.ndarray, nlist: int, seed: int = 0) -> np.ndarray:
+    """``nlist`` k-means centroids as √nlist coarse clusters, each split by its share of the sample.
+
+    Costs about 2·√nlist distance computations per point and iteration instead of nlist (FAISS's
+    contrib.clustering does the same; this version also never asks a cluster for more centroids
+    than it has points, or for none).
+    """
+    d = len(sample[0])
+    top = faiss.Kmeans(
+        d, int(math.sqrt(nlist)), niter=20, spherical=True, seed=seed, max_points_per_centroid=2000
+    )
+    top.train(sample)
+    _, assign = top.index.search(sample, 1)
+    assign = assign.ravel()
+    sizes = np.bincount(assign, minlength=top.k)
+    want = sizes / len(sample) * nlist
+    share = np.minimum(np.floor(want).astype(np.int64), sizes)
+    while share.sum() < nlist:  # the remainder, where points per centroid are highest
+        room = np.where(share < sizes, sizes / (share + 1), -1.0)
+        share[int(np.argmax(room))] += 1
+    parts = []
+    for cluster in np.flatnonzero(share):
+        points = sample[assign == cluster]
+        if share[cluster] == len(points):
+            parts.append(points)
+            continue
+        km = faiss.Kmeans(d, int(share[cluster]), niter=20, spherical=True, seed=seed + int(cluster))
+        km.train(points)
+        parts.append(km.centroids)
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
 
 def build(dim: int, factory: str) -> faiss.Index:
@@ -94,29 +157,45 @@ class VectorIndex:
         index: faiss.Index | None = None,
         ids: IdSet | None = None,
         nprobe: int = 32,
+        *,
+        gpu: bool | None = None,
     ) -> None:
+        """``gpu``: place the index on the GPUs (None: when faiss sees any; False keeps it on the CPU)."""
         self.dim = dim
         self.factory = factory
         self._index = index if index is not None else build(dim, factory)
         self.ids = ids if ids is not None else IdSet()
         self.removed_pending = 0  # removed logically, still inside the FAISS index
+        self._coarse: tuple[faiss.Index, str] | None = None  # the CPU coarse quantizer, to restore
+        gpus = faiss.get_num_gpus()
+        if gpu and not gpus:
+            raise ValueError("gpu=True, but faiss sees no GPU (faiss-cpu, or no CUDA device)")
+        self.on_gpu = gpus > 0 if gpu is None else gpu
+        if self.on_gpu:  # pragma: no cover - needs a GPU
+            self._move_to_gpu()
         self.set_nprobe(nprobe)
-        if faiss.get_num_gpus() > 0:  # pragma: no cover - needs a GPU
-            self._index = faiss.index_cpu_to_all_gpus(self._index)
+
+    def _move_to_gpu(self) -> None:  # pragma: no cover - needs a GPU
+        """Move the index to the GPUs; codes faiss has no GPU version of stay on the CPU (every factory
+        choose_factory picks, SQ8/SQ6/SQ4 and PQ, with flat or HNSW lists, moved on an H200)."""
+        try:
+            coarse = coarse_template(self._index)
+            self._index, self._coarse = to_gpu(self._index), coarse
+        except RuntimeError as exc:
+            log.warning("%s index stays on the CPU: %s", self.factory, str(exc).splitlines()[0])
+            self.on_gpu = False
 
     def set_nprobe(self, nprobe: int) -> None:
         """Lists an IVF search visits; 0 = auto: max(64, nlist/32), which kept recall@10 above .95
         on CNN-like vectors at 100k and 1M (BENCHMARKS.md)."""
-        with contextlib.suppress(RuntimeError):  # not an IVF index
-            ivf = faiss.extract_index_ivf(self._index)
-            ivf.nprobe = min(ivf.nlist, nprobe if nprobe > 0 else max(64, ivf.nlist // 32))
+        for ivf in ivf_parts(self._index):  # none for Flat
+            most = min(ivf.nlist, GPU_MAX_K) if self.on_gpu else ivf.nlist
+            ivf.nprobe = min(most, nprobe if nprobe > 0 else max(64, ivf.nlist // 32))
 
     @property
     def nprobe(self) -> int | None:
-        try:
-            return int(faiss.extract_index_ivf(self._index).nprobe)
-        except RuntimeError:
-            return None
+        parts = ivf_parts(self._index)
+        return int(parts[0].nprobe) if parts else None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -126,20 +205,25 @@ class VectorIndex:
 
     def memory_bytes(self) -> int:
         """About what the index holds in memory: codes and ids per vector, plus the id bitmap."""
-        per_vector = {"Flat": self.dim * 4}.get(self.factory)
-        if per_vector is None:
-            codes = self.factory.split(",")[-1]
-            per_vector = (
-                int(codes[2:]) if codes.startswith("PQ") else self.dim if codes == "SQ8" else self.dim * 4
-            )
+        per_vector = code_bytes(self.factory, self.dim)
         return int(self._index.ntotal) * (per_vector + 8) + self.ids.size // 8
 
     @property
     def is_trained(self) -> bool:
         return bool(self._index.is_trained)
 
-    def train(self, sample: np.ndarray) -> None:
-        self._index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    def train(self, sample: np.ndarray, two_level: bool | None = None) -> None:
+        """Train on ``sample``; two-level k-means for the coarse lists from LARGE_NLIST (None: by size)."""
+        sample = np.ascontiguousarray(sample, dtype=np.float32)
+        try:
+            ivf = faiss.extract_index_ivf(self._index)
+        except RuntimeError:  # not an IVF index
+            ivf = None
+        if ivf is not None and (ivf.nlist >= LARGE_NLIST if two_level is None else two_level):
+            centroids = two_level_centroids(sample, int(ivf.nlist))
+            ivf.quantizer.train(centroids)
+            ivf.quantizer.add(centroids)  # IndexIVF.train then trains only the codes
+        self._index.train(sample)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> int:
         """Add vectors whose ids are not present yet (applying a segment twice is harmless)."""
@@ -164,6 +248,8 @@ class VectorIndex:
         """For each query, up to ``top`` (id, cosine distance) pairs, nearest first."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         total = int(self._index.ntotal)
+        if self.on_gpu:  # pragma: no cover - needs a GPU
+            total = min(total, GPU_MAX_K)  # the most a GPU returns: more removed ids may leave < top
         k = min(top + self.removed_pending, total)
         if k <= 0 or len(self) == 0:
             return [[] for _ in range(len(queries))]
@@ -183,23 +269,45 @@ class VectorIndex:
         if image_id not in self:
             raise KeyError(image_id)
         index = self._index
+        if self.on_gpu and not isinstance(index, faiss.IndexIDMap2):  # pragma: no cover - needs a GPU
+            return gpu_ivf_vector(ivf_parts(index)[0], int(image_id))
         if not isinstance(index, faiss.IndexIDMap2):
             ivf = faiss.extract_index_ivf(index)
             if ivf.direct_map.type != faiss.DirectMap.Hashtable:
                 ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
         return index.reconstruct(int(image_id))
 
+    def _cpu_index(self) -> faiss.Index:
+        """The index itself, or on GPUs a CPU copy as it was built (HNSW coarse quantizer included)."""
+        if self.on_gpu:  # pragma: no cover - needs a GPU
+            return to_cpu(self._index, self._coarse)
+        return self._index
+
     def serialize(self) -> bytes:
-        index = self._index
-        if faiss.get_num_gpus() > 0:  # pragma: no cover - needs a GPU
-            index = faiss.index_gpu_to_cpu(index)
-        return faiss.serialize_index(index).tobytes()
+        return faiss.serialize_index(self._cpu_index()).tobytes()
 
     @classmethod
     def deserialize(
         cls, data: bytes, dim: int, factory: str = "Flat", ids: IdSet | None = None, nprobe: int = 0
     ) -> VectorIndex:
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        return cls._wrap(
+            faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)), dim, factory, ids, nprobe
+        )
+
+    def write(self, path: str | Path) -> None:
+        """Write the index to a file. FAISS streams it out: ``serialize`` holds the index and up to
+        three whole copies of its bytes at once, too much for a 10M-vector snapshot."""
+        faiss.write_index(self._cpu_index(), str(path))
+
+    @classmethod
+    def read(
+        cls, path: str | Path, dim: int, factory: str = "Flat", ids: IdSet | None = None, nprobe: int = 0
+    ) -> VectorIndex:
+        """Read an index file written by ``write``, streamed (one copy in memory, not two)."""
+        return cls._wrap(faiss.read_index(str(path)), dim, factory, ids, nprobe)
+
+    @classmethod
+    def _wrap(cls, index: faiss.Index, dim: int, factory: str, ids: IdSet | None, nprobe: int) -> VectorIndex:
         if index.d != dim:
             raise ValueError(f"snapshot index is {index.d}-d, its manifest says {dim}-d")
         if ids is None:

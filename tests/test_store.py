@@ -63,6 +63,21 @@ def test_large_object(store: ObjectStore) -> None:
     assert store.get("big.bin") == data
 
 
+def test_files_stream_both_ways(store: ObjectStore, tmp_path: Path) -> None:
+    """put_file/get_file carry snapshot indexes too big to hold twice in memory."""
+    data = bytes(range(256)) * 50_000  # 12.8 MB: multipart on S3
+    source = tmp_path / "index.faiss"
+    source.write_bytes(data)
+    store.put_file("snap/index.faiss", source)
+    assert store.get("snap/index.faiss") == data
+    out = tmp_path / "back.faiss"
+    store.get_file("snap/index.faiss", out)
+    assert out.read_bytes() == data
+    with pytest.raises(ObjectNotFound):
+        store.get_file("snap/missing.faiss", tmp_path / "missing.faiss")
+    assert sorted(store.list("snap/")) == ["snap/index.faiss"]  # no temporary file left behind
+
+
 @pytest.mark.parametrize("key", ["", "/abs", "a/../b", "../up", "a//b", "a/./b", "a\\b"])
 def test_keys_cannot_escape(store: ObjectStore, key: str) -> None:
     with pytest.raises(ValueError, match="invalid store key"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pupyl_queue.models import normalize
-from pupyl_queue.vector_index import IdSet, VectorIndex, choose_factory
+from pupyl_queue.vector_index import IdSet, VectorIndex, choose_factory, code_bytes, two_level_centroids
 
 
 def data(n: int = 200, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -97,10 +97,47 @@ def test_empty_and_small() -> None:
 
 def test_index_type_follows_size_and_memory() -> None:
     gib = 1024**3
-    assert choose_factory(50_000, 1024, 8 * gib, flat_below=100_000) == "Flat"
-    assert choose_factory(1_000_000, 1024, 8 * gib, flat_below=100_000) == "IVF4096,SQ8"
-    assert choose_factory(10_000_000, 1024, 8 * gib, flat_below=100_000) == "IVF16384,PQ64"
-    assert choose_factory(200_000, 256, 8 * gib, flat_below=100_000) == "IVF2048,SQ8"
+    assert choose_factory(50_000, 1024, 12 * gib, flat_below=100_000) == "Flat"
+    assert choose_factory(1_000_000, 1024, 12 * gib, flat_below=100_000) == "IVF4096,SQ8"
+    assert choose_factory(200_000, 256, 12 * gib, flat_below=100_000) == "IVF2048,SQ8"
+    # 10M 1024-d: the finest codes that fit, with an HNSW coarse quantizer over 16k lists
+    assert choose_factory(10_000_000, 1024, 12 * gib, flat_below=100_000) == "IVF16384_HNSW32,SQ8"
+    assert choose_factory(10_000_000, 1024, 10 * gib, flat_below=100_000) == "IVF16384_HNSW32,SQ6"
+    assert choose_factory(10_000_000, 1024, 8 * gib, flat_below=100_000) == "IVF16384_HNSW32,SQ4"
+    assert choose_factory(10_000_000, 1024, 2 * gib, flat_below=100_000) == "IVF16384_HNSW32,PQ64"
+    for factory, size in [("Flat", 4096), ("IVF64,SQ8", 1024), ("IVF64,SQ6", 768), ("IVF64,SQ4", 512)]:
+        assert code_bytes(factory, 1024) == size
+    assert code_bytes("IVF16384_HNSW32,PQ64", 1024) == 64
+
+
+@pytest.mark.parametrize("factory", ["IVF64,SQ6", "IVF64_HNSW32,SQ4", "IVF64_HNSW32,SQ8"])
+def test_two_level_training_and_file_round_trip(factory: str, tmp_path) -> None:  # noqa: ANN001
+    """The large-index path on a small one: two-level k-means, HNSW lists, codes, written and read back."""
+    vectors = clustered(6000)
+    ids = np.arange(1, 6001)
+    exact, ivf = VectorIndex(32), VectorIndex(32, factory, nprobe=16)
+    ivf.train(vectors, two_level=True)
+    exact.add(ids, vectors)
+    ivf.add(ids, vectors)
+    queries = clustered(50, seed=1)
+    found = ivf.search(queries, 10)
+    recall = np.mean(
+        [len({i for i, _ in a} & {i for i, _ in b}) / 10 for a, b in zip(exact.search(queries, 10), found)]
+    )
+    assert recall >= 0.8, (factory, recall)
+    ivf.write(tmp_path / "index.faiss")
+    again = VectorIndex.read(tmp_path / "index.faiss", 32, factory, ivf.ids, nprobe=16)
+    assert again.search(queries, 10) == found
+    assert again.memory_bytes() == 6000 * (code_bytes(factory, 32) + 8) + ivf.ids.size // 8
+
+
+def test_two_level_centroids_cover_every_list_even_when_clusters_are_uneven() -> None:
+    rng = np.random.default_rng(3)
+    # one big blob and a few stray points: a naive split would ask a tiny cluster for no centroid or too many
+    sample = normalize(np.concatenate([rng.normal(size=(3000, 8)) + 5, rng.normal(size=(12, 8)) * 9]))
+    centroids = two_level_centroids(sample.astype(np.float32), 256)
+    assert centroids.shape == (256, 8)
+    assert np.isfinite(centroids).all()
 
 
 def test_id_set() -> None:

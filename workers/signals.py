@@ -37,7 +37,9 @@ def _record(task_id: str | None = None, task: Any = None, state: str | None = No
         telemetry.record_task(runtime().redis, task.name, time.perf_counter() - started, state or "UNKNOWN")
     except Exception:  # noqa: BLE001 - a metric must never fail the task it measures
         log.debug("could not record the timing of %s", task.name, exc_info=True)
-    _stop_if_too_big(runtime().settings.worker_max_rss_mb)
+    # A search worker's indexes are bounded by PUPYL_SEARCH_MEMORY_GB, not by this: count them apart.
+    rt = runtime()
+    _stop_if_too_big(rt.settings.worker_max_rss_mb, rt.index_bytes() / 2**20)
 
 
 def resident_mb() -> float:
@@ -49,15 +51,19 @@ def resident_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _stop_if_too_big(limit_mb: int) -> None:
+def _stop_if_too_big(limit_mb: int, indexes_mb: float = 0.0) -> None:
     """Bound a long-running worker's memory: the TensorFlow workers run ``--pool solo`` (no fork after
     TensorFlow), where Celery's max-tasks/max-memory-per-child do not apply. Past the limit, a warm
     shutdown (SIGTERM: the task just run is acknowledged first) and the supervisor (``up``, compose,
     Kubernetes) starts a fresh process.
     """
-    used = resident_mb()
+    used = resident_mb() - indexes_mb
     if limit_mb > 0 and used > limit_mb:
         log.warning(
-            "resident memory %.0f MiB > PUPYL_WORKER_MAX_RSS_MB=%d: stopping, to be restarted", used, limit_mb
+            "resident memory %.0f MiB (besides %.0f MiB of indexes) > PUPYL_WORKER_MAX_RSS_MB=%d: "
+            "stopping, to be restarted",
+            used,
+            indexes_mb,
+            limit_mb,
         )
         os.kill(os.getpid(), signal.SIGTERM)
