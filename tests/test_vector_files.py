@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 
@@ -15,10 +16,12 @@ from pupyl_queue import constants as C
 from pupyl_queue.compaction import REUSE_ROWS, Compactor
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.layout import Layout
-from pupyl_queue.searcher import decode_segment
+from pupyl_queue.runtime import Runtime
+from pupyl_queue.searcher import decode_segment, encode_segment
 from pupyl_queue.settings import Settings
 from pupyl_queue.store import LocalStore, ObjectStore
 from tests.test_store_damage import DIM, answers, commit_segment, commit_tombstone, compact, damage, fresh
+from workers.signals import over_bound
 
 BIG = REUSE_ROWS
 
@@ -132,3 +135,23 @@ def test_compaction_with_an_hnsw_coarse_quantizer_answers_like_the_log(parts: tu
     assert all(got[0][0] == want[0][0] for got, want in pairs)
     overlap = [len({i for i, _ in got[:10]} & {i for i, _ in want[:10]}) / 10 for got, want in pairs]
     assert min(overlap) >= 0.8, overlap
+
+
+def test_a_search_workers_memory_bound_leaves_its_indexes_out(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """PUPYL_WORKER_MAX_RSS_MB bounds what a worker leaks, not the indexes PUPYL_SEARCH_MEMORY_GB allows:
+    a search worker holding a 10 GB index would otherwise stop after every search."""
+    settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url)
+    runtime = Runtime(settings)
+    layout = Layout()
+    parts = (runtime.store, Coordinator(redis_client, layout), layout)
+    vectors = np.random.default_rng(0).normal(size=(20_000, 256)).astype(np.float32)  # 20 MB, exact
+    runtime.store.put(layout.segment("a"), encode_segment(np.arange(1, 20_001), vectors))
+    parts[1].publish(layout.segment("a"))
+    searcher = runtime.searcher(layout.collection)  # loads under the runtime's lock, as a task does
+    held_mb = runtime.index_bytes() / 2**20
+    assert runtime.index_bytes() == searcher.index.memory_bytes() and held_mb > 19
+    resident = held_mb + 300  # the index plus 300 MiB of everything else
+    assert over_bound(resident, 310)  # counted whole, the worker would stop
+    assert not over_bound(resident - held_mb, 310)  # what the worker's signal handler checks

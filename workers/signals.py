@@ -51,6 +51,10 @@ def resident_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def over_bound(used_mb: float, limit_mb: int) -> bool:
+    return limit_mb > 0 and used_mb > limit_mb
+
+
 def _stop_if_too_big(limit_mb: int, indexes_mb: float = 0.0) -> None:
     """Bound a long-running worker's memory: the TensorFlow workers run ``--pool solo`` (no fork after
     TensorFlow), where Celery's max-tasks/max-memory-per-child do not apply. Past the limit, a warm
@@ -58,7 +62,7 @@ def _stop_if_too_big(limit_mb: int, indexes_mb: float = 0.0) -> None:
     Kubernetes) starts a fresh process.
     """
     used = resident_mb() - indexes_mb
-    if limit_mb > 0 and used > limit_mb:
+    if over_bound(used, limit_mb):
         log.warning(
             "resident memory %.0f MiB (besides %.0f MiB of indexes) > PUPYL_WORKER_MAX_RSS_MB=%d: "
             "stopping, to be restarted",
