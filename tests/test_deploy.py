@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import psutil
+import pytest
+import redis
 import yaml
 
 from pupyl_queue.settings import Settings
+from pupyl_queue.stack import free_port, redis_server_binary
 from tests.conftest import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -42,7 +49,7 @@ def test_compose_stack_has_every_part() -> None:
         "maintenance",
         "beat",
     } <= set(services)
-    assert "--appendonly" in services["redis"]["command"] and "--requirepass" in services["redis"]["command"]
+    assert "appendonly yes" in services["redis"]["command"][-1]  # password: see the test below
     gpu = services["embed"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"] and services["embed"]["profiles"] == ["gpu"]
     assert services["embed-cpu"]["profiles"] == ["cpu"]
@@ -123,3 +130,39 @@ def test_dockerfile_builds_both_flavours_as_non_root() -> None:
 def test_readme_links_the_compose_quick_start() -> None:
     assert "docker compose" in (ROOT / "README.md").read_text()
     assert Path(ROOT / "deploy" / "README.md").is_file()
+
+
+def test_compose_redis_takes_its_password_from_stdin_not_argv(tmp_path: Path) -> None:
+    """The compose command itself, run with a real redis-server: auth is required, argv shows no password."""
+    password = "compose-redis-secret-7f3a"
+    command = compose()["services"]["redis"]["command"]
+    assert command[:2] == ["sh", "-c"]
+    port = free_port()
+    script = (
+        command[2].replace("$$", "$").replace("redis-server -", f"{redis_server_binary()} - --port {port}")
+    )
+    proc = subprocess.Popen(
+        ["sh", "-c", script], cwd=tmp_path, env={**os.environ, "REDIS_PASSWORD": password}
+    )
+    try:
+        client = redis.Redis(port=port, password=password)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.1)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()
+        assert client.config_get("appendonly")["appendonly"] == "yes"
+        argvs = [
+            p.cmdline()
+            for p in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+        ]
+        assert any("redis-server" in " ".join(argv) for argv in argvs)
+        assert not any(password in " ".join(argv) for argv in argvs)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
