@@ -142,10 +142,13 @@ def nearest(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict
     collection = task.get("collection", "default")
     vectors = decode_vectors(task)
     if rt.is_router and send is not None:
-        hits, _ = fan_out(rt, collection, vectors, 1, task, send)
+        hits, info = fan_out(rt, collection, vectors, 1, task, send)
+        health = {k: info[k] for k in ("degraded", "damaged") if k in info}
     else:
-        hits = rt.searcher(collection).search_many(vectors, 1)
-    return {"nearest": [[row[0][0], row[0][1]] if row else None for row in hits]}
+        searcher = rt.searcher(collection)
+        hits, health = searcher.search_many(vectors, 1), searcher.health()
+    # A degraded answer may miss a duplicate whose vector sat in a damaged segment: the caller is told.
+    return {"nearest": [[row[0][0], row[0][1]] if row else None for row in hits], **health}
 
 
 def remove(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:

@@ -42,6 +42,7 @@ def shard_search(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
         "hits": [[[i, d] for i, d in row] for row in hits],
         "sequence": searcher.sequence,
         "count": len(searcher),
+        **searcher.health(),  # damage this shard routed around reaches the caller too
     }
 
 
@@ -92,5 +93,17 @@ def fan_out(
         "missing_shards": missing,
         "count": sum(a["count"] for a in answers.values()),
         "sequence": min((a["sequence"] for a in answers.values()), default=0),
+        **merged_health(list(answers.values())),
     }
     return merged, info
+
+
+def merged_health(answers: list[dict[str, Any]]) -> dict[str, Any]:
+    """One ``degraded``/``damaged`` for the whole answer, from the shards that reported damage."""
+    damaged = {d["key"]: d for answer in answers for d in answer.get("damaged", [])}
+    if not damaged:
+        return {}
+    return {
+        "degraded": any(answer.get("degraded") for answer in answers),
+        "damaged": [damaged[key] for key in sorted(damaged)],
+    }

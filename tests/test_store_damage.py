@@ -23,6 +23,7 @@ from pupyl_queue.coordination import Coordinator
 from pupyl_queue.integrity import StoreDamaged
 from pupyl_queue.layout import Layout
 from pupyl_queue.models import normalize
+from pupyl_queue.queries import encode_vectors
 from pupyl_queue.searcher import Searcher, encode_segment
 from pupyl_queue.settings import Settings
 from pupyl_queue.store import LocalStore, ObjectStore, open_store
@@ -328,3 +329,46 @@ def test_damage_through_s3(s3_parts: tuple, name: str) -> None:
     assert searcher.snapshot_watermark == first["watermark"] and answers(searcher) == expected
     assert searcher.health()["degraded"] is True
     assert set(damaged_keys(s3_parts)) == {f"{second['path']}/{name}", layout.segment("d")}
+
+
+class Answered:
+    """A shard's answer as the router receives it, called in process: this checks the merge; the Celery
+    hop between router and shards runs with real workers in tests/test_sharding.py."""
+
+    def __init__(self, value: dict) -> None:
+        self.value = value
+
+    def get(self, timeout: float, disable_sync_subtasks: bool = True) -> dict:  # noqa: ARG002
+        return self.value
+
+
+def test_damage_reaches_the_caller_through_shards_and_nearest(
+    parts: tuple, redis_url: str, tmp_path: Path
+) -> None:
+    """Each shard's searcher routes around a damaged segment; the merged answer still says so."""
+    from pupyl_queue.queries import nearest
+    from pupyl_queue.runtime import Runtime
+    from pupyl_queue.sharding import fan_out, shard_search
+
+    store, coord, layout = parts
+    history(parts)
+    commit_segment(parts, "d", list(range(31, 41)), seed=4)
+    damage(store, layout.segment("d"), "flip")
+    settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url, store=store.url, search_shards=2)
+    shards = [Runtime(settings.replace(search_shard=k)) for k in range(2)]
+    router = Runtime(settings)
+
+    def send(k: int, request: dict) -> Answered:
+        return Answered(shard_search(shards[k], request))
+
+    hits, info = fan_out(router, layout.collection, QUERIES, 10, {}, send)
+    assert info["degraded"] is True and not info["partial"]
+    assert [d["key"] for d in info["damaged"]] == [layout.segment("d")]
+    assert not {i for row in hits for i, _ in row} & set(range(31, 41))
+    one = nearest(router, {"collection": layout.collection, **encode_vectors(QUERIES)}, send)
+    assert one["degraded"] is True and [d["key"] for d in one["damaged"]] == [layout.segment("d")]
+    alone = nearest(
+        Runtime(settings.replace(search_shards=1)),
+        {"collection": layout.collection, **encode_vectors(QUERIES)},
+    )
+    assert alone["degraded"] is True and len(alone["nearest"]) == len(QUERIES)

@@ -113,6 +113,9 @@ def ask_nearest(collection: str, vectors: Any) -> list[tuple[int, float] | None]
     request = {"collection": collection, **queries.encode_vectors(vectors)}
     result = nearest.apply_async(kwargs=request)
     answer = result.get(timeout=runtime().settings.search_timeout, disable_sync_subtasks=False)
+    if answer.get("degraded"):
+        keys = ", ".join(d["key"] for d in answer.get("damaged", []))
+        log.warning("near-duplicate check in %s missed the vectors of damaged %s", collection, keys)
     return [None if row is None else (int(row[0]), float(row[1])) for row in answer["nearest"]]
 
 
