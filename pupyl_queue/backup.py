@@ -1,7 +1,7 @@
 """Backup and restore of one collection, to and from an archive or another store.
 
 A backup holds what rebuilds the collection exactly: its manifest and model
-files, the newest snapshot with its merged vector files, every segment and
+files, the newest snapshot with its vector files, every segment and
 tombstone committed after it (in commit order), images, metadata and job
 reports, plus ``pupyl-backup.json``: every file's size and sha256, the commit
 order and the id counter. Restore checks all of it before writing anything,
@@ -23,6 +23,7 @@ from typing import Any
 import redis
 
 from pupyl_queue import constants as C
+from pupyl_queue import integrity
 from pupyl_queue.collection import read_manifest
 from pupyl_queue.compaction import read_pointer
 from pupyl_queue.coordination import Coordinator
@@ -233,15 +234,19 @@ def restore(
         raise RestoreError(f"collection {name!r} is not empty: restore into a new name with --as")
     old_root = f"{C.STORE_COLLECTIONS}/{manifest['collection']}"
     wanted = {e["path"] for e in manifest["files"]}
+    commits = set(manifest["commits"])
+    coord = Coordinator(client, layout)
     hashes: dict[str, int] = {}
     for rel, data in files():
         if rel not in wanted:
             continue
-        store.put(f"{layout.root}/{rel}", _rewrite(rel, data, old_root, layout.root))
+        written = _rewrite(rel, data, old_root, layout.root)
+        store.put(f"{layout.root}/{rel}", written)
+        if rel in commits:  # readers check committed segments and tombstones against it
+            integrity.record_checksum(coord, f"{layout.root}/{rel}", written)
         if rel.startswith(f"{C.STORE_IMAGES}/") and rel.endswith(".json"):
             meta = json.loads(data)
             hashes[meta["sha256"]] = int(meta["id"])
-    coord = Coordinator(client, layout)
     model = read_manifest(store, layout)["model"]  # type: ignore[index]
     client.set(layout.key("model"), json.dumps(model, sort_keys=True))
     client.set(layout.key(C.KEY_ID_COUNTER), manifest["next_id"])

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis
 
+from pupyl_queue import integrity
 from pupyl_queue.backup import RestoreError, backup, restore
 from pupyl_queue.catalog import delete_collection, describe_collection, list_collections
 from pupyl_queue.collection import CollectionMissing
@@ -115,6 +116,9 @@ def test_backup_from_s3_restore_to_local_and_back(
     restored = restore(str(archive), local.store, local.redis, local.settings)
     assert restored["collection"] == "photos" and restored["images"] == 15
     assert ask(local, "photos", photos / "p-25.png") == original
+    commits = [key for _, key in local.coordinator("photos").commits_after(0)]
+    sums = integrity.checksums(local.coordinator("photos"), commits)
+    assert commits and all(sums[key] == integrity.sha256(local.store.get(key)) for key in commits)
 
     # ... and back, to another bucket through a store copy, under another name
     again = Runtime(s3_settings(s3_endpoint, data_dir=tmp_path / "again", redis_url=f"{base}/5"))
