@@ -17,7 +17,7 @@ from pupyl_queue.compaction import REUSE_ROWS, Compactor
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.layout import Layout
 from pupyl_queue.runtime import Runtime
-from pupyl_queue.searcher import decode_segment, encode_segment
+from pupyl_queue.searcher import Searcher, decode_segment, encode_segment
 from pupyl_queue.settings import Settings
 from pupyl_queue.store import LocalStore, ObjectStore
 from tests.test_store_damage import DIM, answers, commit_segment, commit_tombstone, compact, damage, fresh
@@ -155,3 +155,32 @@ def test_a_search_workers_memory_bound_leaves_its_indexes_out(
     resident = held_mb + 300  # the index plus 300 MiB of everything else
     assert over_bound(resident, 310)  # counted whole, the worker would stop
     assert not over_bound(resident - held_mb, 310)  # what the worker's signal handler checks
+
+
+def test_backup_and_restore_carry_a_snapshot_that_references_segments(
+    parts: tuple, redis_url: str, tmp_path: Path
+) -> None:
+    """A referenced segment belongs to its snapshot: the backup takes it, the copy answers the same."""
+    import json
+
+    from pupyl_queue.backup import backup, restore
+
+    store, coord, layout = parts
+    store.put(
+        layout.manifest, json.dumps({"schema": 1, "collection": layout.collection, "model": {}}).encode()
+    )
+    commit_segment(parts, "big", list(range(1, BIG + 1)), seed=1)
+    manifest = compact(parts, keep=1)
+    assert layout.segment("big") in manifest["vector_files"]
+    commit_segment(parts, "later", list(range(BIG + 1, BIG + 21)), seed=2)
+    expected = answers(fresh(parts))
+    settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url)
+    archive = tmp_path / "backup.tar"
+    backup(store, coord.r, layout.collection, str(archive), settings)
+    target = LocalStore(tmp_path / "restored")
+    restore(str(archive), target, coord.r, settings, as_name="copy")
+    copy = Layout("copy")
+    restored = Searcher(target, Coordinator(coord.r, copy), copy)
+    restored.load()
+    assert restored.snapshot_watermark == manifest["watermark"]
+    assert answers(restored) == expected
