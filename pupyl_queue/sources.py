@@ -13,10 +13,8 @@ reason it has neither. Only a URI that cannot be read at all raises.
 
 from __future__ import annotations
 
-import bz2
 import csv
 import glob
-import gzip
 import io
 import lzma
 import os
@@ -30,16 +28,12 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import unquote, urlparse
 
+from pupyl_queue.content import BombGuard, decompress, is_tar, sniff, too_large, unsafe_name
 from pupyl_queue.fetch import Fetcher, FetchError
 from pupyl_queue.images import FORMATS
 from pupyl_queue.settings import Settings
 
 ORIGINS = ("local", "network")
-_OPENERS: dict[bytes, Any] = {
-    b"\x1f\x8b": lambda fh: gzip.GzipFile(fileobj=fh),
-    b"BZh": bz2.BZ2File,
-    b"\xfd7zXZ\x00": lzma.LZMAFile,
-}
 
 
 class SourceError(ValueError):
@@ -213,14 +207,14 @@ class Sources:
             yield SourceItem(
                 ref, error=f"nested archive deeper than {self.settings.max_archive_depth}; skipped"
             )
-        elif kind == "tar" or (kind == "compressed" and _is_tar(fh)):
+        elif kind == "tar" or (kind == "compressed" and is_tar(fh)):
             fh.seek(0)
             yield from self._tar(ref, fh, size, depth, base)
         elif kind == "zip":
             yield from self._zip(ref, fh, size, depth, base)
         elif kind == "compressed":
             try:
-                text = _decompress(fh.read(), self.settings.max_list_bytes)
+                text = decompress(fh.read(), self.settings.max_list_bytes)
             except (OSError, EOFError, ValueError, lzma.LZMAError) as exc:
                 yield SourceItem(ref, error=f"damaged compressed file: {exc}")
                 return
@@ -239,7 +233,7 @@ class Sources:
 
     def _refusal(self, name: str, link: str, size: int) -> str:
         """Why an archive member (tar or zip) is skipped before it is read; '' when it is read."""
-        unsafe = _unsafe_name(name)
+        unsafe = unsafe_name(name)
         if unsafe:
             return unsafe
         if link:
@@ -249,7 +243,7 @@ class Sources:
         return ""
 
     def _tar(self, ref: str, fh: IO[bytes], size: int, depth: int, base: Path | None) -> Iterator[SourceItem]:
-        guard = _BombGuard(self.settings, size)
+        guard = BombGuard(self.settings, size)
         try:
             archive = tarfile.open(fileobj=fh, mode="r|*")  # noqa: SIM115 - closed below
         except (tarfile.TarError, OSError, EOFError) as exc:
@@ -279,7 +273,7 @@ class Sources:
                 yield SourceItem(f"{ref}#?", error=f"archive is damaged from here on: {exc}")
 
     def _zip(self, ref: str, fh: IO[bytes], size: int, depth: int, base: Path | None) -> Iterator[SourceItem]:
-        guard = _BombGuard(self.settings, size)
+        guard = BombGuard(self.settings, size)
         try:
             archive = zipfile.ZipFile(fh)
         except (zipfile.BadZipFile, OSError) as exc:
@@ -372,75 +366,8 @@ def fetch_pending(
     yield from flush()
 
 
-# --- helpers
-def sniff(head: bytes) -> str:
-    """What bytes are: image, tar, zip, compressed, html, list (text) or other."""
-    if _image_signature(head):
-        return "image"
-    if len(head) > 262 and head[257:262] == b"ustar":
-        return "tar"
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
-        return "zip"
-    if any(head.startswith(magic) for magic in _OPENERS):
-        return "compressed"
-    stripped = head.lstrip().lower()
-    if stripped.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
-        return "html"
-    if head and b"\x00" not in head:
-        try:
-            head.decode("utf-8")
-            return "list"
-        except UnicodeDecodeError:
-            if len(head) >= 512:  # maybe a multi-byte character cut at the end
-                try:
-                    head[:-3].decode("utf-8")
-                    return "list"
-                except UnicodeDecodeError:
-                    pass
-    return "other"
-
-
-def _image_signature(head: bytes) -> bool:
-    if head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")):
-        return True
-    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return True
-    return head.startswith(b"BM") and len(head) >= 26 and head[6:10] == b"\x00\x00\x00\x00"
-
-
-def _is_tar(fh: IO[bytes]) -> bool:
-    try:
-        fh.seek(0)
-        with tarfile.open(fileobj=fh, mode="r:*") as tar:
-            return tar.next() is not None
-    except (tarfile.TarError, OSError, EOFError):
-        return False
-    finally:
-        fh.seek(0)
-
-
-def _decompress(data: bytes, limit: int) -> bytes:
-    """Decompress a gz/bz2/xz file, reading at most ``limit + 1`` bytes (a bomb stops there)."""
-    for magic, opener in _OPENERS.items():
-        if data.startswith(magic):
-            with opener(io.BytesIO(data)) as fh:
-                return fh.read(limit + 1)
-    raise ValueError("not a compressed file")
-
-
-def _unsafe_name(name: str) -> str:
-    path = PurePosixPath(name.replace("\\", "/"))
-    if path.is_absolute() or ".." in path.parts or (len(name) > 1 and name[1] == ":"):
-        return "unsafe path in archive (absolute or '..'); skipped"
-    return ""
-
-
 def _looks_like_path(entry: str) -> bool:
     return entry.startswith(("/", "./", "../", "~")) or "/" in entry or "." in Path(entry).name
-
-
-def too_large(size: int, limit: int) -> str:
-    return f"file too large: {size} bytes > {limit} (PUPYL_MAX_IMAGE_BYTES)"
 
 
 def _file_meta(path: Path, size: int) -> dict[str, Any]:
@@ -462,32 +389,6 @@ def _member_meta(ref: str, size: int) -> dict[str, Any]:
         "original_file_size": size,
         "original_access_time": None,
     }
-
-
-class _BombGuard:
-    """Stops an archive whose unpacked size passes the byte limit or the expansion-ratio limit."""
-
-    FLOOR = 64 * 1024**2  # ratios only count past this many unpacked bytes
-
-    def __init__(self, settings: Settings, packed: int) -> None:
-        self.settings = settings
-        self.packed = max(packed, 1)
-        self.total = 0
-
-    def add(self, size: int) -> str:
-        self.total += size
-        s = self.settings
-        if self.total > s.max_archive_bytes:
-            return (
-                f"archive bomb guard: more than {s.max_archive_bytes} bytes unpacked "
-                "(PUPYL_MAX_ARCHIVE_BYTES); archive skipped from here"
-            )
-        if self.total > self.FLOOR and self.total / self.packed > s.max_archive_ratio:
-            return (
-                f"archive bomb guard: expands more than {s.max_archive_ratio}x "
-                "(PUPYL_MAX_ARCHIVE_RATIO); archive skipped from here"
-            )
-        return ""
 
 
 __all__ = ["FORMATS", "SourceError", "SourceItem", "Sources", "fetch_pending", "sniff"]
