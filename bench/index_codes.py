@@ -33,7 +33,9 @@ def build(codes: str, centroids: np.ndarray, dim: int) -> faiss.Index:
     ivf = faiss.extract_index_ivf(index)
     ivf.quantizer.add(centroids)  # trained once, shared: IndexIVF.train then trains the codes only
     if refine:
-        index = faiss.IndexRefine(index, faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit))
+        index = faiss.IndexRefine(
+            index, faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        )
         index.k_factor = 4
     return index
 

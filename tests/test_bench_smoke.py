@@ -59,10 +59,21 @@ def test_index_benchmark_smoke() -> None:
 
 def test_index_codes_benchmark_smoke() -> None:
     need_shared(ROOT.parent / "shared" / "bench" / "vectors.py")
-    args = ["--n", "3000", "--dim", "64", "--nlist", "16", "--nprobe", "4", "--codes", "SQ8,SQ4,PQ8"]
+    args = [
+        "--n",
+        "3000",
+        "--dim",
+        "64",
+        "--nlist",
+        "16",
+        "--nprobe",
+        "4",
+        "--codes",
+        "SQ8,SQ4,PQ8,PQ8+RefineSQ8",
+    ]
     table = run("bench/index_codes.py", *args)
-    rows = {line.split()[0]: line.split() for line in table.splitlines()[-3:]}
-    assert set(rows) == {"SQ8", "SQ4", "PQ8"}
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[-4:]}
+    assert set(rows) == {"SQ8", "SQ4", "PQ8", "PQ8+RefineSQ8"}
     assert [int(rows[c][1]) for c in ("SQ8", "SQ4", "PQ8")] == [64, 32, 8]  # bytes per vector
     assert float(rows["SQ8"][3]) >= float(rows["PQ8"][3])  # finer codes, no worse recall
 
