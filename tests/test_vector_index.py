@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -129,6 +130,26 @@ def test_two_level_training_and_file_round_trip(factory: str, tmp_path) -> None:
     again = VectorIndex.read(tmp_path / "index.faiss", 32, factory, ivf.ids, nprobe=16)
     assert again.search(queries, 10) == found
     assert again.memory_bytes() == 6000 * (code_bytes(factory, 32) + 8) + ivf.ids.size // 8
+
+
+def test_hnsw_coarse_quantizer_searches_as_wide_as_nprobe(tmp_path) -> None:  # noqa: ANN001
+    """FAISS's HNSW search is as wide as efSearch, not k: left at 16, most of nprobe=256 lists were
+    guesses. Exact over every list, the IVF must find what exact search finds."""
+    vectors = clustered(8000)
+    ids = np.arange(1, 8001)
+    exact, ivf = VectorIndex(32), VectorIndex(32, "IVF256_HNSW32,Flat", nprobe=256)
+    ivf.train(vectors)
+    exact.add(ids, vectors)
+    ivf.add(ids, vectors)
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(ivf._index).quantizer)
+    assert quantizer.hnsw.efSearch == 512
+    queries = clustered(50, seed=1)
+    assert [[i for i, _ in row] for row in ivf.search(queries, 10)] == [
+        [i for i, _ in row] for row in exact.search(queries, 10)
+    ]
+    ivf.write(tmp_path / "index.faiss")  # and again after a reload: the setting is not in the file
+    again = VectorIndex.read(tmp_path / "index.faiss", 32, "IVF256_HNSW32,Flat", ivf.ids, nprobe=128)
+    assert faiss.downcast_index(faiss.extract_index_ivf(again._index).quantizer).hnsw.efSearch == 256
 
 
 def test_two_level_centroids_cover_every_list_even_when_clusters_are_uneven() -> None:
