@@ -142,7 +142,7 @@ def test_hnsw_coarse_quantizer_searches_as_wide_as_nprobe(tmp_path) -> None:  # 
     exact.add(ids, vectors)
     ivf.add(ids, vectors)
     quantizer = faiss.downcast_index(faiss.extract_index_ivf(ivf._index).quantizer)
-    assert quantizer.hnsw.efSearch == 512
+    assert quantizer.hnsw.efSearch == 512  # restored after add, which searched it 16 wide
     queries = clustered(50, seed=1)
     assert [[i for i, _ in row] for row in ivf.search(queries, 10)] == [
         [i for i, _ in row] for row in exact.search(queries, 10)
