@@ -163,6 +163,8 @@ def test_compose_redis_takes_its_password_from_stdin_not_argv(tmp_path: Path) ->
         ]
         assert any("redis-server" in " ".join(argv) for argv in argvs)
         assert not any(password in " ".join(argv) for argv in argvs)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    finally:  # the shell and redis-server under it (a pipeline's exec replaces a subshell, not sh)
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for member in family:
+            member.terminate()
+        psutil.wait_procs(family, timeout=10)
