@@ -167,4 +167,6 @@ def test_compose_redis_takes_its_password_from_stdin_not_argv(tmp_path: Path) ->
         family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         for member in family:
             member.terminate()
-        psutil.wait_procs(family, timeout=10)
+        _, alive = psutil.wait_procs(family, timeout=10)
+        for member in alive:
+            member.kill()
