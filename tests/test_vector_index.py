@@ -67,13 +67,21 @@ def test_serialize_round_trip() -> None:
         VectorIndex.deserialize(index.serialize(), 32)
 
 
-def test_ivf_recall_against_exact() -> None:
-    vectors = clustered(6000)
-    ids = np.arange(1, 6001)
-    exact, ivf = VectorIndex(32), VectorIndex(32, "IVF64,SQ8", nprobe=16)
-    ivf.train(vectors)
+def exact_and_ivf(
+    factory: str, n: int, nprobe: int, two_level: bool | None = None
+) -> tuple[np.ndarray, np.ndarray, VectorIndex, VectorIndex]:
+    """ids, vectors, and both an exact index and a trained ``factory`` index holding them."""
+    vectors = clustered(n)
+    ids = np.arange(1, n + 1)
+    exact, ivf = VectorIndex(32), VectorIndex(32, factory, nprobe=nprobe)
+    ivf.train(vectors, two_level=two_level)
     exact.add(ids, vectors)
     ivf.add(ids, vectors)
+    return ids, vectors, exact, ivf
+
+
+def test_ivf_recall_against_exact() -> None:
+    ids, vectors, exact, ivf = exact_and_ivf("IVF64,SQ8", 6000, nprobe=16)
     queries = clustered(50, seed=1)
     recall = np.mean(
         [
@@ -114,12 +122,7 @@ def test_index_type_follows_size_and_memory() -> None:
 @pytest.mark.parametrize("factory", ["IVF64,SQ6", "IVF64_HNSW32,SQ4", "IVF64_HNSW32,SQ8"])
 def test_two_level_training_and_file_round_trip(factory: str, tmp_path) -> None:  # noqa: ANN001
     """The large-index path on a small one: two-level k-means, HNSW lists, codes, written and read back."""
-    vectors = clustered(6000)
-    ids = np.arange(1, 6001)
-    exact, ivf = VectorIndex(32), VectorIndex(32, factory, nprobe=16)
-    ivf.train(vectors, two_level=True)
-    exact.add(ids, vectors)
-    ivf.add(ids, vectors)
+    _, _, exact, ivf = exact_and_ivf(factory, 6000, nprobe=16, two_level=True)
     queries = clustered(50, seed=1)
     found = ivf.search(queries, 10)
     recall = np.mean(
@@ -135,12 +138,7 @@ def test_two_level_training_and_file_round_trip(factory: str, tmp_path) -> None:
 def test_hnsw_coarse_quantizer_searches_as_wide_as_nprobe(tmp_path) -> None:  # noqa: ANN001
     """FAISS's HNSW search is as wide as efSearch, not k: left at 16, most of nprobe=256 lists were
     guesses. Exact over every list, the IVF must find what exact search finds."""
-    vectors = clustered(8000)
-    ids = np.arange(1, 8001)
-    exact, ivf = VectorIndex(32), VectorIndex(32, "IVF256_HNSW32,Flat", nprobe=256)
-    ivf.train(vectors)
-    exact.add(ids, vectors)
-    ivf.add(ids, vectors)
+    _, _, exact, ivf = exact_and_ivf("IVF256_HNSW32,Flat", 8000, nprobe=256)
     quantizer = faiss.downcast_index(faiss.extract_index_ivf(ivf._index).quantizer)
     assert quantizer.hnsw.efSearch == 512  # restored after add, which searched it 16 wide
     queries = clustered(50, seed=1)
