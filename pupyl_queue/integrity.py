@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,25 +58,24 @@ def file_sha256(path: str | Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def file_problem(path: str | Path, sha: str | None, size: int | None = None) -> str | None:
-    """``problem`` for a file, read in chunks: a snapshot index may not fit in memory twice."""
-    length = os.path.getsize(path)
+def _mismatch(length: int, digest: Callable[[], str], sha: str | None, size: int | None) -> str | None:
+    """Size first (cheap), then the sha256, computed only when there is one to compare with."""
     if size is not None and length != size:
         word = "truncated" if length < size else "too long"
         return f"{word}: {length} bytes, {size} expected"
-    if sha is not None and file_sha256(path) != sha:
+    if sha is not None and digest() != sha:
         return "sha256 mismatch (the bytes were altered)"
     return None
+
+
+def file_problem(path: str | Path, sha: str | None, size: int | None = None) -> str | None:
+    """``problem`` for a file, read in chunks: a snapshot index may not fit in memory twice."""
+    return _mismatch(os.path.getsize(path), lambda: file_sha256(path), sha, size)
 
 
 def problem(data: bytes, sha: str | None, size: int | None = None) -> str | None:
     """Why ``data`` is not the object its checksum describes, or None when it is (or nothing is known)."""
-    if size is not None and len(data) != size:
-        word = "truncated" if len(data) < size else "too long"
-        return f"{word}: {len(data)} bytes, {size} expected"
-    if sha is not None and sha256(data) != sha:
-        return "sha256 mismatch (the bytes were altered)"
-    return None
+    return _mismatch(len(data), lambda: sha256(data), sha, size)
 
 
 def read_checked(store: ObjectStore, key: str, sha: str | None, size: int | None = None) -> bytes:
