@@ -158,18 +158,25 @@ def _narrow_coarse_search(index: faiss.Index) -> Iterator[None]:
     """Within the block, an HNSW coarse quantizer searches HNSW_EF_ADD wide: placing a vector needs
     its one nearest list, and the efSearch that nprobe needs (1024 at 10M) made adding ~50x slower
     for the same recall (efSearch 128 instead of 16 at add changed recall@10 by 0.001)."""
-    graphs = []
-    for ivf in ivf_parts(index):
-        coarse = getattr(ivf, "quantizer", None)
-        coarse = faiss.downcast_index(coarse) if coarse is not None else None
-        if isinstance(coarse, faiss.IndexHNSW):
-            graphs.append((coarse.hnsw, coarse.hnsw.efSearch))
-            coarse.hnsw.efSearch = HNSW_EF_ADD
+    graphs = [(hnsw, hnsw.efSearch) for _, hnsw in _coarse_graphs(index)]
+    for hnsw, _ in graphs:
+        hnsw.efSearch = HNSW_EF_ADD
     try:
         yield
     finally:
         for hnsw, ef in graphs:
             hnsw.efSearch = ef
+
+
+def _coarse_graphs(index: faiss.Index) -> list[tuple[faiss.Index, faiss.HNSW]]:
+    """(IVF part, its HNSW graph) for every IVF part whose coarse quantizer is a graph (on GPUs it is
+    a flat one: gpu_index.py)."""
+    found = []
+    for ivf in ivf_parts(index):
+        coarse = getattr(ivf, "quantizer", None)
+        if coarse is not None and isinstance(coarse := faiss.downcast_index(coarse), faiss.IndexHNSW):
+            found.append((ivf, coarse.hnsw))
+    return found
 
 
 class VectorIndex:
@@ -214,12 +221,10 @@ class VectorIndex:
         for ivf in ivf_parts(self._index):  # none for Flat
             most = min(ivf.nlist, GPU_MAX_K) if self.on_gpu else ivf.nlist
             ivf.nprobe = min(most, nprobe if nprobe > 0 else max(64, ivf.nlist // 32))
-            coarse = getattr(ivf, "quantizer", None)  # on GPUs: a flat one (gpu_index.py)
-            coarse = faiss.downcast_index(coarse) if coarse is not None else None
-            if isinstance(coarse, faiss.IndexHNSW):
-                # FAISS searches the graph with efSearch whatever the k: at its default (16) the
-                # lists past the 16th were found poorly, and recall@10 stopped near 0.86 at 10M.
-                coarse.hnsw.efSearch = HNSW_EF_PER_PROBE * int(ivf.nprobe)
+        for ivf, hnsw in _coarse_graphs(self._index):
+            # FAISS searches the graph with efSearch whatever the k: at its default (16) the
+            # lists past the 16th were found poorly, and recall@10 stopped near 0.86 at 10M.
+            hnsw.efSearch = HNSW_EF_PER_PROBE * int(ivf.nprobe)
 
     @property
     def nprobe(self) -> int | None:
