@@ -124,7 +124,7 @@ class Compactor:
     def _chunks(
         self, files: list[str], tombstones: set[int]
     ) -> Iterator[tuple[str, np.ndarray, np.ndarray, bool]]:
-        """(key, live ids, their vectors, whether every vector of the file is live), file by file."""
+        """(key, live ids, their vectors, whether the file is referenced as it is), file by file."""
         dead = np.fromiter(tombstones, dtype=np.int64, count=len(tombstones))
         for key in files:
             try:
@@ -138,9 +138,10 @@ class Compactor:
                 integrity.report(self.coord, exc.key, exc.reason, by="compaction")
                 raise
             live = ~np.isin(ids, dead)
-            if live.all() and len(ids) >= REUSE_ROWS and key not in self._checks:
+            reusable = bool(live.all()) and len(ids) >= REUSE_ROWS
+            if reusable and key not in self._checks:
                 self._checks[key] = integrity.sha256(data)  # referenced as it is: its manifest needs one
-            yield key, ids[live], vectors[live], bool(live.all())
+            yield key, ids[live], vectors[live], reusable
 
     def run(self, model: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -167,9 +168,9 @@ class Compactor:
         buffer_ids: list[np.ndarray] = []
         buffer_vectors: list[np.ndarray] = []
         buffered = 0
-        for key, ids, vectors, whole in self._chunks(files, tombstones):
+        for key, ids, vectors, reusable in self._chunks(files, tombstones):
             index.add(ids, vectors)
-            if whole and len(ids) >= REUSE_ROWS:
+            if reusable:
                 reused.append(key)
                 continue
             buffer_ids.append(ids)
