@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import hmac
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -28,14 +30,20 @@ from pupyl_queue.client import PupylQueue, TaskFailed, wait_result
 from pupyl_queue.fetch import Fetcher, FetchError, FetchRefused
 from pupyl_queue.layout import Layout, check_collection
 from pupyl_queue.settings import Settings
-from pupyl_queue.sources import Sources, is_url
+from pupyl_queue.sources import OUTSIDE_ROOTS, LocalRefused, Sources, is_url
 from pupyl_queue.store import ObjectNotFound
 
 log = logging.getLogger(__name__)
-CLIENTS = web.AppKey("clients", dict)
+CLIENT = web.AppKey("client", PupylQueue)
 SETTINGS = web.AppKey("settings", Settings)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OPEN = {"/", "/healthz", "/readyz", "/v1/openapi.json", "/metrics"}  # and /static/: the page's assets
+OPEN = {"/", "/healthz", "/readyz", "/v1/openapi.json"}  # and /static/: the page's assets
+METRICS_PATH = "/metrics"  # an API token or a metrics token (PUPYL_METRICS_TOKENS)
+IMAGE_ID = re.compile(r"[0-9]{1,19}")  # ASCII digits only: no sign, no '_', no other scripts' digits
+TASK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # Celery's uuid4
+JOB_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+MAX_VECTOR = 8192  # values in a query vector (the widest network has 2048)
+MAX_URI = 4096
 METRICS = web.AppKey("metrics", object)
 FORM_FIELD_BYTES = 64 * 1024  # a form field that is not a file (top, collection, ...)
 STATIC = Path(__file__).with_name("static")
@@ -49,16 +57,18 @@ class ApiError(web.HTTPException):
         )
 
 
-def client(request: web.Request, collection: str | None = None) -> PupylQueue:
-    name = collection or request.query.get("collection") or C.DEFAULT_COLLECTION
+def client(request: web.Request, collection: Any = None) -> PupylQueue:
+    """The client of the collection a request names: a view of the app's one client, sharing its
+    Redis pool and Celery app, so a request with a new name costs no connection and leaves nothing
+    behind (one pool per name once let unauthenticated requests exhaust file descriptors).
+    """
+    name = request.query.get("collection") if collection is None else collection
+    name = C.DEFAULT_COLLECTION if name is None or name == "" else name
     try:
         check_collection(name)
     except ValueError as exc:
         raise ApiError(400, "bad_collection", str(exc)) from None
-    clients = request.app[CLIENTS]
-    if name not in clients:
-        clients[name] = PupylQueue(settings=request.app[SETTINGS], collection=name)
-    return clients[name]
+    return request.app[CLIENT].for_collection(name)
 
 
 async def blocking(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -78,15 +88,22 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise ApiError(422, "task_failed", str(exc)) from None
     except TimeoutError as exc:
         raise ApiError(504, "timeout", str(exc)) from None
-    except (ValueError, LookupError) as exc:
-        raise ApiError(400, "bad_request", str(exc)) from None
+    except Exception:  # a bug, not a bad request: a logged 500 that tests and fuzzers can see
+        log.exception("%s %s failed", request.method, request.path)
+        raise ApiError(500, "internal", "internal error (logged on the server)") from None
+
+
+def _tokens(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     if settings.api_auth and request.path not in OPEN and not request.path.startswith("/static/"):
-        tokens = [t.strip() for t in settings.api_tokens.split(",") if t.strip()]
+        tokens = _tokens(settings.api_tokens)
+        if request.path == METRICS_PATH:
+            tokens += _tokens(settings.metrics_tokens)
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         valid = scheme.lower() == "bearer" and any(
             hmac.compare_digest(given.strip().encode(), t.encode()) for t in tokens
@@ -140,17 +157,50 @@ async def _read_parts(reader: MultipartReader, settings: Settings) -> tuple[list
     return files, fields
 
 
-def integer(value: Any, name: str, default: int, low: int, high: int) -> int:
-    """An integer option from JSON or a form field, within [low, high]."""
-    if value is None:
+def integer(value: Any, name: str, default: int | None, low: int, high: int) -> int:
+    """An integer option from JSON or a form field, within [low, high]; ``default=None``: required.
+
+    Strings are plain ASCII digits: ``int()`` would also take "+1", "1_0" and other scripts' digits.
+    """
+    if value is None and default is not None:
         return default
-    try:
-        number = int(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else None
-    except ValueError:
-        number = None
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and re.fullmatch(r"[0-9]{1,20}", value.strip()):
+        number = int(value.strip())
     if number is None or not low <= number <= high:
         raise ApiError(400, "bad_request", f"{name} must be an integer from {low} to {high}")
     return number
+
+
+def text_field(options: dict[str, Any], name: str, limit: int) -> str:
+    """A required string field of a JSON body: null, numbers and objects are refused, not stringified."""
+    value = options.get(name)
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, "bad_request", f"'{name}' must be a non-empty string")
+    if len(value) > limit:
+        raise ApiError(400, "bad_request", f"'{name}' is longer than {limit} characters")
+    return value
+
+
+def query_vector(value: Any) -> Any:
+    """A query vector from JSON: a list of numbers, scaled to unit length in float64 here (in float32,
+    values such as 1e-30 square to zero and every distance came out 0.0)."""
+    import numpy as np
+
+    if (
+        not isinstance(value, list)
+        or not 0 < len(value) <= MAX_VECTOR
+        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
+    ):
+        raise ApiError(400, "bad_request", f"'vector' is a list of 1 to {MAX_VECTOR} numbers")
+    vector = np.asarray(value, dtype=np.float64)
+    scale = float(np.abs(vector).max()) if np.isfinite(vector).all() else 0.0
+    if scale == 0.0:
+        raise ApiError(400, "bad_request", "'vector' must be finite and not all zero")
+    vector = vector / scale
+    return (vector / np.linalg.norm(vector)).astype(np.float32)
 
 
 def flag(value: Any, default: bool) -> bool:
@@ -181,8 +231,7 @@ async def index(request: web.Request) -> web.Response:
             raise ApiError(400, "bad_request", "a multipart index request needs at least one image file")
     else:
         files, data = [], await body_json(request)
-        if not isinstance(data.get("uri"), str) or not data["uri"]:
-            raise ApiError(400, "bad_request", "'uri' (a string) is required")
+        text_field(data, "uri", MAX_URI)
     pq = client(request, data.get("collection"))
     check_unique, near = flag(data.get("check_unique"), False), data.get("near_duplicate")
     if near is not None:
@@ -195,6 +244,11 @@ async def index(request: web.Request) -> web.Response:
     if files:
         job = await blocking(pq.index_uploads, [(f.name, f.data) for f in files], check_unique, near)
     else:
+        uri = data["uri"].strip()
+        if "://" not in uri or uri.startswith("file://"):  # a local path; the workers check again
+            refused = Sources(request.app[SETTINGS], origin="network").local_uri_error(uri)
+            if refused:
+                raise ApiError(403, "refused", refused)
         job = await blocking(pq.index, data["uri"], check_unique, near, origin="network")
     return web.json_response(
         {"job_id": job.id, "url": f"/v1/jobs/{job.id}", "files": len(files) or None}, status=202
@@ -213,7 +267,10 @@ async def jobs(request: web.Request) -> web.Response:
 
 async def job(request: web.Request) -> web.Response:
     pq = client(request)
-    handle = pq.job(request.match_info["job_id"])
+    job_id = request.match_info["job_id"]
+    if not JOB_ID.fullmatch(job_id):
+        raise ApiError(404, "not_found", "no such job")
+    handle = pq.job(job_id)
     try:
         state = await blocking(handle.progress)
     except KeyError:
@@ -245,18 +302,17 @@ async def search(request: web.Request) -> web.Response:
     else:
         options = await body_json(request)
         if "id" in options:
-            query = integer(options["id"], "id", 0, 0, 2**63 - 1)
+            query = integer(options["id"], "id", None, 0, 2**63 - 1)
         elif "vector" in options:
-            import numpy as np
-
-            with np.errstate(all="ignore"):  # overflow to inf is refused just below
-                query = np.asarray(options["vector"], dtype=np.float64).astype(np.float32)
-            if query.ndim != 1 or not query.size or not np.isfinite(query).all():
-                raise ApiError(400, "bad_request", "'vector' is a non-empty list of finite float32 numbers")
+            query = query_vector(options["vector"])
         elif "image_b64" in options:
-            query = base64.b64decode(str(options["image_b64"]), validate=True)
+            limit = request.app[SETTINGS].max_image_bytes * 4 // 3 + 4
+            try:
+                query = base64.b64decode(text_field(options, "image_b64", limit), validate=True)
+            except binascii.Error:
+                raise ApiError(400, "bad_request", "'image_b64' is not valid base64") from None
         elif "uri" in options:
-            query = await blocking(read_uri, request.app[SETTINGS], str(options["uri"]))
+            query = await blocking(read_uri, request.app[SETTINGS], text_field(options, "uri", MAX_URI))
         else:
             raise ApiError(
                 400, "bad_request", "give an image (multipart), or JSON with uri, id, vector or image_b64"
@@ -266,6 +322,7 @@ async def search(request: web.Request) -> web.Response:
     metadata, distances = flag(options.get("metadata"), False), flag(options.get("distances"), True)
     result = await blocking(pq.search_async, query, top, metadata)
     if not flag(options.get("wait"), True):
+        await blocking(pq.redis.set, Layout.task_key(result.id), "1", ex=pq.settings.result_expires)
         return web.json_response({"task_id": result.id, "url": f"/v1/tasks/{result.id}"}, status=202)
     answer = await blocking(wait_result, result, pq.settings.search_timeout)
     if not distances:
@@ -288,21 +345,33 @@ def read_uri(settings: Settings, uri: str) -> bytes:
     if "://" in uri and not uri.startswith("file://"):
         raise ApiError(400, "bad_request", "'uri' is an http(s) URL or a path under the allowed roots")
     path = Path(uri.removeprefix("file://"))
-    if not path.is_absolute() or Sources(settings, origin="network").local_path_error(path):
-        raise ApiError(403, "refused", "local path outside the allowed roots (PUPYL_ALLOWED_ROOTS)")
-    if not path.is_file():
-        raise ApiError(404, "not_found", "no such file under the allowed roots")
-    if path.stat().st_size > settings.max_image_bytes:
-        raise ApiError(413, "too_large", "the file is larger than PUPYL_MAX_IMAGE_BYTES")
-    return path.read_bytes()
+    if not path.is_absolute():
+        raise ApiError(403, "refused", OUTSIDE_ROOTS)
+    try:
+        fh, info = Sources(settings, origin="network").open_local(path)  # the roots first
+    except LocalRefused as exc:
+        if str(exc) == OUTSIDE_ROOTS:
+            raise ApiError(403, "refused", OUTSIDE_ROOTS) from None
+        raise ApiError(404, "not_found", f"no readable image file there: {exc}") from None
+    with fh:
+        if info.st_size > settings.max_image_bytes:
+            raise ApiError(413, "too_large", "the file is larger than PUPYL_MAX_IMAGE_BYTES")
+        return fh.read(settings.max_image_bytes + 1)
 
 
 async def task(request: web.Request) -> web.Response:
+    """A task this API queued (a search with ``wait: false``). Celery reports any unknown id as
+    PENDING, like a queued task: the API remembers the ids it handed out, so others are a 404."""
     from celery.result import AsyncResult
 
     pq = client(request)
-    result = AsyncResult(request.match_info["task_id"], app=pq.app)
+    task_id = request.match_info["task_id"]
+    if not TASK_ID.fullmatch(task_id):
+        raise ApiError(400, "bad_request", "a task id is a UUID such as 1b4e28ba-2fa1-11d2-883f-0016d3cca427")
+    result = AsyncResult(task_id, app=pq.app)
     state = await blocking(lambda: result.state)
+    if state == "PENDING" and not await blocking(pq.redis.exists, Layout.task_key(task_id)):
+        raise ApiError(404, "not_found", "no such task (or its result has expired)")
     body: dict[str, Any] = {"task_id": result.id, "state": state}
     if state == "SUCCESS":
         body["result"] = await blocking(lambda: result.result)
@@ -312,10 +381,10 @@ async def task(request: web.Request) -> web.Response:
 
 
 def _image_id(request: web.Request) -> int:
-    try:
-        return int(request.match_info["image_id"])
-    except ValueError:
-        raise ApiError(400, "bad_request", "image ids are integers") from None
+    text = request.match_info["image_id"]
+    if not IMAGE_ID.fullmatch(text) or int(text) > 2**63 - 1:
+        raise ApiError(400, "bad_request", "an image id is an integer from 0 to 2**63 - 1")
+    return int(text)
 
 
 async def _stored(request: web.Request, key: Callable[[Layout, int], str]) -> bytes:
@@ -365,7 +434,6 @@ async def collection_delete(request: web.Request) -> web.Response:
         result = await blocking(pq.delete_collection, name)
     except LookupError:
         raise ApiError(404, "not_found", f"no collection {name!r}") from None
-    request.app[CLIENTS].pop(name, None)
     return web.json_response(result)
 
 
@@ -451,7 +519,7 @@ async def metrics(request: web.Request) -> web.Response:
     from pupyl_queue.telemetry import read_tasks
 
     m = request.app[METRICS]
-    pq = client(request)
+    pq = request.app[CLIENT]  # open routes take no collection parameter
 
     def gather() -> bytes:
         for queue in C.QUEUES:
@@ -484,7 +552,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    pq = client(request)
+    pq = request.app[CLIENT]  # open routes take no collection parameter
     checks: dict[str, str] = {}
     try:
         await blocking(pq.redis.ping)
@@ -513,7 +581,7 @@ def make_app(settings: Settings | None = None) -> web.Application:
     app = web.Application(middlewares=[measure, errors, auth], client_max_size=settings.api_max_body)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app[CLIENTS] = {}
+    app[CLIENT] = PupylQueue(settings=settings)
     app.router.add_get("/", page)
     app.router.add_static("/static/", STATIC, append_version=False)
     app.router.add_post("/v1/index", index)
@@ -532,11 +600,10 @@ def make_app(settings: Settings | None = None) -> web.Application:
     app.router.add_get("/v1/openapi.json", openapi)
     app.router.add_get("/metrics", metrics)
 
-    async def close_clients(app: web.Application) -> None:
-        for pq in app[CLIENTS].values():
-            pq.close()
+    async def close_client(app: web.Application) -> None:
+        app[CLIENT].close()
 
-    app.on_cleanup.append(close_clients)
+    app.on_cleanup.append(close_client)
     return app
 
 

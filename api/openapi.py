@@ -20,28 +20,45 @@ OPTIONS: dict[str, Any] = {
     "metadata": {"type": "boolean"},
     "distances": {"type": "boolean", "description": "false leaves distances out (default true)"},
     "wait": {"type": "boolean", "description": "false answers 202 with the task id at once"},
-    "collection": {"type": "string"},
+    "collection": {"$ref": "#/components/schemas/CollectionName"},
 }
 INDEX_OPTIONS: dict[str, Any] = {
     "check_unique": {"type": "boolean"},
-    "near_duplicate": {"type": "number", "minimum": 0},
-    "collection": {"type": "string"},
+    "near_duplicate": {"type": "number", "minimum": 0, "maximum": 2},
+    "collection": {"$ref": "#/components/schemas/CollectionName"},
 }
-COLLECTION = {"name": "collection", "in": "query", "required": False, "schema": {"type": "string"}}
+NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$", "maxLength": 63}
+COLLECTION = {"name": "collection", "in": "query", "required": False, "schema": NAME}
+# Path parameters carry their exact shape, so a fuzzer's negative cases include the long and odd ones
+# (251-digit ids once gave 500s).
+IMAGE_ID = {"type": "string", "pattern": "^[0-9]{1,19}$", "maxLength": 19, "description": "0 to 2**63 - 1"}
+TASK_ID = {"type": "string", "format": "uuid"}
+JOB_ID = {"type": "string", "pattern": "^[0-9A-Za-z_-]{1,64}$", "maxLength": 64}
 
 
-def _id(name: str, kind: str = "string") -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "schema": {"type": kind}}
+def _id(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": schema}
 
 
 def document() -> dict[str, Any]:
     search_json = {
         "type": "object",
         "properties": {
-            "id": {"type": "integer"},
-            "vector": {"type": "array", "items": {"type": "number"}},
-            "image_b64": {"type": "string"},
-            "uri": {"type": "string", "description": "http(s) URL, or a path under PUPYL_ALLOWED_ROOTS"},
+            "id": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+            "vector": {
+                "type": "array",
+                "items": {"type": "number"},
+                "minItems": 1,
+                "maxItems": 8192,
+                "description": "as many values as the collection's feature size; not all zero",
+            },
+            "image_b64": {"type": "string", "contentEncoding": "base64", "minLength": 1},
+            "uri": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 4096,
+                "description": "http(s) URL, or a path under PUPYL_ALLOWED_ROOTS",
+            },
             **OPTIONS,
         },
     }
@@ -55,6 +72,7 @@ def document() -> dict[str, Any]:
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
+                "CollectionName": NAME,
                 "Error": {
                     "type": "object",
                     "required": ["error"],
@@ -65,7 +83,7 @@ def document() -> dict[str, Any]:
                             "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
                         }
                     },
-                }
+                },
             },
         },
         "security": [{"bearer": []}],
@@ -80,7 +98,10 @@ def document() -> dict[str, Any]:
                                 "schema": {
                                     "type": "object",
                                     "required": ["uri"],
-                                    "properties": {"uri": {"type": "string"}, **INDEX_OPTIONS},
+                                    "properties": {
+                                        "uri": {"type": "string", "minLength": 1, "maxLength": 4096},
+                                        **INDEX_OPTIONS,
+                                    },
                                 }
                             },
                             "multipart/form-data": {
@@ -98,7 +119,7 @@ def document() -> dict[str, Any]:
                             },
                         },
                     },
-                    "responses": _responses("202", 400, 401, 413),
+                    "responses": _responses("202", 400, 401, 403, 413),
                 }
             },
             "/v1/jobs": {
@@ -115,7 +136,7 @@ def document() -> dict[str, Any]:
                 "get": {
                     "summary": "A job's state, counts and failures",
                     "parameters": [
-                        _id("job_id"),
+                        _id("job_id", JOB_ID),
                         COLLECTION,
                         {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
                         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
@@ -148,29 +169,29 @@ def document() -> dict[str, Any]:
             "/v1/tasks/{task_id}": {
                 "get": {
                     "summary": "A Celery task's state and result",
-                    "parameters": [_id("task_id"), COLLECTION],
-                    "responses": _responses("200", 401),
+                    "parameters": [_id("task_id", TASK_ID), COLLECTION],
+                    "responses": _responses("200", 400, 401, 404),
                 }
             },
             "/v1/images/{image_id}": {
                 "get": {
                     "summary": "An image's metadata",
-                    "parameters": [_id("image_id", "integer"), COLLECTION],
+                    "parameters": [_id("image_id", IMAGE_ID), COLLECTION],
                     "responses": _responses("200", 400, 401, 404),
                 },
                 "delete": {
                     "summary": "Remove an image",
-                    "parameters": [_id("image_id", "integer"), COLLECTION],
+                    "parameters": [_id("image_id", IMAGE_ID), COLLECTION],
                     "responses": _responses("200", 400, 401, 404, 422),
                 },
             },
             "/v1/images/{image_id}/file": {
                 "get": {
                     "summary": "The stored (normalized) image",
-                    "parameters": [_id("image_id", "integer"), COLLECTION],
+                    "parameters": [_id("image_id", IMAGE_ID), COLLECTION],
                     "responses": {
+                        **_responses("200", 400, 401, 404),
                         "200": {"description": "JPEG", "content": {"image/jpeg": {}}},
-                        "404": {"description": "error", "content": {"application/json": {"schema": ERROR}}},
                     },
                 }
             },
@@ -180,12 +201,12 @@ def document() -> dict[str, Any]:
             "/v1/collections/{name}": {
                 "get": {
                     "summary": "A collection's model, counts, index type and last snapshot",
-                    "parameters": [_id("name")],
+                    "parameters": [_id("name", NAME)],
                     "responses": _responses("200", 400, 401, 404),
                 },
                 "delete": {
                     "summary": "Delete a collection: everything of it, and only it",
-                    "parameters": [_id("name")],
+                    "parameters": [_id("name", NAME)],
                     "responses": _responses("200", 400, 401, 404),
                 },
             },
@@ -211,9 +232,8 @@ def document() -> dict[str, Any]:
             },
             "/metrics": {
                 "get": {
-                    "summary": "Prometheus metrics",
-                    "security": [],
-                    "responses": {"200": {"description": "text exposition format"}},
+                    "summary": "Prometheus metrics (an API token or one of PUPYL_METRICS_TOKENS)",
+                    "responses": {**_responses("200", 401), "200": {"description": "text exposition format"}},
                 }
             },
         },

@@ -7,6 +7,7 @@ reads results and job counters, so any application can embed it cheaply.
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import time
 import uuid
@@ -332,6 +333,17 @@ class PupylQueue:
     def compact(self, timeout: float | None = None) -> dict[str, Any]:
         result = self.app.send_task(C.TASK_COMPACT, kwargs={"collection": self.collection})
         return wait_result(result, timeout or 600)
+
+    def for_collection(self, collection: str) -> PupylQueue:
+        """This client for another collection, sharing its Redis pool, Celery app and store.
+
+        A view costs no connection, so a server can make one per request (the API does). Close only
+        the client the views came from.
+        """
+        _ = self.redis, self.app, self.store  # made once here, then shared by every view
+        view = copy.copy(self)
+        view.collection = check_collection(collection)
+        return view
 
     def close(self) -> None:
         if "app" in self.__dict__:

@@ -44,7 +44,7 @@ def shard_queue(shard: int) -> str:
 
 
 DEFAULT_COLLECTION = "default"
-COLLECTION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+COLLECTION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # fullmatch: "$" passes "default\n"
 
 # Redis keys; every one is prefixed by REDIS_PREFIX and the collection name.
 REDIS_PREFIX = "pupyl"
@@ -59,6 +59,7 @@ KEY_HASHES = "hashes"  # HASH sha256 -> id (dedup)
 KEY_BATCH_IDS = "batch-ids"  # HASH batch id -> "first:count" (ids a batch owns)
 KEY_JOB = "job"  # job:{id} HASH of counters, job:{id}:batches HASH of finished batches
 KEY_EPOCH = "epoch"  # set when the commit log is rewritten (rebuild): searchers reload from the snapshot
+KEY_TASK = "task"  # task:{id}: a task id the API handed out (expires with its result)
 KEY_RECENT_JOBS = "jobs"  # ZSET score=created_at member=job id (the newest RECENT_JOBS_KEPT jobs)
 RECENT_JOBS_KEPT = 1000
 UPLOAD_SCHEME = "upload:"  # uri of a job whose images were uploaded into the store (upload:<job id>)

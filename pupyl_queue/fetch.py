@@ -54,6 +54,18 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Sink = Callable[[], IO[bytes]]
 
 
+def parse_url(text: str, what: str = "URL") -> URL:
+    """A URL checked up front (host, port): a malformed one is one failed item, never retried."""
+    try:
+        url = URL(text)
+        _ = url.port  # yarl checks the port range only when it is read
+    except (ValueError, TypeError) as exc:
+        raise FetchError(f"malformed {what}: {exc}") from None
+    if url.is_absolute() and not url.raw_host:
+        raise FetchError(f"malformed {what}: no host")
+    return url
+
+
 def parse_networks(text: str) -> list[Network]:
     return [ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()]
 
@@ -79,10 +91,9 @@ class GuardedResolver(AbstractResolver):
     ) -> list[ResolveResult]:
         found = await self._inner.resolve(host, port, family)
         kept = [r for r in found if address_allowed(r["host"], self._allowed)]
-        if not kept:
-            addresses = ", ".join(sorted({r["host"] for r in found}))
+        if not kept:  # the addresses stay out of the message: they map the private network
             raise FetchRefused(
-                f"refused: {host} resolves to a private or local address ({addresses}); "
+                f"refused: {host} resolves to a private or local address; "
                 "PUPYL_FETCH_ALLOW_NETWORKS can allow it"
             )
         return kept
@@ -167,7 +178,7 @@ class Fetcher:
             result.attempts = attempt
             try:
                 out = sink()
-                result.content_type = await self._fetch_once(session, URL(url), max_bytes, out)
+                result.content_type = await self._fetch_once(session, parse_url(url), max_bytes, out)
                 if isinstance(out, io.BytesIO):
                     result.data = out.getvalue()
                 result.error = ""
@@ -176,6 +187,9 @@ class Fetcher:
                 result.error = str(exc)
                 if not isinstance(exc, FetchRetryable) or attempt == attempts:
                     return result
+            except aiohttp.InvalidURL as exc:  # aiohttp's own checks of a URL: never retried
+                result.error = f"malformed URL: {exc}"
+                return result
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 result.error = _describe(exc)
                 if attempt == attempts:
@@ -194,7 +208,7 @@ class Fetcher:
                     location = response.headers.get("Location")
                     if not location:
                         raise FetchError(f"HTTP {response.status} without a Location header")
-                    url = url.join(URL(location))
+                    url = url.join(parse_url(location, "redirect Location"))
                     continue
                 if response.status != 200:
                     kind = FetchRetryable if response.status in RETRY_STATUS else FetchError

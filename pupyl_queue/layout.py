@@ -8,7 +8,7 @@ from pupyl_queue import constants as C
 
 
 def check_collection(name: str) -> str:
-    if not isinstance(name, str) or not C.COLLECTION_NAME.match(name):
+    if not isinstance(name, str) or not C.COLLECTION_NAME.fullmatch(name):
         raise ValueError(
             f"invalid collection name {name!r}: use 1-63 of a-z, 0-9, '_' and '-', "
             "starting with a letter or digit"
@@ -87,6 +87,11 @@ class Layout:
     # --- redis
     def key(self, name: str) -> str:
         return f"{C.REDIS_PREFIX}:{self.collection}:{name}"
+
+    @staticmethod
+    def task_key(task_id: str) -> str:
+        """Marks a task id the API handed out, so an unknown id is told from a queued task."""
+        return f"{C.REDIS_PREFIX}:{C.KEY_TASK}:{task_id}"
 
     def job_key(self, job_id: str) -> str:
         return f"{C.REDIS_PREFIX}:{C.KEY_JOB}:{job_id}"

@@ -21,7 +21,6 @@ from redis.exceptions import LockError
 from pupyl_queue import integrity
 from pupyl_queue.images import decode
 from pupyl_queue.layout import Layout
-from pupyl_queue.models import normalize
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.sharding import Send, fan_out, shard_vector
 from pupyl_queue.store import ObjectNotFound, StoreUnavailable
@@ -46,11 +45,7 @@ def query_vector(rt: Runtime, collection: str, query: dict[str, Any], send: Send
         except KeyError as exc:
             raise QueryError(str(exc.args[0])) from None
     if "vector" in query:
-        vector = np.asarray(query["vector"], dtype=np.float32).reshape(1, -1)
-        spec = rt.spec(collection)
-        if vector.shape[1] != spec.dim:
-            raise QueryError(f"query vector has {vector.shape[1]} values, the collection {spec.dim}")
-        return normalize(vector)[0]
+        return _unit_vector(query["vector"], rt.spec(collection).dim)
     if "image_b64" in query:
         data = base64.b64decode(query["image_b64"], validate=True)
     elif "key" in query:
@@ -64,6 +59,22 @@ def query_vector(rt: Runtime, collection: str, query: dict[str, Any], send: Send
     size = extractor.input_size
     image = decode(data, rt.settings.max_pixels, target=size)  # as when indexing: same pixels, same vector
     return extractor.embed(image.pixels(size)[None])[0]
+
+
+def _unit_vector(values: Any, dim: int) -> np.ndarray:
+    """A query vector scaled to unit length in float64: in float32, tiny values (1e-30) square to 0
+    and every distance came out 0.0."""
+    try:
+        vector = np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise QueryError("a query vector is a list of numbers") from None
+    if vector.shape[0] != dim:
+        raise QueryError(f"query vector has {vector.shape[0]} values, the collection {dim}")
+    scale = float(np.abs(vector).max()) if np.isfinite(vector).all() else 0.0
+    if scale == 0.0:
+        raise QueryError("a query vector must be finite and not all zero")
+    vector = vector / scale  # largest value 1: the norm below can neither overflow nor vanish
+    return (vector / np.linalg.norm(vector)).astype(np.float32)
 
 
 def search(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict[str, Any]:

@@ -76,6 +76,7 @@ class Settings:
     keep_originals: bool = False
     search_shards: int = 1
     api_tokens: str = field(default="", repr=False)
+    metrics_tokens: str = field(default="", repr=False)  # also accepted on /metrics (Prometheus scrapers)
     api_auth: bool = True
     api_host: str = "127.0.0.1"
     api_port: int = 8080

@@ -36,8 +36,15 @@ from pupyl_queue.settings import Settings
 ORIGINS = ("local", "network")
 
 
+OUTSIDE_ROOTS = "refused: local path outside the allowed roots (PUPYL_ALLOWED_ROOTS)"
+
+
 class SourceError(ValueError):
     """The URI itself cannot be read (the whole job fails with this reason)."""
+
+
+class LocalRefused(Exception):
+    """A local path that is not read; the message is the per-item reason."""
 
 
 @dataclass
@@ -87,30 +94,80 @@ class Sources:
 
     # --- local paths
     def local_path_error(self, path: Path) -> str:
-        """Why a path may not be read for this request ('' when it may)."""
+        """Why a path may not be read for this request ('' when it may).
+
+        The path is resolved first, symlinks included, so a link inside a root that leads out of it
+        is refused too. The answer does not depend on whether the path exists.
+        """
         if self.origin == "local":
             return ""
-        real = path.resolve()
+        real = Path(os.path.realpath(path))
         if any(real.is_relative_to(root) for root in self.settings.allowed_root_paths):
             return ""
-        return "refused: local path outside the allowed roots (PUPYL_ALLOWED_ROOTS)"
+        return OUTSIDE_ROOTS
+
+    def open_local(self, path: Path) -> tuple[IO[bytes], os.stat_result]:
+        """Open a local file for reading: the one gate every local path passes before ``open()``.
+
+        Roots first (so a refusal says nothing about what exists outside them), then only a regular
+        file is opened: a FIFO or a device would block the reading thread forever. The file is opened
+        non-blocking and checked again on its descriptor, so a file swapped for a pipe between the
+        check and the open is refused too. Raises :class:`LocalRefused` with the per-item reason.
+        """
+        real = os.path.realpath(path)  # opened by this name, so a link swapped in later is not followed
+        refused = self.local_path_error(Path(real))
+        if refused:
+            raise LocalRefused(refused)
+        try:
+            before = os.stat(real)
+        except FileNotFoundError:
+            raise LocalRefused("no such file or directory") from None
+        except OSError as exc:
+            raise LocalRefused(f"cannot read: {exc.strerror or exc}") from None
+        if not stat.S_ISREG(before.st_mode):
+            raise LocalRefused(f"not a regular file ({_file_kind(before.st_mode)}); skipped")
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise LocalRefused(f"cannot read: {exc.strerror or exc}") from None
+        opened = os.fstat(fd)
+        same = (opened.st_dev, opened.st_ino) == (before.st_dev, before.st_ino)
+        if not (stat.S_ISREG(opened.st_mode) and same):
+            os.close(fd)
+            raise LocalRefused("the file changed while it was opened; skipped")
+        return os.fdopen(fd, "rb"), opened
+
+    def local_uri_error(self, text: str) -> str:
+        """Why a local path or glob may not be expanded for this request ('' when it may).
+
+        Checked before anything is looked up or listed, so a refusal tells nothing about what
+        exists outside the roots. A glob is judged by its leading part without wildcards (every
+        match lies under it), and each match again when it is opened.
+        """
+        if self.origin == "local":
+            return ""
+        text = text.removeprefix("file://")
+        if ".." in PurePosixPath(text).parts:
+            return "refused: '..' in a path"
+        path = Path(text).expanduser()
+        return self.local_path_error(_glob_anchor(str(path)) if glob.has_magic(text) else path)
 
     def _local(self, text: str) -> Iterator[SourceItem]:
         path = Path(text).expanduser()
-        if glob.has_magic(text) and not path.exists():
+        refused = self.local_uri_error(text)
+        if refused:
+            raise SourceError(f"{text}: {refused}")
+        if glob.has_magic(text) and not os.path.lexists(path):
             matches = sorted(glob.glob(os.path.expanduser(text), recursive=True))
             if not matches:
                 raise SourceError(f"the pattern {text!r} matches nothing")
             for match in matches:
-                if os.path.isfile(match):
+                if not os.path.isdir(match):
                     yield from self._local_file(Path(match), top=False)
             return
-        if not path.exists():
+        if not os.path.exists(path):
             raise SourceError(f"no such file or directory: {text!r}")
-        refused = self.local_path_error(path)
-        if refused:
-            raise SourceError(f"{text}: {refused}")
-        if path.is_dir():
+        if os.path.isdir(path):
             yield from self._directory(path)
         else:
             yield from self._local_file(path, top=True)
@@ -118,8 +175,15 @@ class Sources:
     def _local_file(self, path: Path, top: bool) -> Iterator[SourceItem]:
         ref = str(path)
         try:
-            size = path.stat().st_size
-            with open(path, "rb") as fh:
+            fh, info = self.open_local(path)
+        except LocalRefused as exc:
+            if top:
+                raise SourceError(f"{ref}: {exc}") from None
+            yield SourceItem(ref, error=str(exc))
+            return
+        size = info.st_size
+        try:
+            with fh:
                 head = fh.read(512)
                 kind = sniff(head)
                 if kind in ("tar", "zip", "compressed", "list") and (top or kind != "list"):
@@ -130,11 +194,14 @@ class Sources:
                     yield SourceItem(ref, error=too_large(size, self.settings.max_image_bytes))
                     return
                 fh.seek(0)
-                data = fh.read()
+                data = fh.read(self.settings.max_image_bytes + 1)
         except OSError as exc:
             yield SourceItem(ref, error=f"cannot read: {exc.strerror or exc}")
             return
-        yield SourceItem(ref, data, meta=_file_meta(path, size))
+        if len(data) > self.settings.max_image_bytes:  # it grew after the stat
+            yield SourceItem(ref, error=too_large(len(data), self.settings.max_image_bytes))
+            return
+        yield SourceItem(ref, data, meta=_file_meta(path, size, info))
 
     def _directory(self, root: Path) -> Iterator[SourceItem]:
         real_root = root.resolve()
@@ -323,13 +390,10 @@ class Sources:
                     yield SourceItem(entry, error=f"local path in a remote list ({where}); refused")
                     continue
                 path = Path(entry) if os.path.isabs(entry) else (base or Path(".")) / entry
-                refused = self.local_path_error(path)
-                if refused:
-                    yield SourceItem(entry, error=refused)
-                elif not path.is_file():
-                    yield SourceItem(entry, error=f"no such file ({where})")
-                else:
-                    yield from self._local_file(path, top=False)
+                for item in self._local_file(path, top=False):
+                    if item.error and item.ref == str(path):
+                        item.ref, item.error = entry, f"{item.error} ({where})"
+                    yield item
             elif number == 1 and not any(c in entry for c in "/\\."):
                 continue  # a header line such as "url" or "path"
             else:
@@ -370,13 +434,36 @@ def _looks_like_path(entry: str) -> bool:
     return entry.startswith(("/", "./", "../", "~")) or "/" in entry or "." in Path(entry).name
 
 
-def _file_meta(path: Path, size: int) -> dict[str, Any]:
+def _file_meta(path: Path, size: int, info: os.stat_result) -> dict[str, Any]:
     return {
         "original_file_name": path.name,
         "original_path": str(path.parent.resolve()),
         "original_file_size": size,
-        "original_access_time": path.stat().st_atime,
+        "original_access_time": info.st_atime,
     }
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _glob_anchor(pattern: str) -> Path:
+    """The leading part of a glob pattern without wildcards: every match lies under it."""
+    parts: list[str] = []
+    for part in Path(pattern).parts:
+        if glob.has_magic(part):
+            break
+        parts.append(part)
+    return Path(*parts) if parts else Path(".")
 
 
 def _member_meta(ref: str, size: int) -> dict[str, Any]:
@@ -391,4 +478,4 @@ def _member_meta(ref: str, size: int) -> dict[str, Any]:
     }
 
 
-__all__ = ["FORMATS", "SourceError", "SourceItem", "Sources", "fetch_pending", "sniff"]
+__all__ = ["FORMATS", "LocalRefused", "SourceError", "SourceItem", "Sources", "fetch_pending", "sniff"]

@@ -62,7 +62,8 @@ def test_auth_errors_and_metrics(tmp_path: Path, redis_url: str, redis_client: r
             assert too_big.status == 413 and "error" in await too_big.json()
             wrong_method = await http.put("/v1/search", headers=good)
             assert wrong_method.status == 405
-            text = await (await http.get("/metrics")).text()
+            assert (await http.get("/metrics")).status == 401  # it names every collection
+            text = await (await http.get("/metrics", headers=good)).text()
             assert (
                 'pupyl_api_requests_total{method="GET",route="/v1/images/{image_id}",status="401"} 3.0'
                 in text
@@ -166,7 +167,7 @@ def test_uploads_jobs_page_and_task_metrics(
             bad_vector = await http.post("/v1/search", json={"vector": ["a"]}, headers=good)
             assert bad_vector.status == 400
 
-            text = await (await http.get("/metrics")).text()
+            text = await (await http.get("/metrics", headers=good)).text()
             assert 'pupyl_task_seconds_bucket{le="0.1",task="pupyl.embed"} 1.0' in text
             assert 'pupyl_task_seconds_bucket{le="+Inf",task="pupyl.embed"} 2.0' in text
             assert 'pupyl_task_runs_total{state="RETRY",task="pupyl.embed"} 1.0' in text
