@@ -284,12 +284,20 @@ class _Column:
         if self.kind == "strings":
             if clause.op not in ("any", "eq", "in") or not codes:
                 return np.zeros(rows, bool)
-            hits = np.isin(self.items[: int(self.offsets[rows])], codes)
+            hits = self._lookup(codes)[self.items[: int(self.offsets[rows])] + 1]
             running = np.concatenate(([0], np.cumsum(hits, dtype=np.int64)))
             return running[self.offsets[1 : rows + 1]] > running[self.offsets[:rows]]
         if clause.op == "any" or not codes:
             return np.zeros(rows, bool)
-        return np.isin(self.data[:rows], codes)
+        if len(codes) == 1:
+            return self.data[:rows] == codes[0]
+        return self._lookup(codes)[self.data[:rows] + 1]
+
+    def _lookup(self, codes: list[int]) -> np.ndarray:
+        """A table code + 1 -> wanted (slot 0: absent): one gather per row, whatever the value count."""
+        table = np.zeros(len(self.vocab) + 1, bool)
+        table[np.asarray(codes) + 1] = True
+        return table
 
     def nbytes(self) -> int:
         return int(self.data.nbytes + self.offsets.nbytes + self.items.nbytes) + 64 * len(self.vocab)
@@ -365,9 +373,10 @@ class AttributeTable:
             self.live[: self.rows] &= ~np.isin(self.ids[: self.rows], gone)
 
     def select(self, spec: Filter) -> np.ndarray:
-        """The live ids a filter allows, sorted."""
-        mask = self._mask(spec) & self.live[: self.rows]
-        return np.sort(self.ids[: self.rows][mask])
+        """The live ids a filter allows (in commit order)."""
+        mask = self._mask(spec)
+        mask &= self.live[: self.rows]
+        return self.ids[: self.rows][mask]
 
     def _mask(self, spec: Filter) -> np.ndarray:
         if isinstance(spec, Clause):

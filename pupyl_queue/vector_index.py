@@ -179,6 +179,19 @@ def _coarse_graphs(index: faiss.Index) -> list[tuple[faiss.Index, faiss.HNSW]]:
     return found
 
 
+SCAN_MAX = 1024  # allowed ids up to here: their vectors are decoded and scanned, not the index
+
+
+def _selector(allowed: np.ndarray) -> faiss.IDSelector:
+    """A bitmap over the id range (ids come from a counter, so it is small: 125 KB per million ids);
+    a bit test per code is cheaper than IDSelectorBatch's hash lookups. It keeps its memory alive."""
+    bits = np.zeros(int(allowed.max()) // 8 + 1, dtype=np.uint8)
+    np.bitwise_or.at(bits, allowed >> 3, (1 << (allowed & 7)).astype(np.uint8))
+    selector = faiss.IDSelectorBitmap(len(bits) * 8, faiss.swig_ptr(bits))
+    selector.referenced = bits
+    return selector
+
+
 class VectorIndex:
     def __init__(
         self,
@@ -279,6 +292,57 @@ class VectorIndex:
         removed = self.ids.discard(np.asarray(ids, dtype=np.int64))
         self.removed_pending += removed
         return removed
+
+    def search_within(
+        self, queries: np.ndarray, top: int, allowed: np.ndarray
+    ) -> list[list[tuple[int, float]]]:
+        """The true top ``top`` among the ``allowed`` ids (a filter's answer), never a short list.
+
+        FAISS skips every id the selector refuses before computing its distance, so the scan costs
+        one bit test per code it visits. An IVF index visits ``nprobe / fraction`` lists (all of them
+        for a filter matching under nprobe/nlist of the images): about as many matching vectors as an
+        unfiltered search scans, and an exact scan of the subset when it is small.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        allowed = np.asarray(allowed, dtype=np.int64)
+        allowed = allowed[(allowed >= 0) & self.ids.contains(allowed)]  # live ids only: no over-fetch
+        if not len(allowed) or top <= 0:
+            return [[] for _ in range(len(queries))]
+        if len(allowed) <= SCAN_MAX or self.on_gpu:  # few: decode those vectors (GPU: no selectors)
+            return self._scan(queries, top, allowed)
+        selector = _selector(allowed)
+        parts = ivf_parts(self._index)
+        params: faiss.SearchParameters
+        if parts:
+            nlist, nprobe = int(parts[0].nlist), int(parts[0].nprobe)
+            fraction = len(allowed) / max(1, len(self))
+            wide = min(nlist, math.ceil(nprobe / fraction))
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=wide)
+            if _coarse_graphs(self._index):  # an HNSW coarse quantizer must find that many lists
+                params.quantizer_params = faiss.SearchParametersHNSW(efSearch=HNSW_EF_PER_PROBE * wide)
+        else:
+            params = faiss.SearchParameters(sel=selector)
+        sims, found = self._index.search(queries, min(top, len(allowed)), params=params)
+        return [
+            [(int(i), float(max(0.0, 1.0 - s))) for i, s in zip(row_ids, row_sims) if i >= 0]
+            for row_ids, row_sims in zip(found, sims)
+        ]
+
+    def _scan(self, queries: np.ndarray, top: int, allowed: np.ndarray) -> list[list[tuple[int, float]]]:
+        """Exact over the stored codes: the allowed vectors decoded, every one compared."""
+        if self.on_gpu:  # pragma: no cover - needs a GPU
+            vectors = np.stack([self.vector(int(i)) for i in allowed])
+        else:
+            if not isinstance(self._index, faiss.IndexIDMap2):
+                ivf = faiss.extract_index_ivf(self._index)
+                if ivf.direct_map.type != faiss.DirectMap.Hashtable:
+                    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+            vectors = self._index.reconstruct_batch(allowed)
+        sims = queries @ vectors.T
+        order = np.argsort(-sims, axis=1)[:, :top]
+        return [
+            [(int(allowed[j]), float(max(0.0, 1.0 - row[j]))) for j in idx] for row, idx in zip(sims, order)
+        ]
 
     def search(self, queries: np.ndarray, top: int) -> list[list[tuple[int, float]]]:
         """For each query, up to ``top`` (id, cosine distance) pairs, nearest first."""

@@ -161,7 +161,7 @@ def test_table_selects_what_the_filter_says() -> None:
         {"category": 1},
     ]
     for spec in filters:
-        got = table.select(parse_filter(spec)).tolist()
+        got = sorted(table.select(parse_filter(spec)).tolist())
         expected = [i + 10 for i, row in enumerate(rows) if i + 10 not in removed and reference(spec, row)]
         assert got == expected, spec
     assert len(table) == 3000 - len(removed)
