@@ -13,7 +13,6 @@ reason it has neither. Only a URI that cannot be read at all raises.
 
 from __future__ import annotations
 
-import csv
 import glob
 import io
 import lzma
@@ -31,6 +30,7 @@ from urllib.parse import unquote, urlparse
 from pupyl_queue.content import BombGuard, decompress, is_tar, sniff, too_large, unsafe_name
 from pupyl_queue.fetch import Fetcher, FetchError
 from pupyl_queue.images import FORMATS
+from pupyl_queue.lists import read_list
 from pupyl_queue.settings import Settings
 
 ORIGINS = ("local", "network")
@@ -54,6 +54,8 @@ class SourceItem:
     error: str = ""
     url: str = ""  # still to fetch
     meta: dict[str, Any] = field(default_factory=dict)
+    key: str = ""  # the caller's key (lists with a key column or field)
+    attributes: dict[str, Any] = field(default_factory=dict)
 
 
 def is_url(text: str) -> bool:
@@ -376,15 +378,14 @@ class Sources:
         if len(raw) > self.settings.max_list_bytes:
             yield SourceItem(ref, error=f"list larger than {self.settings.max_list_bytes} bytes; skipped")
             return
-        text = raw.decode("utf-8-sig", errors="replace")
         remote = base is None
-        for number, row in enumerate(csv.reader(io.StringIO(text)), 1):
-            entry = row[0].strip() if row else ""
-            if not entry or entry.startswith("#"):
-                continue
-            where = f"{ref}:{number}"
-            if is_url(entry):
-                yield SourceItem(entry, url=entry, meta={"list": where})
+        for row in read_list(ref, raw.decode("utf-8-sig", errors="replace")):
+            entry, where = row.ref, row.where
+            extra = {"key": row.key, "attributes": row.attributes}
+            if row.error:
+                yield SourceItem(entry, error=row.error, **extra)
+            elif is_url(entry):
+                yield SourceItem(entry, url=entry, meta={"list": where}, **extra)
             elif _looks_like_path(entry):
                 if remote:
                     yield SourceItem(entry, error=f"local path in a remote list ({where}); refused")
@@ -393,8 +394,9 @@ class Sources:
                 for item in self._local_file(path, top=False):
                     if item.error and item.ref == str(path):
                         item.ref, item.error = entry, f"{item.error} ({where})"
+                    item.key, item.attributes = row.key, row.attributes
                     yield item
-            elif number == 1 and not any(c in entry for c in "/\\."):
+            elif row.line == 1 and not any(c in entry for c in "/\\."):
                 continue  # a header line such as "url" or "path"
             else:
                 yield SourceItem(entry[:200], error=f"neither a path nor a URL ({where})")

@@ -220,7 +220,8 @@ def test_lists_local_and_compressed(tmp_path: Path, http_server: LoopbackServer,
     assert found["local.jpg"].data == JPEG
     assert found[f"list-{pack}.jpg"].data == PNG
     assert found[f"list-{pack}.jpg"].meta["original_file_name"] == f"list-{pack}.jpg"
-    assert "neither a path nor a URL" in found["not a reference"].error
+    assert "1 columns where the header has 2" in found["not a reference"].error  # "label" is an attribute
+    assert found["local.jpg"].attributes == {"label": "cat"}
     assert len(items) == 3  # the header and the comment are not items
 
 
