@@ -194,3 +194,88 @@ def test_tokens_stay_above_the_published_version_when_redis_lost_its_data(
     redis_client.flushdb()  # Redis lost everything; the store still says version 4
     lock = CompactionLock(rt.redis, rt.store, Layout(), ttl_s=LOCK_S)
     assert lock.acquire() and lock.token == published + 1
+
+
+def test_gc_of_a_run_that_lost_its_lock_keeps_the_newer_runs_half_written_output(
+    settings: Settings, proxy: TcpProxy, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publishes, is cut from Redis in its GC past the lock's lifetime; B takes over and is mid-write."""
+    monkeypatch.setattr(Runtime, "spec", lambda self, collection: SimpleNamespace(to_json=dict))
+    direct = Runtime(settings)
+    cut = Runtime(settings.replace(redis_url=f"redis://127.0.0.1:{proxy.port}/0"))
+    layout = Layout()
+    commit(direct, "a", list(range(1, 21)))
+    queries.compact(direct, {"collection": "default"})
+    a_target = commit(direct, "b", list(range(21, 41)))
+
+    a_in_gc, a_go, b_writing, b_go = (threading.Event() for _ in range(4))
+    collect, put_index, children = Compactor._collect_garbage, Compactor._put_index, cut.store.children
+
+    gc = threading.local()
+
+    def held_collect(self: Compactor) -> None:
+        gc.running = True
+        try:
+            return collect(self)
+        finally:
+            gc.running = False
+
+    def held_children(prefix: str) -> list[str]:  # A's GC, after its lock check, before it lists
+        if (
+            getattr(gc, "running", False)
+            and threading.current_thread().name == "run-a"
+            and not a_in_gc.is_set()
+        ):
+            a_in_gc.set()
+            assert a_go.wait(60)
+        return children(prefix)
+
+    def held_put_index(self: Compactor, key: str, index: Any) -> tuple[str, int]:
+        if threading.current_thread().name == "run-b":  # B's vector file and bitmap are written
+            b_writing.set()
+            assert b_go.wait(60)
+        return put_index(self, key, index)
+
+    monkeypatch.setattr(Compactor, "_collect_garbage", held_collect)
+    monkeypatch.setattr(Compactor, "_put_index", held_put_index)
+    monkeypatch.setattr(cut.store, "children", held_children)
+    outcome: dict[str, Any] = {}
+
+    def run(name: str, rt: Runtime) -> threading.Thread:
+        def body() -> None:
+            try:
+                outcome[name] = queries.compact(rt, {"collection": "default"})
+            except Exception as exc:  # noqa: BLE001 - checked below
+                outcome[name] = exc
+
+        thread = threading.Thread(target=body, name=f"run-{name}")
+        thread.start()
+        return thread
+
+    threads = [run("a", cut)]
+    try:
+        assert a_in_gc.wait(60)
+        assert pointer(direct.store)["path"] == layout.snapshot(a_target)  # A published, then stalled
+        proxy.down()
+        deadline = time.monotonic() + 30
+        while redis_client.exists(layout.key("compact-lock")):
+            assert time.monotonic() < deadline, "the lock never lapsed"
+            time.sleep(0.1)
+        b_target = commit(direct, "c", list(range(41, 61)))
+        threads.append(run("b", direct))
+        assert b_writing.wait(60)
+        b_output = list(direct.store.list(layout.snapshot(b_target) + "/"))
+        assert b_output  # B's half-written version, no manifest yet
+        proxy.up()
+        cut.redis.connection_pool.disconnect()
+        a_go.set()
+        threads[0].join(60)
+        assert list(direct.store.list(layout.snapshot(b_target) + "/")) == b_output  # A's GC left it
+    finally:
+        a_go.set()
+        b_go.set()
+        for thread in threads:
+            thread.join(60)
+    assert outcome["b"]["watermark"] == b_target, outcome
+    assert pointer(direct.store)["path"] == layout.snapshot(b_target)
+    assert_whole(direct, 60)
