@@ -32,7 +32,7 @@ import numpy as np
 from pupyl_queue import constants as C
 from pupyl_queue import integrity
 from pupyl_queue.coordination import Coordinator
-from pupyl_queue.fencing import Unfenced, publish_pointer
+from pupyl_queue.fencing import Fence, publish_pointer
 from pupyl_queue.integrity import StoreDamaged
 from pupyl_queue.layout import Layout
 from pupyl_queue.searcher import decode_segment, encode_segment
@@ -56,10 +56,10 @@ def read_pointer(store: ObjectStore, layout: Layout) -> dict[str, Any] | None:
 
 class Compactor:
     def __init__(
-        self, store: ObjectStore, coord: Coordinator, settings: Settings, fence: Unfenced | None = None
+        self, store: ObjectStore, coord: Coordinator, settings: Settings, fence: Fence | None = None
     ) -> None:
         self.store = store
-        self.fence = fence or Unfenced()  # the lock's fencing token: checked before every write (fencing.py)
+        self.fence = fence or Fence()  # the lock's fencing token: checked before every write (fencing.py)
         self.coord = coord
         self.layout = coord.layout
         self.settings = settings

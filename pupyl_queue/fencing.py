@@ -121,15 +121,16 @@ def read_pointer_record(store: ObjectStore, layout: Layout) -> dict[str, Any] | 
     """The pointer object itself (path, watermark, version; version 0 when written before fencing)."""
     try:
         pointer = json.loads(store.get(layout.snapshot_pointer))
+        return {**pointer, "version": int(pointer.get("version", 0))}
     except ObjectNotFound:
         return None
-    except ValueError:
+    except (ValueError, TypeError, AttributeError):
         return None  # unreadable: integrity reports it; a new pointer replaces it
-    return {**pointer, "version": int(pointer.get("version", 0))}
 
 
-class Unfenced:
-    """No lock: a Compactor run directly (tests, benchmarks, a single process). Nothing to check."""
+class Fence:
+    """What a Compactor checks before it writes. This one checks nothing: a Compactor run directly
+    (tests, benchmarks, one process), without the lock. CompactionLock is the real one."""
 
     token = 0
 
@@ -152,7 +153,7 @@ class Unfenced:
         pass
 
 
-class CompactionLock(Unfenced):
+class CompactionLock(Fence):
     """One collection's compaction lock with its fencing token (see the module docstring)."""
 
     def __init__(self, client: redis.Redis, store: ObjectStore, layout: Layout, ttl_s: float) -> None:
@@ -242,7 +243,7 @@ class CompactionLock(Unfenced):
 
 
 def publish_pointer(
-    store: ObjectStore, client: redis.Redis, layout: Layout, fence: Unfenced, path: str, watermark: int
+    store: ObjectStore, client: redis.Redis, layout: Layout, fence: Fence, path: str, watermark: int
 ) -> None:
     """Claim (fenced), re-read the pointer and refuse to move it back, write it, advance Redis's watermark."""
     folder = path.rsplit("/", 1)[-1]
