@@ -32,6 +32,7 @@ import numpy as np
 from pupyl_queue import constants as C
 from pupyl_queue import integrity
 from pupyl_queue.coordination import Coordinator
+from pupyl_queue.fencing import Fence, publish_pointer
 from pupyl_queue.integrity import StoreDamaged
 from pupyl_queue.layout import Layout
 from pupyl_queue.searcher import decode_segment, encode_segment
@@ -54,8 +55,11 @@ def read_pointer(store: ObjectStore, layout: Layout) -> dict[str, Any] | None:
 
 
 class Compactor:
-    def __init__(self, store: ObjectStore, coord: Coordinator, settings: Settings) -> None:
+    def __init__(
+        self, store: ObjectStore, coord: Coordinator, settings: Settings, fence: Fence | None = None
+    ) -> None:
         self.store = store
+        self.fence = fence or Fence()  # the lock's fencing token: checked before every write (fencing.py)
         self.coord = coord
         self.layout = coord.layout
         self.settings = settings
@@ -163,6 +167,7 @@ class Compactor:
         if not index.is_trained:
             index.train(self._sample(files, tombstones, factory, count))
         base = self.layout.snapshot(watermark)
+        self.fence.register(base.rsplit("/", 1)[-1])
         merged: list[str] = []
         reused: list[str] = []
         buffer_ids: list[np.ndarray] = []
@@ -189,6 +194,7 @@ class Compactor:
         files_sha = {name: integrity.sha256(data) for name, data in blobs.items()}
         sizes = {name: len(data) for name, data in blobs.items()}
         for name, data in blobs.items():
+            self.fence.check()
             self.store.put(f"{base}/{name}", data)
         files_sha["index.faiss"], sizes["index.faiss"] = self._put_index(f"{base}/index.faiss", index)
         nprobe, count_live, id_bits = index.nprobe, len(index), index.ids.size
@@ -221,11 +227,9 @@ class Compactor:
             }
         )
         # The manifest, then the pointer, last: a reader sees a snapshot only once all of it is written.
+        self.fence.check()
         self.store.put(f"{base}/manifest.json", json.dumps(manifest, indent=2).encode())
-        self.store.put(
-            self.layout.snapshot_pointer, json.dumps({"path": base, "watermark": watermark}).encode()
-        )
-        self.coord.set_snapshot_watermark(watermark)
+        publish_pointer(self.store, self.coord.r, self.layout, self.fence, base, watermark)
         # A damaged version at this watermark was just rewritten whole.
         integrity.forget_damage_under(self.coord, base + "/")
         self._collect_garbage()
@@ -239,6 +243,7 @@ class Compactor:
         with tempfile.TemporaryDirectory(dir=scratch, prefix="compaction-") as folder:
             path = Path(folder) / "index.faiss"
             index.write(path)
+            self.fence.check()
             self.store.put_file(key, path)
             return integrity.file_sha256(path), path.stat().st_size
 
@@ -260,6 +265,7 @@ class Compactor:
         all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         all_vectors = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
         data = encode_segment(all_ids, all_vectors)
+        self.fence.check()
         self.store.put(key, data)
         self._written[key] = (integrity.sha256(data), len(data))
         return key
@@ -271,12 +277,24 @@ class Compactor:
         one plus the commits after its watermark, so those commits (and their
         segments and tombstones) stay until that snapshot goes. Snapshot folders
         without a manifest and vector files without a snapshot are what a killed
-        compaction left behind: never published, they go too.
+        compaction left behind: never published, they go too. So do the folders of
+        runs this one fenced out, manifest or not (never published). The folders of
+        a run with a newer token (this run lost its lock meanwhile) are its
+        half-written output: they stay, with their vector files (fencing.py).
         """
+        self.fence.check()
         folder = f"{self.layout.root}/{C.STORE_SNAPSHOTS}"
-        versions = sorted(name for name in self.store.children(folder) if name.isdigit())
+        listed = sorted(name for name in self.store.children(folder) if name.isdigit())
+        vector_keys = list(self.store.list(f"{self.layout.root}/{C.STORE_VECTORS}/"))
+        running = self.fence.newer_runs()  # read after listing: a run registers before its first write
+        dead = self.fence.dead_runs() - running
+        versions = [name for name in listed if name not in running]
         damaged = {key[len(folder) + 1 :].split("/")[0] for key in integrity.damaged_keys(self.coord)}
-        whole = [n for n in versions if n not in damaged and self.store.exists(f"{folder}/{n}/manifest.json")]
+        whole = [
+            n
+            for n in versions
+            if n not in damaged and n not in dead and self.store.exists(f"{folder}/{n}/manifest.json")
+        ]
         keep = max(1, self.settings.snapshot_keep)
         kept = set(whole[-keep:])
         referenced = {key for name in kept for key in self._vector_files(f"{folder}/{name}")}
@@ -288,8 +306,9 @@ class Compactor:
                 deleted += [key for key in self._vector_files(f"{folder}/{name}") if key not in referenced]
                 gone += list(self.store.list(f"{folder}/{name}/"))
                 self.store.delete_prefix(f"{folder}/{name}/")
-        for key in self.store.list(f"{self.layout.root}/{C.STORE_VECTORS}/"):
-            if key.rsplit("/", 1)[-1].split("-", 1)[0] not in kept and key not in referenced:
+        for key in vector_keys:
+            owner = key.rsplit("/", 1)[-1].split("-", 1)[0]
+            if owner not in kept and owner not in running and key not in referenced:
                 deleted.append(key)  # also what a killed compaction wrote
         # Until there are PUPYL_SNAPSHOT_KEEP of them, replaying the whole log is the fallback: keep it.
         oldest = int(min(kept)) if len(kept) >= keep else 0
@@ -306,6 +325,7 @@ class Compactor:
         if oldest:
             self.coord.trim_commits(oldest)
         integrity.forget(self.coord, gone + deleted)
+        self.fence.forget_dead_runs()
 
     def _vector_files(self, snapshot: str) -> list[str]:
         """The vector files a snapshot folder's manifest lists (none when it has no readable manifest)."""

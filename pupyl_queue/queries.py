@@ -10,15 +10,14 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import threading
 import time
 from typing import Any
 
 import numpy as np
 import redis
-from redis.exceptions import LockError
 
 from pupyl_queue import integrity
+from pupyl_queue.fencing import CompactionLock, FencedOut
 from pupyl_queue.images import decode
 from pupyl_queue.layout import Layout
 from pupyl_queue.runtime import Runtime
@@ -189,34 +188,28 @@ def remove(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
 
 
 def compact(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
-    """Write a snapshot of the collection (one compaction at a time, whatever the replicas)."""
+    """Write a snapshot of the collection (one compaction at a time, whatever the replicas).
+
+    A short lock, renewed while the compaction runs: a compaction killed with its worker (kill -9,
+    OOM) used to hold a 6-hour lock. Its fencing token (fencing.py) stops a run that lost the lock
+    (a stall or a cut from Redis longer than PUPYL_COMPACT_LOCK_S) before its next write: it
+    answers ``skipped`` and publishes nothing, so it can neither move the pointer back nor delete
+    the output of the run that took the lock over.
+    """
     from pupyl_queue.compaction import Compactor
 
     collection = task.get("collection", "default")
     layout = Layout(collection)
-    # A short lock, renewed while the compaction runs: a compaction killed with its worker (kill -9,
-    # OOM) used to hold a 6-hour lock, and every compaction until then was skipped as "running".
-    ttl = max(3, rt.settings.compact_lock_s)
-    # Not thread-local: the renewing thread must see the token (else its renewals fail and the lock lapses).
-    lock = rt.redis.lock(layout.key("compact-lock"), timeout=ttl, blocking_timeout=0, thread_local=False)
-    if not lock.acquire(blocking=False):
+    lock = CompactionLock(rt.redis, rt.store, layout, max(1, rt.settings.compact_lock_s))
+    if not lock.acquire():
         return {"collection": collection, "skipped": "another compaction is running"}
-    done = threading.Event()
-
-    def renew() -> None:
-        while not done.wait(ttl / 3):
-            try:
-                lock.reacquire()
-            except Exception:  # noqa: BLE001 - lost it (Redis gone or lapsed): the run goes on regardless
-                log.warning("could not renew the compaction lock of %s", collection)
-
-    threading.Thread(target=renew, name="pupyl-compact-lock", daemon=True).start()
     try:
-        return Compactor(rt.store, rt.coordinator(collection), rt.settings).run(rt.spec(collection).to_json())
+        with lock.renewed():
+            compactor = Compactor(rt.store, rt.coordinator(collection), rt.settings, fence=lock)
+            return compactor.run(rt.spec(collection).to_json())
+    except FencedOut as exc:
+        log.warning("compaction of %s stopped, nothing published: %s", collection, exc)
+        return {"collection": collection, "skipped": f"lost the compaction lock to another run ({exc})"}
     finally:
-        done.set()
         rt.redis.delete(layout.key("compact-due"))
-        try:
-            lock.release()
-        except LockError:  # it lapsed meanwhile (a stall longer than the lock): nothing to release
-            log.warning("the compaction lock of %s lapsed before the end of the run", collection)
+        lock.release()

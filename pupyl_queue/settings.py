@@ -72,7 +72,7 @@ class Settings:
     compact_commits: int = 256
     compact_interval: int = 3600
     snapshot_keep: int = 2
-    compact_lock_s: int = 60  # a dead compaction's lock lapses after this (renewed while it runs)
+    compact_lock_s: int = 60  # a dead or stalled compaction's lock lapses after this (renewed while it runs)
     keep_originals: bool = False
     search_shards: int = 1
     api_tokens: str = field(default="", repr=False)

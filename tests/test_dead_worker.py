@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def held(client: PupylQueue) -> list[str]:
-    """Ids of the tasks an embed worker is running now (the liveness record)."""
+    """Delivery tags of the tasks an embed worker holds now (the liveness record)."""
     return [t for t, host in client.redis.hgetall(HOLDERS).items() if host.startswith("embed")]
 
 

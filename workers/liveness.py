@@ -3,10 +3,19 @@
 With late acks, a task whose worker dies (kill -9, OOM, a lost node) stays unacknowledged in
 Redis; kombu only puts it back when it is older than the visibility timeout, which must stay
 longer than the longest task (hours: big expansions, compactions). So each worker process
-keeps a short-lived "alive" key fresh from a thread, and records which task it is running. Every
-worker sweeps now and then: a task whose holder's key has lapsed is restored to its queue with
-kombu's own ``restore_by_tag`` (the same transaction kombu uses). A worker that was only slow
-(no heartbeat for ALIVE_TTL_S) gets its task run twice at worst: every task is idempotent.
+keeps a short-lived "alive" key fresh from a thread, and records each delivery it receives
+(its delivery tag -> the worker's name) until the task ends. Every worker sweeps now and then:
+a delivery whose holder's key has lapsed is restored to its queue with kombu's own
+``restore_by_tag`` (the same transaction kombu uses). A worker that was only slow (no heartbeat
+for ALIVE_TTL_S) gets its task run twice at worst: every task is idempotent.
+
+Why by delivery tag, and why a claim. A restored message keeps its delivery tag, so a task id
+or a tag alone cannot tell the dead worker's delivery from the live worker's redelivery. The
+record can: a live worker that received the message again wrote its own name over it. Each
+restore first claims the record in one atomic step (it still names the dead worker: delete it),
+so of two sweepers only one restores, and a sweeper with a stale view finds the record changed
+and leaves the live worker's task and record alone. Failures are logged at WARNING: a kombu
+upgrade that moved ``unacked`` or ``restore_by_tag`` must not switch the sweep off silently.
 """
 
 from __future__ import annotations
@@ -17,19 +26,41 @@ import threading
 from typing import Any
 
 import redis
-from celery.signals import task_postrun, task_prerun, worker_ready, worker_shutdown
+from celery.signals import task_postrun, task_received, worker_ready, worker_shutdown
 
 from pupyl_queue import constants as C
 
 log = logging.getLogger(__name__)
-HOLDERS = f"{C.REDIS_PREFIX}:workers:holders"  # HASH task id -> hostname of the worker running it
+HOLDERS = f"{C.REDIS_PREFIX}:workers:holders"  # HASH delivery tag -> name of the worker that received it
 ALIVE_TTL_S = 30
 BEAT_S = 5
 UNACKED = "unacked"  # kombu's Redis transport: HASH delivery tag -> [message, exchange, routing key]
 
+# The record still names the worker we saw dead: it is ours to restore (and no one else's now).
+_CLAIM = """
+if redis.call('hget', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('hdel', KEYS[1], ARGV[1]) end
+return 0
+"""
+# Every record naming this worker (a clean stop: kombu restores what it had not acked).
+_DROP_HOST = """
+local gone = 0
+local rows = redis.call('hgetall', KEYS[1])
+for i = 1, #rows, 2 do
+  if rows[i + 1] == ARGV[1] then gone = gone + redis.call('hdel', KEYS[1], rows[i]) end
+end
+return gone
+"""
+
 
 def alive_key(hostname: str) -> str:
     return f"{C.REDIS_PREFIX}:workers:alive:{hostname}"
+
+
+def _task_id(raw: str | None) -> str:
+    try:
+        return str(json.loads(raw or "")[0]["headers"]["id"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return "?"
 
 
 class Liveness:
@@ -39,6 +70,9 @@ class Liveness:
         self.redis = redis.Redis.from_url(app.conf.broker_url, decode_responses=True)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="pupyl-liveness", daemon=True)
+        self.tags: dict[str, str] = {}  # task id -> delivery tag, for the deliveries this worker holds
+        self._claim = self.redis.register_script(_CLAIM)
+        self._drop_host = self.redis.register_script(_DROP_HOST)
 
     def start(self) -> None:
         self.beat()
@@ -52,44 +86,58 @@ class Liveness:
             try:
                 self.beat()
                 self.sweep()
-            except Exception:  # noqa: BLE001 - Redis away: kombu and the task retries handle that
-                log.debug("liveness beat failed", exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - Redis away, or kombu changed: say so, go on
+                log.warning("liveness beat or sweep failed: %s: %s", type(exc).__name__, exc)
 
-    def hold(self, task_id: str) -> None:
-        self.redis.hset(HOLDERS, task_id, self.hostname)
+    def hold(self, task_id: str, tag: str) -> None:
+        """A delivery this worker received: swept back to its queue if this worker dies."""
+        self.tags[task_id] = tag
+        self.redis.hset(HOLDERS, tag, self.hostname)
 
     def release(self, task_id: str) -> None:
-        self.redis.hdel(HOLDERS, task_id)
+        """The task ended; only this worker's own record goes (a live worker may hold the tag now)."""
+        tag = self.tags.pop(task_id, None)
+        if tag is not None:
+            self._claim(keys=[HOLDERS], args=[tag, self.hostname])
 
-    def sweep(self) -> list[str]:
-        """Restore the tasks of workers that are gone; returns their ids."""
+    def orphans(self) -> dict[str, str]:
+        """Deliveries held by workers whose alive key lapsed: delivery tag -> that worker's name."""
         holders = self.redis.hgetall(HOLDERS)
         hosts = sorted(set(holders.values()))
         if not hosts:
-            return []
+            return {}
         alive = dict(zip(hosts, self.redis.mget([alive_key(h) for h in hosts])))
-        orphans = {task for task, host in holders.items() if alive[host] is None}
+        return {tag: host for tag, host in holders.items() if alive[host] is None}
+
+    def restore(self, orphans: dict[str, str]) -> list[str]:
+        """Put each orphaned delivery back on its queue, once: a record changed since it was read is left."""
         if not orphans:
             return []
         restored = []
         with self.app.connection_for_write() as conn:
             qos = conn.default_channel.qos
-            for tag, raw in self.redis.hgetall(UNACKED).items():
-                try:
-                    task_id = json.loads(raw)[0]["headers"]["id"]
-                except (ValueError, KeyError, IndexError, TypeError):
-                    continue
-                if task_id in orphans:
-                    qos.restore_by_tag(tag)  # to the consuming end of its queue: next in line
-                    restored.append(task_id)
-        for task_id in orphans:  # restored, or already acked/restored by kombu: either way, done here
-            self.redis.hdel(HOLDERS, task_id)
+            unacked = (
+                qos.unacked_key
+            )  # kombu's own name for it, not a copy that an upgrade could leave behind
+            for tag, host in orphans.items():
+                if not self._claim(keys=[HOLDERS], args=[tag, host]):
+                    continue  # another sweeper restored it, or a live worker received it again
+                raw = self.redis.hget(unacked, tag)
+                if raw is None:
+                    continue  # acked (the worker died after its ack) or restored by kombu itself
+                qos.restore_by_tag(tag)  # to the consuming end of its queue: next in line
+                restored.append(f"{_task_id(raw)} (delivery {tag}, held by {host})")
         if restored:
             log.warning("restored %d task(s) of dead workers: %s", len(restored), ", ".join(restored))
         return restored
 
+    def sweep(self) -> list[str]:
+        """Restore the deliveries of workers that are gone; returns what was restored."""
+        return self.restore(self.orphans())
+
     def close(self) -> None:
         self.stop.set()
+        self._drop_host(keys=[HOLDERS], args=[self.hostname])
         self.redis.delete(alive_key(self.hostname))
         self.redis.close()
 
@@ -104,22 +152,30 @@ def _start(sender: Any = None, **_: Any) -> None:
         return
     _liveness = Liveness(sender.app, sender.hostname)
     _liveness.start()
-    _liveness.sweep()  # a replacement worker frees its predecessor's task at once
+    try:
+        _liveness.sweep()  # a replacement worker frees its predecessor's task at once
+    except Exception as exc:  # noqa: BLE001 - the periodic sweep tries again
+        log.warning("liveness sweep at start failed: %s: %s", type(exc).__name__, exc)
 
 
 @worker_shutdown.connect
 def _stop(**_: Any) -> None:
     if _liveness is not None:
-        _liveness.close()
-
-
-@task_prerun.connect
-def _hold(task_id: str | None = None, **_: Any) -> None:
-    if _liveness is not None and task_id:
         try:
-            _liveness.hold(task_id)
-        except redis.RedisError:
-            log.debug("could not record task %s as held", task_id, exc_info=True)
+            _liveness.close()
+        except redis.RedisError as exc:
+            log.warning("could not drop this worker's liveness records: %s", exc)
+
+
+@task_received.connect
+def _hold(request: Any = None, **_: Any) -> None:
+    """On receipt (in the consumer: solo and thread pools), before the task starts or waits its turn."""
+    if _liveness is None or request is None:
+        return
+    try:
+        _liveness.hold(request.id, request.message.delivery_tag)
+    except (redis.RedisError, AttributeError) as exc:
+        log.warning("could not record task %s as held: %s", getattr(request, "id", "?"), exc)
 
 
 @task_postrun.connect
@@ -127,5 +183,5 @@ def _release(task_id: str | None = None, **_: Any) -> None:
     if _liveness is not None and task_id:
         try:
             _liveness.release(task_id)
-        except redis.RedisError:
-            log.debug("could not release task %s", task_id, exc_info=True)
+        except redis.RedisError as exc:
+            log.warning("could not release task %s: %s", task_id, exc)

@@ -1,0 +1,155 @@
+"""The liveness sweep (issue #16 item 4): it restores a dead worker's delivery once, and never a live one's.
+
+Real redis-server and kombu's real Redis transport; the slow test runs real Celery
+workers. Nothing here needs ../shared/data: the tasks are compactions of vectors
+made in code (tests/test_dead_worker.py does the same with embed workers and photos).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from pupyl_queue import PupylQueue, Settings
+from pupyl_queue import constants as C
+from pupyl_queue.layout import Layout
+from pupyl_queue.models import ModelSpec
+from tests.workers import Workers
+from workers.app import make_app
+from workers.liveness import HOLDERS, UNACKED, Liveness, alive_key
+
+DB = 13
+
+
+@pytest.fixture
+def app(redis_url: str) -> Iterator[Celery]:
+    settings = Settings(redis_url=redis_url.rsplit("/", 1)[0] + f"/{DB}")
+    app = make_app(settings, include_tasks=False)
+    client = redis.Redis.from_url(settings.broker_url, decode_responses=True)
+    client.flushdb()
+    yield app
+    client.flushdb()
+    client.close()
+    app.close()
+
+
+def take(app: Celery, opened: list[Any]) -> Any:
+    """Receive the next maintenance message without acking it, as a worker does (it stays in ``unacked``)."""
+    conn = app.connection_for_read()
+    opened.append(conn)
+    message = conn.default_channel.basic_get(C.QUEUE_MAINTENANCE, no_ack=False)
+    assert message is not None
+    return message
+
+
+def test_a_stale_sweeper_leaves_a_redelivered_task_and_its_record_alone(app: Celery) -> None:
+    r = redis.Redis.from_url(app.conf.broker_url, decode_responses=True)
+    sent = app.send_task(C.TASK_COMPACT, kwargs={"collection": "default"})
+    opened: list[Any] = []
+    try:
+        first = take(app, opened)  # the worker that will die
+        tag = first.delivery_tag
+        dead, live = Liveness(app, "dead@host"), Liveness(app, "live@host")
+        sweepers = Liveness(app, "sweeper-1@host"), Liveness(app, "sweeper-2@host")
+        dead.hold(sent.id, tag)  # it never beats again: its alive key is absent
+        live.beat()
+        stale = sweepers[1].orphans()  # sweeper 2 reads the records...
+        assert stale == {tag: "dead@host"}
+
+        # ...sweeper 1 restores the task, and the live worker receives it again, same delivery tag.
+        assert [line.split(" ")[0] for line in sweepers[0].sweep()] == [sent.id]
+        assert r.llen(C.QUEUE_MAINTENANCE) == 1 and not r.hexists(UNACKED, tag)
+        again = take(app, opened)
+        assert again.delivery_tag == tag and json.loads(again.body)[1] == {"collection": "default"}
+        live.hold(sent.id, tag)
+
+        # Sweeper 2 acts on its stale view: it must not restore the live worker's task nor erase its record.
+        assert sweepers[1].restore(stale) == []
+        assert r.llen(C.QUEUE_MAINTENANCE) == 0 and r.hexists(UNACKED, tag)
+        assert r.hget(HOLDERS, tag) == "live@host"
+        # The worker thought dead was only slow: its task ends, and the live worker's record stays.
+        dead.release(sent.id)
+        assert r.hget(HOLDERS, tag) == "live@host"
+        live.release(sent.id)
+        assert not r.hexists(HOLDERS, tag)
+        assert r.exists(alive_key("live@host"))
+    finally:
+        for conn in opened:
+            conn.release()
+        r.close()
+
+
+def test_two_sweepers_restore_a_dead_workers_task_once(app: Celery) -> None:
+    r = redis.Redis.from_url(app.conf.broker_url, decode_responses=True)
+    sent = app.send_task(C.TASK_COMPACT, kwargs={"collection": "default"})
+    opened: list[Any] = []
+    try:
+        tag = take(app, opened).delivery_tag
+        Liveness(app, "dead@host").hold(sent.id, tag)
+        one, two = Liveness(app, "sweeper-1@host"), Liveness(app, "sweeper-2@host")
+        views = one.orphans(), two.orphans()  # both saw it orphaned
+        assert len(one.restore(views[0]) + two.restore(views[1])) == 1
+        assert r.llen(C.QUEUE_MAINTENANCE) == 1  # on its queue once, not twice
+    finally:
+        for conn in opened:
+            conn.release()
+        r.close()
+
+
+@pytest.mark.slow
+def test_killed_maintenance_workers_task_comes_back_without_waiting_hours(
+    redis_url: str, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from pupyl_queue import integrity
+    from pupyl_queue.coordination import Coordinator
+    from pupyl_queue.models import normalize
+    from pupyl_queue.searcher import encode_segment
+    from pupyl_queue.store import open_store
+
+    settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url.rsplit("/", 1)[0] + f"/{DB}")
+    assert settings.visibility_timeout >= 3600  # kombu alone would bring the task back in hours
+    client = PupylQueue(settings=settings)
+    client.redis.flushdb()
+    layout, dim = Layout(), 128
+    client.redis.set(layout.key("model"), json.dumps(ModelSpec("characteristic", dim, 224, 1).to_json()))
+    coord, store = Coordinator(client.redis, layout), open_store(settings)
+    rng = np.random.default_rng(0)
+    for b in range(40):  # 80k vectors: a compaction long enough to be killed in
+        ids = coord.allocate_ids(f"b{b}", 2000)
+        data = encode_segment(np.array(ids), normalize(rng.normal(size=(2000, dim)).astype(np.float32)))
+        store.put(layout.segment(f"b{b:04d}"), data)
+        integrity.record_checksum(coord, layout.segment(f"b{b:04d}"), data)
+        coord.publish(layout.segment(f"b{b:04d}"), images=2000)
+    workers = Workers(settings, tmp_path)
+    workers.start(C.QUEUE_MAINTENANCE)
+    try:
+        result = client.app.send_task(C.TASK_COMPACT, kwargs={"collection": layout.collection})
+        deadline = time.monotonic() + 120
+        while not client.redis.hlen(HOLDERS):  # received: the liveness record is there
+            assert time.monotonic() < deadline, workers.logs()
+            time.sleep(0.01)
+        workers.procs[C.QUEUE_MAINTENANCE].kill()
+        workers.procs.pop(C.QUEUE_MAINTENANCE).wait()
+        killed = time.monotonic()
+        assert client.redis.hlen(UNACKED) == 1  # unacknowledged: kombu alone restores it in 4 h
+        workers.start_extra(C.QUEUE_MAINTENANCE)
+        done = result.get(timeout=150)
+        took = time.monotonic() - killed
+        assert done["watermark"] == coord.last_sequence() and done["count"] == 80_000
+        logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("*.log"))
+        assert re.search(rf"restored 1 task\(s\) of dead workers: {result.id} \(delivery ", logs), logs
+        print(f"\n[liveness] killed maintenance worker: compaction done {took:.1f}s after the kill")
+    finally:
+        client.close()
+        workers.stop_all()
+        client.redis.flushdb()
