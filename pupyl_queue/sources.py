@@ -197,6 +197,7 @@ class Sources:
                     return
                 fh.seek(0)
                 data = fh.read(self.settings.max_image_bytes + 1)
+                info = os.fstat(fh.fileno())  # after the read: its access time, as a second read sees it
         except OSError as exc:
             yield SourceItem(ref, error=f"cannot read: {exc.strerror or exc}")
             return
