@@ -7,6 +7,8 @@ the maintenance task. ``now`` is passed in to stand for "the grace time has pass
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -298,6 +300,7 @@ def test_beat_runs_housekeeping_on_the_maintenance_queue() -> None:
 def test_housekeeping_task_on_a_maintenance_worker(
     redis_client: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
+    """A job that fails on a worker gets its TTL there; the beat task cleans up on a maintenance worker."""
     settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url, inline_limit=16, upload_grace=60)
     pq = PupylQueue(settings=settings)
     query = pq._query(b"x" * 64)
@@ -307,8 +310,12 @@ def test_housekeeping_task_on_a_maintenance_worker(
         os.utime(pq.store.root / key, (old, old))  # written two days ago
     pq.store.put(LAYOUT.upload("fresh", 0, "a.png"), b"a")  # no record either, but just written
     workers = Workers(settings, tmp_path)
-    workers.start(C.QUEUE_MAINTENANCE)
+    workers.start(C.QUEUE_INGEST, C.QUEUE_MAINTENANCE)
     try:
+        job = pq.index(tmp_path / "no-such-folder")
+        with pytest.raises(JobFailed):
+            job.wait(timeout=120)
+        assert 0 < pq.redis.ttl(LAYOUT.job_key(job.id)) <= settings.job_ttl  # ended on the worker
         result = pq.app.send_task(C.TASK_HOUSEKEEP).get(timeout=120)
     finally:
         workers.stop_all()
@@ -316,3 +323,46 @@ def test_housekeeping_task_on_a_maintenance_worker(
     assert (result["queries_deleted"], result["objects_deleted"]) == (1, 1), workers.logs()
     assert not pq.store.exists(query["key"])
     assert job_folders(pq.store) == {"fresh"}
+
+
+UPLOADER = """
+import sys, time
+from pupyl_queue import PupylQueue, Settings
+pq = PupylQueue(settings=Settings(data_dir=sys.argv[1], redis_url=sys.argv[2]))
+def files():
+    for n in range(1000):
+        yield f"{n}.png", b"x" * 1000
+        if n == 9:
+            print("stored", flush=True)
+            time.sleep(600)  # killed here
+pq.index_uploads(files())
+"""
+
+
+def test_an_uploader_killed_mid_upload_leaves_a_job_housekeeping_ends(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """Issue #19: kill -9 of the uploading process (the API) during a multi-file upload."""
+    settings = Settings(data_dir=tmp_path, redis_url=redis_url)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", UPLOADER, str(tmp_path), redis_url],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"stored\n"
+    finally:
+        proc.kill()  # SIGKILL: nothing of the uploader runs after this
+        proc.wait()
+    pq = PupylQueue(settings=settings)
+    job_id = str(newest_job(pq)["job_id"])
+    assert newest_job(pq)["state"] == "uploading"
+    assert len(list(pq.store.list(LAYOUT.uploads(job_id) + "/"))) == 10
+
+    housekeep(pq.store, pq.redis, settings)
+    assert newest_job(pq)["state"] == "uploading"  # within the grace time: untouched
+    report = housekeep(pq.store, pq.redis, settings, now=later(settings))
+    assert (report["uploads_abandoned"], report["objects_deleted"]) == (1, 10)
+    assert newest_job(pq)["state"] == "failed"
+    assert not (pq.store.root / LAYOUT.uploads(job_id)).exists()
+    pq.close()
