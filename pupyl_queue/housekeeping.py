@@ -104,21 +104,26 @@ def _expire_some(client: redis.Redis, keys: list[str], ttl: int) -> Counter[str]
             if key.endswith(":batches"):
                 pipe.exists(key.removesuffix(":batches"))
             else:
-                pipe.hmget(key, "state", "ended_at")
-        answers = pipe.execute()
+                pipe.hmget(key, "state", "ended_at", "retries")
+        # A collection named "job" has its keys under this prefix too (pupyl:job:seq, a string):
+        # those answer WRONGTYPE here and are left alone.
+        answers = pipe.execute(raise_on_error=False)
     coord = Coordinator(client, Layout())  # job keys do not depend on the collection
     prefix = f"{C.REDIS_PREFIX}:{C.KEY_JOB}:"
     for key, key_ttl, found in zip(keys, answers[::2], answers[1::2], strict=True):
+        if isinstance(found, Exception) or isinstance(key_ttl, Exception):
+            continue
         lasting = key_ttl == -1 and ttl > 0
         if key.endswith(":batches"):
             stray = lasting and not found  # its job's hash is gone
         else:
-            state, ended_at = found
+            state, ended_at, retries = found
             if state in C.JOB_ENDED and (ended_at is None or lasting):
                 coord.expire_job(key.removeprefix(prefix), ttl)
                 counts["jobs_expired"] += 1
                 continue
-            stray = lasting and state is None  # recreated by a late write after its job expired
+            # A retry counted after its job's record expired recreates a hash holding only that.
+            stray = lasting and state is None and retries is not None
         if stray:
             client.expire(key, ttl)
             counts["jobs_expired"] += 1

@@ -130,6 +130,9 @@ def test_ended_jobs_without_a_ttl_get_one(redis_client: redis.Redis) -> None:
     coord.finish_batch("live", 0, {"indexed": 1, "duplicate": 0, "failed": 0})
     redis_client.hset(LAYOUT.job_key("gone") + ":batches", "0", "{}")  # its job hash is gone
     redis_client.hincrby(LAYOUT.job_key("late"), "retries", 1)  # a late write recreated a bare hash
+    named_job = Coordinator(redis_client, Layout("job"))  # a collection whose keys share the prefix
+    named_job.publish("s/a")
+    named_job.claim_hash("abc", 1)
 
     assert expire_ended_jobs(redis_client, 3600)["jobs_expired"] == 4
     for job_id in ("old-done", "old-failed"):
@@ -139,6 +142,8 @@ def test_ended_jobs_without_a_ttl_get_one(redis_client: redis.Redis) -> None:
     assert 0 < redis_client.ttl(LAYOUT.job_key("late")) <= 3600
     assert redis_client.ttl(LAYOUT.job_key("live")) == -1  # a live job keeps its record
     assert redis_client.ttl(LAYOUT.job_key("live") + ":batches") == -1
+    assert all(redis_client.ttl(key) == -1 for key in redis_client.keys("pupyl:job:*") if "hashes" in key)
+    assert redis_client.ttl(Layout("job").key(C.KEY_SEQUENCE)) == -1
     assert expire_ended_jobs(redis_client, 3600)["jobs_expired"] == 0  # once
 
 
