@@ -208,8 +208,16 @@ class Coordinator:
         Call it wherever a job reaches a terminal state: without it the job hash and its
         ``:batches`` stayed in Redis for good. The per-item report stays in the store.
         """
-        key = self.layout.job_key(job_id)
-        self._expire(keys=[key, key + ":batches"], args=[time.time(), max(0, int(ttl))])
+        self.expire_jobs([job_id], ttl)
+
+    def expire_jobs(self, job_ids: list[str], ttl: int) -> None:
+        """``expire_job`` for many jobs in one round trip (housekeeping's sweep)."""
+        now, ttl = time.time(), max(0, int(ttl))
+        with self.r.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                key = self.layout.job_key(job_id)
+                self._expire(keys=[key, key + ":batches"], args=[now, ttl], client=pipe)
+            pipe.execute()
 
     def finish_batch(self, job_id: str, batch: int, summary: dict[str, Any]) -> bool:
         """Count a batch into its job once; False when it was already counted."""

@@ -108,8 +108,8 @@ def _expire_some(client: redis.Redis, keys: list[str], ttl: int) -> Counter[str]
         # A collection named "job" has its keys under this prefix too (pupyl:job:seq, a string):
         # those answer WRONGTYPE here and are left alone.
         answers = pipe.execute(raise_on_error=False)
-    coord = Coordinator(client, Layout())  # job keys do not depend on the collection
     prefix = f"{C.REDIS_PREFIX}:{C.KEY_JOB}:"
+    ended: list[str] = []
     for key, key_ttl, found in zip(keys, answers[::2], answers[1::2], strict=True):
         if isinstance(found, Exception) or isinstance(key_ttl, Exception):
             continue
@@ -119,14 +119,15 @@ def _expire_some(client: redis.Redis, keys: list[str], ttl: int) -> Counter[str]
         else:
             state, ended_at, retries = found
             if state in C.JOB_ENDED and (ended_at is None or lasting):
-                coord.expire_job(key.removeprefix(prefix), ttl)
-                counts["jobs_expired"] += 1
+                ended.append(key.removeprefix(prefix))
                 continue
             # A retry counted after its job's record expired recreates a hash holding only that.
             stray = lasting and state is None and retries is not None
         if stray:
             client.expire(key, ttl)
             counts["jobs_expired"] += 1
+    Coordinator(client, Layout()).expire_jobs(ended, ttl)  # job keys do not depend on the collection
+    counts["jobs_expired"] += len(ended)
     return counts
 
 
