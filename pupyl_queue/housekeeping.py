@@ -44,6 +44,7 @@ REPORT = (
     "objects_deleted",  # objects under those folders
     "queries_deleted",  # query images never searched
     "batch_ids_forgotten",  # batch-ids fields of jobs whose record is gone
+    "collections_skipped",  # collections whose Redis state is lost (left for `pupyl-queue rebuild`)
 )
 CUT_OFF = "the upload was cut off: not finished within PUPYL_UPLOAD_GRACE ({grace} s); upload the files again"
 _BATCH_ID = re.compile(r"^(?P<job>.+)-\d{6}$")  # embedding.py: f"{job_id}-{batch:06d}"
@@ -62,12 +63,25 @@ def housekeep(
             continue
         layout = Layout(name)
         counts.update(collect_queries(store, layout, settings.query_ttl, now))
+        if redis_lost(store, client, layout):
+            # Every running job looks gone now; `pupyl-queue rebuild` tells them apart by these very
+            # folders (it marks their jobs interrupted), so they stay until Redis is rebuilt.
+            log.warning("collection %s: Redis holds none of its state; run `pupyl-queue rebuild`", name)
+            counts["collections_skipped"] += 1
+            continue
         counts.update(collect_job_leftovers(store, client, layout, settings, now))
         counts.update(forget_batch_ids(client, layout))
     report = {key: counts[key] for key in REPORT}
     if any(report.values()):
         log.info("housekeeping: %s", report)
     return report
+
+
+def redis_lost(store: ObjectStore, client: redis.Redis, layout: Layout) -> bool:
+    """Whether Redis lost this collection's state: the store holds commits, Redis no commit log."""
+    if Coordinator(client, layout).last_sequence():
+        return False
+    return any(store.children(f"{layout.root}/{folder}") for folder in (C.STORE_SEGMENTS, C.STORE_SNAPSHOTS))
 
 
 def abandon_upload(store: ObjectStore, coord: Coordinator, job_id: str, reason: str, ttl: int) -> int | None:

@@ -264,6 +264,18 @@ def test_leftovers_of_gone_and_ended_jobs_go_after_the_grace_time(pq: PupylQueue
     assert job_folders(pq.store) == set()
 
 
+def test_after_redis_lost_its_state_leftovers_wait_for_rebuild(pq: PupylQueue, settings: Settings) -> None:
+    """Every running job looks gone after Redis lost its data; rebuild needs their folders to say so."""
+    pq.store.put(LAYOUT.segment("j-000000"), b"committed once")
+    pq.store.put(LAYOUT.staged_item("running-before-the-loss", 0), b"a")
+    report = housekeep(pq.store, pq.redis, settings, now=later(settings))
+    assert (report["collections_skipped"], report["objects_deleted"]) == (1, 0)
+    assert job_folders(pq.store) == {"running-before-the-loss"}
+    Coordinator(pq.redis, LAYOUT).publish(LAYOUT.segment("j-000000"))  # what rebuild restores
+    report = housekeep(pq.store, pq.redis, settings, now=later(settings))
+    assert (report["collections_skipped"], report["objects_deleted"]) == (0, 1)
+
+
 # --- query images whose search never ran
 
 
