@@ -7,6 +7,7 @@ reads results and job counters, so any application can embed it cheaply.
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import json
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import redis
 from celery.result import AsyncResult
 
 from pupyl_queue import constants as C
@@ -25,7 +27,7 @@ from pupyl_queue.coordination import Coordinator, connect, read_job
 from pupyl_queue.layout import Layout, check_collection
 from pupyl_queue.settings import Settings
 from pupyl_queue.stack import discover_redis_url
-from pupyl_queue.store import ObjectNotFound, ObjectStore, open_store
+from pupyl_queue.store import ObjectNotFound, ObjectStore, StoreUnavailable, open_store
 
 
 class JobFailed(RuntimeError):
@@ -84,13 +86,14 @@ class Job:
             time.sleep(poll)
 
     def report(self) -> list[dict[str, Any]]:
-        """Every item of the job with its outcome, read from the store (survives Redis)."""
-        state = self.progress()
-        layout = Layout(state["collection"])
+        """Every item of the job with its outcome, read from the store (survives Redis, and the
+        job's Redis record, which expires PUPYL_JOB_TTL after the job ends)."""
+        state = read_job(self.client.redis, self.id)
+        layout = Layout(state["collection"] if state else self.client.collection)
         items: list[dict[str, Any]] = []
-        for batch in range(int(state.get("batches_total") or 0)):
+        for key in self.client.store.list(layout.job_reports(self.id) + "/"):
             try:
-                items.extend(json.loads(self.client.store.get(layout.job_report(self.id, batch)))["items"])
+                items.extend(json.loads(self.client.store.get(key))["items"])
             except ObjectNotFound:
                 continue
         return items
@@ -168,15 +171,36 @@ class PupylQueue:
         """Queue a job for images given as (file name, bytes): they go to the store first.
 
         The way to index from a machine the workers cannot read (the API's multipart uploads).
+        The job is recorded (state ``uploading``) before its first byte is stored: an uploader
+        killed half-way leaves a job that housekeeping fails, and whose files it deletes, once
+        PUPYL_UPLOAD_GRACE has passed (before, nothing referred to them and they stayed for good).
         """
+        from pupyl_queue.housekeeping import abandon_upload
+
         job_id = uuid.uuid4().hex
         layout = Layout(self.collection)
-        for number, (name, data) in enumerate(files):
-            self.store.put(layout.upload(job_id, number, name), bytes(data))
-        return self._send_index(job_id, C.UPLOAD_SCHEME + job_id, check_unique, near_duplicate, "network")
+        uri = C.UPLOAD_SCHEME + job_id
+        coord = Coordinator(self.redis, layout)
+        coord.create_job(job_id, {"state": "uploading", "uri": uri, "collection": self.collection})
+        try:
+            for number, (name, data) in enumerate(files):
+                self.store.put(layout.upload(job_id, number, name), bytes(data))
+        except Exception as exc:
+            reason = f"the upload failed: {type(exc).__name__}: {exc}"
+            # Redis or the store down as well: the job stays "uploading" and housekeeping ends it later.
+            with contextlib.suppress(StoreUnavailable, redis.RedisError):
+                abandon_upload(self.store, coord, job_id, reason, self.settings.job_ttl)
+            raise
+        return self._send_index(job_id, uri, check_unique, near_duplicate, "network", uploaded=True)
 
     def _send_index(
-        self, job_id: str, uri: str, check_unique: bool, near_duplicate: float | None, origin: str
+        self,
+        job_id: str,
+        uri: str,
+        check_unique: bool,
+        near_duplicate: float | None,
+        origin: str,
+        uploaded: bool = False,
     ) -> Job:
         request = {
             "job_id": job_id,
@@ -193,9 +217,13 @@ class PupylQueue:
             "default_precision": self.settings.precision,
             "origin": origin,  # "local": this process may name any path its workers can read
         }
-        Coordinator(self.redis, Layout(self.collection)).create_job(
-            job_id, {"state": "queued", "uri": uri, "collection": self.collection}
-        )
+        coord = Coordinator(self.redis, Layout(self.collection))
+        if not uploaded:
+            coord.create_job(job_id, {"state": "queued", "uri": uri, "collection": self.collection})
+        elif not coord.update_job_if(job_id, "uploading", state="queued"):
+            # Housekeeping gave up on this upload (PUPYL_UPLOAD_GRACE) and deleted its files.
+            error = (read_job(self.redis, job_id) or {}).get("error") or "its record is gone"
+            raise JobFailed(f"job {job_id} failed: {error}")
         self.app.send_task(C.TASK_INDEX, kwargs=request, task_id=job_id)
         return Job(self, job_id)
 

@@ -27,6 +27,7 @@ TASK_SEARCH_SHARD = "pupyl.search_shard"  # sent by a router to each shard's own
 TASK_REMOVE = "pupyl.remove"
 TASK_COMPACT = "pupyl.compact"
 TASK_COMPACT_ALL = "pupyl.compact_all"
+TASK_HOUSEKEEP = "pupyl.housekeep"  # Celery beat: expire ended jobs, delete cut-off uploads, stale queries
 TASK_ROUTES = {
     TASK_INDEX: QUEUE_INGEST,
     TASK_EMBED: QUEUE_EMBED,
@@ -35,6 +36,7 @@ TASK_ROUTES = {
     TASK_REMOVE: QUEUE_MAINTENANCE,
     TASK_COMPACT: QUEUE_MAINTENANCE,
     TASK_COMPACT_ALL: QUEUE_MAINTENANCE,
+    TASK_HOUSEKEEP: QUEUE_MAINTENANCE,
 }
 
 
@@ -78,4 +80,5 @@ STORE_JOBS = "jobs"
 STORE_QUERIES = "queries"
 STORE_UPLOADS = "uploads"  # images uploaded through the API, until their job is done
 
-JOB_STATES = ("expanding", "running", "done", "failed")
+JOB_STATES = ("uploading", "queued", "expanding", "running", "done", "failed")
+JOB_ENDED = ("done", "failed")  # terminal states: the record expires PUPYL_JOB_TTL after (docs/tasks.md)

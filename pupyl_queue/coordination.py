@@ -56,6 +56,24 @@ end
 return 0
 """
 
+# An ended job: note when it ended (once) and let its record expire; a job already gone stays gone.
+_EXPIRE_JOB = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSETNX', KEYS[1], 'ended_at', ARGV[1])
+if tonumber(ARGV[2]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+return 1
+"""
+
+# Update a job only while it is in the state named.
+_UPDATE_JOB_IF = """
+if redis.call('HGET', KEYS[1], 'state') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
+
 
 def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
@@ -71,6 +89,8 @@ class Coordinator:
         self._publish = client.register_script(_PUBLISH)
         self._finish = client.register_script(_FINISH_BATCH)
         self._release = client.register_script(_RELEASE_HASH)
+        self._expire = client.register_script(_EXPIRE_JOB)
+        self._update_if = client.register_script(_UPDATE_JOB_IF)
 
     def _k(self, name: str) -> str:
         return self.layout.key(name)
@@ -172,6 +192,32 @@ class Coordinator:
 
     def update_job(self, job_id: str, **fields: Any) -> None:
         self.r.hset(self.layout.job_key(job_id), mapping={k: _text(v) for k, v in fields.items()})
+
+    def update_job_if(self, job_id: str, expected: str, **fields: Any) -> bool:
+        """Update a job only while its state is still ``expected``; False when it moved on (or is gone).
+
+        Two parties that may both end a job (an uploader finishing, housekeeping giving up on it)
+        race here, and exactly one wins.
+        """
+        pairs = [item for k, v in fields.items() for item in (k, _text(v))]
+        return bool(self._update_if(keys=[self.layout.job_key(job_id)], args=[expected, *pairs]))
+
+    def expire_job(self, job_id: str, ttl: int) -> None:
+        """Start the clock of an ended job's Redis record (``ended_at``; gone ``ttl`` s later, 0: never).
+
+        Call it wherever a job reaches a terminal state: without it the job hash and its
+        ``:batches`` stayed in Redis for good. The per-item report stays in the store.
+        """
+        self.expire_jobs([job_id], ttl)
+
+    def expire_jobs(self, job_ids: list[str], ttl: int) -> None:
+        """``expire_job`` for many jobs in one round trip (housekeeping's sweep)."""
+        now, ttl = time.time(), max(0, int(ttl))
+        with self.r.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                key = self.layout.job_key(job_id)
+                self._expire(keys=[key, key + ":batches"], args=[now, ttl], client=pipe)
+            pipe.execute()
 
     def finish_batch(self, job_id: str, batch: int, summary: dict[str, Any]) -> bool:
         """Count a batch into its job once; False when it was already counted."""

@@ -146,4 +146,6 @@ def finish_if_done(rt: Runtime, job_id: str, collection: str) -> None:
     complete = expanded == "1" and int(total or 0) == int(done or 0)
     if complete and rt.redis.hsetnx(key, "finished_at", time.time()):
         coord.update_job(job_id, state="done")
+        coord.expire_job(job_id, rt.settings.job_ttl)  # the record goes PUPYL_JOB_TTL from now
         rt.store.delete_prefix(coord.layout.uploads(job_id) + "/")  # every batch holds its own copy now
+        rt.store.delete_prefix(coord.layout.staging(job_id) + "/")  # empty by now: its folder

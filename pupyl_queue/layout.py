@@ -78,11 +78,19 @@ class Layout:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", base)[-100:] or "image"
         return f"{self.uploads(job_id)}/{number:06d}-{safe}"
 
+    def job_reports(self, job_id: str) -> str:
+        """Folder of a job's per-batch reports: kept in the store after the job's Redis record expires."""
+        return f"{self.root}/{C.STORE_JOBS}/{job_id}"
+
     def job_report(self, job_id: str, batch: int) -> str:
-        return f"{self.root}/{C.STORE_JOBS}/{job_id}/batch-{batch:06d}.json"
+        return f"{self.job_reports(job_id)}/batch-{batch:06d}.json"
+
+    @property
+    def queries(self) -> str:
+        return f"{self.root}/{C.STORE_QUERIES}"
 
     def query(self, name: str) -> str:
-        return f"{self.root}/{C.STORE_QUERIES}/{name}"
+        return f"{self.queries}/{name}"
 
     # --- redis
     def key(self, name: str) -> str:

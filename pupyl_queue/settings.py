@@ -90,6 +90,11 @@ class Settings:
     search_shard: int = -1
     search_memory_gb: float = 16.0
     worker_max_rss_mb: int = 6144  # a worker past this after a task stops warmly and is started anew
+    # Housekeeping (pupyl_queue/housekeeping.py): what would otherwise grow without bound.
+    job_ttl: int = 7 * 24 * 3600  # a job's Redis record lives this long after the job ends; 0 = for good
+    upload_grace: int = 3600  # an upload still unfinished (or leftovers of a gone job) after this is deleted
+    query_ttl: int = 24 * 3600  # a query image put in the store and never searched is deleted after this
+    housekeeping_interval: int = 3600  # seconds between Celery beat's housekeeping rounds
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
@@ -101,6 +106,11 @@ class Settings:
             raise SettingsError(f"PUPYL_PRECISION must be float32 or int8, got {self.precision!r}")
         if self.batch_size < 1:
             raise SettingsError("PUPYL_BATCH_SIZE must be at least 1")
+        if 0 < self.job_ttl < self.visibility_timeout:
+            # A task redelivered after its job's record expired would no longer find its batch done.
+            raise SettingsError("PUPYL_JOB_TTL must be 0 (keep) or at least PUPYL_VISIBILITY_TIMEOUT")
+        if min(self.upload_grace, self.query_ttl) < 1 or self.housekeeping_interval < 1:
+            raise SettingsError("PUPYL_UPLOAD_GRACE, _QUERY_TTL and _HOUSEKEEPING_INTERVAL must be positive")
         if self.store and not self.store.startswith(("file://", "s3://")):
             raise SettingsError(f"PUPYL_STORE must be file:///path or s3://bucket/prefix, got {self.store!r}")
 

@@ -63,6 +63,11 @@ class ObjectStore(ABC):
     def children(self, prefix: str) -> list[str]:
         """The names one level below ``prefix`` (like a directory listing), without a full scan."""
 
+    @abstractmethod
+    def list_modified(self, prefix: str = "") -> Iterator[tuple[str, float]]:
+        """Every key under ``prefix`` with its last-modified time (epoch seconds): how housekeeping
+        tells leftovers (an upload cut off, a query never searched) from live work."""
+
     def put_file(self, key: str, path: str | Path) -> None:
         """Store a file's content; stores override this to stream it (a snapshot index can be gigabytes)."""
         self.put(key, Path(path).read_bytes())
@@ -152,6 +157,36 @@ class LocalStore(ObjectStore):
         if not base.is_dir():
             return []
         return sorted(p.name for p in base.iterdir() if not p.name.startswith(".tmp-"))
+
+    def list_modified(self, prefix: str = "") -> Iterator[tuple[str, float]]:
+        for key in self.list(prefix):
+            try:
+                yield key, self._path(key).stat().st_mtime
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under ``prefix``, and with them what only a directory has: the
+        folders left empty and temporary files of writes that never finished (a writer killed
+        mid-put leaves its ``.tmp-`` file). Without this, finished jobs left empty
+        ``uploads/<job>/`` and ``staging/<job>/`` folders, and a cut-off upload a zero-byte file.
+        """
+        deleted = super().delete_prefix(prefix)
+        if not prefix.strip("/"):
+            return deleted  # never the store's own root
+        base = self.root.joinpath(*prefix.rstrip("/").split("/"))
+        if not base.is_dir():
+            return deleted
+        for dirpath, _dirs, files in os.walk(base, topdown=False):
+            for name in files:
+                if name.startswith(".tmp-"):
+                    Path(dirpath, name).unlink(missing_ok=True)
+            try:
+                os.rmdir(dirpath)
+                self._folders.discard(Path(dirpath))
+            except OSError:  # not empty: a put under the prefix landed meanwhile; it stays
+                pass
+        return deleted
 
 
 class S3Store(ObjectStore):
@@ -250,6 +285,13 @@ class S3Store(ObjectStore):
             lambda: list(self._client.list_objects(self.bucket, self.prefix + prefix, recursive=True))
         )
         return iter(sorted(o.object_name[len(self.prefix) :] for o in objects))
+
+    def list_modified(self, prefix: str = "") -> Iterator[tuple[str, float]]:
+        objects = self._guard(
+            lambda: list(self._client.list_objects(self.bucket, self.prefix + prefix, recursive=True))
+        )
+        for o in sorted(objects, key=lambda o: o.object_name):
+            yield o.object_name[len(self.prefix) :], o.last_modified.timestamp()
 
     def children(self, prefix: str) -> list[str]:
         folder = self.prefix + prefix.strip("/") + "/" if prefix.strip("/") else self.prefix

@@ -55,9 +55,11 @@ def make_app(settings: Settings | None = None, include_tasks: bool = True) -> Ce
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        # `celery -A workers.app beat` compacts every collection with new commits on this schedule.
+        # `celery -A workers.app beat` compacts every collection with new commits on this schedule,
+        # and bounds what would grow for good (job records, cut-off uploads, stale query images).
         beat_schedule={
             "compact-all": {"task": C.TASK_COMPACT_ALL, "schedule": float(settings.compact_interval)},
+            "housekeep": {"task": C.TASK_HOUSEKEEP, "schedule": float(settings.housekeeping_interval)},
         },
     )
     return app

@@ -100,9 +100,9 @@ def index(self: Any, **job: Any) -> dict[str, Any]:
         except TRANSIENT:
             raise
         except Exception as exc:
-            rt.coordinator(job["collection"]).update_job(
-                job["job_id"], state="failed", error=f"{type(exc).__name__}: {exc}"
-            )
+            coord = rt.coordinator(job["collection"])
+            coord.update_job(job["job_id"], state="failed", error=f"{type(exc).__name__}: {exc}")
+            coord.expire_job(job["job_id"], rt.settings.job_ttl)
             raise
 
     return riding_out_redis(self, job, body)
@@ -132,9 +132,9 @@ def embed(self: Any, **batch: Any) -> dict[str, Any]:
         except TRANSIENT:
             raise
         except Exception as exc:
-            rt.coordinator(batch["collection"]).update_job(
-                batch["job_id"], state="failed", error=f"{type(exc).__name__}: {exc}"
-            )
+            coord = rt.coordinator(batch["collection"])
+            coord.update_job(batch["job_id"], state="failed", error=f"{type(exc).__name__}: {exc}")
+            coord.expire_job(batch["job_id"], rt.settings.job_ttl)
             raise
 
     return riding_out_redis(self, batch, body)
@@ -201,3 +201,13 @@ def preload_searchers(sender: Any = None, **_: Any) -> None:
             )
         except Exception:
             log.exception("could not preload collection %s; it loads on its first search", name)
+
+
+@shared_task(name=C.TASK_HOUSEKEEP, **RETRY)
+def housekeep() -> dict[str, int]:
+    """Celery beat's housekeeping (pupyl_queue/housekeeping.py): ended jobs' records expire, cut-off
+    uploads and leftovers of gone jobs are deleted, query images never searched too."""
+    from pupyl_queue.housekeeping import housekeep as run
+
+    rt = runtime()
+    return run(rt.store, rt.redis, rt.settings)
