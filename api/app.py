@@ -26,7 +26,7 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from pupyl_queue import constants as C
-from pupyl_queue.client import PupylQueue, TaskFailed, wait_result
+from pupyl_queue.client import JobFailed, PupylQueue, TaskFailed, wait_result
 from pupyl_queue.fetch import Fetcher, FetchError, FetchRefused
 from pupyl_queue.layout import Layout, check_collection
 from pupyl_queue.settings import Settings
@@ -86,6 +86,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise ApiError(exc.status, code, exc.reason) from None
     except TaskFailed as exc:
         raise ApiError(422, "task_failed", str(exc)) from None
+    except JobFailed as exc:  # e.g. an upload that outlasted PUPYL_UPLOAD_GRACE and was given up on
+        raise ApiError(422, "job_failed", str(exc)) from None
     except TimeoutError as exc:
         raise ApiError(504, "timeout", str(exc)) from None
     except Exception:  # a bug, not a bad request: a logged 500 that tests and fuzzers can see
@@ -274,7 +276,7 @@ async def job(request: web.Request) -> web.Response:
     try:
         state = await blocking(handle.progress)
     except KeyError:
-        raise ApiError(404, "not_found", "no such job") from None
+        raise ApiError(404, "not_found", "no such job (or it ended more than PUPYL_JOB_TTL ago)") from None
     offset, limit = _page(request)
     failures = await blocking(handle.failures) if state.get("batches_total") else []
     return web.json_response(
@@ -526,7 +528,7 @@ async def metrics(request: web.Request) -> web.Response:
             m.queue.labels(queue).set(pq.redis.llen(queue))  # type: ignore[attr-defined]
         for name in list_collections(pq.store):
             m.images.labels(name).set(Coordinator(pq.redis, Layout(name)).image_count())  # type: ignore[attr-defined]
-        by_state: dict[str, int] = dict.fromkeys(("queued", "expanding", "running", "done", "failed"), 0)
+        by_state: dict[str, int] = dict.fromkeys(C.JOB_STATES, 0)
         in_flight = 0
         for job in recent_jobs(pq.redis, C.RECENT_JOBS_KEPT):
             by_state[str(job.get("state"))] = by_state.get(str(job.get("state")), 0) + 1
