@@ -17,6 +17,7 @@ import numpy as np
 import redis
 
 from pupyl_queue import integrity
+from pupyl_queue.codecs import decode_vectors
 from pupyl_queue.fencing import CompactionLock, FencedOut
 from pupyl_queue.images import decode
 from pupyl_queue.layout import Layout
@@ -134,17 +135,6 @@ def _search(
         "took_ms": round((time.perf_counter() - started) * 1000, 2),
         "results": results,
     }
-
-
-def encode_vectors(vectors: np.ndarray) -> dict[str, Any]:
-    """Vectors for a message: base64 float32 (a quarter of the JSON-number size)."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    return {"vectors_b64": base64.b64encode(vectors.tobytes()).decode(), "dim": int(vectors.shape[1])}
-
-
-def decode_vectors(payload: dict[str, Any]) -> np.ndarray:
-    flat = np.frombuffer(base64.b64decode(payload["vectors_b64"], validate=True), dtype=np.float32)
-    return flat.reshape(-1, int(payload["dim"]))
 
 
 def nearest(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict[str, Any]:

@@ -11,7 +11,6 @@ background thread and swaps it in; searches wait only for the swap itself.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import tempfile
@@ -24,6 +23,7 @@ import numpy as np
 
 from pupyl_queue import constants as C
 from pupyl_queue import integrity
+from pupyl_queue.codecs import decode_segment
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.integrity import StoreDamaged
 from pupyl_queue.layout import Layout
@@ -34,17 +34,6 @@ log = logging.getLogger(__name__)
 
 
 SnapshotDamaged = StoreDamaged  # the name this error had before integrity.py
-
-
-def encode_segment(ids: np.ndarray, vectors: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    np.savez(out, ids=np.asarray(ids, dtype=np.int64), vectors=np.asarray(vectors, dtype=np.float32))
-    return out.getvalue()
-
-
-def decode_segment(data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        return npz["ids"], npz["vectors"]
 
 
 class Searcher:

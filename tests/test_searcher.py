@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import redis
 
+from pupyl_queue.codecs import encode_segment
 from pupyl_queue.compaction import Compactor
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.layout import Layout
 from pupyl_queue.models import normalize
-from pupyl_queue.searcher import Searcher, SnapshotDamaged, encode_segment
+from pupyl_queue.searcher import Searcher, SnapshotDamaged
 from pupyl_queue.settings import Settings
 from pupyl_queue.store import LocalStore
 
