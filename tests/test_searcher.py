@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 import redis
 
+from pupyl_queue import constants as C
 from pupyl_queue.codecs import encode_segment
 from pupyl_queue.compaction import Compactor
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.layout import Layout
 from pupyl_queue.models import normalize
+from pupyl_queue.queries import search
+from pupyl_queue.runtime import Runtime
 from pupyl_queue.searcher import Searcher, SnapshotDamaged
 from pupyl_queue.settings import Settings
 from pupyl_queue.store import LocalStore
@@ -194,3 +197,45 @@ def test_wait_for_sequence(parts: tuple) -> None:
     assert searcher.wait_for(1, timeout=0.1) is False
     commit_segment(parts, "a", [1], seed=1)
     assert searcher.wait_for(1, timeout=1) is True
+
+
+class MetaBarrier(LocalStore):
+    """A local store whose first ``parties`` metadata GETs each wait for the others: fetched one after
+    the other, the first waits alone and the barrier breaks (after ``timeout``, a guard, not a timing)."""
+
+    def __init__(self, root: Path, parties: int, timeout: float = 10) -> None:
+        super().__init__(root)
+        self.barrier = threading.Barrier(parties, timeout=timeout)
+        self.left = parties
+        self.lock = threading.Lock()
+
+    def get(self, key: str) -> bytes:
+        if key.endswith(".json") and f"/{C.STORE_IMAGES}/" in key:
+            with self.lock:
+                wait, self.left = self.left > 0, self.left - 1
+            if wait:
+                self.barrier.wait()
+        return super().get(key)
+
+
+def test_search_fetches_the_hits_metadata_concurrently(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    rt = Runtime(Settings(data_dir=tmp_path / "data", redis_url=redis_url))
+    rt.__dict__["store"] = store = MetaBarrier(tmp_path / "store", parties=4)
+    layout = Layout()
+    parts = (store, rt.coordinator(layout.collection), layout)
+    commit_segment(parts, "a", list(range(1, 9)), seed=1)
+    for image_id in range(1, 9):
+        store.put(
+            layout.image_meta(image_id), json.dumps({"id": image_id, "name": f"{image_id}.jpg"}).encode()
+        )
+    store.delete(layout.image_meta(8))  # removed meanwhile: None, as before
+    answer = search(rt, {"collection": layout.collection, "query": {"id": 3}, "top": 8, "metadata": True})
+    rows = answer["results"]
+    assert [row["id"] for row in rows][0] == 3 and len(rows) == 8
+    assert all(
+        row["metadata"] == {"id": row["id"], "name": f"{row['id']}.jpg"} for row in rows if row["id"] != 8
+    )
+    assert next(row["metadata"] for row in rows if row["id"] == 8) is None
+    assert store.barrier.n_waiting == 0 and not store.barrier.broken
