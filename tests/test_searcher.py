@@ -22,6 +22,7 @@ from pupyl_queue.runtime import Runtime
 from pupyl_queue.searcher import Searcher, SnapshotDamaged
 from pupyl_queue.settings import Settings
 from pupyl_queue.store import LocalStore
+from pupyl_queue.vector_index import index_bytes
 
 DIM = 8
 
@@ -239,3 +240,55 @@ def test_search_fetches_the_hits_metadata_concurrently(
     )
     assert next(row["metadata"] for row in rows if row["id"] == 8) is None
     assert store.barrier.n_waiting == 0 and not store.barrier.broken
+
+
+class SnapshotWatch(LocalStore):
+    """A local store that notes, each time a snapshot's index file is fetched, whether the watched
+    searcher still holds its live index, and what the runtime counts against its budget then."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.watch: tuple[Runtime, Searcher] | None = None
+        self.seen: list[tuple[bool, int]] = []
+
+    def get_file(self, key: str, path: str | Path) -> None:
+        if key.endswith("/index.faiss") and self.watch is not None:
+            rt, searcher = self.watch
+            self.seen.append((searcher.index is not None, rt.index_bytes()))
+        super().get_file(key, path)
+
+
+@pytest.mark.parametrize("room_for_two", [True, False])
+def test_snapshot_swap_stays_within_the_search_memory_budget(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path, room_for_two: bool
+) -> None:
+    """Room for two indexes: the new one loads beside the live one (searches go on), and counts.
+    No room: the live index is dropped before the new one loads. Either way the swap ends whole."""
+    store = SnapshotWatch(tmp_path / "store")
+    layout = Layout()
+    parts = (store, Coordinator(redis_client, layout), layout)
+    commit_segment(parts, "a", list(range(1, 1001)), seed=1)
+    compact(parts)
+    one_index = index_bytes(2000, "Flat", DIM, 2048)  # the live state at swap time, and the new snapshot
+    budget = 10 * one_index if room_for_two else int(1.5 * one_index)
+    rt = Runtime(Settings(data_dir=tmp_path / "data", redis_url=redis_url, search_memory_gb=budget / 1024**3))
+    rt.__dict__["store"] = store
+    searcher = rt.searcher(layout.collection)
+    vectors = commit_segment(parts, "b", list(range(1001, 2001)), seed=2)
+    live = searcher.search(vectors[0], 3)
+    assert len(searcher) == 2000 and rt.index_bytes() == searcher.index.memory_bytes() <= budget
+    newest = compact(parts)["watermark"]
+    store.watch = (rt, searcher)
+    deadline = time.monotonic() + 30
+    while searcher.snapshot_watermark != newest and time.monotonic() < deadline:
+        searcher.refresh(force=True)  # starts the swap (once), then waits for it
+        time.sleep(0.02)
+    assert searcher.snapshot_watermark == newest and len(searcher) == 2000
+    assert searcher.search(vectors[0], 3) == live
+    assert len(store.seen) == 1
+    held_live, counted = store.seen[0]
+    if room_for_two:
+        assert held_live and counted >= 2 * one_index - 4096  # both indexes are counted while it loads
+    else:
+        assert not held_live and counted <= budget  # never two at once
+    assert rt.index_bytes() == searcher.index.memory_bytes() <= budget
