@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 
 SnapshotDamaged = StoreDamaged  # the name this error had before integrity.py
+GC_RESTARTS = 3  # loads that may start over because GC collected the snapshot being read
 
 
 class Searcher:
@@ -78,13 +79,16 @@ class Searcher:
             self._load_snapshot()
             self.refresh(force=True)
 
-    def _load_snapshot(self) -> None:
+    def _load_snapshot(self, restarts: int = GC_RESTARTS) -> None:
         """The newest published snapshot whose files all match their manifest; else an older one.
 
         A damaged snapshot is reported and passed over: the one before it, plus
         the commits after its watermark (GC keeps both), gives the same state.
         With none usable, the whole commit log is replayed if it is complete;
         otherwise loading fails with StoreDamaged rather than serve a partial index.
+        A file gone while newer snapshots were published meanwhile is not damage:
+        GC collected the superseded snapshot under this reader, which starts over
+        from the newest (``restarts`` times at most; then it counts as damage).
         """
         candidates, newest = integrity.snapshot_candidates(self.store, self.coord)
         self.published_seen = max(self.published_seen, newest)
@@ -99,6 +103,10 @@ class Searcher:
                 else:
                     self._load_full(manifest)
             except StoreDamaged as exc:
+                if restarts > 0 and self._collected(exc, newest):
+                    log.info("%s was garbage-collected while loading; loading the newest snapshot", base)
+                    self._load_snapshot(restarts - 1)
+                    return
                 self._damage(exc.key, exc.reason)
                 continue
             if base != candidates[0]:
@@ -113,6 +121,11 @@ class Searcher:
             candidates[0],
             "no usable snapshot, and the commit log no longer holds every commit (see the damaged list)",
         )
+
+    def _collected(self, exc: StoreDamaged, newest: int) -> bool:
+        """Whether a snapshot file went missing because GC collected it: a newer snapshot was published
+        since this load began (GC deletes only superseded snapshots, right after publishing)."""
+        return exc.reason.startswith("missing") and self.coord.snapshot_watermark() > newest
 
     def _damage(self, key: str, reason: str) -> None:
         self.damaged[key] = reason

@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from pupyl_queue import constants as C
+from pupyl_queue import integrity
 from pupyl_queue.codecs import encode_segment
 from pupyl_queue.compaction import Compactor
 from pupyl_queue.coordination import Coordinator
@@ -292,3 +293,37 @@ def test_snapshot_swap_stays_within_the_search_memory_budget(
     else:
         assert not held_live and counted <= budget  # never two at once
     assert rt.index_bytes() == searcher.index.memory_bytes() <= budget
+
+
+class CollectDuringLoad(LocalStore):
+    """A local store where, the first time a snapshot's index file is fetched, compactions publish
+    ``newer`` snapshots first: with PUPYL_SNAPSHOT_KEEP=1, GC deletes the one being loaded."""
+
+    def __init__(self, root: Path, newer: int) -> None:
+        super().__init__(root)
+        self.newer = newer
+        self.parts: tuple | None = None
+
+    def get_file(self, key: str, path: str | Path) -> None:
+        if key.endswith("/index.faiss") and self.parts is not None and self.newer > 0:
+            self.newer -= 1
+            batch = self.newer
+            commit_segment(self.parts, f"late{batch}", [100 + batch], seed=10 + batch)
+            compact(self.parts, snapshot_keep=1)
+        super().get_file(key, path)
+
+
+@pytest.mark.parametrize("newer", [1, 2])  # collected once; collected again while loading its successor
+def test_snapshot_collected_while_loading_is_not_damage(
+    redis_client: redis.Redis, tmp_path: Path, newer: int
+) -> None:
+    store = CollectDuringLoad(tmp_path, newer)
+    layout = Layout()
+    parts = (store, Coordinator(redis_client, layout), layout)
+    commit_segment(parts, "a", list(range(1, 21)), seed=1)
+    first = compact(parts, snapshot_keep=1)
+    store.parts = parts
+    searcher = fresh(parts)
+    assert not store.exists(f"{first['path']}/manifest.json")  # GC did collect it under the reader
+    assert searcher.health() == {} and integrity.damaged(redis_client, layout) == {}
+    assert searcher.snapshot_watermark == parts[1].snapshot_watermark() and len(searcher) == 20 + newer
