@@ -1,12 +1,12 @@
 """What ``pip install pupyl-queue`` puts into site-packages, read from pyproject.toml (no build, no network).
 
 The wheel installs three top-level packages: ``pupyl_queue``, and ``workers`` and ``api``,
-generic names another distribution may also claim. They stay top-level for now (the reasons are
-in pyproject.toml, beside ``packages.find``): ``celery -A workers.app`` is the entry point of docker-compose, deploy/,
-``pupyl-queue up`` and the tests, and installing the folders as ``pupyl_queue.workers`` /
-``pupyl_queue.api`` (setuptools' package-dir) makes each importable under two names in a
-checkout, so Celery would load the tasks and signal handlers twice. These checks keep
-the list from growing and the build working.
+generic names another distribution may also claim. They stay top-level for now (the
+reasons are in pyproject.toml, beside ``packages.find``): ``celery -A workers.app`` is the
+entry point of docker-compose, deploy/, ``pupyl-queue up`` and the tests, and installing
+the folders as ``pupyl_queue.workers`` / ``pupyl_queue.api`` (setuptools' package-dir)
+makes each importable under two names in a checkout, so Celery would load the tasks and
+signal handlers twice. These checks keep the list from growing and the build working.
 """
 
 from __future__ import annotations
