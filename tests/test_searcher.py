@@ -327,3 +327,30 @@ def test_snapshot_collected_while_loading_is_not_damage(
     assert not store.exists(f"{first['path']}/manifest.json")  # GC did collect it under the reader
     assert searcher.health() == {} and integrity.damaged(redis_client, layout) == {}
     assert searcher.snapshot_watermark == parts[1].snapshot_watermark() and len(searcher) == 20 + newer
+
+
+def test_a_failed_in_place_reload_fails_searches_instead_of_answering_empty(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """No room for two, so the live index is dropped first; when no snapshot then loads (both damaged,
+    the log trimmed), a search raises StoreDamaged: it never answers from the empty state."""
+    store = LocalStore(tmp_path / "store")
+    layout = Layout()
+    parts = (store, Coordinator(redis_client, layout), layout)
+    commit_segment(parts, "a", list(range(1, 101)), seed=1)
+    older = compact(parts)
+    rt = Runtime(Settings(data_dir=tmp_path / "data", redis_url=redis_url, search_memory_gb=1e-9))
+    rt.__dict__["store"] = store
+    searcher = rt.searcher(layout.collection)
+    vectors = commit_segment(parts, "b", list(range(101, 201)), seed=2)
+    assert len(searcher.search(vectors[0], 3)) == 3
+    newer = compact(parts)
+    for manifest in (older, newer):
+        store.put(f"{manifest['path']}/index.faiss", b"damaged")
+    searcher.refresh(force=True)  # starts the reload in place (a thread), which fails
+    deadline = time.monotonic() + 30
+    while (searcher._swapping or not searcher._unloaded) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert searcher._unloaded and not searcher._swapping and searcher.index is None
+    with pytest.raises(SnapshotDamaged, match="no usable snapshot"):
+        searcher.search(vectors[0], 3)
