@@ -26,6 +26,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 test: lint browser
 	$(PY) -m pytest -q -ra --durations=10 $(PYTEST_ARGS)

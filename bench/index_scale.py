@@ -30,11 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 VECTORS = ROOT.parent / "shared" / "bench" / "vectors.py"
 
+from pupyl_queue.codecs import encode_segment  # noqa: E402
 from pupyl_queue.compaction import Compactor  # noqa: E402
 from pupyl_queue.coordination import Coordinator, connect  # noqa: E402
 from pupyl_queue.layout import Layout  # noqa: E402
 from pupyl_queue.models import ModelSpec  # noqa: E402
-from pupyl_queue.searcher import Searcher, encode_segment  # noqa: E402
+from pupyl_queue.searcher import Searcher  # noqa: E402
 from pupyl_queue.settings import Settings  # noqa: E402
 from pupyl_queue.store import LocalStore  # noqa: E402
 

@@ -24,8 +24,7 @@ import redis
 
 from pupyl_queue import constants as C
 from pupyl_queue import integrity
-from pupyl_queue.collection import read_manifest
-from pupyl_queue.compaction import read_pointer
+from pupyl_queue.codecs import read_manifest, read_pointer
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.integrity import seal
 from pupyl_queue.layout import Layout

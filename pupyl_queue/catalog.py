@@ -8,14 +8,23 @@ from typing import Any
 import redis
 
 from pupyl_queue import constants as C
-from pupyl_queue.collection import CollectionMissing, list_collections, read_manifest
-from pupyl_queue.compaction import read_pointer
+from pupyl_queue.codecs import read_manifest, read_pointer
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.integrity import damaged
 from pupyl_queue.layout import Layout
 from pupyl_queue.store import ObjectStore
 
-__all__ = ["delete_collection", "describe_collection", "list_collections"]
+__all__ = ["CollectionMissing", "delete_collection", "describe_collection", "list_collections"]
+
+
+class CollectionMissing(LookupError):
+    """Searching or removing in a collection nothing was ever indexed into."""
+
+
+def list_collections(store: ObjectStore) -> list[str]:
+    """Collections that hold a manifest (were indexed into at least once)."""
+    names = store.children(C.STORE_COLLECTIONS)
+    return [name for name in names if store.exists(Layout(name).manifest)]
 
 
 def describe_collection(store: ObjectStore, client: redis.Redis, name: str) -> dict[str, Any]:

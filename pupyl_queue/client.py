@@ -132,7 +132,7 @@ class PupylQueue:
 
     @cached_property
     def app(self):  # type: ignore[no-untyped-def]
-        from workers.app import make_app
+        from pupyl_queue.celery_app import make_app
 
         return make_app(self.settings, include_tasks=False)
 

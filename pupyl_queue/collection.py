@@ -15,26 +15,11 @@ from typing import Any
 import redis
 
 from pupyl_queue import constants as C
+from pupyl_queue.catalog import CollectionMissing
+from pupyl_queue.codecs import read_manifest
 from pupyl_queue.layout import Layout
 from pupyl_queue.models import ModelSpec, load_keras_model, sha256_file
-from pupyl_queue.store import ObjectNotFound, ObjectStore
-
-
-class CollectionMissing(LookupError):
-    """Searching or removing in a collection nothing was ever indexed into."""
-
-
-def list_collections(store: ObjectStore) -> list[str]:
-    """Collections that hold a manifest (were indexed into at least once)."""
-    names = store.children(C.STORE_COLLECTIONS)
-    return [name for name in names if store.exists(Layout(name).manifest)]
-
-
-def read_manifest(store: ObjectStore, layout: Layout) -> dict[str, Any] | None:
-    try:
-        return json.loads(store.get(layout.manifest))
-    except ObjectNotFound:
-        return None
+from pupyl_queue.store import ObjectStore
 
 
 def model_spec(store: ObjectStore, layout: Layout) -> ModelSpec:

@@ -31,11 +31,10 @@ import numpy as np
 
 from pupyl_queue import constants as C
 from pupyl_queue import integrity
+from pupyl_queue.codecs import decode_segment, encode_segment
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.fencing import Fence, publish_pointer
 from pupyl_queue.integrity import StoreDamaged
-from pupyl_queue.layout import Layout
-from pupyl_queue.searcher import decode_segment, encode_segment
 from pupyl_queue.settings import Settings
 from pupyl_queue.store import ObjectNotFound, ObjectStore
 from pupyl_queue.vector_index import VectorIndex, choose_factory
@@ -44,14 +43,6 @@ log = logging.getLogger(__name__)
 MERGED_ROWS = 200_000  # vectors per merged vector file
 REUSE_ROWS = 10_000  # an input file this big with no removed vector is referenced, not copied
 TRAIN_PER_LIST = 64
-
-
-def read_pointer(store: ObjectStore, layout: Layout) -> dict[str, Any] | None:
-    try:
-        pointer = json.loads(store.get(layout.snapshot_pointer))
-        return json.loads(store.get(f"{pointer['path']}/manifest.json"))
-    except ObjectNotFound:
-        return None
 
 
 class Compactor:

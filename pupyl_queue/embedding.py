@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from pupyl_queue import integrity
+from pupyl_queue.codecs import encode_segment
 from pupyl_queue.images import DecodedImage, ImageError, decode
 from pupyl_queue.ingest import finish_if_done
 from pupyl_queue.runtime import Runtime
-from pupyl_queue.searcher import encode_segment
 from pupyl_queue.store import ObjectNotFound
 
 log = logging.getLogger(__name__)

@@ -24,6 +24,13 @@ MAX_FRAMES = 16
 NORMALIZED_FORMAT = "JPEG"
 NORMALIZED_QUALITY = 92
 
+# Pillow's own bomb guard (a warning past 89M pixels, an error past 179M, at Image.open) is replaced
+# by decode's check against PUPYL_MAX_PIXELS, made as soon as Image.open has read the header and
+# before any pixel is decoded. Left on, it fired first: the failure reason quoted Pillow's limit, and
+# images that a PUPYL_MAX_PIXELS above 89M allows were refused. decode() is the package's only way
+# into Pillow for untrusted bytes.
+Image.MAX_IMAGE_PIXELS = None
+
 
 class ImageError(ValueError):
     """Bytes that cannot become an image; the message is the per-item failure reason."""
@@ -66,7 +73,7 @@ def decode(data: bytes, max_pixels: int, target: int | None = None) -> DecodedIm
     sha = hashlib.sha256(data).hexdigest()
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # if someone re-enables it
             im = Image.open(io.BytesIO(data), formats=FORMATS)
             fmt = im.format or "unknown"
             width, height = im.size
@@ -90,8 +97,11 @@ def decode(data: bytes, max_pixels: int, target: int | None = None) -> DecodedIm
         raise
     except UnidentifiedImageError:
         raise ImageError("not an image: content matches none of " + ", ".join(FORMATS)) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"image too large (decompression bomb guard): {exc}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(
+            f"image too large: over the limit of {max_pixels} pixels "
+            "(decompression bomb guard, PUPYL_MAX_PIXELS)"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"corrupt or truncated {fmt_name(data)} image: {exc}") from None
     return DecodedImage(rgb, sha, width, height, fmt, frames, len(data), original)

@@ -33,11 +33,10 @@ import redis
 
 from pupyl_queue import constants as C
 from pupyl_queue import integrity
-from pupyl_queue.collection import read_manifest
+from pupyl_queue.codecs import decode_segment, read_manifest
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.integrity import StoreDamaged
 from pupyl_queue.layout import Layout
-from pupyl_queue.searcher import decode_segment
 from pupyl_queue.store import ObjectStore
 
 log = logging.getLogger(__name__)

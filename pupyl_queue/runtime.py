@@ -160,6 +160,7 @@ class Runtime:
                     s.index_nprobe,
                     shard,
                     s.data_dir / "tmp",
+                    room=self._room,
                 )
                 found.load()
                 self._searchers[collection] = found
@@ -169,7 +170,12 @@ class Runtime:
     def index_bytes(self) -> int:
         """Memory the loaded indexes hold: a search worker's size beyond its code."""
         with self._lock:
-            return sum(s.index.memory_bytes() for s in self._searchers.values() if s.index is not None)
+            return sum(s.memory_bytes() for s in self._searchers.values())
+
+    def _room(self, need: int) -> bool:
+        """Whether ``need`` more bytes (a snapshot loading beside a live index) fit PUPYL_SEARCH_MEMORY_GB."""
+        with self._lock:
+            return self.index_bytes() + need <= self.settings.search_memory_gb * 1024**3
 
     def _evict(self, keep: str) -> None:
         """Unload the least recently used collections while the indexes exceed PUPYL_SEARCH_MEMORY_GB."""

@@ -11,12 +11,13 @@ background thread and swaps it in; searches wait only for the swap itself.
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 import logging
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,27 +25,18 @@ import numpy as np
 
 from pupyl_queue import constants as C
 from pupyl_queue import integrity
+from pupyl_queue.codecs import decode_segment, read_pointer
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.integrity import StoreDamaged
 from pupyl_queue.layout import Layout
 from pupyl_queue.store import ObjectNotFound, ObjectStore
-from pupyl_queue.vector_index import IdSet, VectorIndex
+from pupyl_queue.vector_index import IdSet, VectorIndex, index_bytes
 
 log = logging.getLogger(__name__)
 
 
 SnapshotDamaged = StoreDamaged  # the name this error had before integrity.py
-
-
-def encode_segment(ids: np.ndarray, vectors: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    np.savez(out, ids=np.asarray(ids, dtype=np.int64), vectors=np.asarray(vectors, dtype=np.float32))
-    return out.getvalue()
-
-
-def decode_segment(data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        return npz["ids"], npz["vectors"]
+GC_RESTARTS = 3  # loads that may start over because GC collected the snapshot being read
 
 
 class Searcher:
@@ -56,7 +48,11 @@ class Searcher:
         nprobe: int = 0,
         shard: tuple[int, int] | None = None,
         scratch: Path | None = None,
+        room: Callable[[int], bool] | None = None,
     ) -> None:
+        """``room(n)``: whether ``n`` more bytes fit the search memory budget (the runtime's
+        PUPYL_SEARCH_MEMORY_GB); it decides how a newer snapshot comes in (see ``_swap``)."""
+        self.room = room
         self.shard = shard  # (k, n): this searcher owns the ids with id % n == k
         self.scratch = scratch  # where a snapshot index lands on its way in (None: the system's temp dir)
         self.store = store
@@ -74,6 +70,8 @@ class Searcher:
         self.skipped: dict[str, str] = {}  # damaged segments left out: searches miss their vectors
         self._lock = threading.RLock()
         self._swapping = False
+        self._incoming = 0  # bytes of a snapshot loading beside the live index (a hot swap)
+        self._unloaded = False  # an in-place reload failed: the next refresh loads again, or fails
 
     # --- loading
     def load(self) -> None:
@@ -81,13 +79,16 @@ class Searcher:
             self._load_snapshot()
             self.refresh(force=True)
 
-    def _load_snapshot(self) -> None:
+    def _load_snapshot(self, restarts: int = GC_RESTARTS) -> None:
         """The newest published snapshot whose files all match their manifest; else an older one.
 
         A damaged snapshot is reported and passed over: the one before it, plus
         the commits after its watermark (GC keeps both), gives the same state.
         With none usable, the whole commit log is replayed if it is complete;
         otherwise loading fails with StoreDamaged rather than serve a partial index.
+        A file gone while newer snapshots were published meanwhile is not damage:
+        GC collected the superseded snapshot under this reader, which starts over
+        from the newest (``restarts`` times at most; then it counts as damage).
         """
         candidates, newest = integrity.snapshot_candidates(self.store, self.coord)
         self.published_seen = max(self.published_seen, newest)
@@ -102,6 +103,10 @@ class Searcher:
                 else:
                     self._load_full(manifest)
             except StoreDamaged as exc:
+                if restarts > 0 and self._collected(exc, newest):
+                    log.info("%s was garbage-collected while loading; loading the newest snapshot", base)
+                    self._load_snapshot(restarts - 1)
+                    return
                 self._damage(exc.key, exc.reason)
                 continue
             if base != candidates[0]:
@@ -116,6 +121,11 @@ class Searcher:
             candidates[0],
             "no usable snapshot, and the commit log no longer holds every commit (see the damaged list)",
         )
+
+    def _collected(self, exc: StoreDamaged, newest: int) -> bool:
+        """Whether a snapshot file went missing because GC collected it: a newer snapshot was published
+        since this load began (GC deletes only superseded snapshots, right after publishing)."""
+        return exc.reason.startswith("missing") and self.coord.snapshot_watermark() > newest
 
     def _damage(self, key: str, reason: str) -> None:
         self.damaged[key] = reason
@@ -171,6 +181,9 @@ class Searcher:
     def refresh(self, force: bool = False) -> int:
         """Apply every commit newer than what is loaded; returns how many were applied."""
         with self._lock:
+            if self._unloaded:  # never serve the empty state a failed reload left: load, or raise
+                self._reset()
+                self._unloaded, force = False, True
             changes, epoch = self.coord.change_state()
             if not force and changes == self._seen_changes and epoch == self._epoch:
                 return 0
@@ -255,40 +268,76 @@ class Searcher:
             "damaged": [{"key": k, "reason": r} for k, r in sorted(self.damaged.items())],
         }
 
+    def memory_bytes(self) -> int:
+        """What this searcher holds: its index, plus a newer snapshot while one loads beside it."""
+        index = self.index
+        return (0 if index is None else index.memory_bytes()) + self._incoming
+
+    def _snapshot_bytes(self) -> int:
+        """About what the published snapshot takes once loaded (this searcher's share of it)."""
+        manifest = None
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # unreadable: estimated as below
+            manifest = read_pointer(self.store, self.layout)
+        if manifest is None or "count" not in manifest:
+            return self.memory_bytes()  # the live state holds about what a snapshot of it holds
+        share = self.shard[1] if self.shard else 1
+        return index_bytes(
+            int(manifest["count"]) // share + 1,
+            str(manifest.get("factory", "Flat")),
+            int(manifest["dim"]),
+            int(manifest.get("id_bits", 0)),
+        )
+
     def _maybe_swap(self) -> None:
-        """Load a newer snapshot (written by compaction) beside the live state, then swap it in."""
+        """Take in a newer snapshot (written by compaction), in a background thread."""
         published = self.coord.snapshot_watermark()
         if published <= max(self.snapshot_watermark, self.published_seen) or self._swapping:
             return
         self._swapping = True
+        threading.Thread(
+            target=self._swap, args=(published,), name="pupyl-snapshot-swap", daemon=True
+        ).start()
 
-        def load_newer() -> None:
-            try:
-                fresh = Searcher(self.store, self.coord, self.layout, self.nprobe, self.shard, self.scratch)
-                fresh.load()
-                for attempt in range(10):
-                    if attempt < 9:
-                        fresh.refresh(force=True)  # catch up outside our lock: searches go on meanwhile
-                    with self._lock:
-                        if attempt == 9:
-                            fresh.refresh(force=True)
-                        if fresh.sequence >= self.sequence:
-                            self.index, self.sequence = fresh.index, fresh.sequence
-                            self.tombstones, self.snapshot_watermark = (
-                                fresh.tombstones,
-                                fresh.snapshot_watermark,
-                            )
-                            self.published_seen = max(self.published_seen, fresh.published_seen)
-                            self.damaged, self.skipped = fresh.damaged, fresh.skipped
-                            break
-                log.info("swapped in snapshot at sequence %d", self.snapshot_watermark)
-            except Exception:
-                log.exception("could not load the newer snapshot; keeping the live index")
-                self.published_seen = published  # do not retry in a loop
-            finally:
-                self._swapping = False
-
-        threading.Thread(target=load_newer, name="pupyl-snapshot-swap", daemon=True).start()
+    def _swap(self, published: int) -> None:
+        """Load the newer snapshot beside the live state and swap it in, searches going on meanwhile,
+        when both indexes fit the memory budget; else reload in place: the live index is dropped
+        first and searches wait for the load. A hot swap used to hold two indexes whatever
+        PUPYL_SEARCH_MEMORY_GB said (20 GB for a 10 GB collection)."""
+        try:
+            need = self._snapshot_bytes()
+            if self.room is not None and self.index is not None and not self.room(need):
+                log.warning(
+                    "collection %s: no room for a second index (%d MiB) within PUPYL_SEARCH_MEMORY_GB; "
+                    "reloading in place (searches wait for it)",
+                    self.layout.collection,
+                    need >> 20,
+                )
+                with self._lock:
+                    self._unloaded = True
+                    self.refresh(force=True)
+                return
+            self._incoming = need  # counted in the budget while it loads
+            fresh = Searcher(self.store, self.coord, self.layout, self.nprobe, self.shard, self.scratch)
+            fresh.load()
+            for attempt in range(10):
+                if attempt < 9:
+                    fresh.refresh(force=True)  # catch up outside our lock: searches go on meanwhile
+                with self._lock:
+                    if attempt == 9:
+                        fresh.refresh(force=True)
+                    if fresh.sequence >= self.sequence:
+                        self.index, self.sequence = fresh.index, fresh.sequence
+                        self.tombstones, self.snapshot_watermark = fresh.tombstones, fresh.snapshot_watermark
+                        self.published_seen = max(self.published_seen, fresh.published_seen)
+                        self.damaged, self.skipped = fresh.damaged, fresh.skipped
+                        break
+            log.info("swapped in snapshot at sequence %d", self.snapshot_watermark)
+        except Exception:
+            log.exception("could not load the newer snapshot; keeping the live index")
+            self.published_seen = published  # do not retry in a loop
+        finally:
+            self._incoming = 0
+            self._swapping = False
 
     # --- reading
     def wait_for(self, sequence: int, timeout: float) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pupyl_queue.codecs import decode_vectors, encode_vectors
 from pupyl_queue.runtime import Runtime
 
 Send = Callable[[int, dict[str, Any]], Any]  # (shard, request) -> a Celery AsyncResult
@@ -29,8 +30,6 @@ class ShardUnavailable(RuntimeError):
 
 def shard_search(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
     """What a shard answers: its own top-k for each vector, or one of its vectors by id."""
-    from pupyl_queue.queries import decode_vectors, encode_vectors
-
     searcher = rt.searcher(task.get("collection", "default"))
     wanted = int(task.get("min_sequence") or 0)
     if wanted and not searcher.wait_for(wanted, float(task.get("wait_timeout", 30))):
@@ -48,8 +47,6 @@ def shard_search(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
 
 def shard_vector(rt: Runtime, collection: str, image_id: int, send: Send) -> np.ndarray:
     """An indexed image's vector, from the shard that owns it."""
-    from pupyl_queue.queries import decode_vectors
-
     answer = send(image_id % rt.settings.search_shards, {"collection": collection, "id": image_id})
     return decode_vectors(answer.get(timeout=rt.settings.search_timeout, disable_sync_subtasks=False))[0]
 
@@ -58,8 +55,6 @@ def fan_out(
     rt: Runtime, collection: str, vectors: np.ndarray, top: int, task: dict[str, Any], send: Send
 ) -> tuple[list[list[tuple[int, float]]], dict[str, Any]]:
     """Every shard's top-k for each vector, merged; and whether the answer is whole."""
-    from pupyl_queue.queries import encode_vectors
-
     request = {
         "collection": collection,
         "top": top,

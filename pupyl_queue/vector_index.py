@@ -78,6 +78,11 @@ class IdSet:
     def size(self) -> int:
         return len(self._bits)
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the bitmap holds: one byte per id slot (a bool array; packed only in files)."""
+        return int(self._bits.nbytes)
+
 
 # bytes per dimension of each scalar code, finest first
 SCALAR_CODES = (("SQ8", 1.0), ("SQ6", 0.75), ("SQ4", 0.5))
@@ -113,6 +118,12 @@ def code_bytes(factory: str, dim: int) -> int:
     if per_dim is None:
         raise ValueError(f"unknown codes {codes!r} in {factory!r}")
     return math.ceil(dim * per_dim)
+
+
+def index_bytes(count: int, factory: str, dim: int, id_slots: int) -> int:
+    """About what an index of ``count`` vectors holds in memory: each vector's code and 8-byte id,
+    plus the id bitmap at one byte per slot (``id_slots``: the highest id + 1, or more)."""
+    return count * (code_bytes(factory, dim) + 8) + id_slots
 
 
 def two_level_centroids(sample: np.ndarray, nlist: int, seed: int = 0) -> np.ndarray:
@@ -252,8 +263,7 @@ class VectorIndex:
 
     def memory_bytes(self) -> int:
         """About what the index holds in memory: codes and ids per vector, plus the id bitmap."""
-        per_vector = code_bytes(self.factory, self.dim)
-        return int(self._index.ntotal) * (per_vector + 8) + self.ids.size // 8
+        return index_bytes(int(self._index.ntotal), self.factory, self.dim, self.ids.nbytes)
 
     @property
     def is_trained(self) -> bool:

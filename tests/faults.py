@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 import redis
 
+from pupyl_queue.codecs import decode_segment
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.layout import Layout
-from pupyl_queue.searcher import Searcher, decode_segment
+from pupyl_queue.searcher import Searcher
 from pupyl_queue.store import ObjectStore
 
 FLOWERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "flowers"

@@ -13,8 +13,7 @@ import redis
 
 from pupyl_queue import integrity
 from pupyl_queue.backup import RestoreError, backup, restore
-from pupyl_queue.catalog import delete_collection, describe_collection, list_collections
-from pupyl_queue.collection import CollectionMissing
+from pupyl_queue.catalog import CollectionMissing, delete_collection, describe_collection, list_collections
 from pupyl_queue.layout import Layout
 from pupyl_queue.models import wrap_mobilenet
 from pupyl_queue.queries import compact, remove, search

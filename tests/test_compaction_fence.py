@@ -25,13 +25,14 @@ import pytest
 import redis
 
 from pupyl_queue import integrity, queries
+from pupyl_queue.codecs import encode_segment
 from pupyl_queue.compaction import Compactor
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.fencing import CompactionLock, FencedOut
 from pupyl_queue.layout import Layout
 from pupyl_queue.models import normalize
 from pupyl_queue.runtime import Runtime
-from pupyl_queue.searcher import Searcher, encode_segment
+from pupyl_queue.searcher import Searcher
 from pupyl_queue.settings import Settings
 from pupyl_queue.store import ObjectStore
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY

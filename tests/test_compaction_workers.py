@@ -25,10 +25,11 @@ import pytest
 
 from pupyl_queue import PupylQueue, Settings, integrity
 from pupyl_queue import constants as C
+from pupyl_queue.codecs import encode_segment
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.layout import Layout
 from pupyl_queue.models import ModelSpec, normalize
-from pupyl_queue.searcher import Searcher, encode_segment
+from pupyl_queue.searcher import Searcher
 from pupyl_queue.store import LocalStore, open_store
 from tests.workers import Workers
 

@@ -124,6 +124,6 @@ def test_compaction_path_trains_and_adds_on_gpu(data: tuple) -> None:
     for start in range(0, N, 5000):
         index.add(ids[start : start + 5000], vectors[start : start + 5000])
     assert recall(index, queries, exact) > 0.9
-    assert index.memory_bytes() == N * (DIM + 8) + index.ids.size // 8
+    assert index.memory_bytes() == N * (DIM + 8) + index.ids.nbytes
     cpu = faiss.deserialize_index(np.frombuffer(index.serialize(), dtype=np.uint8))
     assert cpu.is_trained and cpu.ntotal == N

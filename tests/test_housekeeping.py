@@ -304,7 +304,7 @@ def test_local_delete_prefix_leaves_no_folder_or_temp_file(tmp_path: Path) -> No
 
 
 def test_beat_runs_housekeeping_on_the_maintenance_queue() -> None:
-    from workers.app import make_app
+    from pupyl_queue.celery_app import make_app
 
     settings = Settings(housekeeping_interval=123)
     app = make_app(settings, include_tasks=False)

@@ -1,4 +1,6 @@
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -62,6 +64,32 @@ def test_decompression_bomb_refused_before_decoding() -> None:
     assert len(bomb) < 100_000
     with pytest.raises(ImageError, match="decompression bomb"):
         decode(bomb, LIMIT)
+
+
+def claimed_png(width: int, height: int) -> bytes:
+    """A small real PNG whose header claims ``width``x``height`` (CRC fixed): a bomb's header, cheaply."""
+    data = bytearray(encode(Image.new("L", (8, 8)), "PNG"))
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("side", [10_000, 20_000])  # past Pillow's warning (89M pixels), past its error
+def test_bomb_reason_quotes_pupyl_max_pixels_not_pillows_limit(side: int) -> None:
+    with pytest.raises(ImageError) as caught:
+        decode(claimed_png(side, side), LIMIT)
+    reason = str(caught.value)
+    assert f"{side}x{side}" in reason and str(LIMIT) in reason and "PUPYL_MAX_PIXELS" in reason
+    assert "89478485" not in reason and "178956970" not in reason  # Pillow's warning and error limits
+
+
+def test_pupyl_max_pixels_above_pillows_limit_is_the_limit() -> None:
+    """100M pixels under PUPYL_MAX_PIXELS=200M passes the guard: what stops this one is its missing data."""
+    with pytest.raises(ImageError) as caught:
+        decode(claimed_png(10_000, 10_000), 200_000_000)
+    assert "too large" not in str(caught.value)
+    assert "corrupt or truncated PNG" in str(caught.value)
 
 
 @pytest.mark.parametrize(

@@ -20,10 +20,10 @@ from celery import Celery
 
 from pupyl_queue import PupylQueue, Settings
 from pupyl_queue import constants as C
+from pupyl_queue.celery_app import make_app
 from pupyl_queue.layout import Layout
 from pupyl_queue.models import ModelSpec
 from tests.workers import Workers
-from workers.app import make_app
 from workers.liveness import HOLDERS, UNACKED, Liveness, alive_key
 
 DB = 13
@@ -111,9 +111,9 @@ def test_killed_maintenance_workers_task_comes_back_without_waiting_hours(
     import numpy as np
 
     from pupyl_queue import integrity
+    from pupyl_queue.codecs import encode_segment
     from pupyl_queue.coordination import Coordinator
     from pupyl_queue.models import normalize
-    from pupyl_queue.searcher import encode_segment
     from pupyl_queue.store import open_store
 
     settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url.rsplit("/", 1)[0] + f"/{DB}")

@@ -18,13 +18,13 @@ import pytest
 import redis
 
 from pupyl_queue import integrity
+from pupyl_queue.codecs import encode_segment, encode_vectors
 from pupyl_queue.compaction import Compactor
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.integrity import StoreDamaged
 from pupyl_queue.layout import Layout
 from pupyl_queue.models import normalize
-from pupyl_queue.queries import encode_vectors
-from pupyl_queue.searcher import Searcher, encode_segment
+from pupyl_queue.searcher import Searcher
 from pupyl_queue.settings import Settings
 from pupyl_queue.store import LocalStore, ObjectStore, open_store
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY

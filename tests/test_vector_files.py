@@ -13,11 +13,12 @@ import pytest
 import redis
 
 from pupyl_queue import constants as C
+from pupyl_queue.codecs import decode_segment, encode_segment
 from pupyl_queue.compaction import REUSE_ROWS, Compactor
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.layout import Layout
 from pupyl_queue.runtime import Runtime
-from pupyl_queue.searcher import Searcher, decode_segment, encode_segment
+from pupyl_queue.searcher import Searcher
 from pupyl_queue.settings import Settings
 from pupyl_queue.store import LocalStore, ObjectStore
 from tests.test_store_damage import DIM, answers, commit_segment, commit_tombstone, compact, damage, fresh

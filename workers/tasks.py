@@ -17,9 +17,9 @@ from celery import Task, shared_task
 from celery.signals import worker_ready
 from kombu.exceptions import OperationalError
 
+from pupyl_queue import codecs, embedding, ingest, queries, sharding
 from pupyl_queue import constants as C
-from pupyl_queue import embedding, ingest, queries, sharding
-from pupyl_queue.collection import list_collections
+from pupyl_queue.catalog import list_collections
 from pupyl_queue.runtime import runtime
 from pupyl_queue.store import StoreUnavailable
 
@@ -110,7 +110,7 @@ def index(self: Any, **job: Any) -> dict[str, Any]:
 
 def ask_nearest(collection: str, vectors: Any) -> list[tuple[int, float] | None]:
     """Near-duplicate lookup on the search workers, which hold the index (embed workers do not)."""
-    request = {"collection": collection, **queries.encode_vectors(vectors)}
+    request = {"collection": collection, **codecs.encode_vectors(vectors)}
     result = nearest.apply_async(kwargs=request)
     answer = result.get(timeout=runtime().settings.search_timeout, disable_sync_subtasks=False)
     if answer.get("degraded"):
