@@ -156,15 +156,13 @@ class Coordinator:
         self.r.set(self._k(C.KEY_SNAPSHOT), watermark)
 
     def trim_commits(self, up_to: int) -> int:
-        """Forget commits at or below ``up_to`` (their objects are inside a snapshot)."""
-        keys = self.r.zrangebyscore(self._k(C.KEY_COMMITS), "-inf", up_to)
-        if not keys:
-            return 0
-        pipe = self.r.pipeline()
-        pipe.zremrangebyscore(self._k(C.KEY_COMMITS), "-inf", up_to)
-        pipe.hdel(self._k(C.KEY_COMMIT_BY_OBJECT), *keys)
-        pipe.execute()
-        return len(keys)
+        """Take commits at or below ``up_to`` out of the log (their objects are inside a snapshot).
+
+        Their ``commit-of`` entries stay: that hash is the "published once" record. A batch
+        delivered again after its commit was trimmed must find its old sequence there, not get a
+        new one (its images would be counted, and replayed, twice). One entry per commit.
+        """
+        return int(self.r.zremrangebyscore(self._k(C.KEY_COMMITS), "-inf", up_to))
 
     def last_sequence(self) -> int:
         return int(self.r.get(self._k(C.KEY_SEQUENCE)) or 0)

@@ -71,3 +71,21 @@ def test_collections_do_not_share_keys(redis_client: redis.Redis) -> None:
     a, b = Coordinator(redis_client, Layout("a")), Coordinator(redis_client, Layout("b"))
     a.publish("x")
     assert b.commits_after(0) == [] and b.last_sequence() == 0
+
+
+def test_a_batch_published_again_after_its_commit_was_trimmed_is_not_counted_twice(
+    redis_client: redis.Redis,
+) -> None:
+    """Compaction trims the commit log; a late redelivery of a trimmed batch must keep its first commit."""
+    from pupyl_queue import integrity
+
+    coord = Coordinator(redis_client, Layout())
+    assert coord.publish("s/a", images=3) == 1
+    assert coord.publish("s/b", images=2) == 2
+    coord.trim_commits(2)  # two compactions later: both inside the snapshot
+    assert coord.commits_after(0) == []
+    assert integrity.is_committed(coord, "s/a")
+    assert coord.publish("s/a", images=3) == 1  # the same sequence, not a new one
+    assert coord.image_count() == 5
+    assert coord.last_sequence() == 2
+    assert coord.commits_after(0) == []  # not back in the log for searchers to apply again
