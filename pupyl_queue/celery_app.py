@@ -64,6 +64,7 @@ def make_app(settings: Settings | None = None, include_tasks: bool = True) -> Ce
         beat_schedule={
             "compact-all": {"task": C.TASK_COMPACT_ALL, "schedule": float(settings.compact_interval)},
             "housekeep": {"task": C.TASK_HOUSEKEEP, "schedule": float(settings.housekeeping_interval)},
+            "sweep-jobs": {"task": C.TASK_SWEEP_JOBS, "schedule": max(10.0, settings.job_stall_s / 4)},
         },
     )
     return app

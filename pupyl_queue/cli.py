@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -60,18 +61,17 @@ def cmd_index(args: argparse.Namespace) -> int:
         return 0
     from tqdm import tqdm
 
-    with tqdm(desc="indexing", unit="img") as bar:
-        import time
+    from pupyl_queue.client import JobFailed
 
-        while True:
-            state = job.progress()
-            seen = int(state.get("indexed", 0)) + int(state.get("duplicate", 0)) + int(state.get("failed", 0))
-            bar.total = int(state.get("total") or 0) or None
-            bar.n = seen
-            bar.refresh()
-            if state.get("state") in ("done", "failed"):
-                break
-            time.sleep(0.3)
+    def show(state: dict[str, Any]) -> None:
+        bar.total = int(state.get("total") or 0) or None
+        bar.n = sum(int(state.get(k) or 0) for k in ("indexed", "duplicate", "failed"))
+        bar.refresh()
+
+    # Job.wait ends a job whose tasks are gone (PUPYL_JOB_STALL_S): this never waits for ever.
+    # A failed job is printed below (exit status 1).
+    with tqdm(desc="indexing", unit="img") as bar, contextlib.suppress(JobFailed):
+        job.wait(poll=0.3, on_progress=show)
     return _print_job(job, args.json)
 
 
@@ -92,7 +92,7 @@ def _print_job(job: Any, as_json: bool) -> int:
             print(f"retries: {state['retries']} (last: {state.get('last_retry')})")
         for item in failures:
             print(f"  failed: {item['ref']}: {item['error']}")
-    return 1 if state.get("state") == "failed" else 0
+    return {"failed": 1, "partial": 2}.get(str(state.get("state")), 0)
 
 
 def cmd_job(args: argparse.Namespace) -> int:

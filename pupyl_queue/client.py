@@ -12,7 +12,7 @@ import copy
 import json
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -70,28 +70,70 @@ class Job:
         return state
 
     def done(self) -> bool:
-        return self.progress().get("state") in ("done", "failed")
+        return self.progress().get("state") in C.JOB_ENDED
 
-    def wait(self, timeout: float | None = None, poll: float = 0.2) -> dict[str, Any]:
-        """Block until the job ends; raises JobFailed or TimeoutError."""
+    def wait(
+        self,
+        timeout: float | None = None,
+        poll: float = 0.2,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Block until the job ends (``done`` or ``partial``: see ``failures()``); raises JobFailed
+        or TimeoutError.
+
+        A job that made no progress for PUPYL_JOB_STALL_S is checked for lost tasks (the beat
+        sweep's check, pupyl_queue/jobs.py) and ended when none is left, so no wait outlives its job.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        checked = time.monotonic()
         while True:
             state = self.progress()
+            if on_progress is not None:
+                on_progress(state)  # e.g. the CLI's progress bar
             if state.get("state") == "failed":
                 raise JobFailed(f"job {self.id} failed: {state.get('error')}")
-            if state.get("state") == "done":
+            if state.get("state") in C.JOB_ENDED:
                 return state
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {self.id} still {state.get('state')} after {timeout}s")
+            if time.monotonic() - checked >= min(30.0, self.client.settings.job_stall_s):
+                checked = time.monotonic()
+                self.end_if_lost()
+                continue
             time.sleep(poll)
+
+    def end_if_lost(self) -> str | None:
+        """End this job if it stalled with no task left (pupyl_queue/jobs.py); its new state, or None."""
+        from pupyl_queue.jobs import end_if_lost
+
+        pq = self.client
+        return end_if_lost(
+            pq.redis, lambda: pq.store, self.id, pq.settings.job_stall_s, ttl=pq.settings.job_ttl
+        )
 
     def report(self) -> list[dict[str, Any]]:
         """Every item of the job with its outcome, read from the store (survives Redis, and the
-        job's Redis record, which expires PUPYL_JOB_TTL after the job ends)."""
+        job's Redis record, which expires PUPYL_JOB_TTL after the job ends).
+
+        A batch that failed for good keeps its items in Redis too (its report may never have
+        reached the store): while the store is unreachable, those are all this gives.
+        """
         state = read_job(self.client.redis, self.id)
         layout = Layout(state["collection"] if state else self.client.collection)
+        in_redis: dict[str, list[dict[str, Any]]] = {}
+        for raw in self.client.redis.hvals(layout.job_key(self.id) + ":batches"):
+            summary = json.loads(raw)
+            if "items" in summary:
+                in_redis[layout.job_report(self.id, int(summary["batch"]))] = summary["items"]
+        try:
+            keys = set(self.client.store.list(layout.job_reports(self.id) + "/"))
+        except StoreUnavailable:
+            keys = set()
         items: list[dict[str, Any]] = []
-        for key in self.client.store.list(layout.job_reports(self.id) + "/"):
+        for key in sorted(keys | set(in_redis)):
+            if key in in_redis:
+                items.extend(in_redis[key])
+                continue
             try:
                 items.extend(json.loads(self.client.store.get(key))["items"])
             except ObjectNotFound:

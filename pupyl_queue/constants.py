@@ -28,6 +28,7 @@ TASK_REMOVE = "pupyl.remove"
 TASK_COMPACT = "pupyl.compact"
 TASK_COMPACT_ALL = "pupyl.compact_all"
 TASK_HOUSEKEEP = "pupyl.housekeep"  # Celery beat: expire ended jobs, delete cut-off uploads, stale queries
+TASK_SWEEP_JOBS = "pupyl.sweep_jobs"
 TASK_ROUTES = {
     TASK_INDEX: QUEUE_INGEST,
     TASK_EMBED: QUEUE_EMBED,
@@ -37,6 +38,7 @@ TASK_ROUTES = {
     TASK_COMPACT: QUEUE_MAINTENANCE,
     TASK_COMPACT_ALL: QUEUE_MAINTENANCE,
     TASK_HOUSEKEEP: QUEUE_MAINTENANCE,
+    TASK_SWEEP_JOBS: QUEUE_MAINTENANCE,
 }
 
 
@@ -58,6 +60,7 @@ KEY_COMMITS = "commits"  # ZSET score=sequence member=store key of the segment/t
 KEY_COMMIT_BY_OBJECT = "commit-of"  # HASH store key -> sequence (idempotent publish)
 KEY_SNAPSHOT = "snapshot"  # watermark of the newest published snapshot
 KEY_HASHES = "hashes"  # HASH sha256 -> id (dedup)
+KEY_PENDING_CLAIMS = "claims-pending"  # HASH sha256 -> "id@batch id" until that batch commits or fails
 KEY_BATCH_IDS = "batch-ids"  # HASH batch id -> "first:count" (ids a batch owns)
 KEY_JOB = "job"  # job:{id} HASH of counters, job:{id}:batches HASH of finished batches
 KEY_EPOCH = "epoch"  # set when the commit log is rewritten (rebuild): searchers reload from the snapshot
@@ -80,5 +83,6 @@ STORE_JOBS = "jobs"
 STORE_QUERIES = "queries"
 STORE_UPLOADS = "uploads"  # images uploaded through the API, until their job is done
 
-JOB_STATES = ("uploading", "queued", "expanding", "running", "done", "failed")
-JOB_ENDED = ("done", "failed")  # terminal states: the record expires PUPYL_JOB_TTL after (docs/tasks.md)
+JOB_STATES = ("uploading", "queued", "expanding", "running", "done", "partial", "failed")
+# Terminal states: a job in one never changes again; its record expires PUPYL_JOB_TTL after (docs/tasks.md).
+JOB_ENDED = ("done", "partial", "failed")

@@ -38,13 +38,58 @@ redis.call('INCRBY', KEYS[5], ARGV[2])
 return seq
 """
 
-# Record a finished batch of a job once, adding its counts to the job.
+# Record a finished (or failed for good: ARGV[6] = 1) batch of a job once, adding its counts to the job.
 _FINISH_BATCH = """
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[1], 'batches_done', 1)
 redis.call('HINCRBY', KEYS[1], 'indexed', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'duplicate', ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'failed', ARGV[5])
+if ARGV[6] == '1' then redis.call('HINCRBY', KEYS[1], 'batches_failed', 1) end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[7])
+return 1
+"""
+
+# Claim content hashes for a batch's ids. A claim the batch holds (new, or its own from an earlier
+# run) is also recorded as pending (sha256 -> "id@batch") until the batch commits or fails for good.
+_CLAIM = """
+local out = {}
+for i = 2, #ARGV, 2 do
+  local sha, id = ARGV[i], ARGV[i + 1]
+  local owner = redis.call('HGET', KEYS[1], sha)
+  if not owner then
+    redis.call('HSET', KEYS[1], sha, id)
+    owner = id
+  end
+  if owner == id and ARGV[1] ~= '' then redis.call('HSET', KEYS[2], sha, id .. '@' .. ARGV[1]) end
+  out[#out + 1] = owner
+end
+return out
+"""
+
+# A batch committed (ARGV[2] = 0: its claims stay) or failed for good (1: its claims go).
+_SETTLE_CLAIMS = """
+local pending = redis.call('HGETALL', KEYS[2])
+local n = 0
+local tail = '@' .. ARGV[1]
+for i = 1, #pending, 2 do
+  local sha, value = pending[i], pending[i + 1]
+  if string.sub(value, -#tail) == tail then
+    redis.call('HDEL', KEYS[2], sha)
+    if ARGV[2] == '1' and redis.call('HGET', KEYS[1], sha) == string.sub(value, 1, -#tail - 1) then
+      redis.call('HDEL', KEYS[1], sha)
+      n = n + 1
+    end
+  end
+end
+return n
+"""
+
+# Drop one pending claim found dead, if it is still the one seen.
+_DROP_CLAIM = """
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[1])
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[3] then redis.call('HDEL', KEYS[1], ARGV[1]) end
 return 1
 """
 
@@ -91,6 +136,9 @@ class Coordinator:
         self._release = client.register_script(_RELEASE_HASH)
         self._expire = client.register_script(_EXPIRE_JOB)
         self._update_if = client.register_script(_UPDATE_JOB_IF)
+        self._claim = client.register_script(_CLAIM)
+        self._settle = client.register_script(_SETTLE_CLAIMS)
+        self._drop_claim = client.register_script(_DROP_CLAIM)
 
     def _k(self, name: str) -> str:
         return self.layout.key(name)
@@ -106,17 +154,54 @@ class Coordinator:
         """The id that owns this content: ``image_id`` if it is the first, else the earlier one."""
         return self.claim_hashes([(sha256, image_id)])[0]
 
-    def claim_hashes(self, claims: list[tuple[str, int]]) -> list[int]:
-        """Many claims in one round trip, in order: a content seen twice goes to its first id."""
+    def claim_hashes(self, claims: list[tuple[str, int]], batch_id: str = "") -> list[int]:
+        """Many claims in one round trip, in order: a content seen twice goes to its first id.
+
+        With ``batch_id``, the batch's own claims stay pending until ``settle_claims``: a claim
+        whose batch failed for good, or whose owner is neither committed nor in a live job, is
+        taken over here instead of making its content a "duplicate" of an id that never existed.
+        """
         if not claims:
             return []
-        key = self._k(C.KEY_HASHES)
-        pipe = self.r.pipeline()
+        keys = [self._k(C.KEY_HASHES), self._k(C.KEY_PENDING_CLAIMS)]
+        args: list[Any] = [batch_id]
         for sha256, image_id in claims:
-            pipe.hsetnx(key, sha256, image_id)
-            pipe.hget(key, sha256)
-        answers = pipe.execute()
-        return [int(owner) for owner in answers[1::2]]
+            args += [sha256, image_id]
+        owners = [int(owner) for owner in self._claim(keys=keys, args=args)]
+        if not batch_id:
+            return owners
+        taken = {sha for (sha, image_id), owner in zip(claims, owners) if owner != image_id}
+        if taken and self.drop_dead_claims(sorted(taken), batch_id):
+            owners = [int(owner) for owner in self._claim(keys=keys, args=args)]
+        return owners
+
+    def drop_dead_claims(self, shas: list[str], batch_id: str = "") -> int:
+        """Release the pending claims among ``shas`` whose batch neither committed nor can still run."""
+        keys = [self._k(C.KEY_HASHES), self._k(C.KEY_PENDING_CLAIMS)]
+        dropped = 0
+        for sha, value in zip(shas, self.r.hmget(keys[1], shas)):
+            if value is None or "@" not in value:
+                continue  # settled: its batch committed
+            owner, _, owner_batch = value.partition("@")
+            if owner_batch == batch_id or self.batch_can_commit(owner_batch):
+                continue
+            dropped += int(self._drop_claim(keys=keys, args=[sha, value, owner]))
+        return dropped
+
+    def batch_can_commit(self, batch_id: str) -> bool:
+        """True when a batch committed, or may still: its job is not over and the batch not finished."""
+        if self.r.hexists(self._k(C.KEY_COMMIT_BY_OBJECT), self.layout.segment(batch_id)):
+            return True
+        job_id, _, number = batch_id.rpartition("-")
+        state = self.r.hget(self.layout.job_key(job_id), "state")
+        if state is None or state in C.JOB_ENDED:
+            return False
+        return not self.r.hexists(self.layout.job_key(job_id) + ":batches", str(int(number)))
+
+    def settle_claims(self, batch_id: str, failed: bool = False) -> int:
+        """The batch committed (its claims stay, no longer pending) or failed for good (they go)."""
+        keys = [self._k(C.KEY_HASHES), self._k(C.KEY_PENDING_CLAIMS)]
+        return int(self._settle(keys=keys, args=[batch_id, int(failed)]))
 
     def release_hash(self, sha256: str, image_id: int) -> None:
         self._release(keys=[self._k(C.KEY_HASHES)], args=[sha256, image_id])
@@ -189,6 +274,7 @@ class Coordinator:
             pipe.execute()
 
     def update_job(self, job_id: str, **fields: Any) -> None:
+        fields.setdefault("updated_at", time.time())  # the last sign of progress (jobs.py's sweep)
         self.r.hset(self.layout.job_key(job_id), mapping={k: _text(v) for k, v in fields.items()})
 
     def update_job_if(self, job_id: str, expected: str, **fields: Any) -> bool:
@@ -220,9 +306,10 @@ class Coordinator:
     def finish_batch(self, job_id: str, batch: int, summary: dict[str, Any]) -> bool:
         """Count a batch into its job once; False when it was already counted."""
         key = self.layout.job_key(job_id)
+        counts = [summary["indexed"], summary["duplicate"], summary["failed"]]
+        failed = int(bool(summary.get("error")))
         done = self._finish(
-            keys=[key, key + ":batches"],
-            args=[batch, json.dumps(summary), summary["indexed"], summary["duplicate"], summary["failed"]],
+            keys=[key, key + ":batches"], args=[batch, json.dumps(summary), *counts, failed, time.time()]
         )
         return bool(done)
 

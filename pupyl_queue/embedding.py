@@ -98,6 +98,7 @@ def embed_batch(rt: Runtime, task: dict[str, Any], nearest: Nearest | None = Non
         for p in set(before) - set(run.keep):  # not indexed: its content hash must not point at it
             coord.release_hash(run.prepared[p].image.sha256, ids[p])  # type: ignore[union-attr]
     sequence = run.commit(f"{job_id}-{batch:06d}") if run.keep else None
+    coord.settle_claims(f"{job_id}-{batch:06d}")  # committed: its claims are no longer pending
 
     counts = {s: sum(1 for r in run.report if r["status"] == s) for s in ("indexed", "duplicate", "failed")}
     summary = {"batch": batch, "sequence": sequence, **counts, **run.timings.to_json()}
@@ -155,7 +156,8 @@ class _BatchRun:
         """Record each item's outcome so far; the ones that go to the network join the pending chunk."""
         decoded = [p for p in positions if self.prepared[p].image is not None]
         claims = [(self.prepared[p].image.sha256, self.ids[p]) for p in decoded]  # type: ignore[union-attr]
-        owners = dict(zip(decoded, self.coord.claim_hashes(claims)))
+        batch_id = f"{self.task['job_id']}-{int(self.task['batch']):06d}"
+        owners = dict(zip(decoded, self.coord.claim_hashes(claims, batch_id)))
         for p in positions:
             ref, image_id = self.items[p]["ref"], self.ids[p]
             if p not in owners:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from pupyl_queue import constants as C
+from pupyl_queue import jobs
 from pupyl_queue.collection import ensure_collection
 from pupyl_queue.layout import Layout
 from pupyl_queue.runtime import Runtime
@@ -34,13 +35,13 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
     layout = Layout(collection)
     coord = rt.coordinator(collection)
     job_id = job["job_id"]
-    done = rt.redis.hmget(layout.job_key(job_id), "expanded", "total", "batches_total")
-    if done[0] == "1":
+    done = rt.redis.hmget(layout.job_key(job_id), "expanded", "total", "batches_total", "state")
+    if done[0] == "1" or done[3] in C.JOB_ENDED:
         # Expanded already: this is a redelivery (its first run's ack was lost, e.g. Redis restarted
         # meanwhile). Expanding again would reset a finished job to "expanding" for good.
         finish_if_done(rt, job_id, collection)
         return {"job_id": job_id, "total": int(done[1] or 0), "batches": int(done[2] or 0)}
-    coord.update_job(job_id, state="expanding", started_at=time.time())
+    coord.update_job(job_id, state="expanding", started_at=time.time(), batch_size=rt.settings.batch_size)
     spec = ensure_collection(rt.store, rt.redis, layout, job)
     batch: list[dict[str, Any]] = []
     batches = total = 0
@@ -86,9 +87,9 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
             rt.store.put(entry["key"], data)
         batch.append(entry)
         total += 1
-        if len(batch) >= _batch_target(batches, rt.settings.batch_size):
+        if len(batch) >= jobs.batch_target(batches, rt.settings.batch_size):
             flush()
-            coord.update_job(job_id, total=total)  # progress while expanding
+            coord.update_job(job_id, total=total, batches_total=batches)  # progress while expanding
     flush()
     coord.update_job(job_id, total=total, batches_total=batches, expanded=1, state="running")
     finish_if_done(rt, job_id, collection)
@@ -134,18 +135,6 @@ def _keep_calibration_sample(
     return itertools.chain(head, rest)
 
 
-def _batch_target(number: int, size: int) -> int:
-    """Batch sizes ramp up (size/8, size/4, size/2, size, ...) so the embed workers start early."""
-    return max(1, size >> max(0, 3 - number))
-
-
 def finish_if_done(rt: Runtime, job_id: str, collection: str) -> None:
-    coord = rt.coordinator(collection)
-    key = coord.layout.job_key(job_id)
-    expanded, total, done = rt.redis.hmget(key, "expanded", "batches_total", "batches_done")
-    complete = expanded == "1" and int(total or 0) == int(done or 0)
-    if complete and rt.redis.hsetnx(key, "finished_at", time.time()):
-        coord.update_job(job_id, state="done")
-        coord.expire_job(job_id, rt.settings.job_ttl)  # the record goes PUPYL_JOB_TTL from now
-        rt.store.delete_prefix(coord.layout.uploads(job_id) + "/")  # every batch holds its own copy now
-        rt.store.delete_prefix(coord.layout.staging(job_id) + "/")  # empty by now: its folder
+    """Once every batch is counted, the job ends: done, partial or failed (pupyl_queue/jobs.py)."""
+    jobs.end_if_done(rt.redis, rt.store, job_id, collection, ttl=rt.settings.job_ttl)

@@ -53,6 +53,9 @@ class Settings:
     result_expires: int = 24 * 3600
     visibility_timeout: int = 4 * 3600
     search_timeout: float = 60.0
+    task_retries: int = 12  # retries of a transient failure (store unreachable) before a task fails for good
+    task_retry_backoff_max: int = 60  # seconds: the longest wait between two of those retries
+    job_stall_s: float = 600.0  # a job without progress this long is checked for lost tasks (jobs.py)
     fetch_concurrency: int = 16
     fetch_connect_timeout: float = 10.0
     fetch_read_timeout: float = 30.0

@@ -17,7 +17,7 @@ from celery import Task, shared_task
 from celery.signals import worker_ready
 from kombu.exceptions import OperationalError
 
-from pupyl_queue import codecs, embedding, ingest, queries, sharding
+from pupyl_queue import codecs, embedding, ingest, jobs, queries, sharding
 from pupyl_queue import constants as C
 from pupyl_queue.catalog import list_collections
 from pupyl_queue.runtime import runtime
@@ -51,10 +51,34 @@ def count_retries(kwargs: dict[str, Any], exc: BaseException, times: int = 1) ->
 
 
 class JobTask(Task):  # type: ignore[misc]
-    """A task of a bulk job: each retry of a transient failure shows in the job's state."""
+    """A task of a bulk job: each retry of a transient failure shows in the job's state, and a
+    failure for good (retries spent, or a bug) ends its batch, or its job, with the reason.
+
+    Without on_failure a batch that failed for good was never counted, and its job stayed
+    ``running`` for ever. When even this handler cannot reach Redis, the sweep (jobs.py) ends it.
+    """
 
     def on_retry(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         count_retries(kwargs, exc)
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        job_id = kwargs.get("job_id") or task_id  # an index task's id is its job's
+        if not kwargs.get("collection"):
+            return
+        retries = self.request.retries
+        reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, TRANSIENT):
+            reason = f"gave up after {retries} retries: {reason}"
+        rt = runtime()
+        try:
+            if self.name == C.TASK_EMBED:
+                jobs.fail_batch(rt.redis, lambda: rt.store, kwargs, reason, ttl=rt.settings.job_ttl)
+            else:
+                jobs.fail_job(
+                    rt.redis, lambda: rt.store, job_id, kwargs["collection"], reason, ttl=rt.settings.job_ttl
+                )
+        except REDIS_DOWN:
+            log.error("job %s: could not record a failure (Redis unreachable); the sweep will", job_id)
 
 
 def riding_out_redis(task: Any, kwargs: dict[str, Any], body: Callable[[], T]) -> T:
@@ -85,7 +109,14 @@ def riding_out_redis(task: Any, kwargs: dict[str, Any], body: Callable[[], T]) -
         return result
 
 
-RETRY = dict(autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=60, max_retries=12)
+# PUPYL_TASK_RETRIES and PUPYL_TASK_RETRY_BACKOFF_MAX (12 and 60 s: about ten minutes in all).
+_settings = runtime().settings
+RETRY = dict(
+    autoretry_for=TRANSIENT,
+    retry_backoff=True,
+    retry_backoff_max=_settings.task_retry_backoff_max,
+    max_retries=_settings.task_retries,
+)
 JOB_RETRY = dict(base=JobTask, **RETRY)
 
 
@@ -95,15 +126,12 @@ def index(self: Any, **job: Any) -> dict[str, Any]:
     job.setdefault("job_id", self.request.id)
 
     def body() -> dict[str, Any]:
-        try:
-            return ingest.expand_job(rt, job, lambda batch: embed.apply_async(kwargs=batch))
-        except TRANSIENT:
-            raise
-        except Exception as exc:
-            coord = rt.coordinator(job["collection"])
-            coord.update_job(job["job_id"], state="failed", error=f"{type(exc).__name__}: {exc}")
-            coord.expire_job(job["job_id"], rt.settings.job_ttl)
-            raise
+        # A failure for good (a bad URI, a model mismatch, retries spent) fails the job (on_failure).
+        return ingest.expand_job(rt, job, dispatch)
+
+    def dispatch(batch: dict[str, Any]) -> None:
+        # The task id is the batch id: the sweep (jobs.py) looks for it in the broker.
+        embed.apply_async(kwargs=batch, task_id=jobs.batch_id(batch["job_id"], batch["batch"]))
 
     return riding_out_redis(self, job, body)
 
@@ -124,18 +152,11 @@ def embed(self: Any, **batch: Any) -> dict[str, Any]:
     rt = runtime()
 
     def body() -> dict[str, Any]:
-        try:
-            result = embedding.embed_batch(rt, batch, ask_nearest)
-            if embedding.compaction_due(rt, batch["collection"], result.get("sequence")):
-                compact.apply_async(kwargs={"collection": batch["collection"]})
-            return result
-        except TRANSIENT:
-            raise
-        except Exception as exc:
-            coord = rt.coordinator(batch["collection"])
-            coord.update_job(batch["job_id"], state="failed", error=f"{type(exc).__name__}: {exc}")
-            coord.expire_job(batch["job_id"], rt.settings.job_ttl)
-            raise
+        # Any failure for good ends this batch only, its items failed with the reason (on_failure).
+        result = embedding.embed_batch(rt, batch, ask_nearest)
+        if embedding.compaction_due(rt, batch["collection"], result.get("sequence")):
+            compact.apply_async(kwargs={"collection": batch["collection"]})
+        return result
 
     return riding_out_redis(self, batch, body)
 
@@ -180,6 +201,13 @@ def compact_all() -> dict[str, Any]:
             compact.apply_async(kwargs={"collection": name})
             queued.append(name)
     return {"queued": queued}
+
+
+@shared_task(name=C.TASK_SWEEP_JOBS, **RETRY)
+def sweep_jobs() -> dict[str, Any]:
+    """Celery beat's sweep: end the jobs whose tasks are all gone (pupyl_queue/jobs.py)."""
+    rt = runtime()
+    return {"ended": jobs.end_lost_jobs(rt.redis, rt.store, rt.settings.job_stall_s, ttl=rt.settings.job_ttl)}
 
 
 @worker_ready.connect
