@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 UNACKED = "unacked"  # kombu's Redis transport: HASH delivery tag -> [message, exchange, routing key]
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue + sep + priority is a queue's other list
 JOB_QUEUES = (C.QUEUE_INGEST, C.QUEUE_EMBED)
-CLEANUP = f"{C.REDIS_PREFIX}:cleanup"  # SET of store prefixes to delete once the store answers
 SCAN_PAGE = 200
 # The store, or how to open it: a producer's client opens its store on first use, and opening an
 # S3 store that is down fails. Everything here must work without it (Redis first, store best effort).
@@ -75,10 +74,10 @@ def fail_batch(client: redis.Redis, store: StoreLike, task: dict[str, Any], reas
     if not coord.finish_batch(job_id, number, {**summary, "items": items}):
         return False
     log.warning("job %s: batch %d failed for good: %s", job_id, number, reason)
-    _best_effort(client, lambda: _store_batch_report(store, coord.layout, job_id, summary, items))
+    _best_effort(lambda: _store_batch_report(store, coord.layout, job_id, summary, items), "its report")
     for item in task["items"]:
         if item.get("key"):
-            _best_effort(client, lambda key=item["key"]: _open(store).delete(key), item["key"])
+            _best_effort(lambda key=item["key"]: _open(store).delete(key), item["key"])
     end_if_done(client, store, job_id, collection, ttl=ttl)
     return True
 
@@ -95,7 +94,8 @@ def fail_job(
         coord.update_job(job_id, state="failed", error=reason)
         coord.expire_job(job_id, ttl)  # the record goes PUPYL_JOB_TTL from now
         log.warning("job %s failed: %s", job_id, reason)
-        _clean(client, store, coord.layout, job_id)
+        # Its staged bytes stay: batches it dispatched may still be queued. Housekeeping deletes
+        # them PUPYL_UPLOAD_GRACE after the job ended (pupyl_queue/housekeeping.py).
 
 
 def end_if_done(
@@ -121,7 +121,9 @@ def end_if_done(
         }
     coord.update_job(job_id, state=end, **fields)
     coord.expire_job(job_id, ttl)  # the record goes PUPYL_JOB_TTL from now
-    _clean(client, store, coord.layout, job_id)  # every batch holds its own copy now, or failed
+    # Every batch is counted: nothing reads the job's uploads or staged bytes any more.
+    for prefix in (coord.layout.uploads(job_id) + "/", coord.layout.staging(job_id) + "/"):
+        _best_effort(lambda p=prefix: _open(store).delete_prefix(p), prefix)
     return end
 
 
@@ -141,20 +143,13 @@ def _store_batch_report(
     )
 
 
-def _clean(client: redis.Redis, store: StoreLike, layout: Layout, job_id: str) -> None:
-    """An ended job's staged bytes and uploads go (later, by the sweep, if the store is down)."""
-    for prefix in (layout.staging(job_id) + "/", layout.uploads(job_id) + "/"):
-        _best_effort(client, lambda p=prefix: _open(store).delete_prefix(p), prefix)
-
-
-def _best_effort(client: redis.Redis, action: Any, key: str = "") -> None:
-    """Run a store write or delete; with the store down, a delete is left to the sweep (CLEANUP)."""
+def _best_effort(action: Any, what: str) -> None:
+    """A store write or delete that may fail: the store may be what failed. Redis has the truth;
+    housekeeping deletes an ended job's leftovers once the store answers again."""
     try:
         action()
     except StoreUnavailable as exc:
-        log.warning("store unreachable (%s); %s left for the sweep", exc, key or "a batch report")
-        if key:
-            client.sadd(CLEANUP, key)
+        log.warning("store unreachable (%s): %s left for housekeeping", exc, what)
 
 
 # --- jobs whose tasks are gone
@@ -250,17 +245,11 @@ def batch_sizes(total: int, batches: int, size: int) -> list[int]:
 
 
 def end_lost_jobs(client: redis.Redis, store: StoreLike, stall_s: float, *, ttl: int) -> dict[str, str]:
-    """The beat sweep: end every recent job whose tasks are gone; retry clean-ups the store missed."""
+    """The beat sweep: end every recent job whose tasks are gone; job id -> its new state."""
     ended = {}
     for job in recent_jobs(client, C.RECENT_JOBS_KEPT):
         if job.get("state") not in C.JOB_ENDED:
             end = end_if_lost(client, store, job["job_id"], stall_s, ttl=ttl)
             if end:
                 ended[job["job_id"]] = end
-    for key in client.smembers(CLEANUP):
-        try:
-            _open(store).delete_prefix(key) if key.endswith("/") else _open(store).delete(key)
-            client.srem(CLEANUP, key)
-        except StoreUnavailable:
-            break
     return ended
