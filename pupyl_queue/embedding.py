@@ -95,6 +95,8 @@ def embed_batch(rt: Runtime, task: dict[str, Any], nearest: Nearest | None = Non
         run.keep, run.vectors = _drop_near_duplicates(
             task, run.keep, run.vectors, ids, run.report, threshold, nearest
         )
+        if (done := coord.finished_batch(job_id, batch)) is not None:
+            return done  # finished by another delivery meanwhile: see below
         for p in set(before) - set(run.keep):  # not indexed: its content hash must not point at it
             coord.release_hash(run.prepared[p].image.sha256, ids[p])  # type: ignore[union-attr]
     sequence = run.commit(f"{job_id}-{batch:06d}") if run.keep else None
@@ -102,6 +104,11 @@ def embed_batch(rt: Runtime, task: dict[str, Any], nearest: Nearest | None = Non
 
     counts = {s: sum(1 for r in run.report if r["status"] == s) for s in ("indexed", "duplicate", "failed")}
     summary = {"batch": batch, "sequence": sequence, **counts, **run.timings.to_json()}
+    if (done := coord.finished_batch(job_id, batch)) is not None:
+        # Another delivery of this batch finished while this one ran (a redelivery past the
+        # visibility timeout): its report and claims stand. This run may have found the staged
+        # copies that run deleted ("missing"): its report must not overwrite the true one.
+        return done
     rt.store.put(layout.job_report(job_id, batch), json.dumps({**summary, "items": run.report}).encode())
     coord.finish_batch(job_id, batch, summary)
     for item in items:

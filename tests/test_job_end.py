@@ -212,3 +212,33 @@ def test_index_wait_on_the_command_line_returns_when_the_job_is_lost(
         cli.kill()
     assert cli.returncode == 1, (out, err)
     assert "failed" in out and "its task was lost" in out
+
+
+def test_a_late_second_delivery_of_a_batch_leaves_the_first_ones_report_and_claims(
+    rt: Runtime, client: PupylQueue, tmp_path: Path, tiny_model: Path
+) -> None:
+    """Delivery X of a batch runs long (past the visibility timeout); delivery Y of it finishes first.
+
+    X's view is stale (here: every image a near duplicate of id 999; in tests/test_faults.py: the
+    staged copies Y deleted, "missing"). It must not overwrite Y's report nor release Y's claims.
+    """
+    rt = Runtime(rt.settings.replace(inline_item_bytes=0))
+    folder = folder_of(tmp_path, 2)
+    batches = expand_folder(rt, folder, tiny_model, job_id="j1", near_duplicate=0.5)
+    batch = batches[-1]
+    first: list[dict] = []
+    asked: list[int] = []
+
+    def nearest(collection: str, vectors) -> list:  # noqa: ANN001
+        asked.append(len(vectors))
+        if len(asked) > 1:  # Y's own question: nothing indexed yet
+            return [None] * len(vectors)
+        first.append(embed_batch(rt, batch, nearest))  # Y runs and finishes while X waits here
+        return [(999, 0.0)] * len(vectors)
+
+    late = embed_batch(rt, batch, nearest)  # X
+    assert first[0]["indexed"] == 1
+    assert late["indexed"] == 1 and late["duplicate"] == 0
+    assert [i["status"] for i in client.job("j1").report() if i["ref"].endswith("01.png")] == ["indexed"]
+    image_id = first[0]["items"][0]["id"]
+    assert str(image_id) in rt.redis.hvals(Layout().key(C.KEY_HASHES))  # Y's claim still stands
