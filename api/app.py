@@ -275,6 +275,8 @@ async def job(request: web.Request) -> web.Response:
     handle = pq.job(job_id)
     try:
         state = await blocking(handle.progress)
+        if state.get("state") not in C.JOB_ENDED and await blocking(handle.end_if_lost):
+            state = await blocking(handle.progress)  # it had stalled with no task left: ended now
     except KeyError:
         raise ApiError(404, "not_found", "no such job (or it ended more than PUPYL_JOB_TTL ago)") from None
     offset, limit = _page(request)
