@@ -351,3 +351,21 @@ def test_many_collection_names_leave_descriptors_and_redis_connections_flat(
         assert redis_client.keys("pupyl:probe-*") == []  # asking about a name creates nothing
 
     run(app_settings(tmp_path, redis_url, roots), scenario)
+
+
+def test_the_job_view_ends_a_job_whose_tasks_are_gone(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, roots: dict[str, Path]
+) -> None:
+    """A lost job (no task queued or held, no progress for PUPYL_JOB_STALL_S) must not show ``running``
+    for good where no beat runs the sweep (``pupyl-queue up``): the job view ends it."""
+    from pupyl_queue.coordination import Coordinator
+
+    Coordinator(redis_client, Layout("default")).create_job(
+        "lostjob", {"collection": "default", "state": "queued", "created_at": 0}
+    )
+
+    async def scenario(http: TestClient) -> None:
+        body = await (await http.get("/v1/jobs/lostjob", headers=GOOD)).json()
+        assert body["state"] == "failed" and "lost" in body["error"], body
+
+    run(app_settings(tmp_path, redis_url, roots, job_stall_s=0), scenario)
