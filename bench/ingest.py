@@ -5,6 +5,12 @@ figure is the median of --runs runs. Usage (see BENCHMARKS.md for the numbers):
 
     .venv/bin/python bench/ingest.py --images 1000 --runs 3 --pupyl-python /tmp/pupylvenv/bin/python
     .venv/bin/python bench/ingest.py --images 24 --runs 1 --characteristics 1   # smoke run (CI)
+    .venv/bin/python bench/ingest.py --model null --images 1000 --runs 3    # the system without a network
+
+``--model null`` indexes into a collection whose extractor costs nothing (a fixed
+vector per image, models.NullExtractor): what the system moves when the network
+is free, as on a GPU, next to the decode ceiling of this machine's cores
+(decode + resize of the same photos in one process per core), in the same run.
 
 The weights are random (speed does not depend on their values), written in the
 legacy HDF5 format under the file name Keras caches, so pupyl finds them in
@@ -92,9 +98,9 @@ def model_only(
 
     from pupyl_queue.images import decode
     from pupyl_queue.int8 import CALIBRATION_IMAGES, Int8Extractor, convert
-    from pupyl_queue.models import build_characteristic, configure_tensorflow, resolve_weights
+    from pupyl_queue.models import build_characteristic, configure_backend, resolve_weights
 
-    configure_tensorflow(0, False)
+    configure_backend(0, False)
     extractor: Any = build_characteristic(characteristic, resolve_weights(characteristic, str(weights)))
     size = extractor.input_size
     pixels = np.stack([decode(f.read_bytes(), 10**9, target=size).pixels(size) for f in files])
@@ -132,13 +138,18 @@ def end_to_end(
     runs: int,
     work: Path,
     precision: str,
-) -> tuple[float, float]:
-    """Images/s from index() to job done through real Redis, ingest and embed workers; peak embed RSS."""
+    spec: Any = None,
+) -> tuple[float, float, list[dict[str, float]]]:
+    """Images/s from index() to job done through real Redis, ingest and embed workers; peak embed RSS.
+
+    ``spec`` (a ModelSpec) creates the collection with that model first (the null extractor).
+    Also gives, per timed run, its seconds and where the embed worker spent them.
+    """
     from pupyl_queue import PupylQueue
     from pupyl_queue.stack import free_port, start_redis, start_worker, stop
 
     port = free_port()
-    tag = f"{characteristic.value}-{precision}"
+    tag = f"{characteristic.value}-{precision}" if spec is None else spec.kind
     redis = start_redis(work / f"redis-{tag}", port, appendonly=False)
     settings = Settings(
         data_dir=work / f"data-{tag}",
@@ -152,13 +163,15 @@ def end_to_end(
         # A first job builds the model (and, for int8, calibrates and converts it on these photos);
         # the timed jobs index the same photos again into the same collection.
         client = PupylQueue(settings=settings, collection=f"c{tag}", precision=precision)
+        if spec is not None:
+            create_collection(client, spec)
         started = time.perf_counter()
         client.index(folder).wait(timeout=3600)
         print(
             f"  {tag}: first job (model build{', int8 conversion' if precision == 'int8' else ''}) "
             f"{time.perf_counter() - started:.1f}s"
         )
-        rates = []
+        rates, spent_runs = [], []
         for run in range(runs):
             started = time.perf_counter()
             job = client.index(folder)
@@ -167,14 +180,81 @@ def end_to_end(
             assert state["indexed"] == count, state
             rates.append(count / elapsed)
             spent = _stage_seconds(client, job.id, int(state["batches_total"]))
+            spent_runs.append({"elapsed_s": elapsed, **spent})
             print(
                 f"  run {run}: {elapsed:.2f}s; embed worker: "
                 + ", ".join(f"{k} {v:.2f}s" for k, v in spent.items())
             )
-        return statistics.median(rates), PeakRSS(embed.pid).peak_mib()
+        return statistics.median(rates), PeakRSS(embed.pid).peak_mib(), spent_runs
     finally:
         for proc in (ingest, embed, redis):
             stop(proc)
+
+
+def create_collection(client: Any, spec: Any) -> None:
+    """Write a manifest and model claim as ensure_collection does, for a spec no request can name."""
+    from pupyl_queue import constants as C
+    from pupyl_queue.layout import Layout
+
+    layout = Layout(client.collection)
+    client.redis.set(layout.key("model"), json.dumps(spec.to_json(), sort_keys=True))
+    manifest = {"schema": C.SCHEMA_VERSION, "collection": layout.collection, "model": spec.to_json()}
+    client.store.put(layout.manifest, json.dumps({**manifest, "created_at": time.time()}).encode())
+
+
+def _decode_one(path: str) -> int:
+    """What an embed worker does to one photo before the network: read, hash, decode, squash to 224."""
+    from pupyl_queue.images import decode
+
+    image = decode(Path(path).read_bytes(), 64_000_000, target=224)
+    image.pixels(224)
+    return len(image.normalized_bytes())
+
+
+def decode_rates(files: list[Path], runs: int) -> tuple[float, float]:
+    """Images/s of decode + resize on one core, and in one process per core (the ceiling)."""
+    import multiprocessing
+
+    paths = [str(f) for f in files]
+    single = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        for path in paths:
+            _decode_one(path)
+        single.append(len(paths) / (time.perf_counter() - started))
+    cores = os.cpu_count() or 1
+    with multiprocessing.get_context("spawn").Pool(cores) as pool:
+        pool.map(_decode_one, paths[: cores * 4])  # start and warm every process
+        ceiling = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            pool.map(_decode_one, paths, chunksize=16)
+            ceiling.append(len(paths) / (time.perf_counter() - started))
+    return statistics.median(single), statistics.median(ceiling)
+
+
+def null_model(files: list[Path], folder: Path, runs: int, work: Path) -> None:
+    """The whole system with a network that costs nothing, next to this machine's decode ceiling."""
+    from pupyl_queue.models import ModelSpec
+
+    one_core, ceiling = decode_rates(files, runs)
+    c = Characteristic(1)
+    e2e, peak, spent = end_to_end(c, Path(""), folder, len(files), runs, work, "float32", ModelSpec.null())
+    cores = os.cpu_count() or 1
+    print(
+        f"\n{len(files)} photos, median of {runs} runs, {platform.processor() or platform.machine()}, "
+        f"{cores} cores, {time.strftime('%Y-%m-%d')}, null extractor (1024-d fixed vectors)"
+    )
+    print(f"{'what':<44} {'img/s':>9} {'of ceiling':>11}")
+    print(f"{'decode + resize, 1 process':<44} {one_core:>9.1f} {one_core / ceiling:>10.0%}")
+    print(f"{f'decode + resize, {cores} processes (the ceiling)':<44} {ceiling:>9.1f} {1:>10.0%}")
+    print(f"{'end to end, null extractor':<44} {e2e:>9.1f} {e2e / ceiling:>10.0%}")
+    print(f"embed worker peak RSS {peak:.0f} MiB")
+    print("per 1,000 images (median run), seconds:")
+    middle = sorted(spent, key=lambda r: r["elapsed_s"])[len(spent) // 2]
+    per = 1000 / len(files)
+    for key, value in middle.items():
+        print(f"  {key:<12} {value * per:>7.2f}")
 
 
 def _stage_seconds(client: object, job_id: str, batches: int) -> dict[str, float]:
@@ -215,6 +295,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--characteristics", default="1,2")
+    parser.add_argument("--model", choices=("keras", "null"), default="keras", help="null: no network")
     parser.add_argument("--precisions", default="float32", help="float32, int8 or both: float32,int8")
     parser.add_argument("--batch", type=int, default=32, help="forward-pass batch of the model-only figure")
     parser.add_argument("--pupyl-python", default="", help="python of a venv with pupyl==0.14.7")
@@ -224,16 +305,20 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pupyl-bench-"))
     os.environ["KERAS_HOME"] = str(work / "keras")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from pupyl_queue.models import configure_tensorflow
+    from pupyl_queue.models import configure_backend
 
-    configure_tensorflow(0, False)  # as an embed worker does, before any network is built
+    configure_backend(0, False)  # as an embed worker does, before any network is built
     files = photo_set(args.images, work / "photos")
+    if args.model == "null":
+        null_model(files, work / "photos", args.runs, work)
+        shutil.rmtree(work, ignore_errors=True)
+        return
     rows = []
     for value, precision in itertools.product(args.characteristics.split(","), args.precisions.split(",")):
         c = Characteristic.parse(value)
         weights = write_weights(c, work / "keras")
         limit = model_only(c, weights, files, args.runs, args.batch, precision)
-        e2e, peak = end_to_end(c, weights, work / "photos", len(files), args.runs, work, precision)
+        e2e, peak, _ = end_to_end(c, weights, work / "photos", len(files), args.runs, work, precision)
         pupyl = None
         if args.pupyl_python and c.value == 1 and precision == "float32":  # Keras checks other files' hashes
             pupyl = pupyl_rate(args.pupyl_python, c, work / "photos", len(files), args.runs, work)

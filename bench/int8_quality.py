@@ -36,9 +36,9 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from pupyl_queue.images import decode
     from pupyl_queue.int8 import CALIBRATION_IMAGES, Int8Extractor, convert
-    from pupyl_queue.models import configure_tensorflow, load_keras_model, wrap_mobilenet
+    from pupyl_queue.models import configure_backend, load_keras_model, wrap_mobilenet
 
-    configure_tensorflow(0, False)
+    configure_backend(0, False)
     files, labels = [], []
     for label, folder in enumerate(sorted(p for p in (SHARED / "flowers").iterdir() if p.is_dir())):
         for f in sorted(folder.glob("*.jpg")):

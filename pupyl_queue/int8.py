@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pupyl_queue.models import FeatureExtractor, ModelSpec, normalize
+from pupyl_queue.models import FeatureExtractor, ModelError, ModelSpec, normalize
 
 log = logging.getLogger(__name__)
 CALIBRATION_IMAGES = 100
@@ -36,7 +36,16 @@ def source_hash(extractor: FeatureExtractor) -> str:
 
 
 def convert(extractor: FeatureExtractor, calibration: np.ndarray) -> bytes:
-    """Full-integer quantization (int8 weights and activations), float32 in and out."""
+    """Full-integer quantization (int8 weights and activations), float32 in and out.
+
+    The converter is TensorFlow's: it runs on a worker whose Keras backend is
+    TensorFlow. The converted model, cached in the store, then runs anywhere (LiteRT).
+    """
+    if extractor.backend != "tensorflow":
+        raise ModelError(
+            f"int8 conversion needs the TensorFlow backend, this worker runs Keras on {extractor.backend}: "
+            "run one embed worker with KERAS_BACKEND=tensorflow to convert this collection's model once"
+        )
     import tensorflow as tf
 
     if len(calibration) == 0:

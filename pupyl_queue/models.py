@@ -2,8 +2,8 @@
 
 A collection fixes its model in its manifest as a :class:`ModelSpec` (plain
 JSON). Workers turn a spec into a resident :class:`FeatureExtractor` once per
-process (:func:`extractor_for`); TensorFlow is imported only there, after any
-fork, because TensorFlow is not fork-safe.
+process (:func:`extractor_for`); Keras and its backend (TensorFlow, JAX or
+PyTorch) are imported only there, after any fork, because none is fork-safe.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -51,11 +52,12 @@ class ModelSpec:
 
     @property
     def label(self) -> str:
-        name = (
-            Characteristic(self.characteristic).name
-            if self.kind == "characteristic"
-            else f"keras model sha256:{self.sha256[:12]}"
-        )
+        if self.kind == "characteristic":
+            name = Characteristic(self.characteristic).name
+        elif self.kind == "null":
+            name = "null extractor (benchmarks only)"
+        else:
+            name = f"keras model sha256:{self.sha256[:12]}"
         return f"{name} ({self.precision})"
 
     def with_precision(self, precision: str) -> ModelSpec:
@@ -78,6 +80,11 @@ class ModelSpec:
             "characteristic", net.feature_size, net.input_size, characteristic=c.value, precision=precision
         )
 
+    @classmethod
+    def null(cls, dim: int = 1024, input_size: int = 224) -> ModelSpec:
+        """The spec of :class:`NullExtractor`; only a collection created for a benchmark has it."""
+        return cls("null", dim, input_size)
+
     def check_same(self, other: ModelSpec) -> None:
         if self != other:
             raise ModelMismatchError(
@@ -96,15 +103,22 @@ def sha256_file(path: str | Path) -> str:
 
 
 class FeatureExtractor:
-    """A built network: uint8 RGB batches in, L2-normalised float32 vectors out."""
+    """A built network: uint8 RGB batches in, L2-normalised float32 vectors out.
+
+    The forward pass is compiled once per Keras backend (:func:`compile_forward`)
+    and takes the uint8 batch as it is: the cast and the network's own
+    preprocessing run inside the compiled function, so a GPU receives a quarter
+    of the bytes float32 would need and the host does no per-pixel work.
+    """
 
     def __init__(self, spec: ModelSpec, model: Any, preprocess: Any) -> None:
-        import tensorflow as tf
+        import keras
 
         self.spec = spec
+        self.backend = keras.backend.backend()
         self._model = model
         self._preprocess = preprocess
-        self._forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        self._forward = compile_forward(model, preprocess, self.backend)
         self._lock = threading.Lock()
 
     @property
@@ -112,18 +126,104 @@ class FeatureExtractor:
         return self.spec.input_size
 
     def preprocess(self, x: np.ndarray) -> np.ndarray:
-        """The network's own preprocessing of float RGB 0..255 (none for a user's model)."""
+        """The network's own preprocessing of float RGB 0..255 on the host (int8 calibration uses it)."""
         return x if self._preprocess is None else self._preprocess(x)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """One forward pass over a whole batch of ``(n, size, size, 3)`` uint8 images."""
-        if batch.ndim != 4 or batch.shape[1:] != (self.input_size, self.input_size, 3):
-            raise ValueError(f"expected (n, {self.input_size}, {self.input_size}, 3), got {batch.shape}")
-        x = self.preprocess(batch.astype(np.float32))
+        check_batch(batch, self.input_size)
         with self._lock:
-            out = np.asarray(self._forward(x), dtype=np.float32)
-        out = out.reshape(len(batch), -1)
-        return normalize(out)
+            out = self._forward(np.ascontiguousarray(batch, dtype=np.uint8))
+        return normalize(out.reshape(len(batch), -1))
+
+
+class NullExtractor(FeatureExtractor):
+    """An extractor that costs nothing: the same unit vector for every image, at the spec's dimension.
+
+    It measures what the rest of the system (fetch, decode, dedup, store,
+    Redis, Celery) can move when the network is free: the proxy of a GPU
+    worker on a machine without one (bench/ingest.py --model null).
+    """
+
+    backend = "none"
+
+    def __init__(self, spec: ModelSpec) -> None:  # no network: nothing of the parent's to build
+        self.spec = spec
+        self._model = None
+        self._preprocess = None
+        self._vector = normalize(np.ones((1, spec.dim), np.float32))
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        check_batch(batch, self.input_size)
+        return np.repeat(self._vector, len(batch), axis=0)
+
+
+def check_batch(batch: np.ndarray, size: int) -> None:
+    if batch.ndim != 4 or batch.shape[1:] != (size, size, 3):
+        raise ValueError(f"expected (n, {size}, {size}, 3), got {batch.shape}")
+
+
+def compile_forward(model: Any, preprocess: Any, backend: str) -> Callable[[np.ndarray], np.ndarray]:
+    """A compiled ``uint8 batch -> float32 features`` for this process's Keras backend.
+
+    TensorFlow: a ``tf.function`` with an unknown batch dimension (one trace).
+    JAX: ``jax.jit`` of the model's stateless call, its weights passed in as
+    arguments; batches are padded to a power of two so that a stream of odd
+    sizes compiles a handful of times, not once per size. PyTorch: eager under
+    ``no_grad``. The preprocessing is written with ``keras.ops`` by Keras, so
+    the same function traces on each backend.
+    """
+    import keras
+
+    size = int(model.input_shape[1])
+
+    def features(x: Any) -> Any:
+        x = keras.ops.cast(x, "float32")
+        if preprocess is not None:
+            x = preprocess(x)
+        return x
+
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        spec = tf.TensorSpec([None, size, size, 3], tf.uint8)
+        forward = tf.function(lambda x: model(features(x), training=False), input_signature=[spec])
+        return lambda batch: forward(batch).numpy().astype(np.float32, copy=False)
+    if backend == "jax":
+        import jax
+
+        trainable = [v.value for v in model.trainable_variables]
+        frozen = [v.value for v in model.non_trainable_variables]
+
+        def pure(trainable: Any, frozen: Any, x: Any) -> Any:
+            out, _ = model.stateless_call(trainable, frozen, features(x), training=False)
+            return keras.ops.cast(out, "float32")
+
+        jitted = jax.jit(pure)
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            n = len(batch)
+            padded = _bucket(n)
+            if padded != n:
+                batch = np.concatenate([batch, np.zeros((padded - n, *batch.shape[1:]), batch.dtype)])
+            return np.asarray(jitted(trainable, frozen, batch))[:n]
+
+        return run
+    if backend == "torch":
+        import torch
+
+        def eager(batch: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                out = model(features(keras.ops.convert_to_tensor(batch)), training=False)
+                return keras.ops.convert_to_numpy(keras.ops.cast(out, "float32"))
+
+        return eager
+    raise ModelError(f"Keras backend {backend!r} is not supported: use tensorflow, jax or torch")
+
+
+def _bucket(n: int) -> int:
+    """The batch size a compiled JAX call runs at: the next power of two (at least 8)."""
+    return max(8, 1 << (n - 1).bit_length())
 
 
 def normalize(vectors: np.ndarray) -> np.ndarray:
@@ -135,21 +235,55 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
 _configured: dict[str, Any] = {}
 
 
-def configure_tensorflow(threads: int, mixed_precision: bool) -> dict[str, Any]:
-    """Thread pools and GPU options, set once per process before the first network is built.
+def configure_backend(threads: int, mixed_precision: bool) -> dict[str, Any]:
+    """Thread pools and GPU options of this process's Keras backend, set once before the first network.
 
-    On CPU, TensorFlow's intra-op pool gets ``threads`` (default: every core)
-    and its inter-op pool 1: a feature extractor is one chain of big ops, and
-    decoding runs in our own thread pool beside it. On GPU: memory growth (so
-    several processes can share a card) and, if asked, mixed precision.
+    The backend is Keras' (``KERAS_BACKEND``, read when Keras is first imported):
+    TensorFlow by default and on CPU; JAX or PyTorch where those are the simpler
+    GPU install. It is fixed for the life of the process.
+
+    TensorFlow on CPU: the intra-op pool gets ``threads`` (default: every core)
+    and the inter-op pool 1: a feature extractor is one chain of big ops, and
+    decoding runs beside it. On GPU: memory growth (so several processes can share
+    a card) and, if asked, mixed precision (float16 on TensorFlow, bfloat16 on
+    JAX and PyTorch).
     """
     if _configured:
         return _configured
     import os
 
+    import keras
+
+    backend = keras.backend.backend()
+    cores = threads or os.cpu_count() or 1
+    if backend == "tensorflow":
+        gpus = _configure_tensorflow(cores)
+        policy = "mixed_float16"
+    elif backend == "jax":
+        import jax
+
+        gpus = sum(1 for d in jax.devices() if d.platform == "gpu")
+        policy = "mixed_bfloat16"
+    elif backend == "torch":
+        import torch
+
+        torch.set_num_threads(cores)
+        gpus = torch.cuda.device_count()
+        policy = "mixed_bfloat16"
+    else:
+        raise ModelError(f"Keras backend {backend!r} is not supported: use tensorflow, jax or torch")
+    if mixed_precision and gpus:
+        keras.mixed_precision.set_global_policy(policy)
+    _configured.update(
+        backend=backend, gpus=gpus, intra_op_threads=cores, mixed_precision=bool(mixed_precision and gpus)
+    )
+    log.info("Keras backend: %s", _configured)
+    return _configured
+
+
+def _configure_tensorflow(cores: int) -> int:
     import tensorflow as tf
 
-    cores = threads or os.cpu_count() or 1
     gpus = tf.config.list_physical_devices("GPU")
     try:
         tf.config.threading.set_intra_op_parallelism_threads(cores)
@@ -158,13 +292,7 @@ def configure_tensorflow(threads: int, mixed_precision: bool) -> dict[str, Any]:
             tf.config.experimental.set_memory_growth(gpu, True)
     except RuntimeError as exc:  # TensorFlow already initialised in this process
         log.warning("TensorFlow already initialised; thread settings unchanged: %s", exc)
-    if mixed_precision and gpus:
-        import keras
-
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    _configured.update(gpus=len(gpus), intra_op_threads=cores, mixed_precision=bool(mixed_precision and gpus))
-    log.info("TensorFlow: %s", _configured)
-    return _configured
+    return len(gpus)
 
 
 def build_characteristic(
@@ -267,7 +395,9 @@ def extractor_for(spec: ModelSpec, weights_setting: str, model_file: Path | None
         found = _cache.get(spec)
         if found is not None:
             return found
-        if spec.kind == "characteristic":
+        if spec.kind == "null":
+            extractor: FeatureExtractor = NullExtractor(spec)
+        elif spec.kind == "characteristic":
             c = Characteristic(spec.characteristic)
             extractor = build_characteristic(c, resolve_weights(c, weights_setting))
         elif model_file is not None:

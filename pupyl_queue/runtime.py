@@ -60,9 +60,9 @@ class Runtime:
         return spec
 
     def device(self) -> dict[str, object]:
-        from pupyl_queue.models import configure_tensorflow
+        from pupyl_queue.models import configure_backend
 
-        return configure_tensorflow(self.settings.tf_threads, self.settings.mixed_precision)
+        return configure_backend(self.settings.tf_threads, self.settings.mixed_precision)
 
     def infer_batch(self) -> int:
         """Images per forward pass: PUPYL_INFER_BATCH, else 128 on a GPU and 32 on CPU."""

@@ -85,3 +85,12 @@ def test_load_benchmark_smoke() -> None:
     assert {"idle", "under ingest", "embed", "search"} <= set(phases)
     p50 = float(phases["under ingest"].split("|")[3])
     assert p50 > 0
+
+
+def test_null_model_benchmark_smoke() -> None:
+    """The CPU proxy of a GPU worker: the whole stack with a free network, beside the decode ceiling."""
+    need_shared(SHARED_DATA / "photos")
+    table = run("bench/ingest.py", "--model", "null", "--images", "16", "--runs", "1")
+    rows = [line for line in table.splitlines() if line.startswith(("decode + resize", "end to end"))]
+    assert len(rows) == 3 and "(the ceiling)" in rows[1] and "null extractor" in rows[2]
+    assert all(float(row[44:].split()[0]) > 0 for row in rows)  # img/s

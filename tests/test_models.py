@@ -23,6 +23,7 @@ from pupyl_queue.models import (
 from pupyl_queue.store import LocalStore
 
 MOBILENET = Characteristic.MINIMUMWEIGHT_FAST_SMALL_PRECISION
+BACKEND_TOLERANCE = 1e-4  # max |difference| per component of unit vectors, any two Keras backends
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +115,61 @@ def test_collection_with_own_model(redis_client: redis.Redis, tmp_path: Path, ti
     assert spec.kind == "keras" and store.get(layout.model_file) == tiny_model.read_bytes()
     with pytest.raises(ModelMismatchError, match="keras model"):
         ensure_collection(store, redis_client, layout, {"characteristic": 1})
+
+
+def test_jax_backend_gives_the_same_vectors(tiny_model: Path, weights_dir: Path, tmp_path: Path) -> None:
+    """KERAS_BACKEND=jax runs the same collections: same vectors within float tolerance.
+
+    The parent embeds on TensorFlow; a child process (Keras fixes its backend at
+    import) embeds the same uint8 photos with the same files on JAX.
+    """
+    import os
+    import subprocess
+    import sys
+
+    from pupyl_queue.images import decode
+    from tests.backend_parity import embed_all
+    from tests.conftest import PHOTOS, ROOT
+
+    files = sorted((PHOTOS / "caer").glob("*.jpg"))[:4] if PHOTOS.exists() else []
+    if files:
+        pixels = np.stack([decode(f.read_bytes(), 10**8, target=224).pixels(224) for f in files])
+    else:
+        pixels = np.random.default_rng(1).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)
+    np.save(tmp_path / "pixels.npy", pixels)
+    weights = str(weights_dir / MOBILENET.network.weights_file)
+    ours = embed_all(pixels, str(tiny_model), weights)
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "jax.npz"
+    child = subprocess.run(
+        [sys.executable, "-m", "tests.backend_parity", out, tmp_path / "pixels.npy", tiny_model, weights],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    theirs = np.load(out)
+    assert str(ours["backend"]) == "tensorflow" and str(theirs["backend"]) == "jax"
+    assert str(ours["int8"]) == "converted"
+    assert "int8 conversion needs the TensorFlow backend" in str(theirs["int8"])
+    for name in ("own", "characteristic"):
+        a, b = ours[name], theirs[name]
+        assert a.shape == b.shape == (len(pixels), 256 if name == "own" else 1024)
+        cosine = np.sum(a * b, axis=1)
+        print(f"{name}: max |tf - jax| {np.abs(a - b).max():.2e}, min cosine {cosine.min():.8f}")
+        np.testing.assert_allclose(a, b, atol=BACKEND_TOLERANCE)
+        assert cosine.min() > 1 - BACKEND_TOLERANCE
+
+
+def test_null_extractor_costs_nothing_and_keeps_the_contract() -> None:
+    """The benchmarks' null model: unit vectors at the spec's dimension, the same input checks."""
+    spec = ModelSpec.null(dim=96, input_size=32)
+    extractor = extractor_for(spec, "", None)
+    assert extractor.spec == spec and "null extractor" in spec.label
+    vectors = extractor.embed(np.zeros((5, 32, 32, 3), np.uint8))
+    assert vectors.shape == (5, 96) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"expected \(n, 32, 32, 3\)"):
+        extractor.embed(np.zeros((1, 224, 224, 3), np.uint8))
