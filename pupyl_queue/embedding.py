@@ -1,11 +1,13 @@
 """The embed stage: one batch in, one committed segment out, at the machine's limit.
 
 Inside a task the work is a pipeline. A thread pool (PUPYL_DECODE_THREADS)
-fetches the staged bytes, decodes, resizes to the network's input and encodes
-the normalized copy; as soon as the first ``infer_batch`` images are ready the
-network runs on them, compiled, while the pool keeps decoding the rest. Store
-writes run on the same pool. Decoding releases the GIL (Pillow) and inference
-runs in TensorFlow's own threads, so the two overlap.
+fetches the staged bytes and hands them to the decode processes
+(PUPYL_DECODE_PROCESSES, pupyl_queue/decode_pool.py), which decode, hash, resize
+to the network's input and encode the normalized copy, and put the pixels in
+the batch's shared memory; as soon as the first ``infer_batch`` images are ready
+the network runs on them, compiled, while the processes keep decoding the rest.
+Store writes run on the thread pool. With PUPYL_DECODE_PROCESSES=0 the threads
+decode themselves (Pillow releases the GIL for most of it).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import numpy as np
 
 from pupyl_queue import integrity
 from pupyl_queue.codecs import encode_segment
-from pupyl_queue.images import DecodedImage, ImageError, decode
+from pupyl_queue.decode_pool import PixelSlots
+from pupyl_queue.images import ImageError, ImageInfo, decode
 from pupyl_queue.ingest import finish_if_done
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.store import ObjectNotFound
@@ -37,25 +40,32 @@ Nearest = Callable[[str, np.ndarray], list[tuple[int, float] | None]]
 class Prepared:
     """One item after the decode stage: pixels for the network and the normalized copy, or an error."""
 
-    image: DecodedImage | None = None
+    image: ImageInfo | None = None
     pixels: np.ndarray | None = None
     normalized: bytes = b""
     error: str = ""
     original: bytes = b""  # the file as uploaded, with PUPYL_KEEP_ORIGINALS
 
 
-def prepare(rt: Runtime, item: dict[str, Any], size: int) -> Prepared:
+def prepare(
+    rt: Runtime, item: dict[str, Any], size: int, slots: PixelSlots | None = None, slot: int = 0
+) -> Prepared:
+    """Fetch one item's bytes (in a thread) and decode them; in a decode process when ``slots`` is given."""
     if item.get("error"):
         return Prepared(error=item["error"])
     try:
         data = base64.b64decode(item["data_b64"]) if "data_b64" in item else rt.store.get(item["key"])
+        original = data if rt.settings.keep_originals else b""
+        decoder = rt.decode_pool() if slots is not None else None
+        if decoder is not None and slots is not None:
+            info, normalized, pixels = decoder.decode(data, rt.settings.max_pixels, slots, slot)
+            return Prepared(info, pixels, normalized or data, original=original)
         image = decode(data, rt.settings.max_pixels, target=size)
     except ImageError as exc:
         return Prepared(error=str(exc))
     except ObjectNotFound:
         return Prepared(error="staged copy is missing (the batch was already committed or the store lost it)")
-    original = data if rt.settings.keep_originals else b""
-    return Prepared(image, image.pixels(size), image.normalized_bytes(), original=original)
+    return Prepared(image.info(), image.pixels(size), image.normalized_bytes(), original=original)
 
 
 @dataclass
@@ -139,10 +149,25 @@ class _BatchRun:
         self._written: set[int] = set()
 
     def embed(self) -> None:
-        """Decode in the pool; run the network on each ``infer_batch`` as soon as it is ready."""
+        """Decode in the pool; run the network on each ``infer_batch`` as soon as it is ready.
+
+        Threads fetch; decode processes (when there are) decode into this batch's
+        shared pixel slots, which live until the last chunk has run.
+        """
+        size = self.extractor.input_size
+        slots = PixelSlots(len(self.items), size) if self.rt.decode_pool() is not None else None
+        try:
+            self._run_chunks(slots)
+        finally:
+            for prepared in self.prepared:
+                prepared.pixels = None  # views into the slots: drop them before the block goes
+            if slots is not None:
+                slots.close()
+
+    def _run_chunks(self, slots: PixelSlots | None) -> None:
         pool, chunk = self.rt.pool(), self.rt.infer_batch()
         size = self.extractor.input_size
-        futures = [pool.submit(prepare, self.rt, item, size) for item in self.items]
+        futures = [pool.submit(prepare, self.rt, item, size, slots, n) for n, item in enumerate(self.items)]
         group: list[int] = []
         for position, future in enumerate(futures):
             started = time.perf_counter()
@@ -251,7 +276,7 @@ def _drop_near_duplicates(
     return kept, vectors[rows]
 
 
-def _metadata(image_id: int, item: dict[str, Any], image: DecodedImage) -> dict[str, Any]:
+def _metadata(image_id: int, item: dict[str, Any], image: ImageInfo) -> dict[str, Any]:
     meta = {
         "id": image_id,
         "original_file_name": item["ref"].rsplit("/", 1)[-1],

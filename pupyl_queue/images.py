@@ -37,15 +37,25 @@ class ImageError(ValueError):
 
 
 @dataclass
-class DecodedImage:
-    rgb: Image.Image
+class ImageInfo:
+    """What the metadata and dedup need of a decoded image: small, so it crosses processes cheaply."""
+
     sha256: str
     width: int
     height: int
     format: str
     frames: int
     size_bytes: int
+
+
+@dataclass
+class DecodedImage(ImageInfo):
+    rgb: Image.Image
     original: bytes = b""  # set when the original file already is a normalized copy
+
+    def info(self) -> ImageInfo:
+        """The facts without the pixels (a decode process sends these back)."""
+        return ImageInfo(self.sha256, self.width, self.height, self.format, self.frames, self.size_bytes)
 
     def pixels(self, size: int) -> np.ndarray:
         """The image squashed to ``size``×``size`` (as pupyl: no crop), uint8 HWC."""
@@ -104,7 +114,7 @@ def decode(data: bytes, max_pixels: int, target: int | None = None) -> DecodedIm
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"corrupt or truncated {fmt_name(data)} image: {exc}") from None
-    return DecodedImage(rgb, sha, width, height, fmt, frames, len(data), original)
+    return DecodedImage(sha, width, height, fmt, frames, len(data), rgb, original)
 
 
 def fmt_name(data: bytes) -> str:

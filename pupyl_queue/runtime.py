@@ -21,6 +21,7 @@ import redis
 
 from pupyl_queue.collection import model_spec
 from pupyl_queue.coordination import Coordinator, connect
+from pupyl_queue.decode_pool import DecodePool, default_processes, pinned_cpus
 from pupyl_queue.layout import Layout
 from pupyl_queue.models import FeatureExtractor, ModelError, ModelSpec, extractor_for
 from pupyl_queue.searcher import Searcher
@@ -36,6 +37,7 @@ class Runtime:
         self._lock = threading.RLock()  # index_bytes() is called under it too
         self._searchers: OrderedDict[str, Searcher] = OrderedDict()
         self._pool: ThreadPoolExecutor | None = None
+        self._decode_pool: DecodePool | None = None
         self._int8_models: dict[tuple[str, ModelSpec], object] = {}
 
     @cached_property
@@ -75,6 +77,19 @@ class Runtime:
                 workers = self.settings.decode_threads or max(2, os.cpu_count() or 1)
                 self._pool = ThreadPoolExecutor(workers, thread_name_prefix="pupyl-decode")
             return self._pool
+
+    def decode_pool(self) -> DecodePool | None:
+        """The embed stage's decode processes (PUPYL_DECODE_PROCESSES), or None: decode in threads."""
+        with self._lock:
+            if self._decode_pool is None:
+                processes = default_processes(self.settings.decode_processes)
+                if processes == 0:
+                    return None
+                pin = pinned_cpus(int(self.device()["gpus"]))
+                if pin and self.settings.decode_processes < 0:
+                    processes = len(pin)
+                self._decode_pool = DecodePool(processes, pin)
+            return self._decode_pool
 
     def extractor(self, collection: str) -> FeatureExtractor:
         """The collection's extractor, float or int8 (then its own network, quantized)."""

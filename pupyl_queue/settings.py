@@ -43,6 +43,7 @@ class Settings:
     batch_size: int = 64
     infer_batch: int = 0
     decode_threads: int = 0
+    decode_processes: int = -1  # -1: one per core; 0: decode in the embed worker's threads
     tf_threads: int = 0
     mixed_precision: bool = False
     precision: str = "float32"

@@ -1,0 +1,159 @@
+"""Decode in processes beside the embed worker: a pool sized to the host's cores.
+
+Why processes: decoding, hashing, resizing and re-encoding are the per-image CPU
+work of an embed worker, and on a GPU host they are the ceiling (the network is
+15-30 times faster than the host's decode). Threads of one process share its
+GIL and its allocator with the thread that feeds the network; a pool of decode
+processes uses every core and leaves the feeding process to feed.
+
+- The processes are started with the ``spawn`` method: forking a process that
+  has started TensorFlow or JAX is unsafe (DESIGN.md, pitfalls).
+- On a GPU host with more than two cores they are pinned away from core 0, so
+  the process that feeds the GPU always has a core of its own.
+- Pixels come back as uint8 through shared memory (:class:`PixelSlots`, one
+  block per batch, one slot per image): no pickling of pixel arrays. The bytes
+  in and the small :class:`ImageInfo` out go through the pool's pipe; both are
+  local to this host, nothing of this reaches Redis.
+- A decode process that dies (kill -9, the OOM killer, a crash in a codec)
+  breaks the executor: every job in flight fails with ``BrokenProcessPool``.
+  The pool then starts fresh processes and those jobs run again. Decoding has no
+  side effects, so a job run twice is harmless and nothing is lost; an image
+  that breaks the pool :data:`MAX_ATTEMPTS` times fails with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import shared_memory
+
+import numpy as np
+
+from pupyl_queue.images import ImageError, ImageInfo, decode
+
+log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 3
+
+
+class PixelSlots:
+    """A shared-memory block of ``count`` uint8 images of ``size``×``size``×3, one slot per item.
+
+    The feeding process creates it per batch; decode processes write their
+    image's pixels into its slot; :meth:`close` frees it (call it once the
+    batch's pixels are no longer used: views into a closed block are invalid).
+    """
+
+    def __init__(self, count: int, size: int) -> None:
+        self.size = size
+        self._shm = shared_memory.SharedMemory(create=True, size=max(1, count) * size * size * 3)
+        self.name = self._shm.name
+        self.array: np.ndarray | None = np.ndarray((count, size, size, 3), np.uint8, buffer=self._shm.buf)
+
+    def close(self) -> None:
+        self.array = None
+        try:
+            self._shm.close()
+        except BufferError:  # a view is still referenced somewhere: the mapping goes when it does
+            log.debug("pixel slots %s still referenced at close", self.name)
+        self._shm.unlink()
+
+
+def _decode_into(
+    data: bytes, max_pixels: int, size: int, name: str, slot: int
+) -> tuple[ImageInfo | None, bytes, str]:
+    """Runs in a decode process: decode, hash, squash to ``size``, write the pixels into the slot.
+
+    Returns the image's facts, its normalized copy (empty when the original
+    bytes already are one) and an error (the failure reason, or empty).
+    """
+    try:
+        image = decode(data, max_pixels, target=size)
+    except ImageError as exc:
+        return None, b"", str(exc)
+    pixels = image.pixels(size)
+    shm = shared_memory.SharedMemory(name=name)
+    try:
+        view = np.ndarray((size, size, 3), np.uint8, buffer=shm.buf, offset=slot * size * size * 3)
+        view[...] = pixels
+        del view
+    finally:
+        shm.close()
+    return image.info(), b"" if image.original else image.normalized_bytes(), ""
+
+
+def _pin(cpus: set[int]) -> None:
+    os.sched_setaffinity(0, cpus)
+
+
+class DecodePool:
+    """Decode processes shared by the embed tasks of one worker process; restarts itself when broken."""
+
+    def __init__(self, processes: int, pin: set[int] | None = None) -> None:
+        self.processes = processes
+        self.pin = pin
+        self.restarts = 0
+        self._lock = threading.Lock()
+        self._executor = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        context = multiprocessing.get_context("spawn")
+        if self.pin:
+            return ProcessPoolExecutor(self.processes, context, initializer=_pin, initargs=(self.pin,))
+        return ProcessPoolExecutor(self.processes, context)
+
+    def decode(
+        self, data: bytes, max_pixels: int, slots: PixelSlots, slot: int
+    ) -> tuple[ImageInfo, bytes, np.ndarray]:
+        """Decode one image in a decode process; its pixels land in ``slots`` at ``slot``.
+
+        Raises ImageError with the failure reason, as :func:`pupyl_queue.images.decode` does.
+        """
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            executor = self._executor
+            try:
+                info, normalized, error = executor.submit(
+                    _decode_into, data, max_pixels, slots.size, slots.name, slot
+                ).result()
+            except BrokenProcessPool:
+                log.warning("a decode process died (attempt %d of %d): restarting", attempt, MAX_ATTEMPTS)
+                self._restart(executor)
+                continue
+            if info is None:
+                raise ImageError(error)
+            if slots.array is None:
+                raise RuntimeError("the batch's pixel slots were closed while it was decoding")
+            return info, normalized, slots.array[slot]
+        raise ImageError(f"the decode process died on this image {MAX_ATTEMPTS} times (a codec crash?)")
+
+    def _restart(self, broken: ProcessPoolExecutor) -> None:
+        """Replace a broken executor once, however many threads saw it break."""
+        with self._lock:
+            if self._executor is broken:
+                self._executor = self._start()
+                self.restarts += 1
+        broken.shutdown(wait=False, cancel_futures=True)
+
+    def pids(self) -> list[int]:
+        """The decode processes' ids (started ones; the executor starts them on demand)."""
+        return list(getattr(self._executor, "_processes", {}) or {})
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def default_processes(setting: int) -> int:
+    """PUPYL_DECODE_PROCESSES: -1 = one per core, 0 = none (decode in the worker's threads), N = N."""
+    return (os.cpu_count() or 1) if setting < 0 else setting
+
+
+def pinned_cpus(gpus: int) -> set[int] | None:
+    """On a GPU host with more than two cores: every core but the first (the feeding process keeps it)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return None
+    return set(cpus[1:]) if gpus and len(cpus) > 2 else None

@@ -1,0 +1,107 @@
+"""Decode processes beside the embed worker: same pixels as in-process decode, and kill -9 loses nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+
+from pupyl_queue.decode_pool import DecodePool, PixelSlots
+from pupyl_queue.images import ImageError, decode
+from pupyl_queue.layout import Layout
+from pupyl_queue.runtime import Runtime
+from pupyl_queue.settings import Settings
+from tests.faults import assert_exactly_once, audit
+from tests.imagegen import encode, pattern
+from tests.indexing import index_folder
+
+LIMIT = 10_000_000
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[DecodePool]:
+    decoder = DecodePool(2)
+    yield decoder
+    decoder.close()
+
+
+def test_pool_gives_the_pixels_and_facts_of_in_process_decode(pool: DecodePool) -> None:
+    sources = [encode(pattern(seed), fmt) for seed, fmt in enumerate(["JPEG", "PNG", "GIF", "WEBP"])]
+    slots = PixelSlots(len(sources), 64)
+    try:
+        for slot, data in enumerate(sources):
+            info, normalized, pixels = pool.decode(data, LIMIT, slots, slot)
+            here = decode(data, LIMIT, target=64)
+            assert info == here.info()
+            np.testing.assert_array_equal(pixels, here.pixels(64))
+            assert normalized == (b"" if here.original else here.normalized_bytes())
+        with pytest.raises(ImageError, match="not an image"):
+            pool.decode(b"not an image at all", LIMIT, slots, 0)
+        with pytest.raises(ImageError, match="decompression bomb guard"):
+            pool.decode(sources[1], 100, slots, 0)
+    finally:
+        slots.close()
+
+
+def test_killed_decode_process_is_replaced_and_the_image_decoded(pool: DecodePool) -> None:
+    data = encode(pattern(7), "PNG")
+    slots = PixelSlots(1, 32)
+    try:
+        pool.decode(data, LIMIT, slots, 0)  # the processes exist now
+        before = pool.restarts
+        os.kill(pool.pids()[0], signal.SIGKILL)
+        _, _, pixels = pool.decode(data, LIMIT, slots, 0)
+        np.testing.assert_array_equal(pixels, decode(data, LIMIT, target=32).pixels(32))
+        assert pool.restarts == before + 1
+    finally:
+        slots.close()
+
+
+def big_photos(folder: Path, count: int) -> dict[Path, str]:
+    """Distinct photos slow enough to decode that a kill lands while the batch is still decoding."""
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    files = {}
+    for n in range(count):
+        data = encode(Image.fromarray(rng.integers(0, 256, (900, 1200, 3), dtype=np.uint8)), "PNG")
+        (folder / f"{n:03d}.png").write_bytes(data)
+        files[folder / f"{n:03d}.png"] = hashlib.sha256(data).hexdigest()
+    return files
+
+
+def test_kill_9_of_a_decode_process_mid_batch_loses_and_doubles_nothing(
+    redis_url: str, redis_client: redis.Redis, tmp_path: Path, tiny_model: Path
+) -> None:
+    files = big_photos(tmp_path / "photos", 12)
+    settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url, decode_processes=2)
+    rt = Runtime(settings)
+    decoder = rt.decode_pool()
+    assert decoder is not None
+
+    def kill_one_while_decoding() -> None:
+        deadline = time.monotonic() + 120
+        while not decoder.pids() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # the first images are being decoded (each takes far longer than this)
+        os.kill(decoder.pids()[0], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_one_while_decoding)
+    killer.start()
+    try:
+        items = index_folder(rt, tmp_path / "photos", tiny_model, "killed")
+    finally:
+        killer.join()
+        decoder.close()
+    assert decoder.restarts >= 1  # the kill landed mid-batch and the pool came back
+    found = audit(rt.store, redis_client, "killed", items)
+    assert len(found.indexed_ids) == len(files)
+    assert_exactly_once(found, files, Layout("killed"))
