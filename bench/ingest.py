@@ -40,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 from pupyl_queue.characteristics import Characteristic  # noqa: E402
 from pupyl_queue.settings import Settings  # noqa: E402
 
+SETTINGS: dict[str, Any] = {}  # the workers' settings beyond the defaults (--batch-size, --infer-batch)
+
 PUPYL_SCRIPT = """
 import sys, time
 from pupyl.search import PupylImageSearch
@@ -152,6 +154,7 @@ def end_to_end(
     tag = f"{characteristic.value}-{precision}" if spec is None else spec.kind
     redis = start_redis(work / f"redis-{tag}", port, appendonly=False)
     settings = Settings(
+        **SETTINGS,
         data_dir=work / f"data-{tag}",
         redis_url=f"redis://127.0.0.1:{port}/0",
         weights=str(weights),
@@ -300,6 +303,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="forward-pass batch of the model-only figure")
     parser.add_argument("--pupyl-python", default="", help="python of a venv with pupyl==0.14.7")
     parser.add_argument("--json", default="", help="also write the results here")
+    parser.add_argument("--photos", default="", help="a folder of photos to use instead of ../shared/data")
+    parser.add_argument("--model-images", type=int, default=1000, help="photos the model-only figure runs on")
+    parser.add_argument("--batch-size", type=int, default=0, help="PUPYL_BATCH_SIZE of the run (images/task)")
+    parser.add_argument("--infer-batch", type=int, default=0, help="PUPYL_INFER_BATCH of the run")
+    parser.add_argument(
+        "--decode-processes", type=int, default=None, help="PUPYL_DECODE_PROCESSES of the run"
+    )
+    parser.add_argument("--ceiling", action="store_true", help="also measure the decode ceiling (all cores)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="pupyl-bench-"))
@@ -307,21 +318,34 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from pupyl_queue.models import configure_backend
 
-    configure_backend(0, False)  # as an embed worker does, before any network is built
-    files = photo_set(args.images, work / "photos")
+    device = configure_backend(0, False)  # as an embed worker does, before any network is built
+    print(f"Keras backend {device['backend']}, {device['gpus']} GPU(s)")
+    SETTINGS.update(
+        {k: v for k, v in (("batch_size", args.batch_size), ("infer_batch", args.infer_batch)) if v}
+    )
+    if args.photos:  # e.g. bench/gpu's 50,000 generated photos
+        folder = Path(args.photos)
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        files = files[: args.images]
+        if len(files) < args.images:
+            raise SystemExit(f"{folder} holds {len(files)} photos; ask for fewer with --images")
+    else:
+        folder = work / "photos"
+        files = photo_set(args.images, folder)
     if args.model == "null":
-        null_model(files, work / "photos", args.runs, work)
+        null_model(files, folder, args.runs, work)
         shutil.rmtree(work, ignore_errors=True)
         return
+    ceiling = decode_rates(files, args.runs) if args.ceiling else None
     rows = []
     for value, precision in itertools.product(args.characteristics.split(","), args.precisions.split(",")):
         c = Characteristic.parse(value)
         weights = write_weights(c, work / "keras")
-        limit = model_only(c, weights, files, args.runs, args.batch, precision)
-        e2e, peak, _ = end_to_end(c, weights, work / "photos", len(files), args.runs, work, precision)
+        limit = model_only(c, weights, files[: args.model_images], args.runs, args.batch, precision)
+        e2e, peak, _ = end_to_end(c, weights, folder, len(files), args.runs, work, precision)
         pupyl = None
         if args.pupyl_python and c.value == 1 and precision == "float32":  # Keras checks other files' hashes
-            pupyl = pupyl_rate(args.pupyl_python, c, work / "photos", len(files), args.runs, work)
+            pupyl = pupyl_rate(args.pupyl_python, c, folder, len(files), args.runs, work)
         rows.append(
             {
                 "characteristic": f"{c.value} {c.network.application} {precision}",
@@ -347,6 +371,12 @@ def main() -> None:
             f"{r['end_to_end'] / r['model_only']:>9.0%} {pupyl:>19} {ratio:>10} "
             f"{r['embed_peak_rss_mib']:>11.0f} MiB"
         )
+    if ceiling is not None:
+        print(f"decode + resize: {ceiling[0]:.1f} img/s in 1 process, {ceiling[1]:.1f} in {os.cpu_count()}")
+        for r in rows:
+            r["decode_ceiling"] = ceiling[1]
+            share = r["end_to_end"] / min(r["model_only"], ceiling[1])
+            print(f"{r['characteristic']}: end to end / min(model-only, decode ceiling) {share:.0%}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     shutil.rmtree(work, ignore_errors=True)
