@@ -14,6 +14,7 @@ processes uses every core and leaves the feeding process to feed.
   block per batch, one slot per image): no pickling of pixel arrays. The bytes
   in and the small :class:`ImageInfo` out go through the pool's pipe; both are
   local to this host, nothing of this reaches Redis.
+- A decode process exits when the worker that started it dies (even by kill -9).
 - A decode process that dies (kill -9, the OOM killer, a crash in a codec)
   breaks the executor: every job in flight fails with ``BrokenProcessPool``.
   The pool then starts fresh processes and those jobs run again. Decoding has no
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
@@ -85,8 +87,22 @@ def _decode_into(
     return image.info(), b"" if image.original else image.normalized_bytes(), ""
 
 
-def _pin(cpus: set[int]) -> None:
-    os.sched_setaffinity(0, cpus)
+def _start_decoder(cpus: set[int] | None) -> None:
+    """Initializer of a decode process: pin it, and make it exit with the worker that started it.
+
+    A worker killed with -9 cannot shut its pool down; its decode processes
+    would otherwise wait on the pool's queue for ever.
+    """
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+
+        def exit_with_parent() -> None:
+            multiprocessing.connection.wait([parent.sentinel])
+            os._exit(0)
+
+        threading.Thread(target=exit_with_parent, daemon=True, name="pupyl-parent-watch").start()
 
 
 class DecodePool:
@@ -101,9 +117,7 @@ class DecodePool:
 
     def _start(self) -> ProcessPoolExecutor:
         context = multiprocessing.get_context("spawn")
-        if self.pin:
-            return ProcessPoolExecutor(self.processes, context, initializer=_pin, initargs=(self.pin,))
-        return ProcessPoolExecutor(self.processes, context)
+        return ProcessPoolExecutor(self.processes, context, initializer=_start_decoder, initargs=(self.pin,))
 
     def decode(
         self, data: bytes, max_pixels: int, slots: PixelSlots, slot: int

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -105,3 +107,34 @@ def test_kill_9_of_a_decode_process_mid_batch_loses_and_doubles_nothing(
     found = audit(rt.store, redis_client, "killed", items)
     assert len(found.indexed_ids) == len(files)
     assert_exactly_once(found, files, Layout("killed"))
+
+
+ORPHAN_SCRIPT = """
+import time
+from pupyl_queue.decode_pool import DecodePool, PixelSlots
+from tests.imagegen import encode, pattern
+pool, slots = DecodePool(2), PixelSlots(1, 32)
+pool.decode(encode(pattern(1), "PNG"), 10**7, slots, 0)
+print(*pool.pids(), flush=True)
+time.sleep(600)
+"""
+
+
+def test_decode_processes_exit_with_a_worker_killed_by_kill_9() -> None:
+    """A worker killed with -9 cannot shut its pool down: its decode processes must not stay behind."""
+    import psutil
+
+    from tests.conftest import ROOT
+
+    worker = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN_SCRIPT], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        line = worker.stdout.readline() if worker.stdout else ""
+        children = [psutil.Process(int(pid)) for pid in line.split()]
+        assert children, "the decode pool started no process"
+    finally:
+        worker.kill()
+        worker.wait()
+    gone, alive = psutil.wait_procs(children, timeout=60)
+    assert not alive, f"decode processes outlived their worker: {alive}"
