@@ -220,11 +220,11 @@ def decode_rates(files: list[Path], runs: int) -> tuple[float, float]:
 
     paths = [str(f) for f in files]
     single = []
-    for _ in range(runs):
+    for _ in range(runs):  # one core: on at most 1,000 photos (50,000 would take minutes)
         started = time.perf_counter()
-        for path in paths:
+        for path in paths[:1000]:
             _decode_one(path)
-        single.append(len(paths) / (time.perf_counter() - started))
+        single.append(len(paths[:1000]) / (time.perf_counter() - started))
     cores = os.cpu_count() or 1
     with multiprocessing.get_context("spawn").Pool(cores) as pool:
         pool.map(_decode_one, paths[: cores * 4])  # start and warm every process

