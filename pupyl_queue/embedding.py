@@ -56,8 +56,7 @@ def prepare(
     try:
         data = base64.b64decode(item["data_b64"]) if "data_b64" in item else rt.store.get(item["key"])
         original = data if rt.settings.keep_originals else b""
-        decoder = rt.decode_pool() if slots is not None else None
-        if decoder is not None and slots is not None:
+        if slots is not None and (decoder := rt.decode_pool()) is not None:
             info, normalized, pixels = decoder.decode(data, rt.settings.max_pixels, slots, slot)
             return Prepared(info, pixels, normalized or data, original=original)
         image = decode(data, rt.settings.max_pixels, target=size)

