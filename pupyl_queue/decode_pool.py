@@ -159,6 +159,24 @@ class DecodePool:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
+_shared: dict[tuple[int, frozenset[int] | None], DecodePool] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_pool(processes: int, pin: set[int] | None = None) -> DecodePool:
+    """This process's decode pool of that size: one per process, however many runtimes ask for it.
+
+    Idle decode processes cost memory (~40 MB each); a process that builds
+    several runtimes (tests, an embedded stack) shares one pool between them.
+    """
+    key = (processes, frozenset(pin) if pin else None)
+    with _shared_lock:
+        found = _shared.get(key)
+        if found is None:
+            found = _shared[key] = DecodePool(processes, pin)
+        return found
+
+
 def default_processes(setting: int) -> int:
     """PUPYL_DECODE_PROCESSES: -1 = one per core, 0 = none (decode in the worker's threads), N = N."""
     return (os.cpu_count() or 1) if setting < 0 else setting

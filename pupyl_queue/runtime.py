@@ -21,7 +21,7 @@ import redis
 
 from pupyl_queue.collection import model_spec
 from pupyl_queue.coordination import Coordinator, connect
-from pupyl_queue.decode_pool import DecodePool, default_processes, pinned_cpus
+from pupyl_queue.decode_pool import DecodePool, default_processes, pinned_cpus, shared_pool
 from pupyl_queue.layout import Layout
 from pupyl_queue.models import FeatureExtractor, ModelError, ModelSpec, extractor_for
 from pupyl_queue.searcher import Searcher
@@ -88,7 +88,7 @@ class Runtime:
                 pin = pinned_cpus(int(self.device()["gpus"]))
                 if pin and self.settings.decode_processes < 0:
                     processes = len(pin)
-                self._decode_pool = DecodePool(processes, pin)
+                self._decode_pool = shared_pool(processes, pin)
             return self._decode_pool
 
     def extractor(self, collection: str) -> FeatureExtractor:

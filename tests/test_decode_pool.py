@@ -84,7 +84,7 @@ def test_kill_9_of_a_decode_process_mid_batch_loses_and_doubles_nothing(
     redis_url: str, redis_client: redis.Redis, tmp_path: Path, tiny_model: Path
 ) -> None:
     files = big_photos(tmp_path / "photos", 12)
-    settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url, decode_processes=2)
+    settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url, decode_processes=3)
     rt = Runtime(settings)
     decoder = rt.decode_pool()
     assert decoder is not None
@@ -96,17 +96,24 @@ def test_kill_9_of_a_decode_process_mid_batch_loses_and_doubles_nothing(
         time.sleep(0.2)  # the first images are being decoded (each takes far longer than this)
         os.kill(decoder.pids()[0], signal.SIGKILL)
 
+    restarts = decoder.restarts
     killer = threading.Thread(target=kill_one_while_decoding)
     killer.start()
     try:
         items = index_folder(rt, tmp_path / "photos", tiny_model, "killed")
     finally:
         killer.join()
-        decoder.close()
-    assert decoder.restarts >= 1  # the kill landed mid-batch and the pool came back
+    assert decoder.restarts > restarts  # the kill landed mid-batch and the pool came back
     found = audit(rt.store, redis_client, "killed", items)
     assert len(found.indexed_ids) == len(files)
     assert_exactly_once(found, files, Layout("killed"))
+
+
+def test_runtimes_of_one_process_share_its_decode_pool(tmp_path: Path) -> None:
+    """Idle decode processes cost memory: a second runtime in the same process starts none of its own."""
+    settings = Settings(data_dir=tmp_path / "data", decode_processes=2)
+    first, second = Runtime(settings), Runtime(settings)
+    assert first.decode_pool() is second.decode_pool() is not None
 
 
 ORPHAN_SCRIPT = """
