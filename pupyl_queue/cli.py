@@ -105,8 +105,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     results = client.search(
         query,
         top=args.top,
-        return_metadata=args.metadata or args.json,
+        return_metadata=args.metadata or args.json or args.copy,
         return_distances=args.distances,
+        mode="copy" if args.copy else "similar",
     )
     if args.json:
         print(json.dumps(results, indent=2))
@@ -114,11 +115,18 @@ def cmd_search(args: argparse.Namespace) -> int:
     for rank, row in enumerate(results, 1):
         if isinstance(row, dict):
             where = os.path.join(row.get("original_path", ""), row.get("original_file_name", ""))
-            print(f"{rank:>3}. id {row['id']}  distance {row['distance']:.4f}  {where}")
+            score = f"  copy score {row['copy_score']:.3f}" if row.get("copy_score") is not None else ""
+            print(f"{rank:>3}. id {row['id']}  distance {row['distance']:.4f}{score}  {where}")
         elif isinstance(row, tuple):
             print(f"{rank:>3}. id {row[0]}  distance {row[1]:.4f}")
         else:
             print(f"{rank:>3}. id {row}")
+    if args.copy:
+        top = results[0] if results else {}
+        if (top.get("copy_score") or 0.0) >= 0.5:
+            print(f"copy found: id {top['id']} is the original (copy score {top['copy_score']:.3f})")
+        else:
+            print("no verified copy: none of the candidates is the original of this image")
     return 0
 
 
@@ -225,6 +233,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=int, default=4)
     s.add_argument("--metadata", action="store_true")
     s.add_argument("--distances", action="store_true")
+    s.add_argument(
+        "--copy",
+        action="store_true",
+        help="find the original of an edited copy: verified copies first, with their copy score",
+    )
     r = sub.add_parser("remove", help="remove an image by id")
     r.add_argument("id", type=int)
     j = sub.add_parser("job", help="a job's state and failures")

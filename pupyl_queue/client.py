@@ -280,8 +280,15 @@ class PupylQueue:
         return_metadata: bool = False,
         min_sequence: int = 0,
         allow_partial: bool = False,
+        mode: str = "similar",
     ) -> AsyncResult:
-        """The search task's AsyncResult; on a sharded cluster its result also says ``partial``."""
+        """The search task's AsyncResult; on a sharded cluster its result also says ``partial``.
+
+        ``mode="copy"`` finds the original of an edited copy: the result also has
+        ``copy: {found, id, score, inliers}`` (docs/tasks.md).
+        """
+        if mode not in ("similar", "copy"):
+            raise ValueError(f"mode must be similar or copy, not {mode!r}")
         request = {
             "collection": self.collection,
             "query": self._query(query),
@@ -290,6 +297,8 @@ class PupylQueue:
             "min_sequence": int(min_sequence),
             "allow_partial": bool(allow_partial),
         }
+        if mode != "similar":
+            request["mode"] = mode
         return self.app.send_task(C.TASK_SEARCH, kwargs=request)
 
     def search(
@@ -300,21 +309,36 @@ class PupylQueue:
         return_distances: bool = False,
         min_sequence: int = 0,
         timeout: float | None = None,
+        mode: str = "similar",
     ) -> list[Any]:
         """As pupyl: ids; or metadata dicts with ``distance``; or ``(id, distance)`` tuples.
 
-        Distances are cosine distances (0 = same direction; smaller is closer).
+        Distances are cosine distances (0 = same direction; smaller is closer). With
+        ``mode="copy"`` verified copies of the query come first and metadata dicts also
+        carry ``copy_score`` (the probability that the row is the query's original; None
+        when it was not verified); ``find_original`` gives the verdict alone.
         """
-        result = self.search_async(query, top, return_metadata, min_sequence)
+        result = self.search_async(query, top, return_metadata, min_sequence, mode=mode)
         answer = wait_result(result, timeout or self.settings.search_timeout)
         rows = answer["results"]
         if return_metadata:
+            extra = (lambda row: {"copy_score": row.get("copy_score")}) if mode == "copy" else (lambda row: {})
             return [
-                {**(row.get("metadata") or {"id": row["id"]}), "distance": row["distance"]} for row in rows
+                {**(row.get("metadata") or {"id": row["id"]}), "distance": row["distance"], **extra(row)}
+                for row in rows
             ]
         if return_distances:
             return [(row["id"], row["distance"]) for row in rows]
         return [row["id"] for row in rows]
+
+    def find_original(self, query: Any, timeout: float | None = None) -> dict[str, Any]:
+        """Is this image an edited copy of an indexed one? ``{found, id, score, inliers}``.
+
+        ``score`` is the probability that ``id`` is the query's original (local features
+        verified by RANSAC); ``found`` is ``score >= 0.5``.
+        """
+        result = self.search_async(query, top=1, mode="copy")
+        return dict(wait_result(result, timeout or self.settings.search_timeout)["copy"])
 
     def _query(self, query: Any) -> dict[str, Any]:
         if isinstance(query, (int, np.integer)) and not isinstance(query, bool):

@@ -34,6 +34,7 @@ from pupyl_queue.store import ObjectNotFound
 log = logging.getLogger(__name__)
 
 Nearest = Callable[[str, np.ndarray], list[tuple[int, float] | None]]
+ShortLists = Callable[[str, np.ndarray, int], list[list[tuple[int, float]]]]
 
 
 @dataclass
@@ -77,11 +78,15 @@ class Timings:
         return {k: round(v, 4) for k, v in self.__dict__.items()}
 
 
-def embed_batch(rt: Runtime, task: dict[str, Any], nearest: Nearest | None = None) -> dict[str, Any]:
+def embed_batch(
+    rt: Runtime, task: dict[str, Any], nearest: Nearest | None = None, short_lists: ShortLists | None = None
+) -> dict[str, Any]:
     """Decode, dedup, store, embed and commit one batch; each item ends indexed, duplicate or failed.
 
     ``nearest(collection, vectors)`` gives each vector's nearest indexed image;
-    it is asked only when the task sets a near-duplicate distance.
+    it is asked only when the task sets a near-duplicate distance. With
+    PUPYL_NEAR_DUPLICATE_MODE=copy, ``short_lists(collection, vectors, k)`` gives
+    each vector's k nearest instead, verified here (pupyl_queue/copysearch.py).
     """
     job_id, batch, collection = task["job_id"], int(task["batch"]), task["collection"]
     coord = rt.coordinator(collection)
@@ -101,9 +106,12 @@ def embed_batch(rt: Runtime, task: dict[str, Any], nearest: Nearest | None = Non
     threshold = float(task.get("near_duplicate") or 0.0)
     if run.keep and threshold > 0:
         before = run.keep
-        run.keep, run.vectors = _drop_near_duplicates(
-            task, run.keep, run.vectors, ids, run.report, threshold, nearest
-        )
+        if rt.settings.near_duplicate_mode == "copy":
+            run.keep, run.vectors = _drop_copies(rt, task, run, ids, short_lists)
+        else:
+            run.keep, run.vectors = _drop_near_duplicates(
+                task, run.keep, run.vectors, ids, run.report, threshold, nearest
+            )
         if (done := coord.finished_batch(job_id, batch)) is not None:
             return done  # finished by another delivery meanwhile: see below
         for p in set(before) - set(run.keep):  # not indexed: its content hash must not point at it
@@ -273,6 +281,22 @@ def _drop_near_duplicates(
         kept.append(position)
     rows = [keep.index(p) for p in kept]
     return kept, vectors[rows]
+
+
+def _drop_copies(
+    rt: Runtime, task: dict[str, Any], run: _BatchRun, ids: list[int], short_lists: ShortLists | None
+) -> tuple[list[int], np.ndarray]:
+    """The near-duplicate check in copy mode: edited re-uploads are verified copies (OpenCV).
+
+    Its local features need the images again: decoded from their normalized copies (copy mode only).
+    """
+    if short_lists is None:
+        raise RuntimeError("copy-mode near-duplicate detection needs a search worker (no short lists given)")
+    from pupyl_queue.copysearch import drop_copies
+
+    size = run.extractor.input_size
+    images = [decode(run.prepared[p].normalized, rt.settings.max_pixels, target=size) for p in run.keep]
+    return drop_copies(rt, task, run.keep, run.vectors, ids, run.report, images, short_lists)
 
 
 def _metadata(image_id: int, item: dict[str, Any], image: ImageInfo) -> dict[str, Any]:

@@ -47,6 +47,10 @@ class Layout:
         """The file as uploaded, kept only with PUPYL_KEEP_ORIGINALS."""
         return f"{self.root}/{C.STORE_IMAGES}/{image_id}.orig"
 
+    def local_features(self, image_id: int) -> str:
+        """The stored copy's local features (copy detection), cached by the first copy search."""
+        return f"{self.root}/{C.STORE_IMAGES}/{image_id}.orb"
+
     def image_meta(self, image_id: int) -> str:
         return f"{self.root}/{C.STORE_IMAGES}/{image_id}.json"
 

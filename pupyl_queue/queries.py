@@ -2,7 +2,8 @@
 
 A query is JSON: ``{"image_b64": ...}`` (small images inline), ``{"key": ...}``
 (bytes the client put in the store), ``{"id": N}`` (more like an indexed image)
-or ``{"vector": [...]}``.
+or ``{"vector": [...]}``. A search's ``mode`` is ``"similar"`` (the default) or
+``"copy"``: find the original of an edited copy (pupyl_queue/copysearch.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pupyl_queue.store import ObjectNotFound, StoreUnavailable
 
 log = logging.getLogger(__name__)
 METADATA_THREADS = 16  # concurrent store GETs for one search's metadata
+SEARCH_MODES = ("similar", "copy")
 
 
 class QueryError(ValueError):
@@ -85,6 +87,8 @@ def search(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict[
     top = int(task.get("top", 4))
     if not 1 <= top <= 10_000:
         raise QueryError("top must be between 1 and 10000")
+    if task.get("mode", "similar") not in SEARCH_MODES:
+        raise QueryError(f"mode must be one of {', '.join(SEARCH_MODES)}")
     started = time.perf_counter()
     # An uploaded query image is deleted once the search is over, not as soon as it is embedded: a
     # search whose worker dies is delivered again (acks_late), and a transient failure is retried;
@@ -108,6 +112,10 @@ def _drop_query(rt: Runtime, task: dict[str, Any]) -> None:
 def _search(
     rt: Runtime, task: dict[str, Any], collection: str, top: int, started: float, send: Send | None
 ) -> dict[str, Any]:
+    if task.get("mode") == "copy":
+        from pupyl_queue.copysearch import search_copies  # OpenCV: loaded by the first copy search
+
+        return search_copies(rt, task, collection, top, started, send)
     vector = query_vector(rt, collection, task["query"], send)
     if rt.is_router:
         if send is None:
@@ -150,17 +158,26 @@ def metadata(rt: Runtime, layout: Layout, ids: list[int]) -> list[dict[str, Any]
 
 
 def nearest(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict[str, Any]:
-    """Each vector's nearest indexed image (near-duplicate checks of the embed workers)."""
+    """Each vector's nearest indexed image (near-duplicate checks of the embed workers).
+
+    With ``top`` above 1 also each vector's ``candidates``: the short lists of the copy-mode check.
+    """
     collection = task.get("collection", "default")
     vectors = decode_vectors(task)
+    top = int(task.get("top") or 1)
+    if not 1 <= top <= 200:
+        raise QueryError("top must be between 1 and 200")
     if rt.is_router and send is not None:
-        hits, info = fan_out(rt, collection, vectors, 1, task, send)
+        hits, info = fan_out(rt, collection, vectors, top, task, send)
         health = {k: info[k] for k in ("degraded", "damaged") if k in info}
     else:
         searcher = rt.searcher(collection)
-        hits, health = searcher.search_many(vectors, 1), searcher.health()
+        hits, health = searcher.search_many(vectors, top), searcher.health()
     # A degraded answer may miss a duplicate whose vector sat in a damaged segment: the caller is told.
-    return {"nearest": [[row[0][0], row[0][1]] if row else None for row in hits], **health}
+    answer = {"nearest": [[row[0][0], row[0][1]] if row else None for row in hits], **health}
+    if top > 1:
+        answer["candidates"] = [[[image_id, distance] for image_id, distance in row] for row in hits]
+    return answer
 
 
 def remove(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
@@ -184,6 +201,7 @@ def remove(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
     rt.store.delete(layout.image(image_id))
     rt.store.delete(layout.original(image_id))
     rt.store.delete(layout.image_meta(image_id))
+    rt.store.delete(layout.local_features(image_id))
     if meta is not None:
         coord.release_hash(meta["sha256"], image_id)
     return {"id": image_id, "removed": True, "sequence": sequence}

@@ -69,6 +69,10 @@ class Settings:
     max_archive_depth: int = 2
     max_list_bytes: int = 256 * 1024**2
     near_duplicate: float = 0.0
+    near_duplicate_mode: str = (
+        "vector"  # "copy": the check verifies local features (pupyl_queue/copysearch.py)
+    )
+    copy_short_list: int = 30  # candidates of the global stage a copy search verifies
     index_factory: str = ""
     index_nprobe: int = 0
     index_memory_gb: float = 12.0  # 10M 1024-d vectors fit as IVF-SQ8 (10 GB) on a 24 GB host
@@ -108,6 +112,12 @@ class Settings:
             raise SettingsError(f"PUPYL_CHARACTERISTIC: {exc}") from None
         if self.precision not in ("float32", "int8"):
             raise SettingsError(f"PUPYL_PRECISION must be float32 or int8, got {self.precision!r}")
+        if self.near_duplicate_mode not in ("vector", "copy"):
+            raise SettingsError(
+                f"PUPYL_NEAR_DUPLICATE_MODE must be vector or copy, got {self.near_duplicate_mode!r}"
+            )
+        if not 1 <= self.copy_short_list <= 200:
+            raise SettingsError("PUPYL_COPY_SHORT_LIST must be between 1 and 200")
         if self.batch_size < 1:
             raise SettingsError("PUPYL_BATCH_SIZE must be at least 1")
         if 0 < self.job_ttl < self.visibility_timeout:

@@ -147,13 +147,25 @@ def ask_nearest(collection: str, vectors: Any) -> list[tuple[int, float] | None]
     return [None if row is None else (int(row[0]), float(row[1])) for row in answer["nearest"]]
 
 
+def ask_short_lists(collection: str, vectors: Any, top: int) -> list[list[tuple[int, float]]]:
+    """Each vector's ``top`` nearest indexed images (the copy-mode near-duplicate check)."""
+    request = {"collection": collection, "top": int(top), **queries.encode_vectors(vectors)}
+    result = nearest.apply_async(kwargs=request)
+    answer = result.get(timeout=runtime().settings.search_timeout, disable_sync_subtasks=False)
+    if answer.get("degraded"):
+        keys = ", ".join(d["key"] for d in answer.get("damaged", []))
+        log.warning("copy check in %s missed the vectors of damaged %s", collection, keys)
+    rows = answer.get("candidates") or [[hit] if hit else [] for hit in answer["nearest"]]
+    return [[(int(image_id), float(distance)) for image_id, distance in row] for row in rows]
+
+
 @shared_task(name=C.TASK_EMBED, bind=True, **JOB_RETRY)
 def embed(self: Any, **batch: Any) -> dict[str, Any]:
     rt = runtime()
 
     def body() -> dict[str, Any]:
         # Any failure for good ends this batch only, its items failed with the reason (on_failure).
-        result = embedding.embed_batch(rt, batch, ask_nearest)
+        result = embedding.embed_batch(rt, batch, ask_nearest, ask_short_lists)
         if embedding.compaction_due(rt, batch["collection"], result.get("sequence")):
             compact.apply_async(kwargs={"collection": batch["collection"]})
         return result

@@ -1,0 +1,313 @@
+"""Edited copies: does a search find the original of a cropped, re-encoded, captioned... copy?
+
+A fixed-seed benchmark from ../shared/data: the real photos and a sample of the
+flowers are indexed (about 1,000 images) with the real ImageNet MobileNet 0.25 of
+../shared/data/models, as pupyl-queue indexes them (same decode, same 224 input,
+same stored normalized copy). Queries are indexed images with one to three edits
+(crop, small rotation, low-quality JPEG, recolour, mirror, gray, frame, shrink,
+blur, caption band); negatives are edited flowers that are not indexed (a copy
+mode must not call them copies). The ranking is measured in process (numpy
+cosine over the same vectors the index holds, and pupyl_queue.copydetect on the
+global short list), recall@1 and recall@5 per edit kind, and the latency per
+query of each stage.
+
+    .venv/bin/python bench/copies.py                 # baseline vs copy mode
+    .venv/bin/python bench/copies.py --pooling       # recall@50 of pooling variants, flowers P@10
+    .venv/bin/python bench/copies.py --near-duplicate  # the ingestion check over all flowers
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+EDITS = ("crop", "rotate", "jpeg", "recolour", "mirror", "gray", "frame", "shrink", "blur", "caption")
+# Same photo at another size (cat_720p = cat.bmp) or byte-identical (check_unique_2 = _0): one of each.
+SKIP_PHOTOS = {"cat_720p.jpg", "test_check_unique_2.jpg"}
+MAX_PIXELS = 10**8
+
+
+def apply_edit(image: Image.Image, kind: str, rng: random.Random) -> Image.Image:
+    w, h = image.size
+    if kind == "crop":
+        cw, ch = round(w * rng.uniform(0.6, 0.9)), round(h * rng.uniform(0.6, 0.9))
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        return image.crop((x, y, x + cw, y + ch))
+    if kind == "rotate":
+        return image.rotate(rng.choice((-1, 1)) * rng.uniform(3, 10), Image.Resampling.BILINEAR)
+    if kind == "jpeg":
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=rng.randint(8, 25))
+        return Image.open(io.BytesIO(out.getvalue())).convert("RGB")
+    if kind == "recolour":
+        image = ImageEnhance.Color(image).enhance(rng.uniform(0.3, 1.8))
+        image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.7, 1.3))
+        gains = np.array([rng.uniform(0.75, 1.25) for _ in range(3)])
+        return Image.fromarray(np.clip(np.asarray(image) * gains, 0, 255).astype(np.uint8))
+    if kind == "mirror":
+        return ImageOps.mirror(image)
+    if kind == "gray":
+        return image.convert("L").convert("RGB")
+    if kind == "frame":
+        colour = tuple(rng.randint(0, 255) for _ in range(3))
+        return ImageOps.expand(image, border=round(max(w, h) * rng.uniform(0.04, 0.12)), fill=colour)
+    if kind == "shrink":
+        s = rng.uniform(0.35, 0.6)
+        return image.resize((max(16, round(w * s)), max(16, round(h * s))), Image.Resampling.BILINEAR)
+    if kind == "blur":
+        return image.filter(ImageFilter.GaussianBlur(rng.uniform(0.8, 1.8) * max(w, h) / 400))
+    if kind == "caption":
+        image = image.copy()
+        band = round(h * rng.uniform(0.12, 0.2))
+        y = 0 if rng.random() < 0.5 else h - band
+        draw = ImageDraw.Draw(image)
+        draw.rectangle((0, y, w, y + band), fill=(20, 20, 20))
+        draw.text((4, y + band // 4), "SHARED " * 6, fill=(255, 255, 255))
+        return image
+    raise ValueError(kind)
+
+
+def edited(image: Image.Image, kinds: tuple[str, ...], rng: random.Random) -> bytes:
+    for kind in kinds:
+        image = apply_edit(image.convert("RGB"), kind, rng)
+    out = io.BytesIO()
+    if "jpeg" not in kinds:
+        image.save(out, "JPEG", quality=90)
+    else:
+        image.save(out, "JPEG", quality=rng.randint(10, 25))
+    return out.getvalue()
+
+
+@dataclass
+class Dataset:
+    indexed: list[bytes]  # files as uploaded
+    names: list[str]
+    queries: list[bytes]
+    truth: list[int]  # position of the original in indexed, -1 for a negative (not indexed)
+    kinds: list[tuple[str, ...]]
+    unindexed_flowers: list[Path] = field(default_factory=list)
+
+
+def flowers() -> list[Path]:
+    return sorted(p for p in (SHARED / "flowers").glob("*/*.jpg"))
+
+
+def build(seed: int, distractors: int, queries: int, negatives: int) -> Dataset:
+    rng = random.Random(seed)
+    photos = sorted(
+        p
+        for p in (SHARED / "photos").rglob("*")
+        if p.suffix.lower() in (".jpg", ".bmp", ".png", ".gif") and p.name not in SKIP_PHOTOS
+    )
+    all_flowers = flowers()
+    rng.shuffle(all_flowers)
+    picked, rest = all_flowers[:distractors], all_flowers[distractors:]
+    files = photos + picked
+    indexed = [f.read_bytes() for f in files]
+    names = [str(f.relative_to(SHARED)) for f in files]
+    originals = [i for i in range(len(photos)) for _ in range(2)]  # each photo twice, other edits
+    originals += rng.sample(range(len(photos), len(files)), max(0, queries - len(originals)))
+    ds = Dataset(indexed, names, [], [], [], rest)
+    for position in originals + [-1] * negatives:
+        source = indexed[position] if position >= 0 else rest[len(ds.queries) % len(rest)].read_bytes()
+        kinds = tuple(rng.sample(EDITS, rng.randint(1, 3)))
+        image = Image.open(io.BytesIO(source)).convert("RGB")
+        ds.queries.append(edited(image, kinds, rng))
+        ds.truth.append(position)
+        ds.kinds.append(kinds)
+    return ds
+
+
+def real_model():
+    from pupyl_queue.models import configure_tensorflow, load_keras_model, wrap_mobilenet
+
+    configure_tensorflow(0, False)
+    path = wrap_mobilenet(
+        SHARED / "models" / "mobilenet_2_5_224_tf_no_top.h5", Path(tempfile.mkdtemp()) / "m.keras", alpha=0.25
+    )
+    return load_keras_model(path)
+
+
+def pixels(data: bytes, size: int = 224) -> np.ndarray:
+    from pupyl_queue.images import decode
+
+    return decode(data, MAX_PIXELS, target=size).pixels(size)
+
+
+def embed_all(extractor, files: list[bytes]) -> np.ndarray:
+    out = []
+    for i in range(0, len(files), 64):
+        out.append(extractor.embed(np.stack([pixels(f) for f in files[i : i + 64]])))
+    return np.concatenate(out)
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def run_ranking(args: argparse.Namespace) -> None:
+    from pupyl_queue import copydetect
+    from pupyl_queue.images import decode
+
+    ds = build(args.seed, args.distractors, args.queries, args.negatives)
+    print(
+        f"{len(ds.indexed)} indexed ({len(ds.indexed) - args.distractors} photos + "
+        f"{args.distractors} flowers), "
+        f"{sum(t >= 0 for t in ds.truth)} edited-copy queries, {sum(t < 0 for t in ds.truth)} negatives; "
+        f"seed {args.seed}"
+    )
+    extractor = real_model()
+    started = time.perf_counter()
+    stored = embed_all(extractor, ds.indexed)
+    print(f"indexed vectors in {time.perf_counter() - started:.1f}s")
+    # The stored copy is the normalized JPEG the pipeline keeps; its features as the cache would hold them.
+    normalized = [decode(f, MAX_PIXELS).normalized_bytes() for f in ds.indexed]
+    started = time.perf_counter()
+    cache = [copydetect.extract(decode(n, MAX_PIXELS, target=copydetect.WORK_SIDE).rgb) for n in normalized]
+    recompute_ms = (time.perf_counter() - started) * 1000 / len(normalized)
+    cache_bytes = [c.to_bytes() for c in cache]
+    started = time.perf_counter()
+    for blob in cache_bytes:
+        copydetect.LocalFeatures.from_bytes(blob)
+    load_ms = (time.perf_counter() - started) * 1000 / len(cache_bytes)
+    print(
+        f"local features per stored copy: recompute (decode + ORB) {recompute_ms:.1f} ms, "
+        f"load from cache bytes {load_ms:.2f} ms, "
+        f"{np.mean([len(b) for b in cache_bytes]) / 1024:.1f} KiB each"
+    )
+
+    base_rank: list[list[int]] = []
+    short_rank: list[list[int]] = []
+    copy_rank: list[list[int]] = []
+    verdict_top: list[copydetect.Verdict | None] = []
+    t_embed, t_global, t_query_features, t_verify = [], [], [], []
+    positive_inliers, negative_inliers, verified = [], [], []
+    for q, data in enumerate(ds.queries):
+        t0 = time.perf_counter()
+        query = decode(data, MAX_PIXELS, target=224)
+        base_vector = extractor.embed(query.pixels(224)[None])[0]
+        views = [query.rgb]
+        if "mirror" in args.views:
+            views.append(ImageOps.mirror(query.rgb))
+        if "trim" in args.views:
+            trimmed = copydetect.without_border(query.rgb)
+            if trimmed is not query.rgb:
+                views.append(trimmed)
+        vectors = extractor.embed(
+            np.stack([np.asarray(v.resize((224, 224), Image.Resampling.BILINEAR)) for v in views])
+        )
+        t1 = time.perf_counter()
+        base_order = np.argsort(-(stored @ base_vector))[:50]
+        sims = (stored @ vectors.T).max(axis=1)
+        order = np.argsort(-sims)[:50]
+        t2 = time.perf_counter()
+        features = copydetect.extract_query(decode(data, MAX_PIXELS, target=copydetect.WORK_SIDE).rgb)
+        t3 = time.perf_counter()
+        hits = [(int(i), float(1 - sims[i])) for i in order[: args.short]]
+        verdicts = copydetect.verify_short_list(features, [cache[i] for i, _ in hits])
+        ranked = copydetect.rerank(hits, verdicts)
+        t4 = time.perf_counter()
+        t_embed.append(t1 - t0)
+        t_global.append(t2 - t1)
+        t_query_features.append(t3 - t2)
+        t_verify.append(t4 - t3)
+        base_rank.append([int(i) for i in base_order])
+        short_rank.append([int(i) for i in order])
+        copy_rank.append([r[0] for r in ranked])
+        verdict_top.append(ranked[0][2])
+        verified.append(sum(v is not None for v in verdicts))
+        for (i, _), v in zip(hits, verdicts):
+            if v is not None:
+                (positive_inliers if i == ds.truth[q] else negative_inliers).append(v.inliers)
+    report(ds, base_rank, short_rank, copy_rank, verdict_top, args.short)
+    print(
+        f"verifications per query: mean {np.mean(verified):.1f}, short list {args.short}, views {args.views}"
+    )
+    ms = lambda xs: 1000 * float(np.median(xs))  # noqa: E731
+    total = [a + b + c + d for a, b, c, d in zip(t_embed, t_global, t_query_features, t_verify)]
+    print(
+        f"\nlatency per query, in process, p50: embed {ms(t_embed):.1f} ms, "
+        f"global search {ms(t_global):.2f} ms, "
+        f"query ORB (plain + mirror) {ms(t_query_features):.1f} ms, verify {args.short} cached "
+        f"{ms(t_verify):.1f} ms; copy mode total p50 {ms(total):.1f} ms, p95 {1000 * pct(total, 95):.1f} ms; "
+        f"recomputing candidates' features instead would add ~{recompute_ms * args.short:.0f} ms"
+    )
+    pos, neg = np.array(positive_inliers), np.array(negative_inliers)
+    print(
+        f"inliers: originals in the short list p5 {pct(pos, 5):.0f} p50 {pct(pos, 50):.0f}; other candidates "
+        f"p50 {pct(neg, 50):.0f} p99 {pct(neg, 99):.0f} p99.9 {pct(neg, 99.9):.0f} max {neg.max()}"
+    )
+
+
+def report(
+    ds: Dataset,
+    base: list[list[int]],
+    short_list: list[list[int]],
+    copy: list[list[int]],
+    top_verdict,
+    short: int,
+) -> None:
+    rows: dict[str, list[int]] = defaultdict(list)
+    for q, kinds in enumerate(ds.kinds):
+        if ds.truth[q] < 0:
+            continue
+        rows["all"].append(q)
+        for kind in kinds:
+            rows[kind].append(q)
+
+    def recall(ranks: list[list[int]], qs: list[int], k: int) -> float:
+        return float(np.mean([ds.truth[q] in ranks[q][:k] for q in qs]))
+
+    print(
+        f"\n{'edit':<10} {'n':>4} {'base@1':>7} {'base@5':>7} {'short@' + str(short):>8} {'short@50':>8} "
+        f"{'copy@1':>7} {'copy@5':>7} {'found':>6}"
+    )
+    for kind in ("all", *EDITS):
+        qs = rows[kind]
+        found = np.mean(
+            [top_verdict[q] is not None and top_verdict[q].found and copy[q][0] == ds.truth[q] for q in qs]
+        )
+        print(
+            f"{kind:<10} {len(qs):>4} {recall(base, qs, 1):>7.3f} {recall(base, qs, 5):>7.3f} "
+            f"{recall(short_list, qs, short):>8.3f} {recall(short_list, qs, 50):>8.3f} "
+            f"{recall(copy, qs, 1):>7.3f} "
+            f"{recall(copy, qs, 5):>7.3f} {found:>6.3f}"
+        )
+    negatives = [q for q, t in enumerate(ds.truth) if t < 0]
+    false = sum(1 for q in negatives if top_verdict[q] is not None and top_verdict[q].found)
+    print(f"negatives (edited flowers not indexed) called a copy: {false} of {len(negatives)}")
+
+
+def main() -> None:
+    os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp())
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=18)
+    parser.add_argument("--distractors", type=int, default=1000, help="flowers indexed besides the photos")
+    parser.add_argument("--queries", type=int, default=207)
+    parser.add_argument("--negatives", type=int, default=100)
+    parser.add_argument("--short", type=int, default=20, help="short list verified in copy mode")
+    parser.add_argument(
+        "--views", default="plain,mirror,trim", help="query views of copy mode's global stage"
+    )
+    args = parser.parse_args()
+    run_ranking(args)
+
+
+if __name__ == "__main__":
+    main()

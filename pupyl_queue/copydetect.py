@@ -1,0 +1,193 @@
+"""Copy detection: is this query an edited copy of that indexed image? Local features and RANSAC.
+
+Global CNN vectors find images that look alike; they cannot tell the original of a
+cropped, rotated, re-encoded or captioned copy from a similar photo of the same
+subject. This module verifies a short list from the index geometrically:
+
+- ORB keypoints (OpenCV's main package: free, fast, binary descriptors that compare
+  by Hamming distance) on a grayscale working copy whose longer side is
+  ``WORK_SIDE`` pixels: gray and recoloured copies look the same to them, and small
+  images are scaled up so they still give keypoints;
+- the query's mirror image too (a mirrored copy matches its original's mirror);
+- Lowe's ratio test on the two nearest descriptors, then a RANSAC similarity
+  (rotation, uniform scale, translation: what cropping, rotating, shrinking and
+  framing do) with ``cv2.estimateAffinePartial2D``;
+- the score is the number of RANSAC inliers, turned into a probability by a
+  logistic curve fitted on bench/copies.py (unrelated pairs give a handful of
+  chance inliers; copies tens to hundreds). ``found`` is ``score >= 0.5``.
+
+Workers only (it imports OpenCV, a worker dependency): the producer never verifies.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from PIL import Image, ImageChops
+
+WORK_SIDE = 384  # longer side of the working copy, in pixels
+MAX_FEATURES = 500
+STRONG_INLIERS = 30  # a verdict this sure ends the verification of a short list (no doubt left)
+RATIO = 0.8  # Lowe's ratio test
+REPROJECTION_PX = 6.0  # RANSAC inlier threshold, in working-copy pixels
+# Logistic calibration of the inlier count (bench/copies.py): p = 1 / (1 + exp(-(inliers - MID) / WIDTH)).
+INLIERS_MID = 14.0
+INLIERS_WIDTH = 2.0
+MIN_SCALE, MAX_SCALE = 0.15, 6.0  # a similarity outside this range is no plausible edit
+
+
+@dataclass
+class LocalFeatures:
+    """Keypoint positions (n, 2) float32 in working-copy pixels and ORB descriptors (n, 32) uint8."""
+
+    points: np.ndarray
+    descriptors: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def to_bytes(self) -> bytes:
+        """A compact, pickle-free encoding (npz) for a cache in the store."""
+        out = io.BytesIO()
+        np.savez(out, points=self.points.astype(np.float32), descriptors=self.descriptors.astype(np.uint8))
+        return out.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> LocalFeatures:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return cls(npz["points"], npz["descriptors"])
+
+
+@dataclass
+class Verdict:
+    """How well a query matches one candidate: inliers of the best model and their probability."""
+
+    inliers: int
+    score: float
+    mirrored: bool = False
+
+    @property
+    def found(self) -> bool:
+        return self.score >= 0.5
+
+
+def _detector() -> cv2.ORB:
+    # One per call: ORB objects are cheap to make and not documented as thread-safe.
+    return cv2.ORB_create(
+        nfeatures=MAX_FEATURES, scaleFactor=1.2, nlevels=8, fastThreshold=10, edgeThreshold=15
+    )
+
+
+def working_copy(image: Image.Image) -> np.ndarray:
+    """The grayscale copy features are computed on: longer side ``WORK_SIDE`` (scaled up or down)."""
+    gray = image.convert("L")
+    w, h = gray.size
+    scale = WORK_SIDE / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(gray.resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def extract(image: Image.Image | np.ndarray) -> LocalFeatures:
+    """ORB features of an image (a PIL image, or a working copy from ``working_copy``)."""
+    gray = working_copy(image) if isinstance(image, Image.Image) else image
+    keypoints, descriptors = _detector().detectAndCompute(gray, None)
+    if descriptors is None or not keypoints:
+        return LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8))
+    return LocalFeatures(np.array([k.pt for k in keypoints], np.float32), descriptors)
+
+
+def extract_query(image: Image.Image) -> tuple[LocalFeatures, LocalFeatures]:
+    """A query's features and its mirror image's."""
+    gray = working_copy(image)
+    return extract(gray), extract(np.ascontiguousarray(gray[:, ::-1]))
+
+
+def probability(inliers: int) -> float:
+    return 1.0 / (1.0 + math.exp(-(inliers - INLIERS_MID) / INLIERS_WIDTH))
+
+
+def _inliers(query: LocalFeatures, candidate: LocalFeatures) -> int:
+    if len(query) < 3 or len(candidate) < 3:
+        return 0
+    matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+    pairs = matcher.knnMatch(query.descriptors, candidate.descriptors, k=2)
+    good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < RATIO * p[1].distance]
+    if len(good) < 3:
+        return 0
+    src = query.points[[m.queryIdx for m in good]]
+    dst = candidate.points[[m.trainIdx for m in good]]
+    model, mask = cv2.estimateAffinePartial2D(
+        src, dst, method=cv2.RANSAC, ransacReprojThreshold=REPROJECTION_PX, maxIters=500, confidence=0.995
+    )
+    if model is None or mask is None:
+        return 0
+    scale = math.hypot(float(model[0, 0]), float(model[1, 0]))
+    if not MIN_SCALE <= scale <= MAX_SCALE:
+        return 0
+    return int(mask.sum())
+
+
+def verify(query: Sequence[LocalFeatures], candidate: LocalFeatures) -> Verdict:
+    """The best of the query's views (plain, mirrored) against one candidate."""
+    best, mirrored = 0, False
+    for view, features in enumerate(query):
+        inliers = _inliers(features, candidate)
+        if inliers > best:
+            best, mirrored = inliers, view == 1
+    return Verdict(best, probability(best), mirrored)
+
+
+def verify_short_list(
+    query: Sequence[LocalFeatures], candidates: Iterable[LocalFeatures | None]
+) -> list[Verdict | None]:
+    """Verify candidates in their global order; stop at the first sure copy (``STRONG_INLIERS``).
+
+    Most copies are the global top one, so a query usually costs one or two verifications instead
+    of the whole list. One verdict per candidate consumed (``None`` for one without features);
+    the candidates after a sure copy are not consumed.
+    """
+    verdicts: list[Verdict | None] = []
+    for candidate in candidates:
+        verdict = None if candidate is None else verify(query, candidate)
+        verdicts.append(verdict)
+        if verdict is not None and verdict.inliers >= STRONG_INLIERS:
+            break
+    return verdicts
+
+
+def without_border(image: Image.Image, tolerance: int = 24) -> Image.Image:
+    """The image without a uniform frame around it (the colour of its top-left pixel).
+
+    A query-side view for the global stage: a framed copy's vector is far from its original's.
+    Left as is when the frame would take less than 2% or more than half of a side.
+    """
+    rgb = image.convert("RGB")
+    background = Image.new("RGB", rgb.size, rgb.getpixel((0, 0)))
+    diff = ImageChops.difference(rgb, background).convert("L").point(lambda v: 255 if v > tolerance else 0)
+    box = diff.getbbox()
+    if box is None:
+        return image
+    w, h = rgb.size
+    kept_w, kept_h = box[2] - box[0], box[3] - box[1]
+    if kept_w * kept_h > 0.96 * w * h or kept_w < w / 2 or kept_h < h / 2:
+        return image
+    return rgb.crop(box)
+
+
+def rerank(
+    hits: Sequence[tuple[int, float]], verdicts: Sequence[Verdict | None]
+) -> list[tuple[int, float, Verdict | None]]:
+    """Verified copies first (most inliers first), then the rest in their global order.
+
+    A candidate that could not be verified (``None``: its stored copy is gone) keeps its place
+    among the unverified.
+    """
+    rows = list(zip((h[0] for h in hits), (h[1] for h in hits), verdicts))
+    found = sorted((r for r in rows if r[2] is not None and r[2].found), key=lambda r: -r[2].inliers)  # type: ignore[union-attr]
+    rest = [r for r in rows if r[2] is None or not r[2].found]
+    return found + rest

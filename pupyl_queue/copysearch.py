@@ -1,0 +1,284 @@
+"""Copy mode: find the original of an edited copy (a search) or refuse an edited re-upload (ingestion).
+
+Two stages. The global stage ranks the index by the query's CNN vectors: the query
+as it is, its mirror image and, when it has a uniform frame, the query without it
+(three views in one forward pass; a candidate's distance is its best view's). The
+verification stage (pupyl_queue/copydetect.py) matches local features of the
+query against each candidate of the short list (``PUPYL_COPY_SHORT_LIST``) and
+re-ranks: verified copies first.
+
+Where it runs: on the search workers, in the ``pupyl.search`` task (``mode:
+"copy"``). Copy mode needs what they hold, the index and the model, and its
+verification is bounded: candidates are verified in global order and the first
+sure copy ends it, their local features are read from a cache in the store (written
+by the first copy search that needed them) and fetched concurrently, so a copy
+search costs a few tens of milliseconds more than a plain one and a plain search
+waits behind it at most that long. A separate queue would need a second worker
+holding the model and a second round trip for the short list; it becomes worth it
+when copy searches are a large share of the traffic (then run search workers
+dedicated to it, e.g. a router). The near-duplicate check of the embed workers
+(``PUPYL_NEAR_DUPLICATE_MODE=copy``) asks the search workers only for short lists
+(``pupyl.nearest`` with ``top``) and verifies in the embed worker, which has the
+new images' pixels: the search workers do no verification work for ingestion.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pupyl_queue import copydetect
+from pupyl_queue.copydetect import LocalFeatures, Verdict
+from pupyl_queue.images import DecodedImage, ImageError, decode
+from pupyl_queue.layout import Layout
+from pupyl_queue.runtime import Runtime
+from pupyl_queue.store import ObjectNotFound
+
+log = logging.getLogger(__name__)
+
+ShortLists = Callable[[str, np.ndarray, int], list[list[tuple[int, float]]]]
+CACHE_ENTRIES = 4096  # local features kept in a worker's memory (~10 KiB each)
+
+
+class _FeatureCache:
+    """The process's most recently used candidates' features, over the cache in the store."""
+
+    def __init__(self, entries: int = CACHE_ENTRIES) -> None:
+        self.entries = entries
+        self._items: OrderedDict[tuple[str, int], LocalFeatures] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int]) -> LocalFeatures | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+            return found
+
+    def put(self, key: tuple[str, int], features: LocalFeatures) -> None:
+        with self._lock:
+            self._items[key] = features
+            self._items.move_to_end(key)
+            while len(self._items) > self.entries:
+                self._items.popitem(last=False)
+
+    def drop(self, key: tuple[str, int]) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+
+_cache = _FeatureCache()
+
+
+def stored_features(rt: Runtime, collection: str, image_id: int) -> LocalFeatures | None:
+    """An indexed image's local features: from memory, the store's cache, or its stored copy.
+
+    Computed from the stored copy on the first need and written back to the store, so every
+    search worker pays it once per image (5-10 ms against 0.3 ms to read the cache, bench/copies.py).
+    None when the stored copy is gone (the image was removed meanwhile).
+    """
+    found = _cache.get((collection, image_id))
+    if found is not None:
+        return found
+    layout = Layout(collection)
+    try:
+        features = LocalFeatures.from_bytes(rt.store.get(layout.local_features(image_id)))
+    except ObjectNotFound:
+        try:
+            data = rt.store.get(layout.image(image_id))
+        except ObjectNotFound:
+            return None
+        try:
+            features = copydetect.extract(
+                decode(data, rt.settings.max_pixels, target=copydetect.WORK_SIDE).rgb
+            )
+        except ImageError:
+            log.warning("stored copy of image %d in %s does not decode; not verified", image_id, collection)
+            return None
+        rt.store.put(layout.local_features(image_id), features.to_bytes())
+    except (ValueError, KeyError, OSError):  # a damaged cache entry: recompute it next time
+        log.warning("local features of image %d in %s are damaged; dropped", image_id, collection)
+        rt.store.delete(layout.local_features(image_id))
+        return None
+    _cache.put((collection, image_id), features)
+    return features
+
+
+def query_views(image: Image.Image) -> list[Image.Image]:
+    """The query as it is, mirrored, and without its frame when it has one (global stage views)."""
+    views = [image, ImageOps.mirror(image)]
+    trimmed = copydetect.without_border(image)
+    if trimmed is not image:
+        views.append(trimmed)
+    return views
+
+
+def merge_short_lists(per_view: Sequence[Sequence[tuple[int, float]]], size: int) -> list[tuple[int, float]]:
+    """One short list from each view's hits: a candidate's distance is its nearest view's."""
+    best: dict[int, float] = {}
+    for hits in per_view:
+        for image_id, distance in hits:
+            if image_id not in best or distance < best[image_id]:
+                best[image_id] = distance
+    return sorted(best.items(), key=lambda item: item[1])[:size]
+
+
+def query_image(rt: Runtime, collection: str, query: dict[str, Any]) -> DecodedImage:
+    """The query's image: its bytes, or an indexed image's stored copy (a vector is no image)."""
+    from pupyl_queue.queries import QueryError
+
+    if "image_b64" in query:
+        data = base64.b64decode(query["image_b64"], validate=True)
+    elif "key" in query:
+        try:
+            data = rt.store.get(query["key"])
+        except ObjectNotFound:
+            raise QueryError("the uploaded query image is gone from the store") from None
+    elif "id" in query:
+        try:
+            data = rt.store.get(Layout(collection).image(int(query["id"])))
+        except ObjectNotFound:
+            raise QueryError(f"no stored copy of image {query['id']}") from None
+    else:
+        raise QueryError("copy mode needs a query image (image_b64 or key) or an indexed id")
+    return decode(data, rt.settings.max_pixels, target=copydetect.WORK_SIDE)
+
+
+def verify_candidates(
+    rt: Runtime, collection: str, views: Sequence[LocalFeatures], short_list: Sequence[tuple[int, float]]
+) -> list[Verdict | None]:
+    """Fetch the candidates' features concurrently, then verify them in order (first sure copy stops)."""
+    pool = rt.pool()
+    futures = [pool.submit(stored_features, rt, collection, image_id) for image_id, _ in short_list]
+    verdicts = copydetect.verify_short_list(views, (future.result() for future in futures))
+    for rest in futures[len(verdicts) :]:
+        rest.cancel()
+    return verdicts + [None] * (len(short_list) - len(verdicts))
+
+
+def copy_answer(ranked: Sequence[tuple[int, float, Verdict | None]]) -> dict[str, Any]:
+    """The answer's ``copy``: whether a verified copy was found, of which image, and how sure."""
+    top = ranked[0] if ranked else None
+    verdict = top[2] if top is not None else None
+    if top is None or verdict is None or not verdict.found:
+        best = max((r[2].score for r in ranked if r[2] is not None), default=0.0)
+        return {"found": False, "id": None, "score": round(best, 4), "inliers": 0}
+    return {
+        "found": True,
+        "id": top[0],
+        "score": round(verdict.score, 4),
+        "inliers": verdict.inliers,
+        "mirrored": verdict.mirrored,
+    }
+
+
+def short_list(
+    rt: Runtime, collection: str, vectors: np.ndarray, size: int, task: dict[str, Any], send: Any
+) -> tuple[list[tuple[int, float]], dict[str, Any]]:
+    """The global stage over every view: the searcher here, or the shards of a router."""
+    from pupyl_queue.queries import NotCaughtUp
+    from pupyl_queue.sharding import fan_out
+
+    if rt.is_router:
+        if send is None:
+            raise RuntimeError("a search router needs a way to reach its shards")
+        per_view, info = fan_out(rt, collection, vectors, size, task, send)
+    else:
+        searcher = rt.searcher(collection)
+        wanted = int(task.get("min_sequence") or 0)
+        if wanted and not searcher.wait_for(wanted, float(task.get("wait_timeout", 30))):
+            raise NotCaughtUp(f"searcher is at sequence {searcher.sequence}, asked for {wanted}")
+        per_view = searcher.search_many(vectors, size)
+        info = {"sequence": searcher.sequence, "count": len(searcher), **searcher.health()}
+    return merge_short_lists(per_view, size), info
+
+
+def search_copies(
+    rt: Runtime, task: dict[str, Any], collection: str, top: int, started: float, send: Any
+) -> dict[str, Any]:
+    """``pupyl.search`` with ``mode: "copy"``: the global short list re-ranked by verification."""
+    image = query_image(rt, collection, task["query"])
+    extractor = rt.extractor(collection)
+    size = extractor.input_size
+    views = query_views(image.rgb)
+    pixels = np.stack([np.asarray(v.resize((size, size), Image.Resampling.BILINEAR)) for v in views])
+    # The plain view as indexing sees it (same pixels, same vector as a plain search's).
+    pixels[0] = image.pixels(size)
+    vectors = extractor.embed(pixels)
+    length = max(top, rt.settings.copy_short_list)
+    hits, info = short_list(rt, collection, vectors, length, task, send)
+    verified_at = time.perf_counter()
+    features = copydetect.extract_query(image.rgb)
+    verdicts = verify_candidates(rt, collection, features, hits[: rt.settings.copy_short_list])
+    verdicts += [None] * (len(hits) - len(verdicts))  # past the short list when top is longer
+    ranked = copydetect.rerank(hits, verdicts)
+    results: list[dict[str, Any]] = []
+    for image_id, distance, verdict in ranked[:top]:
+        row: dict[str, Any] = {"id": image_id, "distance": distance}
+        if verdict is not None:
+            row["copy_score"] = round(verdict.score, 4)
+            row["inliers"] = verdict.inliers
+        results.append(row)
+    return {
+        "collection": collection,
+        **info,
+        "mode": "copy",
+        "copy": copy_answer(ranked),
+        "verify_ms": round((time.perf_counter() - verified_at) * 1000, 2),
+        "took_ms": round((time.perf_counter() - started) * 1000, 2),
+        "results": results,
+    }
+
+
+def drop_copies(
+    rt: Runtime,
+    task: dict[str, Any],
+    keep: list[int],
+    vectors: np.ndarray,
+    ids: list[int],
+    report: list[dict[str, Any]],
+    images: Sequence[DecodedImage],
+    short_lists: ShortLists,
+) -> tuple[list[int], np.ndarray]:
+    """The ingestion check in copy mode: an item verified as a copy of an indexed image, or of an
+    earlier item of its batch, is a duplicate (``duplicate_of``, ``copy_score``).
+
+    The global stage asks the search workers for each item's short list; verification runs here,
+    where the new images' pixels are. ``images[i]`` is the image of ``keep[i]``.
+    """
+    collection = task["collection"]
+    size = rt.settings.copy_short_list
+    found = short_lists(collection, vectors, size)
+    views = [copydetect.extract_query(image.rgb) for image in images]
+    kept: list[int] = []
+    for row, position in enumerate(keep):
+        best: tuple[int, Verdict] | None = None
+        verdicts = verify_candidates(rt, collection, views[row], found[row])
+        for (image_id, _), verdict in zip(found[row], verdicts):
+            if verdict is not None and verdict.found and (best is None or verdict.inliers > best[1].inliers):
+                best = (image_id, verdict)
+        if kept:  # earlier items of this batch count as indexed: verify the nearest few of them
+            rows = [keep.index(p) for p in kept]
+            sims = vectors[rows] @ vectors[row]
+            for k in np.argsort(-sims)[:3]:
+                verdict = copydetect.verify(views[row], views[rows[int(k)]][0])
+                if verdict.found and (best is None or verdict.inliers > best[1].inliers):
+                    best = (ids[kept[int(k)]], verdict)
+        if best is not None:
+            report[position] = {
+                "ref": report[position]["ref"],
+                "status": "duplicate",
+                "duplicate_of": best[0],
+                "copy_score": round(best[1].score, 4),
+            }
+            continue
+        kept.append(position)
+    return kept, vectors[[keep.index(p) for p in kept]]
