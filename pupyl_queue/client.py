@@ -322,9 +322,13 @@ class PupylQueue:
         answer = wait_result(result, timeout or self.settings.search_timeout)
         rows = answer["results"]
         if return_metadata:
-            extra = (lambda row: {"copy_score": row.get("copy_score")}) if mode == "copy" else (lambda row: {})
+            copy = mode == "copy"
             return [
-                {**(row.get("metadata") or {"id": row["id"]}), "distance": row["distance"], **extra(row)}
+                {
+                    **(row.get("metadata") or {"id": row["id"]}),
+                    "distance": row["distance"],
+                    **({"copy_score": row.get("copy_score")} if copy else {}),
+                }
                 for row in rows
             ]
         if return_distances:
