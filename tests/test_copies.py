@@ -1,0 +1,219 @@
+"""Copy detection (issue #18): the verifier on real and generated photos, and copy mode through workers."""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageOps
+
+from pupyl_queue import PupylQueue, Settings, copydetect
+from pupyl_queue.copysearch import merge_short_lists, query_views
+from tests.conftest import PHOTOS
+from tests.imagegen import encode, pattern
+from tests.workers import Workers
+
+REAL = ["caer/camera.jpg", "caer/guitar.jpg", "caer/tent.jpg", "coral/owl.jpg", "coral/parrot.jpg"]
+
+
+def textured(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
+    """A generated picture with corners and edges (shapes and text over a smooth pattern)."""
+    rng = np.random.default_rng(seed)
+    image = pattern(seed, size)
+    draw = ImageDraw.Draw(image)
+    for _ in range(40):
+        x, y = rng.integers(0, size[0]), rng.integers(0, size[1])
+        w, h = rng.integers(8, 50, 2)
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        shape = draw.rectangle if rng.random() < 0.5 else draw.ellipse
+        shape((int(x), int(y), int(x + w), int(y + h)), fill=colour, outline=(0, 0, 0))
+    draw.text((10, 10), f"picture {seed}", fill=(255, 255, 255))
+    return image
+
+
+def edit(image: Image.Image, kinds: tuple[str, ...]) -> Image.Image:
+    """The edits of bench/copies.py, at fixed strengths."""
+    w, h = image.size
+    for kind in kinds:
+        if kind == "crop":
+            image = image.crop((w // 8, h // 10, w - w // 6, h - h // 8))
+        elif kind == "rotate":
+            image = image.rotate(7, Image.Resampling.BILINEAR)
+        elif kind == "jpeg":
+            image = Image.open(io.BytesIO(encode(image, "JPEG", quality=12))).convert("RGB")
+        elif kind == "mirror":
+            image = ImageOps.mirror(image)
+        elif kind == "gray":
+            image = image.convert("L").convert("RGB")
+        elif kind == "frame":
+            image = ImageOps.expand(image, border=max(w, h) // 12, fill=(200, 30, 30))
+        elif kind == "shrink":
+            image = image.resize((image.width // 2, image.height // 2), Image.Resampling.BILINEAR)
+        elif kind == "caption":
+            image = image.copy()
+            ImageDraw.Draw(image).rectangle(
+                (0, image.height * 5 // 6, image.width, image.height), fill=(0, 0, 0)
+            )
+        image = image.convert("RGB")
+    return image
+
+
+EDITS = [("crop", "jpeg"), ("rotate", "gray"), ("mirror", "caption"), ("frame", "shrink"), ("crop", "mirror")]
+
+
+def photo(name: str) -> Image.Image:
+    path = PHOTOS / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the shared test data folder is not mounted)")
+    return Image.open(path).convert("RGB")
+
+
+@pytest.mark.parametrize("kinds", EDITS, ids="+".join)
+def test_edited_generated_picture_is_verified_against_its_original_only(kinds: tuple[str, ...]) -> None:
+    originals = [copydetect.extract(textured(seed)) for seed in range(4)]
+    query = copydetect.extract_query(edit(textured(2), kinds))
+    verdicts = [copydetect.verify(query, original) for original in originals]
+    assert [v.found for v in verdicts] == [False, False, True, False], [v.inliers for v in verdicts]
+    assert verdicts[2].score > 0.9 and verdicts[2].mirrored == ("mirror" in kinds)
+
+
+@pytest.mark.parametrize("kinds", EDITS, ids="+".join)
+def test_edited_real_photo_is_verified_against_its_original_only(kinds: tuple[str, ...]) -> None:
+    originals = [copydetect.extract(photo(name)) for name in REAL]
+    for position, name in enumerate(REAL):
+        query = copydetect.extract_query(edit(photo(name), kinds))
+        found = [copydetect.verify(query, original).found for original in originals]
+        assert found == [i == position for i in range(len(REAL))], (name, found)
+
+
+def test_distinct_photo_of_the_same_subject_is_no_copy() -> None:
+    # Two different photos of hot dogs (and of cats): alike for a CNN, not copies of each other.
+    pairs = [
+        ("coral/imprinting/hotdog_train_0.bmp", "coral/imprinting/hotdog_test_0.bmp"),
+        ("coral/imprinting/cat_train_0.bmp", "coral/imprinting/cat_test_0.bmp"),
+    ]
+    for a, b in pairs:
+        verdict = copydetect.verify(copydetect.extract_query(photo(a)), copydetect.extract(photo(b)))
+        assert not verdict.found and verdict.score < 0.5, (a, b, verdict)
+
+
+def test_short_list_verification_stops_at_a_sure_copy_and_reranks() -> None:
+    originals = [copydetect.extract(textured(seed)) for seed in range(5)]
+    query = copydetect.extract_query(edit(textured(3), ("crop",)))
+    verdicts = copydetect.verify_short_list(query, [originals[0], None, originals[3], originals[4]])
+    assert len(verdicts) == 3 and verdicts[1] is None and verdicts[2].inliers >= copydetect.STRONG_INLIERS
+    hits = [(10, 0.1), (11, 0.2), (13, 0.3), (14, 0.4)]
+    ranked = copydetect.rerank(hits, verdicts + [None])
+    assert [r[0] for r in ranked] == [13, 10, 11, 14]
+
+
+def test_features_round_trip_without_pickle() -> None:
+    features = copydetect.extract(textured(7))
+    again = copydetect.LocalFeatures.from_bytes(features.to_bytes())
+    assert len(features) > 100
+    assert np.array_equal(again.points, features.points) and np.array_equal(
+        again.descriptors, features.descriptors
+    )
+
+
+def test_query_views_add_the_mirror_and_drop_a_frame() -> None:
+    image = textured(1)
+    framed = ImageOps.expand(image, border=30, fill=(0, 0, 255))
+    views = query_views(framed)
+    assert len(views) == 3 and views[2].size == image.size
+    assert len(query_views(image)) == 2  # no frame: nothing to trim
+    assert merge_short_lists([[(1, 0.3), (2, 0.4)], [(2, 0.1), (3, 0.5)]], 2) == [(2, 0.1), (1, 0.3)]
+
+
+# --- through real workers -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def copy_stack(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
+) -> Iterator[tuple[PupylQueue, Workers]]:
+    home = tmp_path_factory.mktemp("stack-copies")
+    settings = Settings(
+        data_dir=home / "data",
+        redis_url=redis_url.rsplit("/", 1)[0] + "/5",
+        near_duplicate_mode="copy",
+        copy_short_list=20,
+    )
+    workers = Workers(settings, home)
+    workers.start()
+    client = PupylQueue(settings=settings, model=tiny_model)
+    client.redis.flushdb()
+    yield client, workers
+    client.close()
+    workers.stop_all()
+
+
+def originals(folder: Path) -> dict[str, Image.Image]:
+    """Real photos when the shared data is there, generated ones otherwise."""
+    folder.mkdir()
+    if PHOTOS.exists():
+        images = {Path(name).stem: Image.open(PHOTOS / name).convert("RGB") for name in REAL}
+    else:
+        images = {f"picture{seed}": textured(seed) for seed in range(5)}
+    for name, image in images.items():
+        (folder / f"{name}.jpg").write_bytes(encode(image, "JPEG", quality=92))
+    return images
+
+
+@pytest.mark.slow
+def test_copy_mode_finds_originals_through_workers(
+    copy_stack: tuple[PupylQueue, Workers], tmp_path: Path
+) -> None:
+    client, workers = copy_stack
+    images = originals(tmp_path / "originals")
+    job = client.index(tmp_path / "originals")
+    job.wait(timeout=300)
+    ids = {Path(item["ref"]).stem: item["id"] for item in job.report()}
+    assert set(ids) == set(images)
+    rng = random.Random(18)
+    for name, image in images.items():
+        kinds = EDITS[rng.randrange(len(EDITS))]
+        query = encode(edit(image, kinds), "JPEG", quality=85)
+        verdict = client.find_original(query, timeout=120)
+        assert verdict["found"] and verdict["id"] == ids[name], (name, kinds, verdict)
+        rows = client.search(query, top=3, return_metadata=True, mode="copy", timeout=120)
+        assert rows[0]["id"] == ids[name] and rows[0]["copy_score"] >= 0.5
+    distinct = encode(textured(99), "JPEG")
+    verdict = client.find_original(distinct, timeout=120)
+    assert not verdict["found"] and verdict["id"] is None and verdict["score"] < 0.5
+    # Plain similarity search is as it was: no copy verdict, no re-ranking.
+    answer = client.search_async(distinct, top=3).get(timeout=120)
+    assert "copy" not in answer and [r["distance"] for r in answer["results"]] == sorted(
+        r["distance"] for r in answer["results"]
+    )
+    workers.check_alive()
+
+
+@pytest.mark.slow
+def test_copy_mode_near_duplicate_check_refuses_edited_reuploads(
+    copy_stack: tuple[PupylQueue, Workers], tmp_path: Path
+) -> None:
+    client, _ = copy_stack
+    copies = client.for_collection("reuploads")
+    images = originals(tmp_path / "originals")
+    first = copies.index(tmp_path / "originals", near_duplicate=0.01)
+    first.wait(timeout=300)
+    ids = {Path(item["ref"]).stem: item["id"] for item in first.report()}
+    assert all(item["status"] == "indexed" for item in first.report())
+    (tmp_path / "again").mkdir()
+    for position, (name, image) in enumerate(images.items()):
+        edited = edit(image, EDITS[position % len(EDITS)])
+        (tmp_path / "again" / f"{name}-edited.jpg").write_bytes(encode(edited, "JPEG", quality=80))
+    (tmp_path / "again" / "distinct.jpg").write_bytes(encode(textured(123), "JPEG"))
+    second = copies.index(tmp_path / "again", near_duplicate=0.01)
+    second.wait(timeout=300)
+    report = {Path(item["ref"]).stem: item for item in second.report()}
+    assert report["distinct"]["status"] == "indexed", report["distinct"]
+    for name in images:
+        item = report[f"{name}-edited"]
+        assert item["status"] == "duplicate" and item["duplicate_of"] == ids[name], item
+        assert item["copy_score"] >= 0.5
