@@ -14,6 +14,7 @@ query of each stage.
     .venv/bin/python bench/copies.py                 # baseline vs copy mode
     .venv/bin/python bench/copies.py --pooling       # recall@50 of pooling variants, flowers P@10
     .venv/bin/python bench/copies.py --near-duplicate  # the ingestion check over all flowers
+    .venv/bin/python bench/copies.py --workers       # end-to-end latency through real workers
 """
 
 from __future__ import annotations
@@ -293,6 +294,173 @@ def report(
     print(f"negatives (edited flowers not indexed) called a copy: {false} of {len(negatives)}")
 
 
+def feature_maps(files: list[bytes], mirrored: bool = False) -> np.ndarray:
+    """MobileNet 0.25's last feature maps (n, 7, 7, 256), before any pooling."""
+    import keras
+
+    global _maps_model
+    if "_maps_model" not in globals():
+        base = keras.applications.MobileNet(
+            input_shape=(224, 224, 3),
+            alpha=0.25,
+            include_top=False,
+            pooling=None,
+            weights=str(SHARED / "models" / "mobilenet_2_5_224_tf_no_top.h5"),
+        )
+        _maps_model = base
+    out = []
+    for i in range(0, len(files), 64):
+        x = np.stack([pixels(f) for f in files[i : i + 64]]).astype(np.float32)
+        if mirrored:
+            x = x[:, :, ::-1]
+        out.append(np.asarray(_maps_model(x / 127.5 - 1.0, training=False)))
+    return np.concatenate(out)
+
+
+def pool(maps: np.ndarray, how: str) -> np.ndarray:
+    from pupyl_queue.models import normalize
+
+    if how == "avg":
+        v = maps.mean(axis=(1, 2))
+    elif how == "max":
+        v = maps.max(axis=(1, 2))
+    else:  # GeM, p = 3
+        v = np.cbrt(np.mean(np.maximum(maps, 0) ** 3, axis=(1, 2)))
+    return normalize(v)
+
+
+def run_pooling(args: argparse.Namespace) -> None:
+    """Recall@1/@50 on the edited copies and leave-one-out P@10 on all flowers, per global descriptor."""
+    from bench.int8_quality import precision_at
+
+    ds = build(args.seed, args.distractors, args.queries, 0)
+    flower_files = flowers()
+    labels = np.array(
+        [sorted({p.parent.name for p in flower_files}).index(p.parent.name) for p in flower_files]
+    )
+    sets = {"indexed": ds.indexed, "queries": ds.queries, "flowers": [p.read_bytes() for p in flower_files]}
+    maps = {k: feature_maps(v) for k, v in sets.items()}
+    flipped = {k: feature_maps(v, mirrored=True) for k, v in sets.items()}
+    truth = np.array(ds.truth)
+    print(f"\n{'global descriptor':<22} {'copy@1':>7} {'copy@5':>7} {'copy@50':>8} {'flowers P@10':>13}")
+    for how in ("avg", "max", "gem"):
+        for mirror in (False, True):
+            vec = {
+                k: pool(maps[k], how) if not mirror else pool(maps[k], how) + pool(flipped[k], how)
+                for k in sets
+            }
+            from pupyl_queue.models import normalize
+
+            vec = {k: normalize(v) for k, v in vec.items()}
+            order = np.argsort(-(vec["queries"] @ vec["indexed"].T), axis=1)[:, :50]
+            hit = order == truth[:, None]
+            p10 = precision_at(vec["flowers"], labels)[10]
+            name = how + (" + mirror-averaged" if mirror else "")
+            print(
+                f"{name:<22} {hit[:, :1].any(1).mean():>7.3f} {hit[:, :5].any(1).mean():>7.3f} "
+                f"{hit.any(1).mean():>8.3f} {p10:>13.3f}"
+            )
+
+
+def run_near_duplicate(args: argparse.Namespace) -> None:
+    """The copy-mode ingestion check: edited re-uploads refused, and no flower refused as a copy.
+
+    As the embed worker does it: each new image's plain vector gives its short list of the
+    indexed images, verified by local features. The flowers are indexed one after the other,
+    each checked against all the flowers before it.
+    """
+    from pupyl_queue import copydetect
+    from pupyl_queue.images import decode
+
+    extractor = real_model()
+    ds = build(args.seed, args.distractors, args.queries, 0)
+    stored = embed_all(extractor, ds.indexed)
+    cache = [copydetect.extract(decode(f, MAX_PIXELS, target=copydetect.WORK_SIDE).rgb) for f in ds.indexed]
+    refused = 0
+    for data, truth in zip(ds.queries, ds.truth):
+        vector = extractor.embed(pixels(data)[None])[0]
+        views = copydetect.extract_query(decode(data, MAX_PIXELS, target=copydetect.WORK_SIDE).rgb)
+        short = np.argsort(-(stored @ vector))[: args.short]
+        verdicts = copydetect.verify_short_list(views, [cache[i] for i in short])
+        found = [int(short[k]) for k, v in enumerate(verdicts) if v is not None and v.found]
+        refused += truth in found
+    print(f"edited re-uploads refused as a copy of their original: {refused} of {len(ds.queries)}")
+    files = [p.read_bytes() for p in flowers()]
+    names = [str(p.relative_to(SHARED)) for p in flowers()]
+    vectors = embed_all(extractor, files)
+    started = time.perf_counter()
+    features = [
+        copydetect.extract_query(decode(f, MAX_PIXELS, target=copydetect.WORK_SIDE).rgb) for f in files
+    ]
+    false, worst = [], 0
+    for i in range(1, len(files)):
+        short = np.argsort(-(vectors[:i] @ vectors[i]))[: args.short]
+        for j in short:
+            verdict = copydetect.verify(features[i], features[j][0])
+            worst = max(worst, verdict.inliers)
+            if verdict.found:
+                false.append((names[i], names[int(j)], verdict.inliers))
+    print(
+        f"flowers refused as copies of an earlier flower: {len(false)} of {len(files)} "
+        f"(most inliers of any pair {worst}; {time.perf_counter() - started:.0f}s)"
+    )
+    for pair in false:
+        print("  ", *pair)
+
+
+def run_workers(args: argparse.Namespace) -> None:
+    """End to end: index through real workers, then search each query in both modes from a client."""
+    import shutil
+
+    from pupyl_queue import PupylQueue
+    from pupyl_queue import constants as C
+    from pupyl_queue.models import wrap_mobilenet
+    from pupyl_queue.settings import Settings
+    from pupyl_queue.stack import free_port, start_redis, start_worker, stop
+
+    work = Path(tempfile.mkdtemp(prefix="pupyl-copies-"))
+    ds = build(args.seed, args.distractors, args.queries, args.negatives)
+    folder = work / "indexed"
+    folder.mkdir()
+    for i, (name, data) in enumerate(zip(ds.names, ds.indexed)):
+        (folder / f"{i:05d}{Path(name).suffix}").write_bytes(data)
+    model = wrap_mobilenet(SHARED / "models" / "mobilenet_2_5_224_tf_no_top.h5", work / "m.keras", alpha=0.25)
+    port = free_port()
+    redis = start_redis(work / "redis", port, appendonly=False)
+    settings = Settings(
+        data_dir=work / "data", redis_url=f"redis://127.0.0.1:{port}/0", copy_short_list=args.short
+    )
+    workers = [start_worker(q, settings, log_path=work / f"{q}.log") for q in C.QUEUES]
+    client = PupylQueue(settings=settings, model=model, collection="copies")
+    try:
+        started = time.perf_counter()
+        job = client.index(folder)
+        job.wait(timeout=3600)
+        print(f"indexed {len(ds.indexed)} through the workers in {time.perf_counter() - started:.0f}s")
+        ids = {int(Path(item["ref"]).stem): item["id"] for item in job.report()}
+        truth = [ids.get(t, -1) if t >= 0 else -1 for t in ds.truth]
+        for mode in ("similar", "copy", "copy"):  # copy twice: the first run fills the feature cache
+            took, hits, false = [], 0, 0
+            for data, t in zip(ds.queries, truth):
+                t0 = time.perf_counter()
+                answer = client.search_async(data, top=5, mode=mode).get(timeout=120)
+                took.append((time.perf_counter() - t0) * 1000)
+                top = answer["results"][0]["id"] if answer["results"] else None
+                hits += t >= 0 and top == t
+                false += t < 0 and bool(answer.get("copy", {}).get("found"))
+            positives = sum(t >= 0 for t in truth)
+            print(
+                f"{mode:<8} recall@1 {hits / positives:.3f}, negatives called a copy {false}; end-to-end "
+                f"latency p50 {np.median(took):.1f} ms, p95 {np.percentile(took, 95):.1f} ms"
+            )
+    finally:
+        client.close()
+        for proc in workers:
+            stop(proc)
+        stop(redis)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp())
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -305,8 +473,18 @@ def main() -> None:
     parser.add_argument(
         "--views", default="plain,mirror,trim", help="query views of copy mode's global stage"
     )
+    parser.add_argument("--pooling", action="store_true", help="compare pooling variants of the global stage")
+    parser.add_argument("--near-duplicate", action="store_true", help="the copy-mode ingestion check")
+    parser.add_argument("--workers", action="store_true", help="end to end through real workers")
     args = parser.parse_args()
-    run_ranking(args)
+    if args.workers:
+        run_workers(args)
+    elif args.pooling:
+        run_pooling(args)
+    elif args.near_duplicate:
+        run_near_duplicate(args)
+    else:
+        run_ranking(args)
 
 
 if __name__ == "__main__":
