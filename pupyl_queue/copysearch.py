@@ -205,6 +205,8 @@ def search_copies(
     rt: Runtime, task: dict[str, Any], collection: str, top: int, started: float, send: Any
 ) -> dict[str, Any]:
     """``pupyl.search`` with ``mode: "copy"``: the global short list re-ranked by verification."""
+    from pupyl_queue.queries import metadata
+
     image = query_image(rt, collection, task["query"])
     extractor = rt.extractor(collection)
     size = extractor.input_size
@@ -227,6 +229,9 @@ def search_copies(
             row["copy_score"] = round(verdict.score, 4)
             row["inliers"] = verdict.inliers
         results.append(row)
+    if task.get("metadata"):
+        for row, meta in zip(results, metadata(rt, Layout(collection), [r["id"] for r in results])):
+            row["metadata"] = meta
     return {
         "collection": collection,
         **info,

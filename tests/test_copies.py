@@ -182,6 +182,7 @@ def test_copy_mode_finds_originals_through_workers(
         assert verdict["found"] and verdict["id"] == ids[name], (name, kinds, verdict)
         rows = client.search(query, top=3, return_metadata=True, mode="copy", timeout=120)
         assert rows[0]["id"] == ids[name] and rows[0]["copy_score"] >= 0.5
+        assert rows[0]["original_file_name"] == f"{name}.jpg"  # metadata in copy mode too
     distinct = encode(textured(99), "JPEG")
     verdict = client.find_original(distinct, timeout=120)
     assert not verdict["found"] and verdict["id"] is None and verdict["score"] < 0.5

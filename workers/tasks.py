@@ -149,7 +149,7 @@ def ask_nearest(collection: str, vectors: Any) -> list[tuple[int, float] | None]
 
 def ask_short_lists(collection: str, vectors: Any, top: int) -> list[list[tuple[int, float]]]:
     """Each vector's ``top`` nearest indexed images (the copy-mode near-duplicate check)."""
-    request = {"collection": collection, "top": int(top), **queries.encode_vectors(vectors)}
+    request = {"collection": collection, "top": int(top), **codecs.encode_vectors(vectors)}
     result = nearest.apply_async(kwargs=request)
     answer = result.get(timeout=runtime().settings.search_timeout, disable_sync_subtasks=False)
     if answer.get("degraded"):
