@@ -366,11 +366,12 @@ def run_pooling(args: argparse.Namespace) -> None:
 def run_near_duplicate(args: argparse.Namespace) -> None:
     """The copy-mode ingestion check: edited re-uploads refused, and no flower refused as a copy.
 
-    As the embed worker does it: each new image's plain vector gives its short list of the
-    indexed images, verified by local features. The flowers are indexed one after the other,
+    As the embed worker does it: each new image's views (plain, mirrored, unframed) give its
+    short list of the indexed images, verified by local features. The flowers are indexed one after the other,
     each checked against all the flowers before it.
     """
     from pupyl_queue import copydetect
+    from pupyl_queue.copysearch import query_views
     from pupyl_queue.images import decode
 
     extractor = real_model()
@@ -379,9 +380,11 @@ def run_near_duplicate(args: argparse.Namespace) -> None:
     cache = [copydetect.extract(decode(f, MAX_PIXELS, target=copydetect.WORK_SIDE).rgb) for f in ds.indexed]
     refused = 0
     for data, truth in zip(ds.queries, ds.truth):
-        vector = extractor.embed(pixels(data)[None])[0]
-        views = copydetect.extract_query(decode(data, MAX_PIXELS, target=copydetect.WORK_SIDE).rgb)
-        short = np.argsort(-(stored @ vector))[: args.short]
+        image = decode(data, MAX_PIXELS, target=copydetect.WORK_SIDE).rgb
+        extra = [np.asarray(v.resize((224, 224), Image.Resampling.BILINEAR)) for v in query_views(image)[1:]]
+        vectors = extractor.embed(np.stack([pixels(data), *extra]))
+        views = copydetect.extract_query(image)
+        short = np.argsort(-(stored @ vectors.T).max(axis=1))[: args.short]
         verdicts = copydetect.verify_short_list(views, [cache[i] for i in short])
         found = [int(short[k]) for k, v in enumerate(verdicts) if v is not None and v.found]
         refused += truth in found

@@ -243,6 +243,33 @@ def search_copies(
     }
 
 
+def _item_short_lists(
+    rt: Runtime,
+    collection: str,
+    vectors: np.ndarray,
+    images: Sequence[DecodedImage],
+    short_lists: ShortLists,
+) -> list[list[tuple[int, float]]]:
+    """Each new image's short list over its views, as a copy search's (one request for the batch).
+
+    The plain views' vectors are the ones being indexed; the mirrored and unframed views cost one
+    more forward pass here, only in copy mode.
+    """
+    extractor = rt.extractor(collection)
+    side = extractor.input_size
+    owners, extra = [], []
+    for item, image in enumerate(images):
+        for view in query_views(image.rgb)[1:]:
+            owners.append(item)
+            extra.append(np.asarray(view.resize((side, side), Image.Resampling.BILINEAR)))
+    every = np.concatenate([vectors, extractor.embed(np.stack(extra))]) if extra else vectors
+    rows = short_lists(collection, every, rt.settings.copy_short_list)
+    per_item: list[list[list[tuple[int, float]]]] = [[row] for row in rows[: len(images)]]
+    for owner, row in zip(owners, rows[len(images) :]):
+        per_item[owner].append(row)
+    return [merge_short_lists(lists, rt.settings.copy_short_list) for lists in per_item]
+
+
 def drop_copies(
     rt: Runtime,
     task: dict[str, Any],
@@ -260,8 +287,7 @@ def drop_copies(
     where the new images' pixels are. ``images[i]`` is the image of ``keep[i]``.
     """
     collection = task["collection"]
-    size = rt.settings.copy_short_list
-    found = short_lists(collection, vectors, size)
+    found = _item_short_lists(rt, collection, vectors, images, short_lists)
     views = [copydetect.extract_query(image.rgb) for image in images]
     kept: list[int] = []
     for row, position in enumerate(keep):
