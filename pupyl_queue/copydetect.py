@@ -101,10 +101,24 @@ def extract(image: Image.Image | np.ndarray) -> LocalFeatures:
     return LocalFeatures(np.array([k.pt for k in keypoints], np.float32), descriptors)
 
 
-def extract_query(image: Image.Image) -> tuple[LocalFeatures, LocalFeatures]:
-    """A query's features and its mirror image's."""
-    gray = working_copy(image)
-    return extract(gray), extract(np.ascontiguousarray(gray[:, ::-1]))
+class QueryFeatures:
+    """A query's features, and its mirror image's, computed only when first asked for."""
+
+    def __init__(self, gray: np.ndarray) -> None:
+        self._gray = gray
+        self.plain = extract(gray)
+        self._mirrored: LocalFeatures | None = None
+
+    @property
+    def mirrored(self) -> LocalFeatures:
+        if self._mirrored is None:
+            self._mirrored = extract(np.ascontiguousarray(self._gray[:, ::-1]))
+        return self._mirrored
+
+
+def extract_query(image: Image.Image) -> QueryFeatures:
+    """A query's features (its mirror image's follow when a verification needs them)."""
+    return QueryFeatures(working_copy(image))
 
 
 def probability(inliers: int) -> float:
@@ -132,30 +146,38 @@ def _inliers(query: LocalFeatures, candidate: LocalFeatures) -> int:
     return int(mask.sum())
 
 
-def verify(query: Sequence[LocalFeatures], candidate: LocalFeatures) -> Verdict:
-    """The best of the query's views (plain, mirrored) against one candidate."""
-    best, mirrored = 0, False
-    for view, features in enumerate(query):
-        inliers = _inliers(features, candidate)
-        if inliers > best:
-            best, mirrored = inliers, view == 1
-    return Verdict(best, probability(best), mirrored)
+def verify(query: QueryFeatures, candidate: LocalFeatures) -> Verdict:
+    """The better of the query and its mirror image against one candidate."""
+    plain = _inliers(query.plain, candidate)
+    mirrored = _inliers(query.mirrored, candidate)
+    return Verdict(max(plain, mirrored), probability(max(plain, mirrored)), mirrored > plain)
 
 
 def verify_short_list(
-    query: Sequence[LocalFeatures], candidates: Iterable[LocalFeatures | None]
+    query: QueryFeatures, candidates: Iterable[LocalFeatures | None]
 ) -> list[Verdict | None]:
     """Verify candidates in their global order; stop at the first sure copy (``STRONG_INLIERS``).
 
-    Most copies are the global top one, so a query usually costs one or two verifications instead
-    of the whole list. One verdict per candidate consumed (``None`` for one without features);
-    the candidates after a sure copy are not consumed.
+    Most copies are the global top one and not mirrored, so a query usually costs one or two
+    verifications of its plain view instead of the whole list in both views: the mirror image is
+    tried only when the plain view found no sure copy. One verdict per candidate consumed
+    (``None`` for one without features); the candidates after a sure copy are not consumed.
     """
+    seen: list[LocalFeatures | None] = []
     verdicts: list[Verdict | None] = []
     for candidate in candidates:
-        verdict = None if candidate is None else verify(query, candidate)
-        verdicts.append(verdict)
-        if verdict is not None and verdict.inliers >= STRONG_INLIERS:
+        seen.append(candidate)
+        inliers = 0 if candidate is None else _inliers(query.plain, candidate)
+        verdicts.append(None if candidate is None else Verdict(inliers, probability(inliers)))
+        if inliers >= STRONG_INLIERS:
+            return verdicts
+    for position, candidate in enumerate(seen):
+        if candidate is None:
+            continue
+        inliers = _inliers(query.mirrored, candidate)
+        if inliers > verdicts[position].inliers:  # type: ignore[union-attr]
+            verdicts[position] = Verdict(inliers, probability(inliers), mirrored=True)
+        if inliers >= STRONG_INLIERS:
             break
     return verdicts
 

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pupyl_queue import copydetect
-from pupyl_queue.copydetect import LocalFeatures, Verdict
+from pupyl_queue.copydetect import LocalFeatures, QueryFeatures, Verdict
 from pupyl_queue.images import DecodedImage, ImageError, decode
 from pupyl_queue.layout import Layout
 from pupyl_queue.runtime import Runtime
@@ -153,7 +153,7 @@ def query_image(rt: Runtime, collection: str, query: dict[str, Any]) -> DecodedI
 
 
 def verify_candidates(
-    rt: Runtime, collection: str, views: Sequence[LocalFeatures], short_list: Sequence[tuple[int, float]]
+    rt: Runtime, collection: str, views: QueryFeatures, short_list: Sequence[tuple[int, float]]
 ) -> list[Verdict | None]:
     """Fetch the candidates' features concurrently, then verify them in order (first sure copy stops)."""
     pool = rt.pool()
@@ -300,7 +300,7 @@ def drop_copies(
             rows = [keep.index(p) for p in kept]
             sims = vectors[rows] @ vectors[row]
             for k in np.argsort(-sims)[:3]:
-                verdict = copydetect.verify(views[row], views[rows[int(k)]][0])
+                verdict = copydetect.verify(views[row], views[rows[int(k)]].plain)
                 if verdict.found and (best is None or verdict.inliers > best[1].inliers):
                     best = (ids[kept[int(k)]], verdict)
         if best is not None:

@@ -106,6 +106,10 @@ def test_short_list_verification_stops_at_a_sure_copy_and_reranks() -> None:
     query = copydetect.extract_query(edit(textured(3), ("crop",)))
     verdicts = copydetect.verify_short_list(query, [originals[0], None, originals[3], originals[4]])
     assert len(verdicts) == 3 and verdicts[1] is None and verdicts[2].inliers >= copydetect.STRONG_INLIERS
+    assert query._mirrored is None  # a sure copy in the plain view: the mirror image was never needed
+    mirrored = copydetect.extract_query(edit(textured(3), ("mirror",)))
+    again = copydetect.verify_short_list(mirrored, [originals[0], originals[3], originals[4]])
+    assert len(again) == 2 and again[1].mirrored and again[1].found and not again[0].found
     hits = [(10, 0.1), (11, 0.2), (13, 0.3), (14, 0.4)]
     ranked = copydetect.rerank(hits, verdicts + [None])
     assert [r[0] for r in ranked] == [13, 10, 11, 14]
