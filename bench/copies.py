@@ -250,10 +250,26 @@ def run_ranking(args: argparse.Namespace) -> None:
         f"recomputing candidates' features instead would add ~{recompute_ms * args.short:.0f} ms"
     )
     pos, neg = np.array(positive_inliers), np.array(negative_inliers)
+    mid, width = calibrate(pos, neg)
+    print(f"logistic fit of P(original | inliers) over the verified candidates: mid {mid:.1f}, width {width}")
     print(
         f"inliers: originals in the short list p5 {pct(pos, 5):.0f} p50 {pct(pos, 50):.0f}; other candidates "
         f"p50 {pct(neg, 50):.0f} p99 {pct(neg, 99):.0f} p99.9 {pct(neg, 99.9):.0f} max {neg.max()}"
     )
+
+
+def calibrate(positives: np.ndarray, negatives: np.ndarray) -> tuple[float, float]:
+    """Maximum-likelihood logistic curve of P(original | inliers), on a grid (copydetect's constants)."""
+    x = np.concatenate([positives, negatives]).astype(np.float64)
+    y = np.concatenate([np.ones(len(positives)), np.zeros(len(negatives))])
+    best = (-np.inf, 0.0, 0.0)
+    for mid in np.arange(4.0, 40.0, 0.5):
+        for width in np.arange(0.5, 8.0, 0.25):
+            p = np.clip(1 / (1 + np.exp(-(x - mid) / width)), 1e-9, 1 - 1e-9)
+            ll = float(np.sum(y * np.log(p) + (1 - y) * np.log(1 - p)))
+            if ll > best[0]:
+                best = (ll, mid, width)
+    return best[1], best[2]
 
 
 def report(
