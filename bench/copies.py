@@ -188,7 +188,7 @@ def run_ranking(args: argparse.Namespace) -> None:
         copydetect.LocalFeatures.from_bytes(blob)
     load_ms = (time.perf_counter() - started) * 1000 / len(cache_bytes)
     print(
-        f"local features per stored copy: recompute (decode + ORB) {recompute_ms:.1f} ms, "
+        f"local features per stored copy: recompute (decode + SIFT) {recompute_ms:.1f} ms, "
         f"load from cache bytes {load_ms:.2f} ms, "
         f"{np.mean([len(b) for b in cache_bytes]) / 1024:.1f} KiB each"
     )
@@ -245,7 +245,7 @@ def run_ranking(args: argparse.Namespace) -> None:
     print(
         f"\nlatency per query, in process, p50: embed {ms(t_embed):.1f} ms, "
         f"global search {ms(t_global):.2f} ms, "
-        f"query ORB (plain + mirror) {ms(t_query_features):.1f} ms, verify {args.short} cached "
+        f"query SIFT (plain, mirror if needed) {ms(t_query_features):.1f} ms, verify {args.short} cached "
         f"{ms(t_verify):.1f} ms; copy mode total p50 {ms(total):.1f} ms, p95 {1000 * pct(total, 95):.1f} ms; "
         f"recomputing candidates' features instead would add ~{recompute_ms * args.short:.0f} ms"
     )

@@ -49,7 +49,7 @@ class Layout:
 
     def local_features(self, image_id: int) -> str:
         """The stored copy's local features (copy detection), cached by the first copy search."""
-        return f"{self.root}/{C.STORE_IMAGES}/{image_id}.orb"
+        return f"{self.root}/{C.STORE_IMAGES}/{image_id}.sift"
 
     def image_meta(self, image_id: int) -> str:
         return f"{self.root}/{C.STORE_IMAGES}/{image_id}.json"

@@ -118,7 +118,7 @@ def test_short_list_verification_stops_at_a_sure_copy_and_reranks() -> None:
 def test_features_round_trip_without_pickle() -> None:
     features = copydetect.extract(textured(7))
     again = copydetect.LocalFeatures.from_bytes(features.to_bytes())
-    assert len(features) > 100
+    assert len(features) > 50 and features.descriptors.shape[1] == 128
     assert np.array_equal(again.points, features.points) and np.array_equal(
         again.descriptors, features.descriptors
     )
