@@ -81,8 +81,10 @@ _cache = _FeatureCache()
 def stored_features(rt: Runtime, collection: str, image_id: int) -> LocalFeatures | None:
     """An indexed image's local features: from memory, the store's cache, or its stored copy.
 
-    Computed from the stored copy on the first need and written back to the store, so every
-    search worker pays it once per image (5-10 ms against 0.3 ms to read the cache, bench/copies.py).
+    Written at ingestion when the collection's near-duplicate check runs in copy mode; otherwise
+    computed from the stored copy on the first need and written back to the store, so the cluster
+    pays it once per image (SIFT: 30-130 ms on this busy 2-core machine, against 1-2 ms to read the
+    cache; bench/copies.py).
     None when the stored copy is gone (the image was removed meanwhile).
     """
     found = _cache.get((collection, image_id))
@@ -284,7 +286,9 @@ def drop_copies(
     earlier item of its batch, is a duplicate (``duplicate_of``, ``copy_score``).
 
     The global stage asks the search workers for each item's short list; verification runs here,
-    where the new images' pixels are. ``images[i]`` is the image of ``keep[i]``.
+    where the new images' pixels are. ``images[i]`` is the image of ``keep[i]``. The local
+    features of the images kept are written to the store's cache here: copy searches then find
+    them (SIFT costs 30-130 ms an image on this machine; reading the cache, 1 ms).
     """
     collection = task["collection"]
     found = _item_short_lists(rt, collection, vectors, images, short_lists)
@@ -312,4 +316,12 @@ def drop_copies(
             }
             continue
         kept.append(position)
+    # The kept images' features are made already: cache them now, not on their first copy search.
+    layout, pool = Layout(collection), rt.pool()
+    writes = [
+        pool.submit(rt.store.put, layout.local_features(ids[p]), views[keep.index(p)].plain.to_bytes())
+        for p in kept
+    ]
+    for write in writes:
+        write.result()
     return kept, vectors[[keep.index(p) for p in kept]]

@@ -48,7 +48,8 @@ class Layout:
         return f"{self.root}/{C.STORE_IMAGES}/{image_id}.orig"
 
     def local_features(self, image_id: int) -> str:
-        """The stored copy's local features (copy detection), cached by the first copy search."""
+        """The stored copy's local features (copy detection): written by a copy-mode near-duplicate
+        check at ingestion, else by the first copy search that needs them."""
         return f"{self.root}/{C.STORE_IMAGES}/{image_id}.sift"
 
     def image_meta(self, image_id: int) -> str:

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from pupyl_queue import PupylQueue, Settings, copydetect
 from pupyl_queue.copysearch import merge_short_lists, query_views
+from pupyl_queue.layout import Layout
 from tests.conftest import PHOTOS
 from tests.imagegen import encode, pattern
 from tests.workers import Workers
@@ -209,6 +210,8 @@ def test_copy_mode_near_duplicate_check_refuses_edited_reuploads(
     first.wait(timeout=300)
     ids = {Path(item["ref"]).stem: item["id"] for item in first.report()}
     assert all(item["status"] == "indexed" for item in first.report())
+    # Their local features were made by the check: cached at ingestion, not on a first copy search.
+    assert all(copies.store.exists(Layout("reuploads").local_features(i)) for i in ids.values())
     (tmp_path / "again").mkdir()
     for position, (name, image) in enumerate(images.items()):
         edited = edit(image, EDITS[position % len(EDITS)])
