@@ -380,22 +380,25 @@ def run_pooling(args: argparse.Namespace) -> None:
 
 
 def run_near_duplicate(args: argparse.Namespace) -> None:
-    """The copy-mode ingestion check: edited re-uploads refused, and no flower refused as a copy.
+    """The copy-mode ingestion check: edited re-uploads refused, and no flower refused as a copy."""
+    extractor = real_model()
+    if not args.flowers_only:
+        reuploads(args, extractor)
+    flowers_check(args, extractor)
 
-    As the embed worker does it: each new image's views (plain, mirrored, unframed) give its
-    short list of the indexed images, verified by local features. The flowers are indexed one after the other,
-    each checked against all the flowers before it.
-    """
+
+def reuploads(args: argparse.Namespace, extractor) -> None:
+    """As the embed worker does it: each new image's views (plain, mirrored, unframed) give its
+    short list of the indexed images, verified by local features."""
     from pupyl_queue import copydetect
     from pupyl_queue.copysearch import query_views
     from pupyl_queue.images import decode
 
-    extractor = real_model()
     ds = build(args.seed, args.distractors, args.queries, 0)
     stored = embed_all(extractor, ds.indexed)
     cache = [copydetect.extract(decode(f, MAX_PIXELS, target=copydetect.WORK_SIDE).rgb) for f in ds.indexed]
     refused = 0
-    for data, truth in zip(ds.queries if not args.flowers_only else [], ds.truth):
+    for data, truth in zip(ds.queries, ds.truth):
         image = decode(data, MAX_PIXELS, target=copydetect.WORK_SIDE).rgb
         extra = [np.asarray(v.resize((224, 224), Image.Resampling.BILINEAR)) for v in query_views(image)[1:]]
         vectors = extractor.embed(np.stack([pixels(data), *extra]))
@@ -404,8 +407,16 @@ def run_near_duplicate(args: argparse.Namespace) -> None:
         verdicts = copydetect.verify_short_list(views, [cache[i] for i in short])
         found = [int(short[k]) for k, v in enumerate(verdicts) if v is not None and v.found]
         refused += truth in found
-    if not args.flowers_only:
-        print(f"edited re-uploads refused as a copy of their original: {refused} of {len(ds.queries)}")
+    print(f"edited re-uploads refused as a copy of their original: {refused} of {len(ds.queries)}")
+
+
+def flowers_check(args: argparse.Namespace, extractor) -> None:
+    """The flowers indexed one after the other, each checked against the short list (its plain
+    vector's) of all the flowers before it: every copy found is a false duplicate, unless the
+    set holds the same photo twice (listed, to look at)."""
+    from pupyl_queue import copydetect
+    from pupyl_queue.images import decode
+
     files = [p.read_bytes() for p in flowers()]
     names = [str(p.relative_to(SHARED)) for p in flowers()]
     vectors = embed_all(extractor, files)
