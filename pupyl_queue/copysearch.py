@@ -133,8 +133,12 @@ def merge_short_lists(per_view: Sequence[Sequence[tuple[int, float]]], size: int
     return sorted(best.items(), key=lambda item: item[1])[:size]
 
 
-def query_image(rt: Runtime, collection: str, query: dict[str, Any]) -> DecodedImage:
-    """The query's image: its bytes, or an indexed image's stored copy (a vector is no image)."""
+def query_image(rt: Runtime, collection: str, query: dict[str, Any], size: int) -> DecodedImage:
+    """The query's image: its bytes, or an indexed image's stored copy (a vector is no image).
+
+    Decoded for the network's input ``size`` as indexing does, so its plain view's vector is a
+    plain search's.
+    """
     from pupyl_queue.queries import QueryError
 
     if "image_b64" in query:
@@ -151,7 +155,7 @@ def query_image(rt: Runtime, collection: str, query: dict[str, Any]) -> DecodedI
             raise QueryError(f"no stored copy of image {query['id']}") from None
     else:
         raise QueryError("copy mode needs a query image (image_b64 or key) or an indexed id")
-    return decode(data, rt.settings.max_pixels, target=copydetect.WORK_SIDE)
+    return decode(data, rt.settings.max_pixels, target=size)
 
 
 def verify_candidates(
@@ -209,9 +213,9 @@ def search_copies(
     """``pupyl.search`` with ``mode: "copy"``: the global short list re-ranked by verification."""
     from pupyl_queue.queries import metadata
 
-    image = query_image(rt, collection, task["query"])
     extractor = rt.extractor(collection)
     size = extractor.input_size
+    image = query_image(rt, collection, task["query"], size)
     views = query_views(image.rgb)
     pixels = np.stack([np.asarray(v.resize((size, size), Image.Resampling.BILINEAR)) for v in views])
     # The plain view as indexing sees it (same pixels, same vector as a plain search's).

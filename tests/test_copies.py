@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageOps
 
-from pupyl_queue import PupylQueue, Settings, copydetect
+from pupyl_queue import PupylQueue, Settings, copydetect, queries
+from pupyl_queue.client import TaskFailed
 from pupyl_queue.copysearch import merge_short_lists, query_views
 from pupyl_queue.layout import Layout
+from pupyl_queue.queries import QueryError
 from tests.conftest import PHOTOS
 from tests.imagegen import encode, pattern
 from tests.workers import Workers
@@ -116,6 +118,11 @@ def test_short_list_verification_stops_at_a_sure_copy_and_reranks() -> None:
     assert [r[0] for r in ranked] == [13, 10, 11, 14]
 
 
+def test_unknown_search_mode_is_refused_before_any_work() -> None:
+    with pytest.raises(QueryError, match="mode must be one of similar, copy"):
+        queries.search(None, {"query": {"id": 1}, "mode": "copies"})  # type: ignore[arg-type]
+
+
 def test_features_round_trip_without_pickle() -> None:
     features = copydetect.extract(textured(7))
     again = copydetect.LocalFeatures.from_bytes(features.to_bytes())
@@ -191,6 +198,8 @@ def test_copy_mode_finds_originals_through_workers(
     distinct = encode(textured(99), "JPEG")
     verdict = client.find_original(distinct, timeout=120)
     assert not verdict["found"] and verdict["id"] is None and verdict["score"] < 0.5
+    with pytest.raises(TaskFailed, match="copy mode needs a query image"):
+        client.search(np.ones(256, np.float32), mode="copy", timeout=120)
     # Plain similarity search is as it was: no copy verdict, no re-ranking.
     answer = client.search_async(distinct, top=3).get(timeout=120)
     assert "copy" not in answer and [r["distance"] for r in answer["results"]] == sorted(
