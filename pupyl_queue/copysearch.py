@@ -216,6 +216,9 @@ def search_copies(
     extractor = rt.extractor(collection)
     size = extractor.input_size
     image = query_image(rt, collection, task["query"], size)
+    # The query's local features are made while the network runs (OpenCV and TensorFlow both
+    # release the GIL): on 2 cores this hides most of the extraction.
+    features_made = rt.pool().submit(copydetect.extract_query, image.rgb)
     views = query_views(image.rgb)
     pixels = np.stack([np.asarray(v.resize((size, size), Image.Resampling.BILINEAR)) for v in views])
     # The plain view as indexing sees it (same pixels, same vector as a plain search's).
@@ -224,7 +227,7 @@ def search_copies(
     length = max(top, rt.settings.copy_short_list)
     hits, info = short_list(rt, collection, vectors, length, task, send)
     verified_at = time.perf_counter()
-    features = copydetect.extract_query(image.rgb)
+    features = features_made.result()
     verdicts = verify_candidates(rt, collection, features, hits[: rt.settings.copy_short_list])
     verdicts += [None] * (len(hits) - len(verdicts))  # past the short list when top is longer
     ranked = copydetect.rerank(hits, verdicts)
