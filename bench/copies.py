@@ -384,7 +384,8 @@ def run_near_duplicate(args: argparse.Namespace) -> None:
     extractor = real_model()
     if not args.flowers_only:
         reuploads(args, extractor)
-    flowers_check(args, extractor)
+    if not args.reuploads_only:
+        flowers_check(args, extractor)
 
 
 def reuploads(args: argparse.Namespace, extractor) -> None:
@@ -405,7 +406,7 @@ def reuploads(args: argparse.Namespace, extractor) -> None:
         views = copydetect.extract_query(image)
         short = np.argsort(-(stored @ vectors.T).max(axis=1))[: args.short]
         verdicts = copydetect.verify_short_list(views, [cache[i] for i in short])
-        found = [int(short[k]) for k, v in enumerate(verdicts) if v is not None and v.found]
+        found = [int(short[k]) for k, v in enumerate(verdicts) if v is not None and v.sure]
         refused += truth in found
     print(f"edited re-uploads refused as a copy of their original: {refused} of {len(ds.queries)}")
 
@@ -430,7 +431,7 @@ def flowers_check(args: argparse.Namespace, extractor) -> None:
         for j in short:
             verdict = copydetect.verify(features[i], features[j].plain)
             worst = max(worst, verdict.inliers)
-            if verdict.found:
+            if verdict.sure:
                 false.append((names[i], names[int(j)], verdict.inliers))
     print(
         f"flowers refused as copies of an earlier flower: {len(false)} of {len(files)} "
@@ -508,6 +509,7 @@ def main() -> None:
     parser.add_argument("--pooling", action="store_true", help="compare pooling variants of the global stage")
     parser.add_argument("--near-duplicate", action="store_true", help="the copy-mode ingestion check")
     parser.add_argument("--flowers-only", action="store_true", help="--near-duplicate: the flowers part only")
+    parser.add_argument("--reuploads-only", action="store_true", help="--near-duplicate: re-uploads only")
     parser.add_argument("--workers", action="store_true", help="end to end through real workers")
     args = parser.parse_args()
     if args.workers:

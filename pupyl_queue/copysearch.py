@@ -289,8 +289,9 @@ def drop_copies(
     images: Sequence[DecodedImage],
     short_lists: ShortLists,
 ) -> tuple[list[int], np.ndarray]:
-    """The ingestion check in copy mode: an item verified as a copy of an indexed image, or of an
-    earlier item of its batch, is a duplicate (``duplicate_of``, ``copy_score``).
+    """The ingestion check in copy mode: an item surely verified (``Verdict.sure``) as a copy of an
+    indexed image, or of an earlier item of its batch, is a duplicate (``duplicate_of``,
+    ``copy_score``).
 
     The global stage asks the search workers for each item's short list; verification runs here,
     where the new images' pixels are. ``images[i]`` is the image of ``keep[i]``. The local
@@ -305,14 +306,14 @@ def drop_copies(
         best: tuple[int, Verdict] | None = None
         verdicts = verify_candidates(rt, collection, views[row], found[row])
         for (image_id, _), verdict in zip(found[row], verdicts):
-            if verdict is not None and verdict.found and (best is None or verdict.inliers > best[1].inliers):
+            if verdict is not None and verdict.sure and (best is None or verdict.inliers > best[1].inliers):
                 best = (image_id, verdict)
         if kept:  # earlier items of this batch count as indexed: verify the nearest few of them
             rows = [keep.index(p) for p in kept]
             sims = vectors[rows] @ vectors[row]
             for k in np.argsort(-sims)[:3]:
                 verdict = copydetect.verify(views[row], views[rows[int(k)]].plain)
-                if verdict.found and (best is None or verdict.inliers > best[1].inliers):
+                if verdict.sure and (best is None or verdict.inliers > best[1].inliers):
                     best = (ids[kept[int(k)]], verdict)
         if best is not None:
             report[position] = {

@@ -82,6 +82,7 @@ def test_edited_generated_picture_is_verified_against_its_original_only(kinds: t
     verdicts = [copydetect.verify(query, original) for original in originals]
     assert [v.found for v in verdicts] == [False, False, True, False], [v.inliers for v in verdicts]
     assert verdicts[2].score > 0.9 and verdicts[2].mirrored == ("mirror" in kinds)
+    assert verdicts[2].sure and not any(v.sure for v in verdicts[:2] + verdicts[3:])
 
 
 @pytest.mark.parametrize("kinds", EDITS, ids="+".join)
