@@ -9,17 +9,20 @@ re-ranks: verified copies first.
 
 Where it runs: on the search workers, in the ``pupyl.search`` task (``mode:
 "copy"``). Copy mode needs what they hold, the index and the model, and its
-verification is bounded: candidates are verified in global order and the first
-sure copy ends it, their local features are read from a cache in the store (written
-by the first copy search that needed them) and fetched concurrently, so a copy
-search costs a few tens of milliseconds more than a plain one and a plain search
-waits behind it at most that long. A separate queue would need a second worker
-holding the model and a second round trip for the short list; it becomes worth it
-when copy searches are a large share of the traffic (then run search workers
-dedicated to it, e.g. a router). The near-duplicate check of the embed workers
+verification is bounded: at most ``PUPYL_COPY_SHORT_LIST`` candidates, verified in
+global order, the first sure copy ending it; the query's own features are made while
+the network runs; candidates' features are read from a cache in the store (written at
+ingestion by a copy-mode near-duplicate check, else by the first copy search that
+needed them) and fetched concurrently. Measured end to end on this busy 2-core
+machine (BENCHMARKS.md), a copy search takes about 4 times a plain one (~100 against
+~25 ms p50), so a plain search queued behind one waits that much longer, and never
+behind ingestion. A separate queue would need a second worker process holding the
+model (and the index, or a second round trip for the short list) on the same two
+cores, for a gain only when copy searches are a large share of the traffic; then run
+search workers dedicated to them. The near-duplicate check of the embed workers
 (``PUPYL_NEAR_DUPLICATE_MODE=copy``) asks the search workers only for short lists
-(``pupyl.nearest`` with ``top``) and verifies in the embed worker, which has the
-new images' pixels: the search workers do no verification work for ingestion.
+(``pupyl.nearest`` with ``top``) and verifies in the embed worker, which has the new
+images' pixels: the search workers do no verification work for ingestion.
 """
 
 from __future__ import annotations
