@@ -136,9 +136,9 @@ def build(seed: int, distractors: int, queries: int, negatives: int) -> Dataset:
 
 
 def real_model():
-    from pupyl_queue.models import configure_tensorflow, load_keras_model, wrap_mobilenet
+    from pupyl_queue.models import configure_backend, load_keras_model, wrap_mobilenet
 
-    configure_tensorflow(0, False)
+    configure_backend(0, False)
     path = wrap_mobilenet(
         SHARED / "models" / "mobilenet_2_5_224_tf_no_top.h5", Path(tempfile.mkdtemp()) / "m.keras", alpha=0.25
     )
