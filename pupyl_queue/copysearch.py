@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import base64
 import logging
-import threading
 import time
-from collections import OrderedDict
+import zipfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,41 +47,10 @@ from pupyl_queue.store import ObjectNotFound
 log = logging.getLogger(__name__)
 
 ShortLists = Callable[[str, np.ndarray, int], list[list[tuple[int, float]]]]
-CACHE_ENTRIES = 4096  # local features kept in a worker's memory (~10 KiB each)
-
-
-class _FeatureCache:
-    """The process's most recently used candidates' features, over the cache in the store."""
-
-    def __init__(self, entries: int = CACHE_ENTRIES) -> None:
-        self.entries = entries
-        self._items: OrderedDict[tuple[str, int], LocalFeatures] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, int]) -> LocalFeatures | None:
-        with self._lock:
-            found = self._items.get(key)
-            if found is not None:
-                self._items.move_to_end(key)
-            return found
-
-    def put(self, key: tuple[str, int], features: LocalFeatures) -> None:
-        with self._lock:
-            self._items[key] = features
-            self._items.move_to_end(key)
-            while len(self._items) > self.entries:
-                self._items.popitem(last=False)
-
-    def drop(self, key: tuple[str, int]) -> None:
-        with self._lock:
-            self._items.pop(key, None)
-
-
-_cache = _FeatureCache()
 
 
 def stored_features(rt: Runtime, collection: str, image_id: int) -> LocalFeatures | None:
-    """An indexed image's local features: from memory, the store's cache, or its stored copy.
+    """An indexed image's local features: from the store's cache, or from its stored copy.
 
     Written at ingestion when the collection's near-duplicate check runs in copy mode; otherwise
     computed from the stored copy on the first need and written back to the store, so the cluster
@@ -90,30 +58,26 @@ def stored_features(rt: Runtime, collection: str, image_id: int) -> LocalFeature
     cache; bench/copies.py).
     None when the stored copy is gone (the image was removed meanwhile).
     """
-    found = _cache.get((collection, image_id))
-    if found is not None:
-        return found
     layout = Layout(collection)
     try:
-        features = LocalFeatures.from_bytes(rt.store.get(layout.local_features(image_id)))
+        cached: bytes | None = rt.store.get(layout.local_features(image_id))
     except ObjectNotFound:
+        cached = None
+    if cached is not None:
         try:
-            data = rt.store.get(layout.image(image_id))
-        except ObjectNotFound:
-            return None
-        try:
-            features = copydetect.extract(
-                decode(data, rt.settings.max_pixels, target=copydetect.WORK_SIDE).rgb
-            )
-        except ImageError:
-            log.warning("stored copy of image %d in %s does not decode; not verified", image_id, collection)
-            return None
-        rt.store.put(layout.local_features(image_id), features.to_bytes())
-    except (ValueError, KeyError, OSError):  # a damaged cache entry: recompute it next time
-        log.warning("local features of image %d in %s are damaged; dropped", image_id, collection)
-        rt.store.delete(layout.local_features(image_id))
+            return LocalFeatures.from_bytes(cached)
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile):  # damaged: made again below
+            log.warning("local features of image %d in %s are damaged; made again", image_id, collection)
+    try:
+        data = rt.store.get(layout.image(image_id))
+    except ObjectNotFound:
         return None
-    _cache.put((collection, image_id), features)
+    try:
+        features = copydetect.extract(decode(data, rt.settings.max_pixels, target=copydetect.WORK_SIDE).rgb)
+    except ImageError:
+        log.warning("stored copy of image %d in %s does not decode; not verified", image_id, collection)
+        return None
+    rt.store.put(layout.local_features(image_id), features.to_bytes())
     return features
 
 

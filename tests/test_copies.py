@@ -119,6 +119,23 @@ def test_short_list_verification_stops_at_a_sure_copy_and_reranks() -> None:
     assert [r[0] for r in ranked] == [13, 10, 11, 14]
 
 
+def test_stored_features_are_cached_in_the_store_and_remade_when_damaged(tmp_path: Path) -> None:
+    from pupyl_queue.copysearch import stored_features
+    from pupyl_queue.runtime import Runtime
+
+    rt = Runtime(Settings(data_dir=tmp_path))
+    layout = Layout("copies")
+    rt.store.put(layout.image(7), encode(textured(7), "JPEG", quality=92))
+    first = stored_features(rt, "copies", 7)
+    assert first is not None and len(first) > 50
+    assert rt.store.get(layout.local_features(7)) == first.to_bytes()  # cached for the next search
+    rt.store.put(layout.local_features(7), b"PK\x03\x04 damaged")
+    again = stored_features(rt, "copies", 7)
+    assert again is not None and np.array_equal(again.descriptors, first.descriptors)
+    assert rt.store.get(layout.local_features(7)) == first.to_bytes()
+    assert stored_features(rt, "copies", 8) is None  # no stored copy: removed meanwhile
+
+
 def test_unknown_search_mode_is_refused_before_any_work() -> None:
     with pytest.raises(QueryError, match="mode must be one of similar, copy"):
         queries.search(None, {"query": {"id": 1}, "mode": "copies"})  # type: ignore[arg-type]
