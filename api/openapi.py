@@ -20,6 +20,12 @@ OPTIONS: dict[str, Any] = {
     "metadata": {"type": "boolean"},
     "distances": {"type": "boolean", "description": "false leaves distances out (default true)"},
     "wait": {"type": "boolean", "description": "false answers 202 with the task id at once"},
+    "mode": {
+        "type": "string",
+        "enum": ["similar", "copy"],
+        "description": "copy: find the original of an edited copy; the answer adds "
+        "copy: {found, id, score, inliers}",
+    },
     "collection": {"$ref": "#/components/schemas/CollectionName"},
 }
 INDEX_OPTIONS: dict[str, Any] = {

@@ -254,6 +254,8 @@ def test_inputs_that_gave_500_are_json_4xx(
             ("POST", "/v1/search", {"id": "+1"}, 400),
             ("POST", "/v1/index", {"uri": None}, 400),
             ("POST", "/v1/index", {"uri": 5}, 400),
+            ("POST", "/v1/search", {"vector": [0.5] * 8, "mode": "copy"}, 400),
+            ("POST", "/v1/search", {"id": 1, "mode": "exact"}, 400),
             ("GET", "/v1/tasks/not-a-uuid", None, 400),
             ("GET", f"/v1/tasks/{uuid.uuid4()}", None, 404),
             ("GET", "/v1/jobs/" + "j" * 500, None, 404),

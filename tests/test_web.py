@@ -7,6 +7,7 @@ against the OpenAPI document: no input the document allows may produce a 5xx.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -114,6 +115,11 @@ def test_upload_index_then_search_by_url_and_path(
     assert first["metadata"]["original_file_name"] == "up1.jpg"
     assert first["distance"] == pytest.approx(0.0, abs=1e-4)
 
+    copy_query = {"image_b64": base64.b64encode(images[1]).decode(), "mode": "copy", "metadata": True}
+    status, copied = service.call("POST", "/v1/search", copy_query)
+    assert status == 200 and copied["copy"]["found"], copied  # type: ignore[index]
+    assert copied["copy"]["id"] == first["id"] and copied["results"][0]["copy_score"] > 0.5  # type: ignore[index]
+
     photo = next(p for p in sorted(photo_dir.rglob("*.jpg")) if p.name not in BAD_FILES)
     status, answer = service.call("POST", "/v1/search", {"uri": str(photo), "distances": False})
     assert status == 200, answer
@@ -160,6 +166,7 @@ def test_search_page_in_chromium(service: Service, photo_dir: Path, tmp_path: Pa
             assert cards.first.get_attribute("data-id") == str(expected[0][0])
             assert "distance 0.0000" in cards.first.inner_text()
             assert photo.name in cards.first.inner_text()  # metadata shown
+            assert page.inner_text("#query-shown span") == f"File {photo.name}"  # what the results answer
             assert page.locator("#jobs tbody tr").count() >= 1  # recent jobs, with progress bars
             assert page.locator("#jobs progress").count() >= 1
 
@@ -169,7 +176,15 @@ def test_search_page_in_chromium(service: Service, photo_dir: Path, tmp_path: Pa
                 "id => document.querySelector('#results li')?.dataset.id === id", arg=other
             )
             assert "distance 0.0000" in page.locator("#results li").first.inner_text()
+            assert page.inner_text("#query-shown span") == f"Indexed image {other}"  # not the old file
             page.wait_for_selector("#results li img[src^='blob:']")
+
+            page.check("#copy-mode")  # "find the original": the photo itself is its own original
+            page.click("#search-file button")
+            page.wait_for_function("() => document.querySelector('#status').textContent.includes('copy of')")
+            assert f"an edited copy of image {expected[0][0]}" in page.inner_text("#status")
+            assert page.locator("#results li.original").get_attribute("data-id") == str(expected[0][0])
+            page.uncheck("#copy-mode")
             if SCREENSHOT:
                 page.screenshot(path=SCREENSHOT, full_page=True)
 

@@ -30,6 +30,15 @@ async function api(path, options = {}) {
   return body;
 }
 
+// What the results answer, shown above them: a thumbnail (a local file's, or an indexed image's) and a name.
+function showQuery(label, thumbnailUrl) {
+  const image = $("#query-shown img");
+  image.hidden = !thumbnailUrl;
+  if (thumbnailUrl) image.src = thumbnailUrl; else image.removeAttribute("src");
+  $("#query-shown span").textContent = label;
+  $("#query-shown").hidden = false;
+}
+
 async function search(request) {
   say("Searching…");
   $("#results").replaceChildren();
@@ -42,10 +51,13 @@ async function search(request) {
 }
 
 function searchBody(extra) {
-  return { collection: collection(), top: Number($("#top").value) || 8, metadata: true, ...extra };
+  const mode = $("#copy-mode").checked ? { mode: "copy" } : {};
+  return { collection: collection(), top: Number($("#top").value) || 8, metadata: true, ...mode, ...extra };
 }
 
 function byId(id) {
+  showQuery(`Indexed image ${id}`, null);
+  thumbnail(id).then((url) => showQuery(`Indexed image ${id}`, url)).catch(() => {});
   return search({
     path: "/v1/search",
     options: { method: "POST", headers: { "Content-Type": "application/json" },
@@ -55,7 +67,13 @@ function byId(id) {
 
 function show(answer) {
   const rows = answer.results || [];
-  say(`${rows.length} results of ${answer.count} images in ${answer.took_ms} ms`);
+  let verdict = "";
+  if (answer.copy) {
+    verdict = answer.copy.found
+      ? ` · an edited copy of image ${answer.copy.id} (score ${Number(answer.copy.score).toFixed(2)})`
+      : " · no verified original: the most similar images";
+  }
+  say(`${rows.length} results of ${answer.count} images in ${answer.took_ms} ms${verdict}`);
   const list = $("#results");
   for (const [rank, row] of rows.entries()) {
     const item = document.createElement("li");
@@ -67,6 +85,10 @@ function show(answer) {
     const caption = document.createElement("div");
     caption.className = "rank";
     caption.textContent = `#${rank + 1} · id ${row.id} · distance ${Number(row.distance).toFixed(4)}`;
+    if (row.copy_score !== undefined && row.copy_score !== null) {
+      caption.textContent += ` · copy ${Number(row.copy_score).toFixed(2)}`;
+      if (answer.copy && answer.copy.found && answer.copy.id === row.id) item.classList.add("original");
+    }
     const facts = document.createElement("dl");
     const meta = row.metadata || {};
     for (const key of ["original_file_name", "original_path", "width", "height"]) {
@@ -144,6 +166,7 @@ function start() {
     event.preventDefault();
     const file = $("#file").files[0];
     if (!file) return say("Choose an image first", true);
+    showQuery(`File ${file.name}`, URL.createObjectURL(file));
     const form = new FormData();
     form.append("image", file);
     for (const [key, value] of Object.entries(searchBody({}))) form.append(key, String(value));
@@ -151,6 +174,7 @@ function start() {
   });
   $("#search-url").addEventListener("submit", (event) => {
     event.preventDefault();
+    showQuery(`URL ${$("#url").value.trim()}`, null);
     search({ path: "/v1/search", options: { method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify(searchBody({ uri: $("#url").value.trim() })) } });
   });
