@@ -181,8 +181,8 @@ def test_search_page_in_chromium(service: Service, photo_dir: Path, tmp_path: Pa
 
             page.check("#copy-mode")  # "find the original": the photo itself is its own original
             page.click("#search-file button")
-            page.wait_for_function("() => document.querySelector('#status').textContent.includes('copy of')")
-            assert f"an edited copy of image {expected[0][0]}" in page.inner_text("#status")
+            page.wait_for_function("() => document.querySelector('#status').textContent.includes('original')")
+            assert f"its original: image {expected[0][0]}" in page.inner_text("#status")
             assert page.locator("#results li.original").get_attribute("data-id") == str(expected[0][0])
             page.uncheck("#copy-mode")
             if SCREENSHOT:

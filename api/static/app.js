@@ -70,7 +70,7 @@ function show(answer) {
   let verdict = "";
   if (answer.copy) {
     verdict = answer.copy.found
-      ? ` · an edited copy of image ${answer.copy.id} (score ${Number(answer.copy.score).toFixed(2)})`
+      ? ` · its original: image ${answer.copy.id} (score ${Number(answer.copy.score).toFixed(2)})`
       : " · no verified original: the most similar images";
   }
   say(`${rows.length} results of ${answer.count} images in ${answer.took_ms} ms${verdict}`);
