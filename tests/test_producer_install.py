@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from pupyl_queue.settings import Settings
 from tests.imagegen import encode, pattern, write_photo_set
@@ -46,9 +47,11 @@ def stack(
     redis_url: str, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
 ) -> Iterator[tuple[Settings, Workers]]:
     home = tmp_path_factory.mktemp("producer")
-    settings = Settings(
-        data_dir=home / "data", redis_url=redis_url.rsplit("/", 1)[0] + "/5", model=str(tiny_model)
+    settings = Settings(  # a database of its own, emptied: another module's commits must not leak in
+        data_dir=home / "data", redis_url=redis_url.rsplit("/", 1)[0] + "/15", model=str(tiny_model)
     )
+    with redis.Redis.from_url(settings.broker_url) as r:
+        r.flushdb()
     workers = Workers(settings, home)
     workers.start()
     yield settings, workers
