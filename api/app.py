@@ -44,7 +44,6 @@ TASK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{
 JOB_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 MAX_VECTOR = 8192  # values in a query vector (the widest network has 2048)
 MAX_URI = 4096
-SEARCH_MODES = ("similar", "copy")  # copy: find the original of an edited copy (docs/tasks.md)
 METRICS = web.AppKey("metrics", object)
 FORM_FIELD_BYTES = 64 * 1024  # a form field that is not a file (top, collection, ...)
 STATIC = Path(__file__).with_name("static")
@@ -326,8 +325,8 @@ async def search(request: web.Request) -> web.Response:
     top = integer(options.get("top"), "top", 4, 1, 1000)
     metadata, distances = flag(options.get("metadata"), False), flag(options.get("distances"), True)
     mode = options.get("mode") or "similar"
-    if mode not in SEARCH_MODES:
-        raise ApiError(400, "bad_request", f"'mode' is one of {', '.join(SEARCH_MODES)}")
+    if mode not in C.SEARCH_MODES:
+        raise ApiError(400, "bad_request", f"'mode' is one of {', '.join(C.SEARCH_MODES)}")
     if mode == "copy" and not isinstance(query, (bytes, int)):
         raise ApiError(
             400, "bad_request", "copy mode needs a query image (a file, a URI, image_b64 or an id)"

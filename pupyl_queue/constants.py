@@ -48,6 +48,7 @@ def shard_queue(shard: int) -> str:
 
 
 DEFAULT_COLLECTION = "default"
+SEARCH_MODES = ("similar", "copy")  # copy: find the original of an edited copy (pupyl_queue/copysearch.py)
 COLLECTION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # fullmatch: "$" passes "default\n"
 
 # Redis keys; every one is prefixed by REDIS_PREFIX and the collection name.

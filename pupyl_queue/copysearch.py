@@ -27,7 +27,6 @@ images' pixels: the search workers do no verification work for ingestion.
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 import zipfile
@@ -106,21 +105,15 @@ def query_image(rt: Runtime, collection: str, query: dict[str, Any], size: int) 
     Decoded for the network's input ``size`` as indexing does, so its plain view's vector is a
     plain search's.
     """
-    from pupyl_queue.queries import QueryError
+    from pupyl_queue.queries import QueryError, query_bytes
 
-    if "image_b64" in query:
-        data = base64.b64decode(query["image_b64"], validate=True)
-    elif "key" in query:
-        try:
-            data = rt.store.get(query["key"])
-        except ObjectNotFound:
-            raise QueryError("the uploaded query image is gone from the store") from None
-    elif "id" in query:
+    data = query_bytes(rt, query)
+    if data is None and "id" in query:
         try:
             data = rt.store.get(Layout(collection).image(int(query["id"])))
         except ObjectNotFound:
             raise QueryError(f"no stored copy of image {query['id']}") from None
-    else:
+    if data is None:
         raise QueryError("copy mode needs a query image (image_b64 or key) or an indexed id")
     return decode(data, rt.settings.max_pixels, target=size)
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import redis
 
+from pupyl_queue import constants as C
 from pupyl_queue import integrity
 from pupyl_queue.codecs import decode_vectors
 from pupyl_queue.fencing import CompactionLock, FencedOut
@@ -29,7 +30,6 @@ from pupyl_queue.store import ObjectNotFound, StoreUnavailable
 
 log = logging.getLogger(__name__)
 METADATA_THREADS = 16  # concurrent store GETs for one search's metadata
-SEARCH_MODES = ("similar", "copy")
 
 
 class QueryError(ValueError):
@@ -50,19 +50,25 @@ def query_vector(rt: Runtime, collection: str, query: dict[str, Any], send: Send
             raise QueryError(str(exc.args[0])) from None
     if "vector" in query:
         return _unit_vector(query["vector"], rt.spec(collection).dim)
-    if "image_b64" in query:
-        data = base64.b64decode(query["image_b64"], validate=True)
-    elif "key" in query:
-        try:
-            data = rt.store.get(query["key"])
-        except ObjectNotFound:
-            raise QueryError("the uploaded query image is gone from the store") from None
-    else:
+    data = query_bytes(rt, query)
+    if data is None:
         raise QueryError("a query needs one of: image_b64, key, id, vector")
     extractor = rt.extractor(collection)
     size = extractor.input_size
     image = decode(data, rt.settings.max_pixels, target=size)  # as when indexing: same pixels, same vector
     return extractor.embed(image.pixels(size)[None])[0]
+
+
+def query_bytes(rt: Runtime, query: dict[str, Any]) -> bytes | None:
+    """A query image's bytes, inline or put in the store by the client; None for other queries."""
+    if "image_b64" in query:
+        return base64.b64decode(query["image_b64"], validate=True)
+    if "key" in query:
+        try:
+            return rt.store.get(query["key"])
+        except ObjectNotFound:
+            raise QueryError("the uploaded query image is gone from the store") from None
+    return None
 
 
 def _unit_vector(values: Any, dim: int) -> np.ndarray:
@@ -87,8 +93,8 @@ def search(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict[
     top = int(task.get("top", 4))
     if not 1 <= top <= 10_000:
         raise QueryError("top must be between 1 and 10000")
-    if task.get("mode", "similar") not in SEARCH_MODES:
-        raise QueryError(f"mode must be one of {', '.join(SEARCH_MODES)}")
+    if task.get("mode", "similar") not in C.SEARCH_MODES:
+        raise QueryError(f"mode must be one of {', '.join(C.SEARCH_MODES)}")
     started = time.perf_counter()
     # An uploaded query image is deleted once the search is over, not as soon as it is embedded: a
     # search whose worker dies is delivered again (acks_late), and a transient failure is retried;
