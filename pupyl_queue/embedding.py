@@ -28,6 +28,7 @@ from pupyl_queue.codecs import encode_segment
 from pupyl_queue.decode_pool import PixelSlots
 from pupyl_queue.images import ImageError, ImageInfo, decode
 from pupyl_queue.ingest import finish_if_done
+from pupyl_queue.jobs import batch_id
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.store import ObjectNotFound
 
@@ -100,7 +101,8 @@ def embed_batch(
                 rt.store.delete(item["key"])
         return done
     items = task["items"]
-    ids = coord.allocate_ids(f"{job_id}-{batch:06d}", len(items))
+    owner = batch_id(job_id, batch)
+    ids = coord.allocate_ids(owner, len(items))
     run = _BatchRun(rt, task, ids)
     run.embed()
     threshold = float(task.get("near_duplicate") or 0.0)
@@ -116,8 +118,8 @@ def embed_batch(
             return done  # finished by another delivery meanwhile: see below
         for p in set(before) - set(run.keep):  # not indexed: its content hash must not point at it
             coord.release_hash(run.prepared[p].image.sha256, ids[p])  # type: ignore[union-attr]
-    sequence = run.commit(f"{job_id}-{batch:06d}") if run.keep else None
-    coord.settle_claims(f"{job_id}-{batch:06d}")  # committed: its claims are no longer pending
+    sequence = run.commit(owner) if run.keep else None
+    coord.settle_claims(owner)  # committed: its claims are no longer pending
 
     counts = {s: sum(1 for r in run.report if r["status"] == s) for s in ("indexed", "duplicate", "failed")}
     summary = {"batch": batch, "sequence": sequence, **counts, **run.timings.to_json()}
@@ -195,8 +197,9 @@ class _BatchRun:
         """Record each item's outcome so far; the ones that go to the network join the pending chunk."""
         decoded = [p for p in positions if self.prepared[p].image is not None]
         claims = [(self.prepared[p].image.sha256, self.ids[p]) for p in decoded]  # type: ignore[union-attr]
-        batch_id = f"{self.task['job_id']}-{int(self.task['batch']):06d}"
-        owners = dict(zip(decoded, self.coord.claim_hashes(claims, batch_id)))
+        owners = dict(
+            zip(decoded, self.coord.claim_hashes(claims, batch_id(self.task["job_id"], self.task["batch"])))
+        )
         for p in positions:
             ref, image_id = self.items[p]["ref"], self.ids[p]
             if p not in owners:

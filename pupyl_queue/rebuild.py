@@ -36,6 +36,7 @@ from pupyl_queue import integrity
 from pupyl_queue.codecs import decode_segment, read_manifest
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.integrity import StoreDamaged
+from pupyl_queue.jobs import batch_id
 from pupyl_queue.layout import Layout
 from pupyl_queue.store import ObjectStore
 
@@ -229,8 +230,8 @@ def _jobs(store: ObjectStore, client: redis.Redis, coord: Coordinator) -> dict[s
             # The ids a batch owns start at (an item's id - its place): a rerun then gets the same ids.
             for place, item in enumerate(report.get("items", [])):
                 if item.get("status") == "indexed":
-                    batch_id = f"{job_id}-{int(report['batch']):06d}"
-                    client.hset(layout.key(C.KEY_BATCH_IDS), batch_id, int(item["id"]) - place)
+                    owner = batch_id(job_id, report["batch"])
+                    client.hset(layout.key(C.KEY_BATCH_IDS), owner, int(item["id"]) - place)
                     break
         fields: dict[str, Any] = {
             "collection": layout.collection,
