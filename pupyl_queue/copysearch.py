@@ -150,20 +150,9 @@ def short_list(
     rt: Runtime, collection: str, vectors: np.ndarray, size: int, task: dict[str, Any], send: Any
 ) -> tuple[list[tuple[int, float]], dict[str, Any]]:
     """The global stage over every view: the searcher here, or the shards of a router."""
-    from pupyl_queue.queries import NotCaughtUp
-    from pupyl_queue.sharding import fan_out
+    from pupyl_queue.queries import rank
 
-    if rt.is_router:
-        if send is None:
-            raise RuntimeError("a search router needs a way to reach its shards")
-        per_view, info = fan_out(rt, collection, vectors, size, task, send)
-    else:
-        searcher = rt.searcher(collection)
-        wanted = int(task.get("min_sequence") or 0)
-        if wanted and not searcher.wait_for(wanted, float(task.get("wait_timeout", 30))):
-            raise NotCaughtUp(f"searcher is at sequence {searcher.sequence}, asked for {wanted}")
-        per_view = searcher.search_many(vectors, size)
-        info = {"sequence": searcher.sequence, "count": len(searcher), **searcher.health()}
+    per_view, info = rank(rt, collection, vectors, size, task, send)
     return merge_short_lists(per_view, size), info
 
 

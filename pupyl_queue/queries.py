@@ -115,6 +115,24 @@ def _drop_query(rt: Runtime, task: dict[str, Any]) -> None:
         rt.store.delete(task["query"]["key"])
 
 
+def rank(
+    rt: Runtime, collection: str, vectors: np.ndarray, top: int, task: dict[str, Any], send: Send | None
+) -> tuple[list[list[tuple[int, float]]], dict[str, Any]]:
+    """Each vector's ``top`` hits: by this worker's searcher (caught up to the task's ``min_sequence``),
+    or on a router by the shards. ``info`` has the sequence, the count, and ``degraded``/``damaged``
+    only when the store had damage the searcher routed around."""
+    if rt.is_router:
+        if send is None:
+            raise RuntimeError("a search router needs a way to reach its shards")
+        return fan_out(rt, collection, vectors, top, task, send)
+    searcher = rt.searcher(collection)
+    wanted = int(task.get("min_sequence") or 0)
+    if wanted and not searcher.wait_for(wanted, float(task.get("wait_timeout", 30))):
+        raise NotCaughtUp(f"searcher is at sequence {searcher.sequence}, asked for {wanted}")
+    hits = searcher.search_many(vectors, top)
+    return hits, {"sequence": searcher.sequence, "count": len(searcher), **searcher.health()}
+
+
 def _search(
     rt: Runtime, task: dict[str, Any], collection: str, top: int, started: float, send: Send | None
 ) -> dict[str, Any]:
@@ -123,18 +141,7 @@ def _search(
 
         return search_copies(rt, task, collection, top, started, send)
     vector = query_vector(rt, collection, task["query"], send)
-    if rt.is_router:
-        if send is None:
-            raise RuntimeError("a search router needs a way to reach its shards")
-        (hits,), info = fan_out(rt, collection, vector[None], top, task, send)
-    else:
-        searcher = rt.searcher(collection)
-        wanted = int(task.get("min_sequence") or 0)
-        if wanted and not searcher.wait_for(wanted, float(task.get("wait_timeout", 30))):
-            raise NotCaughtUp(f"searcher is at sequence {searcher.sequence}, asked for {wanted}")
-        hits = searcher.search(vector, top)
-        # ``degraded``/``damaged`` only when the store had damage this searcher routed around.
-        info = {"sequence": searcher.sequence, "count": len(searcher), **searcher.health()}
+    (hits,), info = rank(rt, collection, vector[None], top, task, send)
     results: list[dict[str, Any]] = [{"id": image_id, "distance": distance} for image_id, distance in hits]
     if task.get("metadata"):
         for row, meta in zip(results, metadata(rt, Layout(collection), [i for i, _ in hits])):
