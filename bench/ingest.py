@@ -41,6 +41,7 @@ from pupyl_queue.characteristics import Characteristic  # noqa: E402
 from pupyl_queue.settings import Settings  # noqa: E402
 
 SETTINGS: dict[str, Any] = {}  # the workers' settings beyond the defaults (--batch-size, --infer-batch)
+OPTIONS: dict[str, int] = {"warmup": 0, "search": 0}  # --warmup, --search
 
 PUPYL_SCRIPT = """
 import sys, time
@@ -169,7 +170,7 @@ def end_to_end(
         if spec is not None:
             create_collection(client, spec)
         started = time.perf_counter()
-        client.index(folder).wait(timeout=3600)
+        client.index(warmup_folder(folder, work, OPTIONS["warmup"])).wait(timeout=3600)
         print(
             f"  {tag}: first job (model build{', int8 conversion' if precision == 'int8' else ''}) "
             f"{time.perf_counter() - started:.1f}s"
@@ -188,10 +189,75 @@ def end_to_end(
                 f"  run {run}: {elapsed:.2f}s; embed worker: "
                 + ", ".join(f"{k} {v:.2f}s" for k, v in spent.items())
             )
-        return statistics.median(rates), PeakRSS(embed.pid).peak_mib(), spent_runs
+        peak = PeakRSS(embed.pid).peak_mib()
+        if OPTIONS["search"]:
+            search_latency(client, settings, sorted(folder.iterdir()), OPTIONS["search"], work)
+        return statistics.median(rates), peak, spent_runs
     finally:
         for proc in (ingest, embed, redis):
             stop(proc)
+
+
+def warmup_folder(folder: Path, work: Path, count: int) -> Path:
+    """The first job's folder: all of ``folder``, or its first ``count`` files (hard links, same bytes).
+
+    The first job only builds the model; on 50,000 photos it would double the run for nothing.
+    """
+    if not count:
+        return folder
+    small = work / "warmup"
+    if not small.exists():
+        small.mkdir(parents=True)
+        for path in sorted(folder.iterdir())[:count]:
+            os.link(path, small / path.name)
+    return small
+
+
+def search_latency(client: Any, settings: Settings, files: list[Path], queries: int, work: Path) -> None:
+    """Searches of the collection just indexed, through a search worker: by image and by stored id.
+
+    By image, the search worker embeds the query (its own model) and looks it up; by id, the
+    index alone answers. Each photo is indexed, so its own image must come back first at ~0.
+    """
+    from pupyl_queue.stack import start_worker, stop
+
+    search = start_worker("search", settings, log_path=work / "search.log")
+    try:
+        sample = files[:: max(1, len(files) // queries)][:queries]
+        started = time.perf_counter()
+        client.search(str(sample[0]), top=10, timeout=900)  # builds the model, loads the index
+        print(f"  search worker: first answer (model build, index load) {time.perf_counter() - started:.1f}s")
+        by_image, by_id, ids, self_hits, worst = [], [], [], 0, 0.0
+        for path in sample:
+            started = time.perf_counter()
+            rows = client.search(str(path), top=10, return_distances=True, timeout=60)
+            by_image.append(time.perf_counter() - started)
+            ids.append(rows[0][0])
+            self_hits += rows[0][1] < 1e-3
+            worst = max(worst, rows[0][1])
+        for image_id in ids:
+            started = time.perf_counter()
+            client.search(int(image_id), top=10, timeout=60)
+            by_id.append(time.perf_counter() - started)
+    finally:
+        stop(search)
+    log = (work / "search.log").read_text(errors="replace")
+    where = "CPU (faiss said why in the search log)" if "stays on the CPU" in log else "wherever faiss put it"
+    try:
+        import faiss
+
+        where = f"{where}; faiss {faiss.__version__} sees {faiss.get_num_gpus()} GPU(s)"
+    except ImportError:
+        where = f"{where}; no faiss in this process"
+    print(f"  searches, top 10, one at a time through Celery ({len(sample)} each); index: {where}")
+    for name, seconds in (("by image", by_image), ("by stored id", by_id)):
+        seconds = sorted(seconds)
+        print(
+            f"    {name:<13} p50 {seconds[len(seconds) // 2] * 1000:7.1f} ms  "
+            f"p95 {seconds[int(len(seconds) * 0.95)] * 1000:7.1f} ms"
+        )
+    print(f"    top hit at distance < 1e-3 (the query itself): {self_hits}/{len(sample)}", end="; ")
+    print(f"largest top-hit distance {worst:.2e}")
 
 
 def create_collection(client: Any, spec: Any) -> None:
@@ -311,7 +377,10 @@ def main() -> None:
         "--decode-processes", type=int, default=None, help="PUPYL_DECODE_PROCESSES of the run"
     )
     parser.add_argument("--ceiling", action="store_true", help="also measure the decode ceiling (all cores)")
+    parser.add_argument("--warmup", type=int, default=0, help="the untimed first job's photos (0: all)")
+    parser.add_argument("--search", type=int, default=0, help="then this many searches by image and by id")
     args = parser.parse_args()
+    OPTIONS.update(warmup=args.warmup, search=args.search)
 
     work = Path(tempfile.mkdtemp(prefix="pupyl-bench-"))
     os.environ["KERAS_HOME"] = str(work / "keras")

