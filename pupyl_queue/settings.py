@@ -44,6 +44,7 @@ class Settings:
     infer_batch: int = 0
     decode_threads: int = 0
     decode_processes: int = -1  # -1: one per core; 0: decode in the embed worker's threads
+    embed_concurrency: int = 1  # batches one embed worker runs at once (threads, one network)
     tf_threads: int = 0
     mixed_precision: bool = False
     precision: str = "float32"
