@@ -377,6 +377,9 @@ def main() -> None:
         "--decode-processes", type=int, default=None, help="PUPYL_DECODE_PROCESSES of the run"
     )
     parser.add_argument("--embed-concurrency", type=int, default=0, help="PUPYL_EMBED_CONCURRENCY of the run")
+    parser.add_argument(
+        "--local-references", action="store_true", help="PUPYL_LOCAL_REFERENCES: files as paths, not staged"
+    )
     parser.add_argument("--ceiling", action="store_true", help="also measure the decode ceiling (all cores)")
     parser.add_argument("--warmup", type=int, default=0, help="the untimed first job's photos (0: all)")
     parser.add_argument("--search", type=int, default=0, help="then this many searches by image and by id")
@@ -396,6 +399,8 @@ def main() -> None:
         ("embed_concurrency", args.embed_concurrency),
     )
     SETTINGS.update({k: v for k, v in chosen if v})
+    if args.local_references:
+        SETTINGS["local_references"] = True
     if args.decode_processes is not None:  # 0 is a value here (decode in the embed worker's threads)
         SETTINGS["decode_processes"] = args.decode_processes
     if args.photos:  # e.g. bench/gpu's 50,000 generated photos

@@ -28,7 +28,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     from pupyl_queue.settings import Settings
     from pupyl_queue.stack import run_stack
 
-    return run_stack(Settings.from_env())
+    settings = Settings.from_env()
+    if "PUPYL_LOCAL_REFERENCES" not in os.environ:  # one host: every worker reads the same files
+        settings = settings.replace(local_references=True)
+    return run_stack(settings)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
