@@ -65,7 +65,7 @@ class Job:
         state = read_job(self.client.redis, self.id)
         if state is None:
             raise KeyError(f"no job {self.id}")
-        finished = sum(int(state.get(k) or 0) for k in ("indexed", "duplicate", "failed"))
+        finished = sum(int(state.get(k) or 0) for k in ("indexed", "duplicate", "failed", "unchanged"))
         state["in_flight"] = max(0, int(state.get("total") or 0) - finished)
         return state
 

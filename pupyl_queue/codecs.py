@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,18 +22,30 @@ from pupyl_queue.store import ObjectNotFound, ObjectStore
 
 __all__ = [
     "decode_segment",
+    "decode_segment_rows",
     "decode_vectors",
     "encode_segment",
     "encode_vectors",
     "read_manifest",
     "read_pointer",
+    "SegmentRows",
 ]
 
 
-def encode_segment(ids: np.ndarray, vectors: np.ndarray) -> bytes:
-    """A segment (or a snapshot's vector file): int64 ids and float32 vectors in one .npz, no pickle."""
+def encode_segment(ids: np.ndarray, vectors: np.ndarray, rows: SegmentRows | None = None) -> bytes:
+    """A segment (or a snapshot's vector file): int64 ids and float32 vectors in one .npz, no pickle.
+
+    ``rows``, when given, is what the segment says of each row beside its vector: the caller's key
+    (or None), the content's sha256 and the attributes (or None). It travels as UTF-8 JSON bytes
+    (``rows``), so the key map and the attributes can be derived from the store alone.
+    """
     out = io.BytesIO()
-    np.savez(out, ids=np.asarray(ids, dtype=np.int64), vectors=np.asarray(vectors, dtype=np.float32))
+    arrays = {"ids": np.asarray(ids, dtype=np.int64), "vectors": np.asarray(vectors, dtype=np.float32)}
+    if rows is not None:
+        if len(rows.keys) != len(arrays["ids"]):
+            raise ValueError(f"{len(rows.keys)} row records for {len(arrays['ids'])} ids")
+        arrays["rows"] = np.frombuffer(json.dumps(rows.to_json(), separators=(",", ":")).encode(), np.uint8)
+    np.savez(out, **arrays)
     return out.getvalue()
 
 
@@ -40,6 +53,61 @@ def decode_segment(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     """The (ids, vectors) of a segment; refuses pickled objects."""
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         return npz["ids"], npz["vectors"]
+
+
+def decode_segment_rows(data: bytes) -> tuple[np.ndarray, np.ndarray, SegmentRows]:
+    """(ids, vectors, rows) of a segment; a segment written before keys existed has empty rows."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        ids, vectors = npz["ids"], npz["vectors"]
+        if "rows" not in npz.files:
+            return ids, vectors, SegmentRows.empty(len(ids))
+        rows = SegmentRows.from_json(json.loads(npz["rows"].tobytes()))
+    if len(rows.keys) != len(ids):
+        raise ValueError(f"{len(rows.keys)} row records for {len(ids)} ids")
+    return ids, vectors, rows
+
+
+@dataclass
+class SegmentRows:
+    """Per row of a segment: the caller's key, the content sha256 and the attributes (None: none)."""
+
+    keys: list[str | None] = field(default_factory=list)
+    sha256: list[str | None] = field(default_factory=list)
+    attributes: list[dict[str, Any] | None] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, count: int) -> SegmentRows:
+        return cls([None] * count, [None] * count, [None] * count)
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> SegmentRows:
+        keys = list(value["keys"])
+        return cls(
+            keys,
+            list(value.get("sha256") or [None] * len(keys)),
+            list(value.get("attributes") or [None] * len(keys)),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"keys": self.keys, "sha256": self.sha256, "attributes": self.attributes}
+
+    def take(self, mask: np.ndarray) -> SegmentRows:
+        """The rows where ``mask`` is true (a boolean array as long as the rows)."""
+        picked = np.flatnonzero(mask).tolist()
+        return SegmentRows(
+            [self.keys[i] for i in picked],
+            [self.sha256[i] for i in picked],
+            [self.attributes[i] for i in picked],
+        )
+
+    def extend(self, other: SegmentRows) -> None:
+        self.keys += other.keys
+        self.sha256 += other.sha256
+        self.attributes += other.attributes
+
+    def says_anything(self) -> bool:
+        """Whether any row has a key or attributes (else a writer may leave the rows out)."""
+        return any(k is not None for k in self.keys) or any(a for a in self.attributes)
 
 
 def encode_vectors(vectors: np.ndarray) -> dict[str, Any]:
