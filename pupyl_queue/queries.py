@@ -143,6 +143,9 @@ def _search(
     vector = query_vector(rt, collection, task["query"], send)
     (hits,), info = rank(rt, collection, vector[None], top, task, send)
     results: list[dict[str, Any]] = [{"id": image_id, "distance": distance} for image_id, distance in hits]
+    for row, key in zip(results, rt.coordinator(collection).keys_of([i for i, _ in hits])):
+        if key is not None:
+            row["key"] = key  # the caller's key (one HMGET for the whole answer)
     if task.get("metadata"):
         for row, meta in zip(results, metadata(rt, Layout(collection), [i for i, _ in hits])):
             row["metadata"] = meta
@@ -194,11 +197,24 @@ def nearest(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict
 
 
 def remove(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
-    """Tombstone an id (committed like a segment), then delete its image and metadata."""
+    """Tombstone an id (committed like a segment), then delete its image and metadata.
+
+    ``{"key": ...}`` instead of ``{"id": ...}`` removes the image a caller's key names now; the
+    tombstone's commit forgets the key (a key upserted again meanwhile names a newer id: it stays).
+    """
     collection = task.get("collection", "default")
-    image_id = int(task["id"])
     layout = Layout(collection)
     coord = rt.coordinator(collection)
+    if task.get("id") is None and task.get("key") is not None:
+        found = coord.lookup(str(task["key"]))
+        if found is None:
+            return {
+                "key": task["key"],
+                "removed": False,
+                "reason": f"no image with key {str(task['key'])[:256]!r}",
+            }
+        return {"key": task["key"], **remove(rt, {"collection": collection, "id": found["id"]})}
+    image_id = int(task["id"])
     tombstone = layout.tombstone(image_id)
     try:
         meta = json.loads(rt.store.get(layout.image_meta(image_id)))
@@ -210,7 +226,7 @@ def remove(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
         rt.store.put(tombstone, json.dumps({"id": image_id, "removed_at": time.time()}).encode())
     if not integrity.is_committed(coord, tombstone):
         integrity.record_checksum(coord, tombstone, rt.store.get(tombstone))
-    sequence = coord.publish(tombstone, images=-1 if meta is not None else 0)
+    sequence = coord.publish(tombstone, images=-1 if meta is not None else 0, removes=image_id)
     rt.store.delete(layout.image(image_id))
     rt.store.delete(layout.original(image_id))
     rt.store.delete(layout.image_meta(image_id))

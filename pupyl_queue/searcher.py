@@ -195,9 +195,10 @@ class Searcher:
             applied = 0
             commits = self.coord.commits_after(self.sequence)
             expected = integrity.checksums(self.coord, [key for _, key in commits])
+            replaced = self.coord.replaced([key for _, key in commits if f"/{C.STORE_SEGMENTS}/" in key])
             for sequence, key in commits:
                 try:
-                    self._apply(key, expected[key])
+                    self._apply(key, expected[key], replaced.get(key, []))
                 except ObjectNotFound:
                     if self.coord.snapshot_watermark() < sequence:
                         # No snapshot holds it: reloading would meet the same hole again, forever.
@@ -223,7 +224,9 @@ class Searcher:
         self.skipped[key] = reason
         self._damage(key, reason)
 
-    def _apply(self, key: str, sha: str | None = None) -> None:
+    def _apply(self, key: str, sha: str | None = None, replaced: list[int] | None = None) -> None:
+        """One commit. ``replaced``: the ids its keyed rows took the keys of; they go in the same step
+        (under the searcher's lock), so no search sees both images of a key, or neither."""
         kind = key.split("/")[-2]
         data = self.store.get(key)
         reason = integrity.problem(data, sha)
@@ -249,13 +252,17 @@ class Searcher:
                         reason = f"{len(ids)} ids, vectors of shape {vectors.shape}"
                 except Exception as exc:  # noqa: BLE001 - any decode failure is damage
                     reason = f"unreadable ({type(exc).__name__})"
-            if reason is not None:
+            if reason is None:
+                keep = np.array([int(i) not in self.tombstones for i in ids], dtype=bool) & self._own(ids)
+                if self.index is None:
+                    self.index = VectorIndex(int(vectors.shape[1]), nprobe=self.nprobe)
+                self.index.add(ids[keep], vectors[keep])
+            else:
                 self._skip(key, reason)
-                return
-            keep = np.array([int(i) not in self.tombstones for i in ids], dtype=bool) & self._own(ids)
-            if self.index is None:
-                self.index = VectorIndex(int(vectors.shape[1]), nprobe=self.nprobe)
-            self.index.add(ids[keep], vectors[keep])
+            if replaced:  # a damaged segment still took its keys over: the old images go all the same
+                self.tombstones.update(replaced)
+                if self.index is not None:
+                    self.index.remove(replaced)
         else:
             raise ValueError(f"unknown commit object {key}")
 
