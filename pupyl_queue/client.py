@@ -22,7 +22,7 @@ import redis
 from celery.result import AsyncResult
 
 from pupyl_queue import constants as C
-from pupyl_queue.attributes import check_attributes, check_key
+from pupyl_queue.attributes import check_attributes, check_key, parse_filter
 from pupyl_queue.characteristics import Characteristic
 from pupyl_queue.coordination import Coordinator, connect, read_job
 from pupyl_queue.layout import Layout, check_collection
@@ -329,6 +329,7 @@ class PupylQueue:
         min_sequence: int = 0,
         allow_partial: bool = False,
         mode: str = "similar",
+        filter: dict[str, Any] | None = None,  # noqa: A002 - the task field's name
     ) -> AsyncResult:
         """The search task's AsyncResult; on a sharded cluster its result also says ``partial``.
 
@@ -347,6 +348,9 @@ class PupylQueue:
         }
         if mode != "similar":
             request["mode"] = mode
+        if filter is not None:
+            parse_filter(filter)  # a bad filter fails here, with the reason
+            request["filter"] = filter
         return self.app.send_task(C.TASK_SEARCH, kwargs=request)
 
     def search(
@@ -358,6 +362,7 @@ class PupylQueue:
         min_sequence: int = 0,
         timeout: float | None = None,
         mode: str = "similar",
+        filter: dict[str, Any] | None = None,  # noqa: A002 - the task field's name
     ) -> list[Any]:
         """As pupyl: ids; or metadata dicts with ``distance``; or ``(id, distance)`` tuples.
 
@@ -365,8 +370,10 @@ class PupylQueue:
         ``mode="copy"`` verified copies of the query come first and metadata dicts also
         carry ``copy_score`` (the probability that the row is the query's original; None
         when it was not verified); ``find_original`` gives the verdict alone.
+        ``filter`` ranks only the images whose attributes (and built-in fields: format, width,
+        height, job, indexed_at, path) it allows: ``{"color": "red", "price": {"lt": 100}}``.
         """
-        result = self.search_async(query, top, return_metadata, min_sequence, mode=mode)
+        result = self.search_async(query, top, return_metadata, min_sequence, mode=mode, filter=filter)
         answer = wait_result(result, timeout or self.settings.search_timeout)
         rows = answer["results"]
         if return_metadata:

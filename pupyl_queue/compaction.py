@@ -31,7 +31,13 @@ import numpy as np
 
 from pupyl_queue import constants as C
 from pupyl_queue import integrity
-from pupyl_queue.codecs import SegmentRows, decode_segment_rows, encode_segment
+from pupyl_queue.codecs import (
+    ROWS_FILE,
+    SegmentRows,
+    decode_segment_rows,
+    encode_segment,
+    encode_snapshot_rows,
+)
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.fencing import Fence, publish_pointer
 from pupyl_queue.integrity import StoreDamaged
@@ -174,8 +180,13 @@ class Compactor:
         buffer_vectors: list[np.ndarray] = []
         buffer_rows = SegmentRows()
         buffered = 0
+        table_ids: list[int] = []  # the rows file: each live row's filterable values
+        table_values: list[dict[str, Any]] = []
         for key, ids, vectors, reusable, rows in self._chunks(files, tombstones):
             index.add(ids, vectors)
+            if rows.says_anything():
+                table_ids += ids.tolist()
+                table_values += rows.filterable()
             if reusable:
                 reused.append(key)
                 continue
@@ -192,6 +203,7 @@ class Compactor:
         blobs = {
             "ids.bits": index.ids.to_bytes(),
             "tombstones.npy": np.array(sorted(tombstones), dtype=np.int64).tobytes(),
+            ROWS_FILE: encode_snapshot_rows(table_ids, table_values),
         }
         files_sha = {name: integrity.sha256(data) for name, data in blobs.items()}
         sizes = {name: len(data) for name, data in blobs.items()}

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from pupyl_queue import integrity, keys
-from pupyl_queue.attributes import InvalidAttribute, check_attributes, check_key
+from pupyl_queue.attributes import InvalidAttribute, builtin_values, check_attributes, check_key
 from pupyl_queue.codecs import SegmentRows, encode_segment
 from pupyl_queue.decode_pool import PixelSlots
 from pupyl_queue.images import ImageError, ImageInfo, decode
@@ -166,6 +166,7 @@ class _BatchRun:
         self._chunks: list[np.ndarray] = []
         self._writes: list[Future[None]] = []
         self._written: set[int] = set()
+        self._metas: dict[int, dict[str, Any]] = {}  # position -> the metadata written for it
 
     def embed(self) -> None:
         """Decode in the pool; run the network on each ``infer_batch`` as soon as it is ready.
@@ -245,6 +246,7 @@ class _BatchRun:
             image_id = self.ids[p]
             image = self.prepared[p].image
             meta = _metadata(image_id, self.items[p], image, self._uri(layout.image(image_id)))  # type: ignore[arg-type]
+            self._metas[p] = meta
             self._writes.append(pool.submit(put, layout.image(image_id), self.prepared[p].normalized))
             self._writes.append(pool.submit(put, layout.image_meta(image_id), json.dumps(meta).encode()))
             if self.prepared[p].original:
@@ -255,11 +257,13 @@ class _BatchRun:
         return f"{self.rt.store.url.rstrip('/')}/{key}"
 
     def rows(self) -> SegmentRows:
-        """What the segment says of each kept row beside its vector: key, sha256, attributes."""
+        """What the segment says of each kept row beside its vector: key, sha256, attributes and the
+        built-in values a filter reads (so a searcher filters without reading any metadata)."""
         return SegmentRows(
             [self.items[p].get("image_key") or None for p in self.keep],
             [self.prepared[p].image.sha256 for p in self.keep],  # type: ignore[union-attr]
             [self.items[p].get("attributes") or None for p in self.keep],
+            [builtin_values(self._metas[p]) for p in self.keep],
         )
 
     def commit(self, batch_id: str) -> int:

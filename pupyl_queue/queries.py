@@ -20,6 +20,7 @@ import redis
 
 from pupyl_queue import constants as C
 from pupyl_queue import integrity
+from pupyl_queue.attributes import Filter, InvalidAttribute, parse_filter
 from pupyl_queue.codecs import decode_vectors
 from pupyl_queue.fencing import CompactionLock, FencedOut
 from pupyl_queue.images import decode
@@ -121,6 +122,7 @@ def rank(
     """Each vector's ``top`` hits: by this worker's searcher (caught up to the task's ``min_sequence``),
     or on a router by the shards. ``info`` has the sequence, the count, and ``degraded``/``damaged``
     only when the store had damage the searcher routed around."""
+    where = search_filter(task)  # a bad filter fails here, before any shard is asked
     if rt.is_router:
         if send is None:
             raise RuntimeError("a search router needs a way to reach its shards")
@@ -129,8 +131,16 @@ def rank(
     wanted = int(task.get("min_sequence") or 0)
     if wanted and not searcher.wait_for(wanted, float(task.get("wait_timeout", 30))):
         raise NotCaughtUp(f"searcher is at sequence {searcher.sequence}, asked for {wanted}")
-    hits = searcher.search_many(vectors, top)
+    hits = searcher.search_many(vectors, top, where)
     return hits, {"sequence": searcher.sequence, "count": len(searcher), **searcher.health()}
+
+
+def search_filter(task: dict[str, Any]) -> Filter | None:
+    """The task's ``filter`` (attributes.parse_filter's language), or None; a bad one is a QueryError."""
+    try:
+        return parse_filter(task.get("filter"))
+    except InvalidAttribute as exc:
+        raise QueryError(f"filter: {exc}") from None
 
 
 def _search(

@@ -66,14 +66,18 @@ def live_ids(rt: Runtime) -> set[int]:
 # --- the format and the commit, without the network
 def test_segment_rows_round_trip_and_old_segments_still_decode() -> None:
     ids, vectors = np.array([5, 6]), np.ones((2, 4), np.float32)
-    rows = SegmentRows(["sku-é", None], ["ab" * 32, "cd" * 32], [{"price": 3.5, "tags": ["a"]}, None])
+    rows = SegmentRows(
+        ["sku-é", None], ["ab" * 32, "cd" * 32], [{"price": 3.5, "tags": ["a"]}, None], [{"width": 4}, None]
+    )
     got_ids, got_vectors, got = decode_segment_rows(encode_segment(ids, vectors, rows))
     assert got_ids.tolist() == [5, 6] and got == rows
     assert decode_segment(encode_segment(ids, vectors, rows))[0].tolist() == [5, 6]
     old = decode_segment_rows(encode_segment(ids, vectors))[2]  # written before keys existed
     assert old.keys == [None, None] and not old.says_anything()
     with pytest.raises(ValueError, match="3 row records for 2 ids"):
-        encode_segment(ids, vectors, SegmentRows(["a", "b", "c"], [None] * 3, [None] * 3))
+        encode_segment(ids, vectors, SegmentRows(["a", "b", "c"], [None] * 3, [None] * 3, [None] * 3))
+    with pytest.raises(ValueError, match="rows of unequal lengths"):
+        encode_segment(ids, vectors, SegmentRows(["a", "b"], [None] * 2, [None] * 2))
 
 
 def test_last_commit_wins_and_searchers_drop_the_old_id_in_the_same_commit(
@@ -275,3 +279,38 @@ def test_upsert_payload_key_on_uploads(rt: Runtime, tmp_path: Path, tiny_model: 
     assert batches[0]["items"][0]["image_key"] == "u1"
     item = embed_batch(rt, batches[0])["items"][0]
     assert item["status"] == "indexed" and item["key"] == "u1"
+
+
+def test_filtered_search_follows_the_commit_log_and_snapshots(
+    rt: Runtime, tmp_path: Path, tiny_model: Path
+) -> None:
+    paths = [image(tmp_path / "f", seed) for seed in range(6)]
+    rows = [
+        {"uri": str(p), "key": f"k{n}", "attributes": {"color": "red" if n % 2 else "blue", "price": n * 10}}
+        for n, p in enumerate(paths)
+    ]
+    items = index_folder(rt, write_list(tmp_path / "f.jsonl", rows), tiny_model)
+    ids = [item["id"] for item in items]
+
+    def filtered(runtime: Runtime, spec: Any, top: int = 10) -> list[int]:
+        query = {"image_b64": base64.b64encode(paths[0].read_bytes()).decode()}
+        task = {"collection": "default", "query": query, "top": top, "filter": spec}
+        return [row["id"] for row in search(runtime, task)["results"]]
+
+    assert sorted(filtered(rt, {"color": "red"})) == [ids[1], ids[3], ids[5]]
+    assert len(filtered(rt, {"color": "red"}, top=1)) == 1
+    assert sorted(filtered(rt, {"color": "red", "price": {"lt": 35}})) == [ids[1], ids[3]]
+    assert sorted(filtered(rt, {"format": "JPEG", "price": {"gte": 40}})) == [ids[4], ids[5]]
+    assert filtered(rt, {"color": "green"}) == []
+    with pytest.raises(Exception, match="filter"):
+        filtered(rt, {"price": {"near": 3}})
+
+    compact(rt, {"collection": "default"})
+    after_snapshot = Runtime(rt.settings)  # a search worker started now loads the rows file
+    assert sorted(filtered(after_snapshot, {"color": "red"})) == [ids[1], ids[3], ids[5]]
+    # Replace k1 by a blue image, remove k3: the filter follows both, in both searchers.
+    new = index_folder(rt, image(tmp_path / "g", 70), tiny_model, key="k1", attributes={"color": "blue"})[0]
+    remove(rt, {"collection": "default", "key": "k3"})
+    for runtime in (rt, after_snapshot):
+        assert filtered(runtime, {"color": "red"}) == [ids[5]]
+        assert new["id"] in filtered(runtime, {"color": "blue"})
