@@ -186,7 +186,8 @@ class Searcher:
             keep = self._own(ids) & ~np.isin(ids, dead)
             ids_parts.append(ids[keep])
             vector_parts.append(vectors[keep])
-            table.add(ids[keep], rows.take(keep).filterable())
+            if rows.says_anything():
+                table.add(ids[keep], rows.take(keep).filterable())
         self.table = table
         ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
         vectors = np.concatenate(vector_parts) if vector_parts else np.zeros((0, manifest["dim"]), np.float32)
@@ -280,7 +281,8 @@ class Searcher:
                 if self.index is None:
                     self.index = VectorIndex(int(vectors.shape[1]), nprobe=self.nprobe)
                 self.index.add(ids[keep], vectors[keep])
-                self.table.add(ids[keep], rows.take(keep).filterable())
+                if rows.says_anything():  # a segment from before keys and attributes has nothing to filter
+                    self.table.add(ids[keep], rows.take(keep).filterable())
             else:
                 self._skip(key, reason)
             if replaced:  # a damaged segment still took its keys over: the old images go all the same
