@@ -67,6 +67,12 @@ def test_concurrent_upserts_leave_one_live_id_per_key(
     assert answer["count"] == len(KEYS)
     assert {row["id"]: row["key"] for row in answer["results"]} == {i: k for k, i in won.items()}
     assert not {item["id"] for item in loser.report()} & {row["id"] for row in answer["results"]}
+    low = 20 if winner is second else 0  # the winner's images have seeds low..low+5
+    query = tmp_path / "a" / "0.jpg"
+    assert set(client.search(query, top=20, filter={"seed": {"gte": low, "lt": low + 6}})) == set(
+        won.values()
+    )
+    assert client.search(query, top=20, filter={"seed": {"gte": 20 - low, "lt": 26 - low}}) == []
 
     # The same bytes again under the same key: unchanged; other bytes: replaced, found at distance 0.
     kept = next(item for item in winner.report() if item["key"] == "sku-0")
