@@ -316,6 +316,24 @@ class PupylQueue:
         item = items[0] if items else {"status": "failed", "error": "the job indexed nothing"}
         return {**item, "key": key, "sequence": job.sequence}
 
+    def set_attributes(
+        self, key: str, attributes: dict[str, Any], timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Replace the attributes of the image ``key`` names, without embedding it again.
+
+        ``{"key", "updated": True, "id": <new id>, "replaced": <old id>, "sequence": n}``: like any
+        upsert, the change is a new id under the same key, committed with the old id's tombstone.
+        ``updated: False`` with a ``reason`` when the key names nothing, or moved on meanwhile.
+        """
+        request = {
+            "collection": self.collection,
+            "key": check_key(key),
+            "attributes": check_attributes(attributes),
+            "update_id": uuid.uuid4().hex,
+        }
+        result = self.app.send_task(C.TASK_SET_ATTRIBUTES, kwargs=request)
+        return wait_result(result, timeout or self.settings.search_timeout)
+
     def lookup(self, key: str) -> dict[str, Any] | None:
         """The image a caller's key names now: ``{"key", "id", "sequence", "sha256"}``, or None."""
         return Coordinator(self.redis, Layout(self.collection)).lookup(check_key(key))

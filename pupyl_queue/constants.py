@@ -29,11 +29,13 @@ TASK_COMPACT = "pupyl.compact"
 TASK_COMPACT_ALL = "pupyl.compact_all"
 TASK_HOUSEKEEP = "pupyl.housekeep"  # Celery beat: expire ended jobs, delete cut-off uploads, stale queries
 TASK_SWEEP_JOBS = "pupyl.sweep_jobs"
+TASK_SET_ATTRIBUTES = "pupyl.set_attributes"  # new attributes for a key's image, its vector reused
 TASK_ROUTES = {
     TASK_INDEX: QUEUE_INGEST,
     TASK_EMBED: QUEUE_EMBED,
     TASK_SEARCH: QUEUE_SEARCH,
     TASK_NEAREST: QUEUE_SEARCH,
+    TASK_SET_ATTRIBUTES: QUEUE_SEARCH,  # a search worker holds the vector it reuses
     TASK_REMOVE: QUEUE_MAINTENANCE,
     TASK_COMPACT: QUEUE_MAINTENANCE,
     TASK_COMPACT_ALL: QUEUE_MAINTENANCE,

@@ -27,13 +27,18 @@ return first
 
 # Publish one store object as the next commit, once: a second publish of the same key returns the
 # sequence it already has (and what its first run replaced). ARGV: store key, images added (or
-# removed: negative), an id this commit removes ('' none: its key is forgotten), then (caller's key,
-# id, sha256) per keyed row. Each keyed row takes its key over; the id the key held before, if another,
-# is tombstoned by this very commit (KEYS[8] records which), so readers drop it exactly when they add
-# the new row. Deciding here, against the key map, makes the commit that runs last win.
+# removed: negative), an id this commit removes ('' none: its key is forgotten), the id the first
+# keyed row's key must still name ('' any: else nothing is committed and the sequence is 0), then
+# (caller's key, id, sha256) per keyed row. Each keyed row takes its key over; the id the key held
+# before, if another, is tombstoned by this very commit (KEYS[8] records which), so readers drop it
+# exactly when they add the new row. Deciding here, against the key map, makes the commit that runs last win.
 _PUBLISH = """
 local have = redis.call('HGET', KEYS[3], ARGV[1])
 if have then return {tonumber(have), redis.call('HGET', KEYS[8], ARGV[1]) or '[]'} end
+if ARGV[4] ~= '' then
+  local entry = redis.call('HGET', KEYS[6], ARGV[5])
+  if not entry or string.match(entry, '"id":(%d+)') ~= ARGV[4] then return {0, '[]'} end
+end
 local seq = redis.call('INCR', KEYS[1])
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], seq)
@@ -48,7 +53,7 @@ if ARGV[3] ~= '' then
   end
 end
 local replaced = {}
-for i = 4, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   local key, id, sha = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local entry = redis.call('HGET', KEYS[6], key)
   local old = entry and string.match(entry, '"id":(%d+)')
@@ -278,12 +283,15 @@ class Coordinator:
         images: int = 0,
         keyed: list[tuple[str, int, str]] | None = None,
         removes: int | None = None,
+        expect: int | None = None,
     ) -> tuple[int, list[tuple[int, str]]]:
         """Publish a segment whose ``keyed`` rows ((key, id, sha256)) take their keys over, in one script.
 
         Returns (sequence, [(replaced id, key), ...]): the ids this commit tombstoned because their
         key now names a row of this segment. A second publish of the same object returns the first
         one's answer, so a redelivered batch finishes the replacement its first run began.
+        ``expect``: commit only while the first keyed row's key still names that id (else
+        (0, []) and nothing changed): a change made from what the key named a moment ago.
         """
         keys = [
             self._k(C.KEY_SEQUENCE),
@@ -296,7 +304,12 @@ class Coordinator:
             self._k(C.KEY_REPLACED),
             self._k(C.KEY_HASHES),
         ]
-        args: list[Any] = [store_key, images, "" if removes is None else int(removes)]
+        args: list[Any] = [
+            store_key,
+            images,
+            "" if removes is None else int(removes),
+            "" if expect is None else int(expect),
+        ]
         for key, image_id, sha in keyed or []:
             args += [key, int(image_id), sha]
         sequence, replaced = self._publish(keys=keys, args=args)

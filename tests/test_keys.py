@@ -23,7 +23,7 @@ from pupyl_queue.coordination import Coordinator
 from pupyl_queue.embedding import embed_batch
 from pupyl_queue.layout import Layout
 from pupyl_queue.models import normalize
-from pupyl_queue.queries import compact, remove, search
+from pupyl_queue.queries import compact, remove, search, set_attributes
 from pupyl_queue.rebuild import rebuild
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.searcher import Searcher
@@ -104,8 +104,13 @@ def test_last_commit_wins_and_searchers_drop_the_old_id_in_the_same_commit(
     assert coord.image_count() == 2  # 5 rows added, 3 replaced
     searcher.refresh()  # no tombstone commit was published: the segments' commits did it
     assert sorted(np.flatnonzero(searcher.index.ids._bits).tolist()) == [2, 11]  # type: ignore[union-attr]
+    segment("e", [20], [('ключ/é "q"', 20, "s6")])
+    assert segment("f", [21], [('ключ/é "q"', 21, "s7")])[1] == [(20, 'ключ/é "q"')]
+    assert coord.lookup('ключ/é "q"')["id"] == 21  # type: ignore[index]
+    searcher.refresh()
+    assert np.flatnonzero(searcher.index.ids._bits).tolist() == [2, 11, 21]  # type: ignore[union-attr]
     compact_manifest = compact_parts(store, coord)
-    assert compact_manifest["count"] == 2
+    assert compact_manifest["count"] == 3
     # A tombstone removes by id and forgets the key in the same commit.
     store.put(LAYOUT.tombstone(11), json.dumps({"id": 11}).encode())
     coord.publish(LAYOUT.tombstone(11), images=-1, removes=11)
@@ -314,3 +319,49 @@ def test_filtered_search_follows_the_commit_log_and_snapshots(
     for runtime in (rt, after_snapshot):
         assert filtered(runtime, {"color": "red"}) == [ids[5]]
         assert new["id"] in filtered(runtime, {"color": "blue"})
+
+
+def test_set_attributes_reuses_the_vector_under_a_new_id(
+    rt: Runtime, tmp_path: Path, tiny_model: Path, redis_client: redis.Redis
+) -> None:
+    path = image(tmp_path / "s", 5)
+    first = index_folder(rt, path, tiny_model, key="k", attributes={"color": "red"})[0]
+    coord = rt.coordinator("default")
+    task = {
+        "collection": "default",
+        "key": "k",
+        "attributes": {"color": "green", "size": 3},
+        "update_id": "ab" * 8,
+    }
+    done = set_attributes(rt, task)
+    assert done["updated"] and done["replaced"] == first["id"] and done["id"] != first["id"]
+    sequence = coord.last_sequence()
+    assert set_attributes(rt, task) == {key: done[key] for key in ("key", "updated", "id", "sequence")}
+    assert coord.last_sequence() == sequence  # a redelivery commits nothing new
+    assert coord.lookup("k")["id"] == done["id"] and coord.image_count() == 1  # type: ignore[index]
+    hit = by_image(rt, path, top=5)
+    assert len(hit) == 1 and (hit[0]["id"], hit[0]["key"]) == (done["id"], "k")
+    assert hit[0]["distance"] == pytest.approx(0.0, abs=1e-4)
+    assert hit[0]["metadata"]["attributes"] == {"color": "green", "size": 3}
+    query = {"image_b64": base64.b64encode(path.read_bytes()).decode()}
+    green = search(rt, {"collection": "default", "query": query, "top": 5, "filter": {"color": "green"}})
+    red = search(rt, {"collection": "default", "query": query, "top": 5, "filter": {"color": "red"}})
+    assert [r["id"] for r in green["results"]] == [done["id"]] and red["results"] == []
+    missing = set_attributes(rt, {"collection": "default", "key": "nope", "attributes": {}})
+    assert missing["updated"] is False and "no image with key" in missing["reason"]
+    with pytest.raises(Exception, match="nested objects"):
+        set_attributes(rt, {"collection": "default", "key": "k", "attributes": {"a": {"b": 1}}})
+    # The same bytes upserted again under the key are unchanged: the content did not change.
+    assert index_folder(rt, path, tiny_model, key="k")[0]["status"] == "unchanged"
+    redis_client.flushdb()
+    rebuild(rt.store, redis_client, "default")
+    assert coord.lookup("k")["id"] == done["id"]  # type: ignore[index]
+
+
+def test_a_commit_that_expects_another_id_changes_nothing(redis_client: redis.Redis) -> None:
+    coord = Coordinator(redis_client, LAYOUT)
+    assert coord.commit("s/a", images=1, keyed=[("k", 3, "aa")]) == (1, [])
+    assert coord.commit("s/b", images=1, keyed=[("k", 5, "bb")], expect=4) == (0, [])
+    assert coord.commit("s/c", images=1, keyed=[("x", 6, "cc")], expect=6) == (0, [])  # x names nothing
+    assert coord.last_sequence() == 1 and coord.lookup("k")["id"] == 3  # type: ignore[index]
+    assert coord.commit("s/b", images=1, keyed=[("k", 5, "bb")], expect=3) == (2, [(3, "k")])
