@@ -87,6 +87,11 @@ def test_concurrent_upserts_leave_one_live_id_per_key(
     assert hits[0]["distance"] == pytest.approx(0.0, abs=1e-4)
     assert kept["id"] not in client.search(fresh, top=20)
 
+    changed = client.set_attributes("sku-0", {"color": "green"})
+    assert changed["updated"] and changed["replaced"] == done["id"]
+    green = client.search(fresh, top=5, filter={"color": "green"}, min_sequence=changed["sequence"])
+    assert green == [changed["id"]] and client.search(fresh, top=5, filter={"color": "blue"}) == []
+
     bad = client.index(listing(tmp_path / "c", range(40, 46), extra={"bad": {"nested": 1}}))
     state = bad.wait(timeout=300)
     assert (state["indexed"], state["failed"]) == (0, len(KEYS))
