@@ -376,6 +376,10 @@ def main() -> None:
     parser.add_argument(
         "--decode-processes", type=int, default=None, help="PUPYL_DECODE_PROCESSES of the run"
     )
+    parser.add_argument("--embed-concurrency", type=int, default=0, help="PUPYL_EMBED_CONCURRENCY of the run")
+    parser.add_argument(
+        "--local-references", action="store_true", help="PUPYL_LOCAL_REFERENCES: files as paths, not staged"
+    )
     parser.add_argument("--ceiling", action="store_true", help="also measure the decode ceiling (all cores)")
     parser.add_argument("--warmup", type=int, default=0, help="the untimed first job's photos (0: all)")
     parser.add_argument("--search", type=int, default=0, help="then this many searches by image and by id")
@@ -389,9 +393,16 @@ def main() -> None:
 
     device = configure_backend(0, False)  # as an embed worker does, before any network is built
     print(f"Keras backend {device['backend']}, {device['gpus']} GPU(s)")
-    SETTINGS.update(
-        {k: v for k, v in (("batch_size", args.batch_size), ("infer_batch", args.infer_batch)) if v}
+    chosen = (
+        ("batch_size", args.batch_size),
+        ("infer_batch", args.infer_batch),
+        ("embed_concurrency", args.embed_concurrency),
     )
+    SETTINGS.update({k: v for k, v in chosen if v})
+    if args.local_references:
+        SETTINGS["local_references"] = True
+    if args.decode_processes is not None:  # 0 is a value here (decode in the embed worker's threads)
+        SETTINGS["decode_processes"] = args.decode_processes
     if args.photos:  # e.g. bench/gpu's 50,000 generated photos
         folder = Path(args.photos)
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))

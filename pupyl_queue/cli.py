@@ -28,7 +28,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     from pupyl_queue.settings import Settings
     from pupyl_queue.stack import run_stack
 
-    return run_stack(Settings.from_env())
+    settings = Settings.from_env()
+    if "PUPYL_LOCAL_REFERENCES" not in os.environ:  # one host: every worker reads the same files
+        settings = settings.replace(local_references=True)
+    return run_stack(settings)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -39,6 +42,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from pupyl_queue.settings import Settings
     from pupyl_queue.stack import pinned_env, worker_command
 
     env = {**os.environ, **pinned_env(args.gpu)}
@@ -48,7 +52,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
             raise ValueError("--shard is for search workers")
         queue = C.shard_queue(args.shard)
         env["PUPYL_SEARCH_SHARD"] = str(args.shard)
-    command = worker_command(queue, loglevel=args.loglevel)
+    concurrency = Settings.from_env().embed_concurrency
+    command = worker_command(queue, loglevel=args.loglevel, embed_concurrency=concurrency)
     os.execve(command[0], command, env)
     return 0  # pragma: no cover - execv does not return
 

@@ -31,6 +31,7 @@ from pupyl_queue.images import ImageError, ImageInfo, decode
 from pupyl_queue.ingest import finish_if_done
 from pupyl_queue.jobs import batch_id
 from pupyl_queue.runtime import Runtime
+from pupyl_queue.sources import LocalRefused, Sources
 from pupyl_queue.store import ObjectNotFound
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,18 @@ class Prepared:
 
 
 def prepare(
-    rt: Runtime, item: dict[str, Any], size: int, slots: PixelSlots | None = None, slot: int = 0
+    rt: Runtime,
+    item: dict[str, Any],
+    size: int,
+    slots: PixelSlots | None = None,
+    slot: int = 0,
+    origin: str = "network",
 ) -> Prepared:
-    """Fetch one item's bytes (in a thread) and decode them; in a decode process when ``slots`` is given."""
+    """Fetch one item's bytes (in a thread) and decode them; in a decode process when ``slots`` is given.
+
+    ``origin`` is the job's: a local path (PUPYL_LOCAL_REFERENCES) passes the same gate it passed
+    at expansion, as the file may have changed since.
+    """
     if item.get("error"):
         return Prepared(error=item["error"])
     try:
@@ -63,13 +73,20 @@ def prepare(
     except InvalidAttribute as exc:
         return Prepared(error=str(exc))
     try:
-        data = base64.b64decode(item["data_b64"]) if "data_b64" in item else rt.store.get(item["key"])
+        if "data_b64" in item:
+            data = base64.b64decode(item["data_b64"])
+        elif "path" in item:  # PUPYL_LOCAL_REFERENCES: the same gate as the ingest worker's
+            data = Sources(rt.settings, origin=origin).read_local(item["path"])
+        else:
+            data = rt.store.get(item["key"])
         original = data if rt.settings.keep_originals else b""
         if slots is not None and (decoder := rt.decode_pool()) is not None:
             info, normalized, pixels = decoder.decode(data, rt.settings.max_pixels, slots, slot)
             return Prepared(info, pixels, normalized or data, original=original)
         image = decode(data, rt.settings.max_pixels, target=size)
     except ImageError as exc:
+        return Prepared(error=str(exc))
+    except LocalRefused as exc:
         return Prepared(error=str(exc))
     except ObjectNotFound:
         return Prepared(error="staged copy is missing (the batch was already committed or the store lost it)")
@@ -187,7 +204,10 @@ class _BatchRun:
     def _run_chunks(self, slots: PixelSlots | None) -> None:
         pool, chunk = self.rt.pool(), self.rt.infer_batch()
         size = self.extractor.input_size
-        futures = [pool.submit(prepare, self.rt, item, size, slots, n) for n, item in enumerate(self.items)]
+        origin = self.task.get("origin") or "network"
+        futures = [
+            pool.submit(prepare, self.rt, item, size, slots, n, origin) for n, item in enumerate(self.items)
+        ]
         group: list[int] = []
         for position, future in enumerate(futures):
             started = time.perf_counter()

@@ -57,6 +57,7 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
                     "batch": batches,
                     "items": batch,
                     "check_unique": bool(job.get("check_unique")),
+                    "origin": job.get("origin") or "network",
                     "near_duplicate": float(job.get("near_duplicate") or 0.0),
                 }
             )
@@ -68,7 +69,10 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
     if job["uri"].startswith(C.UPLOAD_SCHEME):
         items = _uploads(rt, layout, job_id, job["uri"])
     else:
-        sources = Sources(rt.settings, origin=job.get("origin") or "network")
+        # int8's first job keeps its first images' bytes as the calibration set: no references then.
+        calibrating = spec.precision == "int8" and not rt.store.children(layout.calibration)
+        references = rt.settings.local_references and not calibrating
+        sources = Sources(rt.settings, origin=job.get("origin") or "network", references=references)
         items = fetch_pending(
             sources.expand(job["uri"]), sources.fetcher, rt.settings.max_image_bytes, FETCH_WINDOW
         )
@@ -83,6 +87,8 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
             entry["error"] = (
                 f"the job gives one key ({str(job['key'])[:80]!r}) for one image; its URI names more"
             )
+        elif item.path:
+            entry["path"] = item.path  # read by the embed worker: nothing staged, nothing to delete
         elif len(data) <= min(rt.settings.inline_item_bytes, inline_budget):
             entry["data_b64"] = base64.b64encode(data).decode()  # small: in the message itself
             inline_budget -= len(data)

@@ -44,6 +44,8 @@ class Settings:
     infer_batch: int = 0
     decode_threads: int = 0
     decode_processes: int = -1  # -1: one per core; 0: decode in the embed worker's threads
+    embed_concurrency: int = 1  # batches one embed worker runs at once (threads, one network)
+    local_references: bool = False  # local files reach embed workers as paths (they see the same files)
     tf_threads: int = 0
     mixed_precision: bool = False
     precision: str = "float32"

@@ -56,6 +56,7 @@ class SourceItem:
     meta: dict[str, Any] = field(default_factory=dict)
     key: str = ""  # the caller's key (lists with a key column or field)
     attributes: dict[str, Any] = field(default_factory=dict)
+    path: str = ""  # a local image the embed worker reads itself (PUPYL_LOCAL_REFERENCES); no data
 
 
 def is_url(text: str) -> bool:
@@ -75,12 +76,21 @@ def url_meta(url: str, size: int) -> dict[str, Any]:
 class Sources:
     """Expands URIs for one job; ``origin="network"`` confines local paths to PUPYL_ALLOWED_ROOTS."""
 
-    def __init__(self, settings: Settings, origin: str = "network", fetcher: Fetcher | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        origin: str = "network",
+        fetcher: Fetcher | None = None,
+        references: bool = False,
+    ) -> None:
+        """``references``: a local image is yielded as its resolved path (``SourceItem.path``), not its
+        bytes, for an embed worker that reads the same files (PUPYL_LOCAL_REFERENCES)."""
         if origin not in ORIGINS:
             raise ValueError(f"origin must be one of {ORIGINS}")
         self.settings = settings
         self.origin = origin
         self.fetcher = fetcher or Fetcher(settings)
+        self.references = references
 
     # --- entry point
     def expand(self, uri: str) -> Iterator[SourceItem]:
@@ -107,6 +117,18 @@ class Sources:
         if any(real.is_relative_to(root) for root in self.settings.allowed_root_paths):
             return ""
         return OUTSIDE_ROOTS
+
+    def read_local(self, path: str) -> bytes:
+        """A local image's bytes, through open_local, at most PUPYL_MAX_IMAGE_BYTES (else LocalRefused)."""
+        fh, _ = self.open_local(Path(path))
+        try:
+            with fh:
+                data = fh.read(self.settings.max_image_bytes + 1)
+        except OSError as exc:
+            raise LocalRefused(f"cannot read: {exc.strerror or exc}") from None
+        if len(data) > self.settings.max_image_bytes:
+            raise LocalRefused(too_large(len(data), self.settings.max_image_bytes))
+        return data
 
     def open_local(self, path: Path) -> tuple[IO[bytes], os.stat_result]:
         """Open a local file for reading: the one gate every local path passes before ``open()``.
@@ -194,6 +216,9 @@ class Sources:
                     return
                 if size > self.settings.max_image_bytes:
                     yield SourceItem(ref, error=too_large(size, self.settings.max_image_bytes))
+                    return
+                if self.references:  # the embed worker opens it again, through open_local
+                    yield SourceItem(ref, path=os.path.realpath(path), meta=_file_meta(path, size, info))
                     return
                 fh.seek(0)
                 data = fh.read(self.settings.max_image_bytes + 1)

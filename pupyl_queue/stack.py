@@ -114,9 +114,18 @@ def celery_command() -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "workers.app"]
 
 
-def worker_command(queue: str, name: str | None = None, loglevel: str = "INFO") -> list[str]:
-    """The celery command of one worker; ``queue`` is a kind, or a shard's queue (search.shard<k>)."""
+def worker_command(
+    queue: str, name: str | None = None, loglevel: str = "INFO", embed_concurrency: int = 1
+) -> list[str]:
+    """The celery command of one worker; ``queue`` is a kind, or a shard's queue (search.shard<k>).
+
+    ``embed_concurrency`` > 1 (PUPYL_EMBED_CONCURRENCY) runs an embed worker's batches in that many
+    threads of its one process: one network, one decode pool, and a batch decoding while another
+    runs the network or writes, which a solo worker does one after the other.
+    """
     pool, concurrency = WORKER_POOLS[queue.split(".")[0]]
+    if queue == C.QUEUE_EMBED and embed_concurrency > 1:
+        pool, concurrency = "threads", embed_concurrency
     name = name or f"{queue.replace('.', '-')}-{uuid.uuid4().hex[:6]}@%h"
     return [
         *celery_command(),
@@ -145,7 +154,8 @@ def start_worker(
 ) -> subprocess.Popen[bytes]:
     full_env = {**os.environ, **(env or {}), **settings.to_env()}
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(worker_command(queue), env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    command = worker_command(queue, embed_concurrency=settings.embed_concurrency)
+    return subprocess.Popen(command, env=full_env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def flower_command(settings: Settings, port: int | None = None) -> list[str]:

@@ -20,6 +20,7 @@ from pupyl_queue.embedding import embed_batch
 from pupyl_queue.layout import Layout
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.settings import Settings
+from pupyl_queue.sources import OUTSIDE_ROOTS
 from tests.conftest import MOBILENET_025, PHOTOS, need_shared
 from tests.imagegen import encode, pattern
 from tests.indexing import expand_folder, index_folder
@@ -179,3 +180,43 @@ def test_compaction_is_due_once_per_threshold(rt: Runtime) -> None:
     coord.set_snapshot_watermark(4)
     rt.redis.delete(coord.layout.key("compact-due"))  # the compaction ran and cleared the flag
     assert not compaction_due(rt, "default", 5) and compaction_due(rt, "default", 7)
+
+
+def test_local_references_stage_nothing_and_read_at_embed(
+    rt: Runtime, tmp_path: Path, tiny_model: Path
+) -> None:
+    """PUPYL_LOCAL_REFERENCES: items carry the file's path; the embed worker reads it through the same
+    gate. Nothing goes through the store's staging area; a file gone or swapped for a link out of the
+    roots since the expansion fails alone, with its reason."""
+    folder = folder_of(tmp_path, 6)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(encode(pattern(99), "PNG"))
+    settings = rt.settings.replace(local_references=True, allowed_roots=str(folder), inline_item_bytes=0)
+    rt = Runtime(settings)
+    batches = expand_folder(rt, folder, tiny_model, job_id="jr", origin="network")
+    items = [item for b in batches for item in b["items"]]
+    assert all(set(item) >= {"ref", "path"} and "key" not in item for item in items)
+    assert all(b["origin"] == "network" for b in batches)
+    assert not list(rt.store.list(Layout().staging("jr") + "/"))
+    (folder / "02.png").unlink()
+    (folder / "03.png").unlink()
+    (folder / "03.png").symlink_to(outside / "secret.png")
+    outcome = {}
+    for batch in batches:
+        for item in embed_batch(rt, batch)["items"]:
+            outcome[Path(item["ref"]).name] = item.get("error", item["status"])
+    assert outcome["02.png"] == "no such file or directory"
+    assert outcome["03.png"] == OUTSIDE_ROOTS
+    assert [outcome[f"{n:02d}.png"] for n in (0, 1, 4, 5)] == ["indexed"] * 4
+    state = read_job(rt.redis, "jr")
+    assert state is not None and (state["state"], state["indexed"], state["failed"]) == ("done", 4, 2)
+
+
+def test_int8_first_job_keeps_bytes_for_calibration_even_with_references(
+    rt: Runtime, tmp_path: Path, tiny_model: Path
+) -> None:
+    rt = Runtime(rt.settings.replace(local_references=True, precision="int8"))
+    batches = expand_folder(rt, folder_of(tmp_path, 5), tiny_model, job_id="jc", precision="int8")
+    assert not any("path" in item for b in batches for item in b["items"])
+    assert len(list(rt.store.list(Layout().calibration + "/"))) == 5

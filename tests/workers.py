@@ -27,6 +27,16 @@ class Workers:
         name = f"{queue}-{len(self.procs)}"
         self.procs[name] = start_worker(queue, self.settings, log_path=self.log_dir / f"{name}.log")
 
+    def start_named(self, name: str, queue: str, settings: Settings) -> subprocess.Popen[bytes]:
+        """A worker on ``queue`` with its own settings (e.g. PUPYL_EMBED_CONCURRENCY)."""
+        self.procs[name] = start_worker(queue, settings, log_path=self.log_dir / f"{name}.log")
+        return self.procs[name]
+
+    def stop_named(self, prefix: str) -> None:
+        """Stop (and forget) every worker whose name starts with ``prefix``."""
+        for name in [n for n in self.procs if n.startswith(prefix)]:
+            stop(self.procs.pop(name))
+
     def restart(self, queue: str) -> None:
         stop(self.procs[queue])
         self.start(queue)
