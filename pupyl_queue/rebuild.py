@@ -11,6 +11,8 @@ dedup map, counts, checksums of committed objects and the job records. All of it
   recorded from the bytes in the store now (the store is trusted at rebuild time);
 - the id counter goes past every id seen anywhere (images, segments, snapshot, tombstones), so no
   id is ever reused; the dedup map and the image count come from the image metadata;
+- the key map (caller's key -> live id) comes from the rows the snapshot's vector files and the
+  segments carry, minus every removed id (a replaced id has its tombstone too: pupyl_queue/keys.py);
 - job records come back from the per-batch reports. A job that was running when Redis went lost
   its queued messages with it: its staged and uploaded bytes are still in the store, so it is
   marked failed ("interrupted") and those bytes are deleted; index its source again with
@@ -32,7 +34,7 @@ import numpy as np
 import redis
 
 from pupyl_queue import constants as C
-from pupyl_queue import integrity
+from pupyl_queue import integrity, keys
 from pupyl_queue.codecs import decode_segment, read_manifest
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.integrity import StoreDamaged
@@ -85,6 +87,7 @@ def rebuild(store: ObjectStore, client: redis.Redis, name: str, force: bool = Fa
     client.set(layout.key(C.KEY_COUNT), len(images))
     if images:
         client.hset(layout.key(C.KEY_HASHES), mapping={sha: str(i) for sha, i in images.items()})
+    key_map = keys.restore_key_map(store, coord)  # from the rows the segments and snapshot carry
     jobs = _jobs(store, client, coord)
     client.set(layout.key(C.KEY_EPOCH), f"rebuilt-{time.time():.6f}")
     result = {
@@ -95,6 +98,7 @@ def rebuild(store: ObjectStore, client: redis.Redis, name: str, force: bool = Fa
         "commits_after_snapshot": len(after_newest),
         "images": len(images),
         "next_id": max(seen, default=0) + 1,
+        **key_map,
         **jobs,
     }
     log.info("rebuilt %s: %s", name, result)
