@@ -13,28 +13,29 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from pupyl_queue import constants as C
 from pupyl_queue import jobs
 from pupyl_queue.collection import ensure_collection
 from pupyl_queue.layout import Layout
+from pupyl_queue.payloads import EmbedItem, EmbedRequest, IndexRequest, IndexResult
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.sources import SourceError, SourceItem, Sources, fetch_pending, too_large
 
 log = logging.getLogger(__name__)
 
-Dispatch = Callable[[dict[str, Any]], None]
+Dispatch = Callable[[EmbedRequest], None]
 FETCH_WINDOW = 64  # URLs fetched concurrently per window while expanding
 INLINE_BATCH_BYTES = 1 << 20  # most image bytes one embed message carries inline
 
 
-def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str, Any]:
+def expand_job(rt: Runtime, job: IndexRequest, dispatch: Dispatch) -> IndexResult:
     """Stage every image the URI names into the store and dispatch one embed task per batch."""
     collection = job["collection"]
     layout = Layout(collection)
     coord = rt.coordinator(collection)
-    job_id = job["job_id"]
+    job_id = job["job_id"]  # the task gives it its own id when the sender left it out
     done = rt.redis.hmget(layout.job_key(job_id), "expanded", "total", "batches_total", "state")
     if done[0] == "1" or done[3] in C.JOB_ENDED:
         # Expanded already: this is a redelivery (its first run's ack was lost, e.g. Redis restarted
@@ -43,24 +44,14 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
         return {"job_id": job_id, "total": int(done[1] or 0), "batches": int(done[2] or 0)}
     coord.update_job(job_id, state="expanding", started_at=time.time(), batch_size=rt.settings.batch_size)
     spec = ensure_collection(rt.store, rt.redis, layout, job)
-    batch: list[dict[str, Any]] = []
+    batch: list[EmbedItem] = []
     batches = total = 0
     inline_budget = INLINE_BATCH_BYTES
 
     def flush() -> None:
         nonlocal batch, batches, inline_budget
         if batch:
-            dispatch(
-                {
-                    "job_id": job_id,
-                    "collection": collection,
-                    "batch": batches,
-                    "items": batch,
-                    "check_unique": bool(job.get("check_unique")),
-                    "origin": job.get("origin") or "network",
-                    "near_duplicate": float(job.get("near_duplicate") or 0.0),
-                }
-            )
+            dispatch(embed_request(job, batches, batch))
             batches += 1
             batch = []
             inline_budget = INLINE_BATCH_BYTES
@@ -95,7 +86,7 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
         else:
             entry["key"] = layout.staged_item(job_id, total)  # large: through the store
             rt.store.put(entry["key"], data)
-        batch.append(entry)
+        batch.append(cast(EmbedItem, entry))  # one of data_b64, key, path or error: a valid item
         total += 1
         if len(batch) >= jobs.batch_target(batches, rt.settings.batch_size):
             flush()
@@ -106,7 +97,20 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
     return {"job_id": job_id, "total": total, "batches": batches}
 
 
-def _keyed(job: dict[str, Any], item: SourceItem, number: int) -> dict[str, Any]:
+def embed_request(job: IndexRequest, number: int, items: list[EmbedItem]) -> EmbedRequest:
+    """The ``pupyl.embed`` kwargs of batch ``number`` of a job (docs/tasks.md)."""
+    return {
+        "job_id": job["job_id"],
+        "collection": job["collection"],
+        "batch": number,
+        "items": items,
+        "check_unique": bool(job.get("check_unique")),
+        "origin": job.get("origin") or "network",
+        "near_duplicate": float(job.get("near_duplicate") or 0.0),
+    }
+
+
+def _keyed(job: IndexRequest, item: SourceItem, number: int) -> dict[str, Any]:
     """The caller's key and attributes an item carries into its embed task (checked there, per item).
 
     A list gives them per line; a job may give one key (and attributes) for the one image it

@@ -37,6 +37,17 @@ from pupyl_queue.images import decode
 from pupyl_queue.jobs import batch_id
 from pupyl_queue.keys import retire
 from pupyl_queue.layout import Layout
+from pupyl_queue.payloads import (
+    CompactRequest,
+    NearestRequest,
+    NearestResult,
+    RemoveRequest,
+    RemoveResult,
+    SearchRequest,
+    SearchResult,
+    SetAttributesRequest,
+    SetAttributesResult,
+)
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.sharding import Send, fan_out, shard_vector
 from pupyl_queue.store import ObjectNotFound, StoreUnavailable
@@ -101,7 +112,7 @@ def _unit_vector(values: Any, dim: int) -> np.ndarray:
     return (vector / np.linalg.norm(vector)).astype(np.float32)
 
 
-def search(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict[str, Any]:
+def search(rt: Runtime, task: SearchRequest, send: Send | None = None) -> SearchResult:
     """Rank a collection by a query; a router of a sharded cluster fans out through ``send``."""
     collection = task.get("collection", "default")
     top = int(task.get("top", 4))
@@ -196,7 +207,7 @@ def metadata(rt: Runtime, layout: Layout, ids: list[int]) -> list[dict[str, Any]
         return list(pool.map(one, ids))
 
 
-def nearest(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict[str, Any]:
+def nearest(rt: Runtime, task: NearestRequest, send: Send | None = None) -> NearestResult:
     """Each vector's nearest indexed image (near-duplicate checks of the embed workers).
 
     With ``top`` above 1 also each vector's ``candidates``: the short lists of the copy-mode check.
@@ -219,7 +230,7 @@ def nearest(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict
     return answer
 
 
-def remove(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
+def remove(rt: Runtime, task: RemoveRequest) -> RemoveResult:
     """Tombstone an id (committed like a segment), then delete its image and metadata.
 
     ``{"key": ...}`` instead of ``{"id": ...}`` removes the image a caller's key names now; the
@@ -259,7 +270,7 @@ def remove(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
     return {"id": image_id, "removed": True, "sequence": sequence}
 
 
-def set_attributes(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict[str, Any]:
+def set_attributes(rt: Runtime, task: SetAttributesRequest, send: Send | None = None) -> SetAttributesResult:
     """New attributes for the image a caller's key names, without running the network again.
 
     The image's vector (from this search worker, or its shard) goes into a one-row segment under a
@@ -321,7 +332,7 @@ def set_attributes(rt: Runtime, task: dict[str, Any], send: Send | None = None) 
     return {"key": key, "updated": True, "id": new_id, "replaced": old_id, "sequence": sequence}
 
 
-def compact(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
+def compact(rt: Runtime, task: CompactRequest) -> dict[str, Any]:
     """Write a snapshot of the collection (one compaction at a time, whatever the replicas).
 
     A short lock, renewed while the compaction runs: a compaction killed with its worker (kill -9,
