@@ -14,8 +14,8 @@ required everywhere: the workers' fallback to ``default`` is leniency, not contr
 A producer-side module: standard library only (no workers/, api/, FAISS or TensorFlow).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: on Python 3.11 it makes TypedDict ignore ``Required`` and
+# ``NotRequired`` (every key lands in __optional_keys__); tests/test_payloads.py relies on them.
 from typing import Any, Literal, NotRequired, Required, TypedDict
 
 Origin = Literal["network", "local"]

@@ -31,7 +31,7 @@ from pupyl_queue.attributes import (
     check_key,
     parse_filter,
 )
-from pupyl_queue.codecs import SegmentRows, decode_vectors, encode_segment
+from pupyl_queue.codecs import SegmentRows, decode_vectors, encode_segment, encode_vectors
 from pupyl_queue.fencing import CompactionLock, FencedOut
 from pupyl_queue.images import decode
 from pupyl_queue.jobs import batch_id
@@ -205,6 +205,14 @@ def metadata(rt: Runtime, layout: Layout, ids: list[int]) -> list[dict[str, Any]
 
     with ThreadPoolExecutor(min(METADATA_THREADS, len(ids)), thread_name_prefix="pupyl-meta") as pool:
         return list(pool.map(one, ids))
+
+
+def nearest_request(collection: str, vectors: np.ndarray, top: int | None = None) -> NearestRequest:
+    """The ``pupyl.nearest`` kwargs an embed worker sends (near-duplicate and copy-mode checks)."""
+    request: NearestRequest = {"collection": collection, **encode_vectors(vectors)}
+    if top is not None:
+        request["top"] = int(top)
+    return request
 
 
 def nearest(rt: Runtime, task: NearestRequest, send: Send | None = None) -> NearestResult:

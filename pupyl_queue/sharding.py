@@ -76,14 +76,7 @@ def fan_out(
     ``task`` is the search (or nearest) request: its ``min_sequence``, ``wait_timeout``, ``filter``,
     ``shard_timeout`` and ``allow_partial`` apply to the fan-out.
     """
-    request: ShardSearchRequest = {
-        "collection": collection,
-        "top": top,
-        **encode_vectors(vectors),
-        "min_sequence": int(task.get("min_sequence") or 0),
-        "wait_timeout": task.get("wait_timeout", 30),
-        **({"filter": task["filter"]} if task.get("filter") is not None else {}),
-    }
+    request = shard_request(collection, vectors, top, task)
     shards = rt.settings.search_shards
     timeout = float(task.get("shard_timeout") or rt.settings.search_timeout)
     pending = {k: send(k, request) for k in range(shards)}
@@ -113,6 +106,22 @@ def fan_out(
         **merged_health(list(answers.values())),
     }
     return merged, info
+
+
+def shard_request(
+    collection: str, vectors: np.ndarray, top: int, task: SearchRequest | NearestRequest
+) -> ShardSearchRequest:
+    """The ``pupyl.search_shard`` kwargs a router sends every shard for a search (or nearest) request."""
+    request: ShardSearchRequest = {
+        "collection": collection,
+        "top": top,
+        **encode_vectors(vectors),
+        "min_sequence": int(task.get("min_sequence") or 0),
+        "wait_timeout": task.get("wait_timeout", 30),
+    }
+    if task.get("filter") is not None:
+        request["filter"] = task["filter"]
+    return request
 
 
 def merged_health(answers: list[dict[str, Any]]) -> dict[str, Any]:

@@ -17,8 +17,8 @@ from celery import Task, shared_task
 from celery.signals import worker_ready
 from kombu.exceptions import OperationalError
 
-from pupyl_queue import codecs, embedding, ingest, jobs, queries, sharding
 from pupyl_queue import constants as C
+from pupyl_queue import embedding, ingest, jobs, queries, sharding
 from pupyl_queue.catalog import list_collections
 from pupyl_queue.payloads import (
     CompactAllResult,
@@ -160,8 +160,7 @@ def index(self: Any, **kwargs: Any) -> IndexResult:
 
 def ask_nearest(collection: str, vectors: Any) -> list[tuple[int, float] | None]:
     """Near-duplicate lookup on the search workers, which hold the index (embed workers do not)."""
-    request: NearestRequest = {"collection": collection, **codecs.encode_vectors(vectors)}
-    result = nearest.apply_async(kwargs=request)
+    result = nearest.apply_async(kwargs=queries.nearest_request(collection, vectors))
     answer = result.get(timeout=runtime().settings.search_timeout, disable_sync_subtasks=False)
     if answer.get("degraded"):
         keys = ", ".join(d["key"] for d in answer.get("damaged", []))
@@ -171,8 +170,7 @@ def ask_nearest(collection: str, vectors: Any) -> list[tuple[int, float] | None]
 
 def ask_short_lists(collection: str, vectors: Any, top: int) -> list[list[tuple[int, float]]]:
     """Each vector's ``top`` nearest indexed images (the copy-mode near-duplicate check)."""
-    request: NearestRequest = {"collection": collection, "top": int(top), **codecs.encode_vectors(vectors)}
-    result = nearest.apply_async(kwargs=request)
+    result = nearest.apply_async(kwargs=queries.nearest_request(collection, vectors, top))
     answer = result.get(timeout=runtime().settings.search_timeout, disable_sync_subtasks=False)
     if answer.get("degraded"):
         keys = ", ".join(d["key"] for d in answer.get("damaged", []))
