@@ -322,11 +322,13 @@ def readme_block(name: str) -> str:
 
 def commands(block: str, program: str) -> list[str]:
     """The block's command lines (continuations joined) that start with ``program``."""
-    joined = block.replace("\\\n", " ")
+    joined = block.replace("\\\n", "")  # as bash reads it
     return [line for line in joined.splitlines() if line.startswith(program)]
 
 
-def test_the_readme_round_trip_runs_as_written(service: Service, tmp_path: Path, tiny_model: Path) -> None:
+def test_the_readme_round_trip_runs_as_written(
+    service: Service, http_server: LoopbackServer, tmp_path: Path, tiny_model: Path
+) -> None:
     """The README's client, CLI and curl blocks, each command as it stands there, on one catalogue."""
     shop = tmp_path / "shop"
     for sub, name, seed in (
@@ -380,20 +382,16 @@ def test_the_readme_round_trip_runs_as_written(service: Service, tmp_path: Path,
     assert json.loads(cli[4].stdout)["id"] == json.loads(cli[3].stdout)["id"]
     assert json.loads(cli[5].stdout)["removed"] is True
 
-    api_settings = settings.replace(
-        api_tokens=service.token, model=str(tiny_model), allowed_roots=f"{settings.allowed_roots},{shop}"
-    )
-    port = free_port()
-    with serve_app(make_app(api_settings), port):
-        api = ApiClient(f"http://127.0.0.1:{port}", service.token)
-        answers = []
-        for line in commands(readme_block("curl"), "curl"):
-            answer = json.loads(sh(line, TOKEN=service.token, API=api.base).stdout)
-            assert "error" not in answer, (line, answer)
-            if "job_id" in answer:
-                state = ended(api, answer["url"])
-                assert state["state"] == "done" and not state["failed"], state
-            answers.append(answer)
+    http_server.add("blue.jpg", (shop / "shoes" / "blue.jpg").read_bytes(), "image/jpeg")
+    answers = []
+    for line in commands(readme_block("curl"), "curl"):
+        urls = {"TOKEN": service.token, "API": service.base, "IMAGES": http_server.base + "/files"}
+        answer = json.loads(sh(line, **urls).stdout)
+        assert "error" not in answer, (line, answer)
+        if "job_id" in answer:
+            state = ended(service, answer["url"])
+            assert state["state"] == "done" and not state["failed"], state["failures"]
+        answers.append(answer)
     assert len(answers) == 6
     assert [hit["key"] for hit in answers[2]["results"]] == ["sku-1", "sku-2"], answers[2]
     assert answers[2]["results"][0]["distance"] < 1e-4
