@@ -181,6 +181,19 @@ def test_search_page_in_chromium(service: Service, photo_dir: Path, tmp_path: Pa
             assert page.inner_text("#query-shown span") == f"Indexed image {other}"  # not the old file
             page.wait_for_selector("#results li img[src^='blob:']")
 
+            # the filter box: k=v pairs narrow the ranking; a bad filter says why and sends nothing
+            page.fill("#filter", "format=NOPE")
+            page.click("#search-file button")
+            page.wait_for_function(
+                "() => document.querySelector('#status').textContent.startsWith('0 results')"
+            )
+            assert page.inner_text("#query-shown span") == f"File {photo.name} · where format=NOPE"
+            page.fill("#filter", '{"width": ')
+            page.click("#search-file button")
+            page.wait_for_selector("#status.error")
+            assert "Bad filter" in page.inner_text("#status")
+            page.fill("#filter", "")
+
             page.check("#copy-mode")  # "find the original": the photo itself is its own original
             page.click("#search-file button")
             page.wait_for_function("() => document.querySelector('#status').textContent.includes('original')")
@@ -189,6 +202,15 @@ def test_search_page_in_chromium(service: Service, photo_dir: Path, tmp_path: Pa
             page.uncheck("#copy-mode")
             if SCREENSHOT:
                 page.screenshot(path=SCREENSHOT, full_page=True)
+
+            # a keyed copy of the photo (last: it ties with the photo at distance 0): key and attributes
+            keyed = service.client.upsert(photo, key="page-key", attributes={"shelf": "top"})
+            assert keyed["status"] == "indexed", keyed
+            page.click("#search-file button")
+            card = page.locator("#results li[data-key='page-key']")
+            card.wait_for()
+            assert "page-key" in card.locator("dd.key").inner_text()
+            assert card.locator("dt.attribute").inner_text() == "shelf" and "top" in card.inner_text()
 
             page.fill("#token", "wrong")
             page.dispatch_event("#token", "change")
