@@ -222,6 +222,9 @@ class PupylQueue:
     ) -> Job:
         """Queue a job for images given as (file name, bytes): they go to the store first.
 
+        ``keyed``: ``{"key", "attributes"}`` of the one image of an upsert, or ``{"uploads": [...]}``
+        giving file n its own ``{"key", "attributes"}`` (or ``{"error"}``, which fails that file).
+
         The way to index from a machine the workers cannot read (the API's multipart uploads).
         The job is recorded (state ``uploading``) before its first byte is stored: an uploader
         killed half-way leaves a job that housekeeping fails, and whose files it deletes, once
@@ -296,6 +299,28 @@ class PupylQueue:
 
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)
+
+    def index_items(
+        self,
+        items: Iterable[dict[str, Any]],
+        check_unique: bool = False,
+        near_duplicate: float | None = None,
+        origin: str = "local",
+    ) -> Job:
+        """One job for listed images, each with its own key and attributes.
+
+        ``[{"uri": "https://.../a.jpg", "key": "sku-1", "attributes": {"price": 59}}, ...]``: at most
+        MAX_REQUEST_ITEMS rows (they travel in the task message; a bigger catalogue is a list file,
+        README "What `index` takes"). A bad row fails alone, with its reason (``items:<row>``).
+        """
+        rows = [_resolved(row) if origin == "local" else row for row in items]
+        if not 0 < len(rows) <= C.MAX_REQUEST_ITEMS:
+            raise ValueError(f"items: 1 to {C.MAX_REQUEST_ITEMS} rows (more: index a list file)")
+        if len(json.dumps(rows)) > C.MAX_REQUEST_ITEMS_BYTES:
+            raise ValueError(f"items: at most {C.MAX_REQUEST_ITEMS_BYTES} bytes of JSON (more: a list file)")
+        job_id = uuid.uuid4().hex
+        uri = C.ITEMS_SCHEME + job_id
+        return self._send_index(job_id, uri, check_unique, near_duplicate, origin, keyed={"items": rows})
 
     # --- callers' keys
     def upsert_async(
@@ -573,3 +598,12 @@ class PupylQueue:
             self.app.close()
         if "redis" in self.__dict__:
             self.redis.close()
+
+
+def _resolved(row: Any) -> Any:
+    """A listed row whose ``uri`` is a relative local path, made absolute here (the caller's cwd)."""
+    uri = row.get("uri", row.get("url")) if isinstance(row, dict) else None
+    if not isinstance(uri, str) or "://" in uri or not Path(uri).expanduser().exists():
+        return row
+    rest = {k: v for k, v in row.items() if k != "url"}
+    return {**rest, "uri": str(Path(uri).expanduser().resolve())}

@@ -58,15 +58,19 @@ def expand_job(rt: Runtime, job: IndexRequest, dispatch: Dispatch) -> IndexResul
 
     items: Iterable[SourceItem]
     if job["uri"].startswith(C.UPLOAD_SCHEME):
-        items = _uploads(rt, layout, job_id, job["uri"])
+        items = _uploads(rt, layout, job_id, job["uri"], job.get("uploads"))
     else:
         # int8's first job keeps its first images' bytes as the calibration set: no references then.
         calibrating = spec.precision == "int8" and not rt.store.children(layout.calibration)
         references = rt.settings.local_references and not calibrating
         sources = Sources(rt.settings, origin=job.get("origin") or "network", references=references)
-        items = fetch_pending(
-            sources.expand(job["uri"]), sources.fetcher, rt.settings.max_image_bytes, FETCH_WINDOW
-        )
+        if job["uri"].startswith(C.ITEMS_SCHEME):  # the request lists its images, keys and attributes
+            if job["uri"] != C.ITEMS_SCHEME + job_id or not isinstance(job.get("items"), list):
+                raise SourceError(f"an {C.ITEMS_SCHEME} job lists its images in 'items' (uri items:<its id>)")
+            listed = sources.listed(job["items"])
+        else:
+            listed = sources.expand(job["uri"])
+        items = fetch_pending(listed, sources.fetcher, rt.settings.max_image_bytes, FETCH_WINDOW)
     if spec.precision == "int8" and not rt.store.children(layout.calibration):
         items = _keep_calibration_sample(rt, layout, items)
     for item in items:
@@ -127,10 +131,14 @@ def _keyed(job: IndexRequest, item: SourceItem, number: int) -> dict[str, Any]:
     return out
 
 
-def _uploads(rt: Runtime, layout: Layout, job_id: str, uri: str) -> Iterator[SourceItem]:
+def _uploads(
+    rt: Runtime, layout: Layout, job_id: str, uri: str, keyed: list[Any] | None = None
+) -> Iterator[SourceItem]:
     """The images a client uploaded for this job (the API puts them in the store first).
 
-    A job may only read its own uploads: ``upload:<its own id>``.
+    A job may only read its own uploads: ``upload:<its own id>``. ``keyed`` (the request's
+    ``uploads``) gives file number n its ``{"key", "attributes"}``, or ``{"error"}``: the reason the
+    API refused them, which fails that file alone.
     """
     if uri != C.UPLOAD_SCHEME + job_id:
         raise SourceError(f"{uri!r}: a job can only index its own uploads ({C.UPLOAD_SCHEME}{job_id})")
@@ -143,10 +151,17 @@ def _uploads(rt: Runtime, layout: Layout, job_id: str, uri: str) -> Iterator[Sou
             "original_file_size": len(data),
             "original_access_time": None,
         }
-        if len(data) > rt.settings.max_image_bytes:
-            yield SourceItem(ref=name, error=too_large(len(data), rt.settings.max_image_bytes), meta=meta)
+        number = int(key.rsplit("/", 1)[-1].split("-", 1)[0])
+        given = keyed[number] if keyed and number < len(keyed) and isinstance(keyed[number], dict) else {}
+        extra = {"key": str(given.get("key") or ""), "attributes": given.get("attributes") or {}}
+        if given.get("error"):
+            yield SourceItem(ref=name, error=str(given["error"]), meta=meta, **extra)
+        elif len(data) > rt.settings.max_image_bytes:
+            yield SourceItem(
+                ref=name, error=too_large(len(data), rt.settings.max_image_bytes), meta=meta, **extra
+            )
         else:
-            yield SourceItem(ref=name, data=data, meta=meta)
+            yield SourceItem(ref=name, data=data, meta=meta, **extra)
 
 
 def _keep_calibration_sample(
