@@ -63,6 +63,23 @@ __all__ = [
 
 
 # --- pupyl.index
+class ListedItem(TypedDict, total=False):
+    """One row of an ``items`` request (PupylQueue.index_items, the API's JSON items)."""
+
+    uri: str
+    url: str
+    key: str
+    attributes: Attributes
+
+
+class UploadKeys(TypedDict, total=False):
+    """What the API's multipart request gave for uploaded file n: its key and attributes, or why not."""
+
+    key: str
+    attributes: Attributes
+    error: str
+
+
 class IndexRequest(TypedDict, total=False):
     """``pupyl.index``: expand a URI into embed batches. Sent with ``task_id`` = the job id."""
 
@@ -79,6 +96,8 @@ class IndexRequest(TypedDict, total=False):
     default_precision: str | None  # used only to create the collection
     key: str | None  # the caller's key of the one image the URI names (an upsert)
     attributes: Attributes | None
+    items: list[ListedItem]  # with uri "items:<job_id>": the images the request lists
+    uploads: list[UploadKeys]  # with an "upload:" uri: file n's key and attributes, or its error
 
 
 class IndexResult(TypedDict):

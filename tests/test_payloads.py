@@ -189,6 +189,12 @@ def test_the_clients_requests_match(client: PupylQueue) -> None:
         client.index_request(
             uuid.uuid4().hex, "https://example.org/a.jpg", False, 0.0, "network", {"key": "k"}
         ),
+        client.index_request(
+            "j1", "items:j1", False, 0.0, "network", {"items": [{"url": "https://e.org/a.jpg", "key": "a"}]}
+        ),
+        client.index_request(
+            "j2", "upload:j2", False, 0.0, "network", {"uploads": [{"key": "a"}, {"error": "bad key"}]}
+        ),
     ]
     for request in indexes:
         assert violations(request, P.IndexRequest) == [], request
