@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pupyl_queue import constants as C
 from pupyl_queue.characteristics import Characteristic
 
 ENV_PREFIX = "PUPYL_"
@@ -47,6 +48,7 @@ class Settings:
     tf_threads: int = 0
     mixed_precision: bool = False
     precision: str = "float32"
+    descriptor: str = C.DEFAULT_DESCRIPTOR  # global descriptor of new collections (constants.DESCRIPTORS)
     max_pixels: int = 64_000_000
     max_image_bytes: int = 64 * 1024 * 1024
     inline_limit: int = 512 * 1024
@@ -112,6 +114,10 @@ class Settings:
             raise SettingsError(f"PUPYL_CHARACTERISTIC: {exc}") from None
         if self.precision not in ("float32", "int8"):
             raise SettingsError(f"PUPYL_PRECISION must be float32 or int8, got {self.precision!r}")
+        if self.descriptor not in C.DESCRIPTORS:
+            raise SettingsError(
+                f"PUPYL_DESCRIPTOR must be one of {', '.join(C.DESCRIPTORS)}, got {self.descriptor!r}"
+            )
         if self.near_duplicate_mode not in ("vector", "copy"):
             raise SettingsError(
                 f"PUPYL_NEAR_DUPLICATE_MODE must be vector or copy, got {self.near_duplicate_mode!r}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -252,3 +253,44 @@ def test_copy_mode_near_duplicate_check_refuses_edited_reuploads(
         item = report[f"{name}-edited"]
         assert item["status"] == "duplicate" and item["duplicate_of"] == ids[name], item
         assert item["copy_score"] >= 0.5
+
+
+@pytest.mark.slow
+def test_workers_embed_with_the_collection_descriptor(
+    copy_stack: tuple[PupylQueue, Workers], tmp_path: Path, tiny_model: Path
+) -> None:
+    """The embed and the search worker both use the manifest's descriptor, per collection."""
+    from pupyl_queue.images import decode
+    from pupyl_queue.models import ModelSpec, extractor_for
+
+    client, workers = copy_stack
+    gem = client.for_collection("gem-mirror")
+    gem.descriptor = "gem+mirror"
+    plain = client.for_collection("plain-avg")  # the same workers, the default descriptor
+    images = originals(tmp_path / "originals")
+    for view in (gem, plain):
+        view.index(tmp_path / "originals").wait(timeout=300)
+    assert gem.store.exists(Layout("gem-mirror").manifest)
+    first = next(iter(images))
+    data = (tmp_path / "originals" / f"{first}.jpg").read_bytes()
+    mirrored = encode(ImageOps.mirror(Image.open(io.BytesIO(data)).convert("RGB")), "PNG")
+    # In process, the vectors the collection's descriptor gives (the workers must agree with them).
+    spec = ModelSpec.from_json(json.loads(gem.store.get(Layout("gem-mirror").manifest))["model"])
+    assert spec.descriptor == "gem+mirror"
+    expected = extractor_for(spec, "", tiny_model)
+    vectors = {
+        name: expected.embed(
+            decode((tmp_path / "originals" / f"{name}.jpg").read_bytes(), 10**8, target=224).pixels(224)[None]
+        )[0]
+        for name in images
+    }
+    for query in (data, mirrored):
+        rows = gem.search(query, top=len(images), return_metadata=True, timeout=120)
+        assert Path(rows[0]["original_file_name"]).stem == first and rows[0]["distance"] < 1e-3, rows[0]
+        for row in rows:  # every distance is the gem+mirror one: the query and the index agree
+            name = Path(row["original_file_name"]).stem
+            assert abs(row["distance"] - (1 - float(vectors[first] @ vectors[name]))) < 2e-3, (name, row)
+    # The avg collection on the same workers: its mirrored query is no longer at distance ~0.
+    rows = plain.search(mirrored, top=1, return_metadata=True, timeout=120)
+    assert rows[0]["distance"] > 5e-3, rows[0]
+    workers.check_alive()
