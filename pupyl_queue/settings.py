@@ -74,7 +74,8 @@ class Settings:
     near_duplicate_mode: str = (
         "vector"  # "copy": the check verifies local features (pupyl_queue/copysearch.py)
     )
-    copy_short_list: int = 30  # candidates of the global stage a copy search verifies
+    copy_short_list: int = 50  # candidates of the global stage a copy search verifies
+    copy_short_list_gray: int = 200  # the same for a gray query (copydetect.is_gray)
     index_factory: str = ""
     index_nprobe: int = 0
     index_memory_gb: float = 12.0  # 10M 1024-d vectors fit as IVF-SQ8 (10 GB) on a 24 GB host
@@ -122,8 +123,10 @@ class Settings:
             raise SettingsError(
                 f"PUPYL_NEAR_DUPLICATE_MODE must be vector or copy, got {self.near_duplicate_mode!r}"
             )
-        if not 1 <= self.copy_short_list <= 200:
-            raise SettingsError("PUPYL_COPY_SHORT_LIST must be between 1 and 200")
+        if not 1 <= self.copy_short_list <= 200 or not 1 <= self.copy_short_list_gray <= 500:
+            raise SettingsError(
+                "PUPYL_COPY_SHORT_LIST must be between 1 and 200, PUPYL_COPY_SHORT_LIST_GRAY 1 to 500"
+            )
         if self.batch_size < 1:
             raise SettingsError("PUPYL_BATCH_SIZE must be at least 1")
         if 0 < self.job_ttl < self.visibility_timeout:
