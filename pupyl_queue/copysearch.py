@@ -1,11 +1,14 @@
 """Copy mode: find the original of an edited copy (a search) or refuse an edited re-upload (ingestion).
 
 Two stages. The global stage ranks the index by the query's CNN vectors: the query
-as it is, its mirror image and, when it has a uniform frame, the query without it
-(three views in one forward pass; a candidate's distance is its best view's). The
-verification stage (pupyl_queue/copydetect.py) matches local features of the
-query against each candidate of the short list (``PUPYL_COPY_SHORT_LIST``) and
-re-ranks: verified copies first.
+as it is, its mirror image (not with a mirror-averaged descriptor, ``gem+mirror``:
+there the mirror image has the query's own vector) and, when it has a uniform frame,
+the query without it (the views in one forward pass; a candidate's distance is its
+best view's). The verification stage (pupyl_queue/copydetect.py) matches local
+features of the query against each candidate of the short list
+(``PUPYL_COPY_SHORT_LIST``, ``PUPYL_COPY_SHORT_LIST_GRAY`` for a gray query) and
+re-ranks: verified copies first. Collections made for copy detection should use the
+``gem+mirror`` descriptor: it puts more originals in the short list (BENCHMARKS.md).
 
 Where it runs: on the search workers, in the ``pupyl.search`` task (``mode:
 "copy"``). Copy mode needs what they hold, the index and the model, and its

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from pupyl_queue import PupylQueue, Settings, copydetect, queries
 from pupyl_queue.client import TaskFailed
-from pupyl_queue.copysearch import merge_short_lists, query_views
+from pupyl_queue.copysearch import list_length, merge_short_lists, query_views
 from pupyl_queue.layout import Layout
 from pupyl_queue.queries import QueryError
 from tests.conftest import PHOTOS
@@ -158,6 +158,18 @@ def test_query_views_add_the_mirror_and_drop_a_frame() -> None:
     assert len(views) == 3 and views[2].size == image.size
     assert len(query_views(image)) == 2  # no frame: nothing to trim
     assert merge_short_lists([[(1, 0.3), (2, 0.4)], [(2, 0.1), (3, 0.5)]], 2) == [(2, 0.1), (1, 0.3)]
+    # A mirror-averaged descriptor gives the mirror image the query's own vector: no mirror view.
+    assert [v.size for v in query_views(framed, mirror=False)] == [framed.size, image.size]
+    assert len(query_views(image, mirror=False)) == 1
+
+
+def test_a_gray_query_verifies_a_longer_short_list() -> None:
+    settings = Settings(copy_short_list=50, copy_short_list_gray=200)
+    colour = textured(4)
+    gray = Image.open(io.BytesIO(encode(colour.convert("L").convert("RGB"), "JPEG", quality=20)))
+    assert copydetect.is_gray(gray) and not copydetect.is_gray(colour)
+    assert list_length(settings, gray) == 200 and list_length(settings, colour) == 50
+    assert list_length(settings.replace(copy_short_list_gray=10), gray) == 50  # never shorter
 
 
 # --- through real workers -------------------------------------------------------------------------

@@ -112,3 +112,17 @@ def test_manifest_records_the_descriptor_and_a_request_cannot_change_it(
     written = json.loads(store.get(Layout("plain").manifest))
     assert "descriptor" not in written["model"] and plain.descriptor == C.DEFAULT_DESCRIPTOR
     assert ensure_collection(store, redis_client, Layout("plain"), {"characteristic": 1}) == plain
+
+
+def test_client_and_cli_name_a_descriptor_for_new_collections() -> None:
+    from pupyl_queue import PupylQueue
+    from pupyl_queue.cli import parser
+
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", descriptor="gem")
+    client = PupylQueue(settings=settings, descriptor="gem+mirror")
+    assert (client.descriptor, client.settings.descriptor) == ("gem+mirror", "gem")
+    assert PupylQueue(settings=settings).descriptor is None  # the setting decides at creation
+    with pytest.raises(ValueError, match="descriptor must be one of"):
+        PupylQueue(settings=settings, descriptor="max")
+    args = parser().parse_args(["--descriptor", "gem+mirror", "up"])
+    assert args.descriptor == "gem+mirror"
