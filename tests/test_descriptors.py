@@ -89,6 +89,14 @@ def test_gem_needs_a_global_average_pooling(tmp_path: Path) -> None:
     mirrored = extractor.with_descriptor("avg+mirror")  # mirror-averaging needs no pooling layer
     x = np.random.default_rng(1).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
     np.testing.assert_allclose(mirrored.embed(x), mirrored.embed(x[:, :, ::-1].copy()), atol=1e-5)
+    # A network pooled at its top level (as the nine characteristics are) is swapped there.
+    conv = keras.layers.Conv2D(4, 3, activation="relu")
+    flat = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(conv(inputs)))
+    flat.save(tmp_path / "flat.keras")
+    gem = load_keras_model(tmp_path / "flat.keras").with_descriptor("gem")
+    maps = np.maximum(np.asarray(keras.Model(inputs, conv(inputs))(x.astype(np.float32))), 1e-6)
+    expected = normalize(np.cbrt(np.mean(maps**3, axis=(1, 2))))
+    np.testing.assert_allclose(gem.embed(x), expected, atol=1e-5)
 
 
 def test_manifest_records_the_descriptor_and_a_request_cannot_change_it(
