@@ -135,14 +135,16 @@ def build(seed: int, distractors: int, queries: int, negatives: int) -> Dataset:
     return ds
 
 
-def real_model():
+def real_model(descriptor: str = "avg"):
+    """The real MobileNet 0.25 as a collection with this global descriptor would run it."""
     from pupyl_queue.models import configure_backend, load_keras_model, wrap_mobilenet
 
     configure_backend(0, False)
     path = wrap_mobilenet(
         SHARED / "models" / "mobilenet_2_5_224_tf_no_top.h5", Path(tempfile.mkdtemp()) / "m.keras", alpha=0.25
     )
-    return load_keras_model(path)
+    extractor = load_keras_model(path)
+    return extractor if descriptor == "avg" else extractor.with_descriptor(descriptor)
 
 
 def pixels(data: bytes, size: int = 224) -> np.ndarray:
@@ -164,6 +166,10 @@ def pct(values: list[float], q: float) -> float:
 
 def run_ranking(args: argparse.Namespace) -> None:
     from pupyl_queue import copydetect
+    from pupyl_queue.copysearch import list_length, mirror_view
+    from pupyl_queue.settings import Settings
+
+    lengths = Settings(copy_short_list=args.short, copy_short_list_gray=args.short_gray)
     from pupyl_queue.images import decode
 
     ds = build(args.seed, args.distractors, args.queries, args.negatives)
@@ -173,7 +179,7 @@ def run_ranking(args: argparse.Namespace) -> None:
         f"{sum(t >= 0 for t in ds.truth)} edited-copy queries, {sum(t < 0 for t in ds.truth)} negatives; "
         f"seed {args.seed}"
     )
-    extractor = real_model()
+    extractor = real_model(args.descriptor)
     started = time.perf_counter()
     stored = embed_all(extractor, ds.indexed)
     print(f"indexed vectors in {time.perf_counter() - started:.1f}s")
@@ -204,7 +210,7 @@ def run_ranking(args: argparse.Namespace) -> None:
         query = decode(data, MAX_PIXELS, target=224)
         base_vector = extractor.embed(query.pixels(224)[None])[0]
         views = [query.rgb]
-        if "mirror" in args.views:
+        if "mirror" in args.views and mirror_view(extractor.spec):
             views.append(ImageOps.mirror(query.rgb))
         if "trim" in args.views:
             trimmed = copydetect.without_border(query.rgb)
@@ -216,11 +222,12 @@ def run_ranking(args: argparse.Namespace) -> None:
         t1 = time.perf_counter()
         base_order = np.argsort(-(stored @ base_vector))[:50]
         sims = (stored @ vectors.T).max(axis=1)
-        order = np.argsort(-sims)[:50]
+        length = list_length(lengths, query.rgb)
+        order = np.argsort(-sims)[: max(50, length)]
         t2 = time.perf_counter()
         features = copydetect.extract_query(decode(data, MAX_PIXELS, target=copydetect.WORK_SIDE).rgb)
         t3 = time.perf_counter()
-        hits = [(int(i), float(1 - sims[i])) for i in order[: args.short]]
+        hits = [(int(i), float(1 - sims[i])) for i in order[:length]]
         verdicts = copydetect.verify_short_list(features, [cache[i] for i, _ in hits])
         ranked = copydetect.rerank(hits, verdicts)
         t4 = time.perf_counter()
@@ -381,7 +388,7 @@ def run_pooling(args: argparse.Namespace) -> None:
 
 def run_near_duplicate(args: argparse.Namespace) -> None:
     """The copy-mode ingestion check: edited re-uploads refused, and no flower refused as a copy."""
-    extractor = real_model()
+    extractor = real_model(args.descriptor)
     if not args.flowers_only:
         reuploads(args, extractor)
     if not args.reuploads_only:
@@ -392,23 +399,38 @@ def reuploads(args: argparse.Namespace, extractor) -> None:
     """As the embed worker does it: each new image's views (plain, mirrored, unframed) give its
     short list of the indexed images, verified by local features."""
     from pupyl_queue import copydetect
-    from pupyl_queue.copysearch import query_views
+    from pupyl_queue.copysearch import list_length, mirror_view, query_views
     from pupyl_queue.images import decode
+    from pupyl_queue.settings import Settings
+
+    lengths = Settings(copy_short_list=args.short, copy_short_list_gray=args.short_gray)
 
     ds = build(args.seed, args.distractors, args.queries, 0)
     stored = embed_all(extractor, ds.indexed)
     cache = [copydetect.extract(decode(f, MAX_PIXELS, target=copydetect.WORK_SIDE).rgb) for f in ds.indexed]
     refused = 0
+    missed: dict[str, int] = defaultdict(int)
     for data, truth in zip(ds.queries, ds.truth):
         image = decode(data, MAX_PIXELS, target=copydetect.WORK_SIDE).rgb
-        extra = [np.asarray(v.resize((224, 224), Image.Resampling.BILINEAR)) for v in query_views(image)[1:]]
+        extra = [
+            np.asarray(v.resize((224, 224), Image.Resampling.BILINEAR))
+            for v in query_views(image, mirror_view(extractor.spec))[1:]
+        ]
         vectors = extractor.embed(np.stack([pixels(data), *extra]))
         views = copydetect.extract_query(image)
-        short = np.argsort(-(stored @ vectors.T).max(axis=1))[: args.short]
+        short = np.argsort(-(stored @ vectors.T).max(axis=1))[: list_length(lengths, image)]
         verdicts = copydetect.verify_short_list(views, [cache[i] for i in short])
         found = [int(short[k]) for k, v in enumerate(verdicts) if v is not None and v.sure]
         refused += truth in found
+        if truth not in found:
+            if truth not in short:
+                missed["not in the short list"] += 1
+            else:  # the whole list in both views, to see the original's own inliers
+                inliers = copydetect.verify(views, cache[truth]).inliers
+                missed[f"in the short list, {inliers} inliers"] += 1
     print(f"edited re-uploads refused as a copy of their original: {refused} of {len(ds.queries)}")
+    for why, count in sorted(missed.items()):
+        print(f"   not refused, {why}: {count}")
 
 
 def flowers_check(args: argparse.Namespace, extractor) -> None:
@@ -416,18 +438,25 @@ def flowers_check(args: argparse.Namespace, extractor) -> None:
     vector's) of all the flowers before it: every copy found is a false duplicate, unless the
     set holds the same photo twice (listed, to look at)."""
     from pupyl_queue import copydetect
+    from pupyl_queue.copysearch import list_length
     from pupyl_queue.images import decode
+    from pupyl_queue.settings import Settings
 
+    lengths = Settings(copy_short_list=args.short, copy_short_list_gray=args.short_gray)
     files = [p.read_bytes() for p in flowers()]
     names = [str(p.relative_to(SHARED)) for p in flowers()]
     vectors = embed_all(extractor, files)
     started = time.perf_counter()
-    features = [
-        copydetect.extract_query(decode(f, MAX_PIXELS, target=copydetect.WORK_SIDE).rgb) for f in files
-    ]
+    images = [decode(f, MAX_PIXELS, target=copydetect.WORK_SIDE).rgb for f in files]
+    features = [copydetect.extract_query(image) for image in images]
+    listed = [list_length(lengths, image) for image in images]
+    print(
+        f"gray flowers (verified against {args.short_gray} earlier ones): "
+        f"{sum(n > args.short for n in listed)}"
+    )
     false, worst = [], 0
     for i in range(1, len(files)):
-        short = np.argsort(-(vectors[:i] @ vectors[i]))[: args.short]
+        short = np.argsort(-(vectors[:i] @ vectors[i]))[: listed[i]]
         for j in short:
             verdict = copydetect.verify(features[i], features[j].plain)
             worst = max(worst, verdict.inliers)
@@ -461,15 +490,21 @@ def run_workers(args: argparse.Namespace) -> None:
     port = free_port()
     redis = start_redis(work / "redis", port, appendonly=False)
     settings = Settings(
-        data_dir=work / "data", redis_url=f"redis://127.0.0.1:{port}/0", copy_short_list=args.short
+        data_dir=work / "data",
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        copy_short_list=args.short,
+        copy_short_list_gray=args.short_gray,
     )
     workers = [start_worker(q, settings, log_path=work / f"{q}.log") for q in C.QUEUES]
-    client = PupylQueue(settings=settings, model=model, collection="copies")
+    client = PupylQueue(settings=settings, model=model, collection="copies", descriptor=args.descriptor)
     try:
         started = time.perf_counter()
         job = client.index(folder)
         job.wait(timeout=3600)
-        print(f"indexed {len(ds.indexed)} through the workers in {time.perf_counter() - started:.0f}s")
+        print(
+            f"indexed {len(ds.indexed)} through the workers in {time.perf_counter() - started:.0f}s "
+            f"({args.descriptor} descriptor, short list {args.short}); load {os.getloadavg()}"
+        )
         ids = {int(Path(item["ref"]).stem): item["id"] for item in job.report()}
         truth = [ids.get(t, -1) if t >= 0 else -1 for t in ds.truth]
         for mode in ("similar", "copy", "copy"):  # copy twice: the first run fills the feature cache
@@ -484,7 +519,8 @@ def run_workers(args: argparse.Namespace) -> None:
             positives = sum(t >= 0 for t in truth)
             print(
                 f"{mode:<8} recall@1 {hits / positives:.3f}, negatives called a copy {false}; end-to-end "
-                f"latency p50 {np.median(took):.1f} ms, p95 {np.percentile(took, 95):.1f} ms"
+                f"latency p50 {np.median(took):.1f} ms, p95 {np.percentile(took, 95):.1f} ms; "
+                f"load {os.getloadavg()}"
             )
     finally:
         client.close()
@@ -502,7 +538,11 @@ def main() -> None:
     parser.add_argument("--distractors", type=int, default=1000, help="flowers indexed besides the photos")
     parser.add_argument("--queries", type=int, default=207)
     parser.add_argument("--negatives", type=int, default=100)
-    parser.add_argument("--short", type=int, default=20, help="short list verified in copy mode")
+    parser.add_argument("--short", type=int, default=50, help="short list verified in copy mode")
+    parser.add_argument("--short-gray", type=int, default=200, help="the same for a gray query")
+    parser.add_argument(
+        "--descriptor", default="avg", help="global descriptor of the collection (avg, gem, gem+mirror...)"
+    )
     parser.add_argument(
         "--views", default="plain,mirror,trim", help="query views of copy mode's global stage"
     )

@@ -21,6 +21,7 @@ def _client(args: argparse.Namespace) -> Any:
         collection=args.collection,
         model=args.model,
         precision=args.precision,
+        descriptor=args.descriptor,
     )
 
 
@@ -299,6 +300,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--characteristic", default=None, help="1-9 or a name (new collections only)")
     p.add_argument("--model", default=None, help="a .keras model file instead of a characteristic")
     p.add_argument("--precision", choices=("float32", "int8"), default=None, help="new collections only")
+    p.add_argument(
+        "--descriptor",
+        choices=C.DESCRIPTORS,
+        default=None,
+        help="global descriptor of a new collection (default PUPYL_DESCRIPTOR, avg)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)

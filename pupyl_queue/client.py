@@ -168,6 +168,7 @@ class PupylQueue:
         collection: str = C.DEFAULT_COLLECTION,
         model: str | Path | None = None,
         precision: str | None = None,
+        descriptor: str | None = None,
         settings: Settings | None = None,
         **overrides: Any,
     ) -> None:
@@ -178,6 +179,9 @@ class PupylQueue:
         self.collection = check_collection(collection)
         self.characteristic = None if characteristic is None else Characteristic.parse(characteristic)
         self.precision = precision
+        if descriptor is not None and descriptor not in C.DESCRIPTORS:
+            raise ValueError(f"descriptor must be one of {', '.join(C.DESCRIPTORS)}, got {descriptor!r}")
+        self.descriptor = descriptor  # new collections only; None: PUPYL_DESCRIPTOR
         model = model or settings.model or None
         self.model = str(Path(model).expanduser().resolve()) if model else None
 
@@ -292,6 +296,8 @@ class PupylQueue:
             "model": self.model,
             "precision": self.precision,
             "default_precision": self.settings.precision,
+            "descriptor": self.descriptor,
+            "default_descriptor": self.settings.descriptor,
             "origin": origin,  # "local": this process may name any path its workers can read
             **(keyed or {}),  # {"key", "attributes"}: the one image of an upsert
         }

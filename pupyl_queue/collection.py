@@ -18,7 +18,7 @@ from pupyl_queue import constants as C
 from pupyl_queue.catalog import CollectionMissing
 from pupyl_queue.codecs import read_manifest
 from pupyl_queue.layout import Layout
-from pupyl_queue.models import ModelSpec, load_keras_model, sha256_file
+from pupyl_queue.models import ModelSpec, check_descriptor, load_keras_model, sha256_file
 from pupyl_queue.store import ObjectStore
 
 
@@ -32,18 +32,23 @@ def model_spec(store: ObjectStore, layout: Layout) -> ModelSpec:
 def requested_spec(request: dict[str, Any]) -> tuple[ModelSpec, Path | None]:
     """What an index request asks for: a Keras model file on disk, or a characteristic.
 
-    ``request`` holds ``model`` (a path), ``characteristic`` and ``precision`` (named
-    explicitly by the caller) and ``default_characteristic`` / ``default_precision``
-    (the caller's settings, used only to create).
+    ``request`` holds ``model`` (a path), ``characteristic``, ``precision`` and
+    ``descriptor`` (named explicitly by the caller) and ``default_characteristic`` /
+    ``default_precision`` / ``default_descriptor`` (the caller's settings, used only to
+    create). A request from before descriptors existed names none: the default one.
     """
     precision = request.get("precision") or request.get("default_precision") or "float32"
+    descriptor = check_descriptor(
+        request.get("descriptor") or request.get("default_descriptor") or C.DEFAULT_DESCRIPTOR
+    )
     if request.get("model"):
         path = Path(request["model"]).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"model file {path} not found on this worker")
-        return load_keras_model(path).spec.with_precision(precision), path
+        spec = load_keras_model(path).spec.with_precision(precision)
+        return spec.with_descriptor(descriptor), path
     chosen = request.get("characteristic") or request.get("default_characteristic") or 1
-    return ModelSpec.for_characteristic(chosen, precision), None
+    return ModelSpec.for_characteristic(chosen, precision).with_descriptor(descriptor), None
 
 
 def ensure_collection(
@@ -61,10 +66,15 @@ def ensure_collection(
         if request.get("model"):
             wanted = sha256_file(request["model"])
             if wanted != spec.sha256:
-                spec.check_same(ModelSpec("keras", 0, 0, sha256=wanted, precision=precision))
+                spec.check_same(
+                    ModelSpec("keras", 0, 0, sha256=wanted, precision=precision, descriptor=spec.descriptor)
+                )
         elif request.get("characteristic"):
-            spec.check_same(ModelSpec.for_characteristic(request["characteristic"], precision))
+            asked = ModelSpec.for_characteristic(request["characteristic"], precision)
+            spec.check_same(asked.with_descriptor(spec.descriptor))
         spec.check_same(spec.with_precision(precision))
+        if request.get("descriptor"):  # named by the caller: it must be the collection's
+            spec.check_same(spec.with_descriptor(check_descriptor(request["descriptor"])))
         return spec
     spec, path = requested_spec(request)
     claim = json.dumps(spec.to_json(), sort_keys=True)

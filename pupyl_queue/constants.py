@@ -50,6 +50,11 @@ def shard_queue(shard: int) -> str:
 
 
 DEFAULT_COLLECTION = "default"
+# A collection's global descriptor (pupyl_queue/models.py): how the network's last feature maps
+# become one vector. "avg" is the networks' own average pooling; "gem" generalized-mean pooling
+# (p = 3); "+mirror" sums the image's and its mirror image's unit vectors (BENCHMARKS.md, issue 18).
+DESCRIPTORS = ("avg", "avg+mirror", "gem", "gem+mirror")
+DEFAULT_DESCRIPTOR = "avg"  # a manifest without one has this one
 SEARCH_MODES = ("similar", "copy")  # copy: find the original of an edited copy (pupyl_queue/copysearch.py)
 COLLECTION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # fullmatch: "$" passes "default\n"
 

@@ -208,6 +208,17 @@ def verify_short_list(
     return verdicts
 
 
+def is_gray(image: Image.Image, tolerance: float = 2.0) -> bool:
+    """Whether an image has no colour (its channels equal, up to JPEG's rounding).
+
+    A gray copy of a colour original is the edit the global stage finds worst (its CNN vector
+    moves most): copy mode verifies a longer short list for it.
+    """
+    rgb = np.asarray(image.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR), dtype=np.int16)
+    spread = np.abs(rgb[..., 0] - rgb[..., 1]) + np.abs(rgb[..., 1] - rgb[..., 2])
+    return float(spread.mean()) <= tolerance
+
+
 def without_border(image: Image.Image, tolerance: int = 24) -> Image.Image:
     """The image without a uniform frame around it (the colour of its top-left pixel).
 

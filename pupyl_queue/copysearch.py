@@ -1,11 +1,14 @@
 """Copy mode: find the original of an edited copy (a search) or refuse an edited re-upload (ingestion).
 
 Two stages. The global stage ranks the index by the query's CNN vectors: the query
-as it is, its mirror image and, when it has a uniform frame, the query without it
-(three views in one forward pass; a candidate's distance is its best view's). The
-verification stage (pupyl_queue/copydetect.py) matches local features of the
-query against each candidate of the short list (``PUPYL_COPY_SHORT_LIST``) and
-re-ranks: verified copies first.
+as it is, its mirror image (not with a mirror-averaged descriptor, ``gem+mirror``:
+there the mirror image has the query's own vector) and, when it has a uniform frame,
+the query without it (the views in one forward pass; a candidate's distance is its
+best view's). The verification stage (pupyl_queue/copydetect.py) matches local
+features of the query against each candidate of the short list
+(``PUPYL_COPY_SHORT_LIST``, ``PUPYL_COPY_SHORT_LIST_GRAY`` for a gray query) and
+re-ranks: verified copies first. Collections made for copy detection should use the
+``gem+mirror`` descriptor: it puts more originals in the short list (BENCHMARKS.md).
 
 Where it runs: on the search workers, in the ``pupyl.search`` task (``mode:
 "copy"``). Copy mode needs what they hold, the index and the model, and its
@@ -30,7 +33,7 @@ from __future__ import annotations
 import logging
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,7 +43,9 @@ from pupyl_queue import copydetect
 from pupyl_queue.copydetect import LocalFeatures, QueryFeatures, Verdict
 from pupyl_queue.images import DecodedImage, ImageError, decode
 from pupyl_queue.layout import Layout
+from pupyl_queue.models import ModelSpec
 from pupyl_queue.runtime import Runtime
+from pupyl_queue.settings import Settings
 from pupyl_queue.store import ObjectNotFound
 
 log = logging.getLogger(__name__)
@@ -80,13 +85,34 @@ def stored_features(rt: Runtime, collection: str, image_id: int) -> LocalFeature
     return features
 
 
-def query_views(image: Image.Image) -> list[Image.Image]:
-    """The query as it is, mirrored, and without its frame when it has one (global stage views)."""
-    views = [image, ImageOps.mirror(image)]
+def query_views(image: Image.Image, mirror: bool = True) -> list[Image.Image]:
+    """The query as it is, mirrored, and without its frame when it has one (global stage views).
+
+    ``mirror=False`` for a collection whose descriptor is mirror-averaged (``+mirror``): there the
+    mirror image has the query's own vector, and its view would cost a forward pass for nothing.
+    """
+    views = [image, ImageOps.mirror(image)] if mirror else [image]
     trimmed = copydetect.without_border(image)
     if trimmed is not image:
         views.append(trimmed)
     return views
+
+
+def list_length(settings: Settings, image: Image.Image) -> int:
+    """How many candidates of the global stage to verify: more for a gray query.
+
+    Gray copies of colour originals fall furthest in the global ranking (bench/copies.py: 85% of
+    them reach a short list of 50, 95% one of 200); gray images are few, so the longer list costs
+    little overall. The verification stops at the first sure copy either way.
+    """
+    if copydetect.is_gray(image):
+        return max(settings.copy_short_list, settings.copy_short_list_gray)
+    return settings.copy_short_list
+
+
+def mirror_view(spec: ModelSpec) -> bool:
+    """Whether the global stage needs the query's mirror image: not when the descriptor has it."""
+    return not spec.descriptor.endswith("+mirror")
 
 
 def merge_short_lists(per_view: Sequence[Sequence[tuple[int, float]]], size: int) -> list[tuple[int, float]]:
@@ -118,13 +144,30 @@ def query_image(rt: Runtime, collection: str, query: dict[str, Any], size: int) 
     return decode(data, rt.settings.max_pixels, target=size)
 
 
+PREFETCH = 8  # candidates' features read ahead of the verification
+
+
 def verify_candidates(
     rt: Runtime, collection: str, views: QueryFeatures, short_list: Sequence[tuple[int, float]]
 ) -> list[Verdict | None]:
-    """Fetch the candidates' features concurrently, then verify them in order (first sure copy stops)."""
+    """Verify the candidates in order (the first sure copy stops), their features read concurrently.
+
+    Reads run ``PREFETCH`` candidates ahead of the verification, not the whole list at once: most
+    queries stop at the first or second candidate, and reading (and decoding) 50 candidates'
+    features for them took CPU from the verification on a busy machine.
+    """
     pool = rt.pool()
-    futures = [pool.submit(stored_features, rt, collection, image_id) for image_id, _ in short_list]
-    verdicts = copydetect.verify_short_list(views, (future.result() for future in futures))
+    ids = [image_id for image_id, _ in short_list]
+    futures = [pool.submit(stored_features, rt, collection, image_id) for image_id in ids[:PREFETCH]]
+
+    def in_order() -> Iterator[LocalFeatures | None]:
+        for position in range(len(ids)):
+            ahead = position + PREFETCH
+            if ahead < len(ids):
+                futures.append(pool.submit(stored_features, rt, collection, ids[ahead]))
+            yield futures[position].result()
+
+    verdicts = copydetect.verify_short_list(views, in_order())
     for rest in futures[len(verdicts) :]:
         rest.cancel()
     return verdicts + [None] * (len(short_list) - len(verdicts))
@@ -168,16 +211,16 @@ def search_copies(
     # The query's local features are made while the network runs (OpenCV and TensorFlow both
     # release the GIL): on 2 cores this hides most of the extraction.
     features_made = rt.pool().submit(copydetect.extract_query, image.rgb)
-    views = query_views(image.rgb)
+    views = query_views(image.rgb, mirror=mirror_view(extractor.spec))
     pixels = np.stack([np.asarray(v.resize((size, size), Image.Resampling.BILINEAR)) for v in views])
     # The plain view as indexing sees it (same pixels, same vector as a plain search's).
     pixels[0] = image.pixels(size)
     vectors = extractor.embed(pixels)
-    length = max(top, rt.settings.copy_short_list)
-    hits, info = short_list(rt, collection, vectors, length, task, send)
+    verified = list_length(rt.settings, image.rgb)
+    hits, info = short_list(rt, collection, vectors, max(top, verified), task, send)
     verified_at = time.perf_counter()
     features = features_made.result()
-    verdicts = verify_candidates(rt, collection, features, hits[: rt.settings.copy_short_list])
+    verdicts = verify_candidates(rt, collection, features, hits[:verified])
     verdicts += [None] * (len(hits) - len(verdicts))  # past the short list when top is longer
     ranked = copydetect.rerank(hits, verdicts)
     results: list[dict[str, Any]] = []
@@ -217,15 +260,16 @@ def _item_short_lists(
     side = extractor.input_size
     owners, extra = [], []
     for item, image in enumerate(images):
-        for view in query_views(image.rgb)[1:]:
+        for view in query_views(image.rgb, mirror=mirror_view(extractor.spec))[1:]:
             owners.append(item)
             extra.append(np.asarray(view.resize((side, side), Image.Resampling.BILINEAR)))
     every = np.concatenate([vectors, extractor.embed(np.stack(extra))]) if extra else vectors
-    rows = short_lists(collection, every, rt.settings.copy_short_list)
+    lengths = [list_length(rt.settings, image.rgb) for image in images]
+    rows = short_lists(collection, every, max(lengths, default=rt.settings.copy_short_list))
     per_item: list[list[list[tuple[int, float]]]] = [[row] for row in rows[: len(images)]]
     for owner, row in zip(owners, rows[len(images) :]):
         per_item[owner].append(row)
-    return [merge_short_lists(lists, rt.settings.copy_short_list) for lists in per_item]
+    return [merge_short_lists(lists, length) for lists, length in zip(per_item, lengths)]
 
 
 def drop_copies(
@@ -265,8 +309,10 @@ def drop_copies(
                 if verdict.sure and (best is None or verdict.inliers > best[1].inliers):
                     best = (ids[kept[int(k)]], verdict)
         if best is not None:
+            before = report[position]
             report[position] = {
-                "ref": report[position]["ref"],
+                "ref": before["ref"],
+                **({"key": before["key"]} if "key" in before else {}),  # the caller's key stays
                 "status": "duplicate",
                 "duplicate_of": best[0],
                 "copy_score": round(best[1].score, 4),

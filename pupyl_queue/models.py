@@ -8,6 +8,7 @@ PyTorch) are imported only there, after any fork, because none is fork-safe.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pupyl_queue.characteristics import Characteristic
+from pupyl_queue.constants import DEFAULT_DESCRIPTOR, DESCRIPTORS
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +47,13 @@ class ModelSpec:
     sha256: str = ""
     metric: str = METRIC
     precision: str = "float32"  # or "int8": vectors of the two are not comparable
+    descriptor: str = DEFAULT_DESCRIPTOR  # pooling of the last feature maps (constants.DESCRIPTORS)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.descriptor not in DESCRIPTORS:
+            raise ValueError(f"descriptor must be one of {DESCRIPTORS}, got {self.descriptor!r}")
 
     @property
     def label(self) -> str:
@@ -58,13 +63,23 @@ class ModelSpec:
             name = "null extractor (benchmarks only)"
         else:
             name = f"keras model sha256:{self.sha256[:12]}"
+        if self.descriptor != DEFAULT_DESCRIPTOR:
+            return f"{name} ({self.precision}, {self.descriptor} descriptor)"
         return f"{name} ({self.precision})"
 
     def with_precision(self, precision: str) -> ModelSpec:
         return replace(self, precision=precision)
 
+    def with_descriptor(self, descriptor: str) -> ModelSpec:
+        return replace(self, descriptor=descriptor)
+
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON for the manifest; the default descriptor is left out, so a collection made
+        before descriptors existed and one made with the default write the same manifest."""
+        data = asdict(self)
+        if data["descriptor"] == DEFAULT_DESCRIPTOR:
+            del data["descriptor"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelSpec:
@@ -92,6 +107,76 @@ class ModelSpec:
                 f"the request asks for {other.label} ({other.dim}-d). Use the collection's "
                 "model, or index into a new collection"
             )
+
+
+def check_descriptor(descriptor: str) -> str:
+    if descriptor not in DESCRIPTORS:
+        raise ValueError(f"descriptor must be one of {', '.join(DESCRIPTORS)}, got {descriptor!r}")
+    return descriptor
+
+
+def descriptor_model(model: Any, descriptor: str) -> Any:
+    """The network with the collection's global descriptor: what ``model`` pools, pooled otherwise.
+
+    ``gem``: each global average pooling layer of the network (nested models included) is
+    replaced by generalized-mean pooling, p = 3, the other layers shared, weights and all: it
+    weighs the strongest activations more, which finds edited copies better and similar photos
+    no worse (bench/copies.py --pooling). ``+mirror``: the network runs on the image and on its
+    mirror image and the two unit vectors are summed (normalized again by ``embed``): a mirrored
+    copy then has its original's vector, at twice the inference cost. A model whose output is
+    not a global average pooling has no ``gem`` form: a clear error.
+    """
+    import keras
+
+    GeneralizedMeanPooling, MirrorImage, UnitSum = _descriptor_layers()
+    pooling, _, mirror = descriptor.partition("+")
+    if pooling == "gem":
+        swapped: list[str] = []
+
+        def swap(layer: Any) -> Any:
+            if isinstance(layer, keras.layers.GlobalAveragePooling2D):
+                swapped.append(layer.name)
+                return GeneralizedMeanPooling(name=f"{layer.name}_gem")
+            return layer
+
+        model = keras.models.clone_model(model, clone_function=swap, recursive=True)
+        if not swapped:
+            raise ModelError(
+                "the gem descriptor replaces the network's global average pooling, and this model "
+                "has none (its output is pooled another way): use the avg descriptor"
+            )
+    if mirror:
+        inputs = keras.Input(tuple(model.input_shape[1:]))
+        both = [model(inputs), model(MirrorImage()(inputs))]
+        model = keras.Model(inputs, UnitSum()(both))
+    return model
+
+
+@functools.cache
+def _descriptor_layers() -> tuple[type, type, type]:
+    """Keras layers of the descriptors, defined on first use (Keras is imported only in workers)."""
+    import keras
+
+    class GeneralizedMeanPooling(keras.layers.Layer):
+        """(mean over positions of x^p)^(1/p), p = 3: between average (p = 1) and max pooling."""
+
+        def call(self, x: Any) -> Any:
+            cubes = keras.ops.power(keras.ops.maximum(x, 1e-6), 3.0)
+            return keras.ops.power(keras.ops.mean(cubes, axis=(1, 2)), 1.0 / 3.0)
+
+    class MirrorImage(keras.layers.Layer):
+        def call(self, x: Any) -> Any:
+            return keras.ops.flip(x, axis=2)
+
+    class UnitSum(keras.layers.Layer):
+        def call(self, xs: Any) -> Any:
+            def unit(v: Any) -> Any:
+                v = keras.ops.reshape(v, (keras.ops.shape(v)[0], -1))
+                return v / keras.ops.maximum(keras.ops.norm(v, axis=1, keepdims=True), 1e-30)
+
+            return unit(xs[0]) + unit(xs[1])
+
+    return GeneralizedMeanPooling, MirrorImage, UnitSum
 
 
 def sha256_file(path: str | Path) -> str:
@@ -128,6 +213,11 @@ class FeatureExtractor:
     def preprocess(self, x: np.ndarray) -> np.ndarray:
         """The network's own preprocessing of float RGB 0..255 on the host (int8 calibration uses it)."""
         return x if self._preprocess is None else self._preprocess(x)
+
+    def with_descriptor(self, descriptor: str) -> FeatureExtractor:
+        """The same network with another global descriptor (``descriptor_model``), weights shared."""
+        model = descriptor_model(self._model, check_descriptor(descriptor))
+        return FeatureExtractor(self.spec.with_descriptor(descriptor), model, self._preprocess)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """One forward pass over a whole batch of ``(n, size, size, 3)`` uint8 images."""
@@ -409,6 +499,8 @@ def extractor_for(spec: ModelSpec, weights_setting: str, model_file: Path | None
                 )
         else:
             raise ModelError(f"no model file for {spec.label}")
+        if spec.descriptor != extractor.spec.descriptor and spec.kind != "null":
+            extractor = extractor.with_descriptor(spec.descriptor)
         log.info("built %s (%d-d) in this process", spec.label, spec.dim)
         _cache[spec] = extractor
         return extractor

@@ -94,6 +94,8 @@ class IndexRequest(TypedDict, total=False):
     model: str | None  # a .keras path on the ingest worker
     precision: str | None  # "float32" or "int8", named by the caller
     default_precision: str | None  # used only to create the collection
+    descriptor: str | None  # avg, avg+mirror, gem, gem+mirror: named by the caller
+    default_descriptor: str | None  # used only to create the collection
     key: str | None  # the caller's key of the one image the URI names (an upsert)
     attributes: Attributes | None
     items: list[ListedItem]  # with uri "items:<job_id>": the images the request lists

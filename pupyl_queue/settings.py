@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pupyl_queue import constants as C
 from pupyl_queue.characteristics import Characteristic
 
 ENV_PREFIX = "PUPYL_"
@@ -49,6 +50,7 @@ class Settings:
     tf_threads: int = 0
     mixed_precision: bool = False
     precision: str = "float32"
+    descriptor: str = C.DEFAULT_DESCRIPTOR  # global descriptor of new collections (constants.DESCRIPTORS)
     max_pixels: int = 64_000_000
     max_image_bytes: int = 64 * 1024 * 1024
     inline_limit: int = 512 * 1024
@@ -74,7 +76,8 @@ class Settings:
     near_duplicate_mode: str = (
         "vector"  # "copy": the check verifies local features (pupyl_queue/copysearch.py)
     )
-    copy_short_list: int = 30  # candidates of the global stage a copy search verifies
+    copy_short_list: int = 50  # candidates of the global stage a copy search verifies
+    copy_short_list_gray: int = 200  # the same for a gray query (copydetect.is_gray)
     index_factory: str = ""
     index_nprobe: int = 0
     index_memory_gb: float = 12.0  # 10M 1024-d vectors fit as IVF-SQ8 (10 GB) on a 24 GB host
@@ -114,12 +117,18 @@ class Settings:
             raise SettingsError(f"PUPYL_CHARACTERISTIC: {exc}") from None
         if self.precision not in ("float32", "int8"):
             raise SettingsError(f"PUPYL_PRECISION must be float32 or int8, got {self.precision!r}")
+        if self.descriptor not in C.DESCRIPTORS:
+            raise SettingsError(
+                f"PUPYL_DESCRIPTOR must be one of {', '.join(C.DESCRIPTORS)}, got {self.descriptor!r}"
+            )
         if self.near_duplicate_mode not in ("vector", "copy"):
             raise SettingsError(
                 f"PUPYL_NEAR_DUPLICATE_MODE must be vector or copy, got {self.near_duplicate_mode!r}"
             )
-        if not 1 <= self.copy_short_list <= 200:
-            raise SettingsError("PUPYL_COPY_SHORT_LIST must be between 1 and 200")
+        if not 1 <= self.copy_short_list <= 200 or not 1 <= self.copy_short_list_gray <= 500:
+            raise SettingsError(
+                "PUPYL_COPY_SHORT_LIST must be between 1 and 200, PUPYL_COPY_SHORT_LIST_GRAY 1 to 500"
+            )
         if self.batch_size < 1:
             raise SettingsError("PUPYL_BATCH_SIZE must be at least 1")
         if 0 < self.job_ttl < self.visibility_timeout:

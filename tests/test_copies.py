@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from pupyl_queue import PupylQueue, Settings, copydetect, queries
 from pupyl_queue.client import TaskFailed
-from pupyl_queue.copysearch import merge_short_lists, query_views
+from pupyl_queue.copysearch import list_length, merge_short_lists, query_views
 from pupyl_queue.layout import Layout
 from pupyl_queue.queries import QueryError
 from tests.conftest import PHOTOS
@@ -157,6 +158,18 @@ def test_query_views_add_the_mirror_and_drop_a_frame() -> None:
     assert len(views) == 3 and views[2].size == image.size
     assert len(query_views(image)) == 2  # no frame: nothing to trim
     assert merge_short_lists([[(1, 0.3), (2, 0.4)], [(2, 0.1), (3, 0.5)]], 2) == [(2, 0.1), (1, 0.3)]
+    # A mirror-averaged descriptor gives the mirror image the query's own vector: no mirror view.
+    assert [v.size for v in query_views(framed, mirror=False)] == [framed.size, image.size]
+    assert len(query_views(image, mirror=False)) == 1
+
+
+def test_a_gray_query_verifies_a_longer_short_list() -> None:
+    settings = Settings(copy_short_list=50, copy_short_list_gray=200)
+    colour = textured(4)
+    gray = Image.open(io.BytesIO(encode(colour.convert("L").convert("RGB"), "JPEG", quality=20)))
+    assert copydetect.is_gray(gray) and not copydetect.is_gray(colour)
+    assert list_length(settings, gray) == 200 and list_length(settings, colour) == 50
+    assert list_length(settings.replace(copy_short_list_gray=10), gray) == 50  # never shorter
 
 
 # --- through real workers -------------------------------------------------------------------------
@@ -252,3 +265,44 @@ def test_copy_mode_near_duplicate_check_refuses_edited_reuploads(
         item = report[f"{name}-edited"]
         assert item["status"] == "duplicate" and item["duplicate_of"] == ids[name], item
         assert item["copy_score"] >= 0.5
+
+
+@pytest.mark.slow
+def test_workers_embed_with_the_collection_descriptor(
+    copy_stack: tuple[PupylQueue, Workers], tmp_path: Path, tiny_model: Path
+) -> None:
+    """The embed and the search worker both use the manifest's descriptor, per collection."""
+    from pupyl_queue.images import decode
+    from pupyl_queue.models import ModelSpec, extractor_for
+
+    client, workers = copy_stack
+    gem = client.for_collection("gem-mirror")
+    gem.descriptor = "gem+mirror"
+    plain = client.for_collection("plain-avg")  # the same workers, the default descriptor
+    images = originals(tmp_path / "originals")
+    for view in (gem, plain):
+        view.index(tmp_path / "originals").wait(timeout=300)
+    assert gem.store.exists(Layout("gem-mirror").manifest)
+    first = next(iter(images))
+    data = (tmp_path / "originals" / f"{first}.jpg").read_bytes()
+    mirrored = encode(ImageOps.mirror(Image.open(io.BytesIO(data)).convert("RGB")), "PNG")
+    # In process, the vectors the collection's descriptor gives (the workers must agree with them).
+    spec = ModelSpec.from_json(json.loads(gem.store.get(Layout("gem-mirror").manifest))["model"])
+    assert spec.descriptor == "gem+mirror"
+    expected = extractor_for(spec, "", tiny_model)
+    vectors = {
+        name: expected.embed(
+            decode((tmp_path / "originals" / f"{name}.jpg").read_bytes(), 10**8, target=224).pixels(224)[None]
+        )[0]
+        for name in images
+    }
+    for query in (data, mirrored):
+        rows = gem.search(query, top=len(images), return_metadata=True, timeout=120)
+        assert Path(rows[0]["original_file_name"]).stem == first and rows[0]["distance"] < 1e-3, rows[0]
+        for row in rows:  # every distance is the gem+mirror one: the query and the index agree
+            name = Path(row["original_file_name"]).stem
+            assert abs(row["distance"] - (1 - float(vectors[first] @ vectors[name]))) < 2e-3, (name, row)
+    # The avg collection on the same workers: its mirrored query is no longer at distance ~0.
+    rows = plain.search(mirrored, top=1, return_metadata=True, timeout=120)
+    assert rows[0]["distance"] > 5e-3, rows[0]
+    workers.check_alive()
