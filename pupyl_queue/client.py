@@ -421,6 +421,12 @@ class PupylQueue:
 
         return restore(str(src), self.store, self.redis, self.settings, as_name)
 
+    def metadata(self, image_id: int) -> dict[str, Any] | None:
+        """An indexed image's metadata; None when there is no such image (or it was removed)."""
+        from pupyl_queue.metadata import read_one
+
+        return read_one(self.store, self.redis, Layout(self.collection), int(image_id))
+
     # --- remove and maintenance
     def remove_async(self, index: int) -> AsyncResult:
         return self.app.send_task(C.TASK_REMOVE, kwargs={"collection": self.collection, "id": int(index)})

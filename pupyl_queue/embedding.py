@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pupyl_queue import integrity
+from pupyl_queue import integrity, metadata
 from pupyl_queue.codecs import encode_segment
 from pupyl_queue.decode_pool import PixelSlots
 from pupyl_queue.images import ImageError, ImageInfo, decode
@@ -173,6 +173,7 @@ class _BatchRun:
         self._chunks: list[np.ndarray] = []
         self._writes: list[Future[None]] = []
         self._written: set[int] = set()
+        self._metas: dict[int, dict[str, Any]] = {}  # position -> its metadata, written in the batch object
 
     def embed(self) -> None:
         """Decode in the pool; run the network on each ``infer_batch`` as soon as it is ready.
@@ -243,25 +244,32 @@ class _BatchRun:
         self._pending.clear()
 
     def _write_images(self, positions: list[int]) -> None:
+        """One write per image (its stored copy; the original too with PUPYL_KEEP_ORIGINALS); the
+        metadata waits for the batch's one object (``commit``)."""
         layout, pool, put = self.coord.layout, self.rt.pool(), self.rt.store.put
         for p in positions:
             image_id = self.ids[p]
-            meta = _metadata(image_id, self.items[p], self.prepared[p].image)  # type: ignore[arg-type]
+            self._metas[p] = _metadata(image_id, self.items[p], self.prepared[p].image)  # type: ignore[arg-type]
             self._writes.append(pool.submit(put, layout.image(image_id), self.prepared[p].normalized))
-            self._writes.append(pool.submit(put, layout.image_meta(image_id), json.dumps(meta).encode()))
             if self.prepared[p].original:
                 self._writes.append(pool.submit(put, layout.original(image_id), self.prepared[p].original))
             self._written.add(p)
 
     def commit(self, batch_id: str) -> int:
-        """Write images and metadata (in parallel), then the segment, then publish it."""
+        """Write images and the batch's metadata object (in parallel), then the segment, then publish it."""
         started = time.perf_counter()
+        layout = self.coord.layout
         self._write_images([p for p in self.keep if p not in self._written])
+        segment = layout.segment(batch_id)
+        # A committed segment is immutable: a rerun must not rewrite it (its checksum is in the commit
+        # log), nor the metadata object written before it.
+        committed = integrity.is_committed(self.coord, segment)
+        if not committed:
+            meta = metadata.encode_batch(batch_id, [self._metas[p] for p in self.keep])
+            self._writes.append(self.rt.pool().submit(self.rt.store.put, layout.batch_meta(batch_id), meta))
         for write in self._writes:
             write.result()
-        segment = self.coord.layout.segment(batch_id)
-        # A committed segment is immutable: a rerun must not rewrite it (its checksum is in the commit log).
-        if not integrity.is_committed(self.coord, segment):
+        if not committed:
             data = encode_segment(np.array([self.ids[p] for p in self.keep]), self.vectors)
             self.rt.store.put(segment, data)
             integrity.record_checksum(self.coord, segment, data)

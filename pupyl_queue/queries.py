@@ -12,7 +12,6 @@ import base64
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -24,12 +23,13 @@ from pupyl_queue.codecs import decode_vectors
 from pupyl_queue.fencing import CompactionLock, FencedOut
 from pupyl_queue.images import decode
 from pupyl_queue.layout import Layout
+from pupyl_queue.metadata import mark_removed
+from pupyl_queue.metadata import read as read_metadata
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.sharding import Send, fan_out, shard_vector
 from pupyl_queue.store import ObjectNotFound, StoreUnavailable
 
 log = logging.getLogger(__name__)
-METADATA_THREADS = 16  # concurrent store GETs for one search's metadata
 
 
 class QueryError(ValueError):
@@ -155,19 +155,9 @@ def _search(
 
 
 def metadata(rt: Runtime, layout: Layout, ids: list[int]) -> list[dict[str, Any] | None]:
-    """Each image's metadata (None when it is gone), fetched concurrently: one store GET per hit,
-    one after the other, made a top-100 search on S3 a hundred round trips long."""
-    if not ids:
-        return []
-
-    def one(image_id: int) -> dict[str, Any] | None:
-        try:
-            return json.loads(rt.store.get(layout.image_meta(image_id)))
-        except ObjectNotFound:
-            return None
-
-    with ThreadPoolExecutor(min(METADATA_THREADS, len(ids)), thread_name_prefix="pupyl-meta") as pool:
-        return list(pool.map(one, ids))
+    """Each image's metadata (None when it is gone): one Redis round trip, then one store GET per
+    batch object the hits sit in, concurrently (pupyl_queue/metadata.py)."""
+    return read_metadata(rt.store, rt.redis, layout, ids)
 
 
 def nearest(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict[str, Any]:
@@ -200,10 +190,7 @@ def remove(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
     layout = Layout(collection)
     coord = rt.coordinator(collection)
     tombstone = layout.tombstone(image_id)
-    try:
-        meta = json.loads(rt.store.get(layout.image_meta(image_id)))
-    except ObjectNotFound:
-        meta = None
+    meta = read_metadata(rt.store, rt.redis, layout, [image_id])[0]
     if meta is None and not rt.store.exists(tombstone):
         return {"id": image_id, "removed": False, "reason": f"no image with id {image_id}"}
     if not rt.store.exists(tombstone):
@@ -211,12 +198,13 @@ def remove(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
     if not integrity.is_committed(coord, tombstone):
         integrity.record_checksum(coord, tombstone, rt.store.get(tombstone))
     sequence = coord.publish(tombstone, images=-1 if meta is not None else 0)
-    rt.store.delete(layout.image(image_id))
-    rt.store.delete(layout.original(image_id))
-    rt.store.delete(layout.image_meta(image_id))
-    rt.store.delete(layout.local_features(image_id))
     if meta is not None:
         coord.release_hash(meta["sha256"], image_id)
+    mark_removed(rt.redis, layout, [image_id])  # its entry in the batch's metadata object reads as gone
+    rt.store.delete(layout.image(image_id))
+    rt.store.delete(layout.original(image_id))
+    rt.store.delete(layout.image_meta(image_id))  # a collection written before batch objects
+    rt.store.delete(layout.local_features(image_id))
     return {"id": image_id, "removed": True, "sequence": sequence}
 
 

@@ -15,9 +15,11 @@ import pytest
 import redis
 from PIL import Image
 
+from pupyl_queue import constants as C
 from pupyl_queue.coordination import read_job
 from pupyl_queue.embedding import embed_batch
 from pupyl_queue.layout import Layout
+from pupyl_queue.metadata import decode_batch
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.settings import Settings
 from pupyl_queue.sources import OUTSIDE_ROOTS
@@ -105,8 +107,10 @@ def test_bad_items_fail_alone(rt: Runtime, tmp_path: Path, tiny_model: Path) -> 
     assert outcome["00.png"] == outcome["01.png"] == "indexed"
     assert outcome["zero.jpg"] == "empty file"
     assert "decompression bomb" in outcome["bomb.png"]
-    # failed items leave nothing behind: only the two good images are stored
-    assert len([k for k in rt.store.list(Layout().root + "/images/") if k.endswith(".json")]) == 2
+    # failed items leave nothing behind: only the two good images are stored, with their metadata
+    assert len(list(rt.store.list(Layout().root + "/images/"))) == 2
+    (batch_object,) = rt.store.list(f"{Layout().root}/{C.STORE_META}/")
+    assert sorted(decode_batch(rt.store.get(batch_object))) == sorted(i["id"] for i in items if "id" in i)
 
 
 def searcher_nearest(rt: Runtime):  # type: ignore[no-untyped-def]
