@@ -113,9 +113,7 @@ def embed_batch(
     if done is not None:
         # Done already; but an expansion run again (its first run cut off, e.g. by a Redis restart)
         # staged this batch's bytes once more: delete them, or they stay in the store for good.
-        for item in task["items"]:
-            if item.get("key"):
-                rt.store.delete(item["key"])
+        rt.store.delete_many(item["key"] for item in task["items"] if item.get("key"))
         return done
     items = task["items"]
     owner = batch_id(job_id, batch)
@@ -147,9 +145,7 @@ def embed_batch(
         return done
     rt.store.put(layout.job_report(job_id, batch), json.dumps({**summary, "items": run.report}).encode())
     coord.finish_batch(job_id, batch, summary)
-    for item in items:
-        if item.get("key"):
-            rt.store.delete(item["key"])
+    rt.store.delete_many(item["key"] for item in items if item.get("key"))  # one request per 1,000 on S3
     finish_if_done(rt, job_id, collection)
     return {**summary, "items": run.report}
 

@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 Dispatch = Callable[[dict[str, Any]], None]
 FETCH_WINDOW = 64  # URLs fetched concurrently per window while expanding
-INLINE_BATCH_BYTES = 1 << 20  # most image bytes one embed message carries inline
 
 
 def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str, Any]:
@@ -45,7 +44,7 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
     spec = ensure_collection(rt.store, rt.redis, layout, job)
     batch: list[dict[str, Any]] = []
     batches = total = 0
-    inline_budget = INLINE_BATCH_BYTES
+    inline_budget = rt.settings.inline_batch_bytes
 
     def flush() -> None:
         nonlocal batch, batches, inline_budget
@@ -63,7 +62,7 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
             )
             batches += 1
             batch = []
-            inline_budget = INLINE_BATCH_BYTES
+            inline_budget = rt.settings.inline_batch_bytes
 
     items: Iterable[SourceItem]
     if job["uri"].startswith(C.UPLOAD_SCHEME):

@@ -20,7 +20,8 @@ from pupyl_queue.store import LocalStore
 
 
 class CountingStore(LocalStore):
-    """A local store that counts (operation, folder) pairs: ("put", "images"), ("get", "staging")..."""
+    """A local store that counts (operation, folder) pairs: ("put", "meta"), ("get", "staging"),
+    and in images/ by suffix: ("put", "images/*.jpg")..."""
 
     def __init__(self, root: Any) -> None:
         super().__init__(root)
@@ -30,6 +31,8 @@ class CountingStore(LocalStore):
     def _count(self, op: str, key: str) -> None:
         parts = key.split("/")
         folder = parts[2] if len(parts) > 3 and parts[0] == "collections" else parts[0]
+        if folder == "images":  # the stored copy (.jpg), its metadata before #15 (.json), the original
+            folder = "images/*." + key.rsplit(".", 1)[-1]
         with self._lock:
             self.ops[(op, folder)] += 1
 
@@ -48,6 +51,13 @@ class CountingStore(LocalStore):
     def delete(self, key: str) -> None:
         self._count("delete", key)
         super().delete(key)
+
+    def delete_many(self, keys: Any) -> None:
+        keys = list(keys)
+        if keys:
+            self._count("delete_many", keys[0])  # one request (S3 DeleteObjects) per 1,000 keys
+        for key in keys:
+            LocalStore.delete(self, key)
 
     def total(self, op: str | None = None) -> int:
         return sum(n for (o, _), n in self.ops.items() if op is None or o == op)

@@ -64,6 +64,24 @@ def test_redelivered_batch_indexes_nothing_twice(rt: Runtime, tmp_path: Path, ti
     assert list(rt.store.list(Layout().staging("j1") + "/")) == []  # staged bytes cleaned up
 
 
+def test_large_batches_carry_references_past_the_inline_budget(
+    rt: Runtime, tmp_path: Path, tiny_model: Path
+) -> None:
+    folder = folder_of(tmp_path, 15)
+    size = max(p.stat().st_size for p in folder.iterdir())
+    rt = Runtime(rt.settings.replace(batch_size=8, inline_batch_bytes=3 * size))
+    batches = job(rt, folder, tiny_model, "jb")
+    assert [len(b["items"]) for b in batches] == [1, 2, 4, 8]
+    for batch in batches:  # at most the budget's bytes inline per message, the rest by store key
+        inline = [item for item in batch["items"] if "data_b64" in item]
+        assert len(inline) == min(3, len(batch["items"])) and len(batch["items"]) - len(inline) == sum(
+            "key" in item for item in batch["items"]
+        )
+    none = job(Runtime(rt.settings.replace(inline_batch_bytes=0)), folder, tiny_model, "jn")
+    assert all("key" in item for batch in none for item in batch["items"])
+    assert sum(embed_batch(rt, batch)["indexed"] for batch in batches) == 15
+
+
 def test_crash_before_commit_then_rerun_reuses_ids(rt: Runtime, tmp_path: Path, tiny_model: Path) -> None:
     batches = job(rt, folder_of(tmp_path, 3), tiny_model, "j2")
     coord = rt.coordinator("default")

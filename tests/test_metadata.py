@@ -153,7 +153,7 @@ def test_one_batch_costs_per_image_one_write_and_constant_redis(
         result = embed_batch(rt, batch)
         n = len(batch["items"])
         assert result["indexed"] == n
-        assert store.ops[("put", C.STORE_IMAGES)] == n  # the stored copy: the only write per image
+        assert store.ops[("put", "images/*.jpg")] == n  # the stored copy: the only write per image
         assert store.ops[("put", C.STORE_META)] == 1
         assert store.ops[("put", C.STORE_SEGMENTS)] == 1
         assert store.total("put") == n + 3  # + the job report
