@@ -256,6 +256,10 @@ def assert_exactly_once(found: Audit, files: dict[Path, str], layout: Layout) ->
     segments = [k for k in found.keys if k.startswith(f"{layout.root}/segments/")]
     assert sorted(segments) == sorted(found.commit_keys), "segments vs the commit log"
     assert len(found.commit_keys) == len(set(found.commit_keys)), "a segment committed twice"
+    metas = [k for k in found.keys if k.startswith(f"{layout.root}/{C.STORE_META}/")]
+    batch_of = [k.rsplit("/", 1)[-1].rsplit(".", 1)[0] for k in metas + segments]
+    assert sorted(batch_of[: len(metas)]) == sorted(batch_of[len(metas) :]), "metadata objects vs segments"
     for key in found.keys:
         kind = key[len(layout.root) + 1 :].split("/")[0]
-        assert kind in ("manifest.json", "model.keras", "images", "segments", "jobs"), f"unexpected {key}"
+        kinds = ("manifest.json", "model.keras", "images", "meta", "segments", "jobs")
+        assert kind in kinds, f"unexpected {key}"
