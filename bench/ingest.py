@@ -198,6 +198,14 @@ def end_to_end(
             stop(proc)
 
 
+def link(source: Path, name: Path) -> None:
+    """``name`` for ``source``'s bytes: a hard link, or a symbolic one across file systems."""
+    try:
+        os.link(source, name)
+    except OSError:
+        name.symlink_to(source.resolve())
+
+
 def warmup_folder(folder: Path, work: Path, count: int) -> Path:
     """The first job's folder: all of ``folder``, or its first ``count`` files (hard links, same bytes).
 
@@ -209,7 +217,7 @@ def warmup_folder(folder: Path, work: Path, count: int) -> Path:
     if not small.exists():
         small.mkdir(parents=True)
         for path in sorted(folder.iterdir())[:count]:
-            os.link(path, small / path.name)
+            link(path, small / path.name)
     return small
 
 
@@ -405,10 +413,15 @@ def main() -> None:
         SETTINGS["decode_processes"] = args.decode_processes
     if args.photos:  # e.g. bench/gpu's 50,000 generated photos
         folder = Path(args.photos)
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-        files = files[: args.images]
-        if len(files) < args.images:
-            raise SystemExit(f"{folder} holds {len(files)} photos; ask for fewer with --images")
+        every = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        if len(every) < args.images:
+            raise SystemExit(f"{folder} holds {len(every)} photos; ask for fewer with --images")
+        if len(every) > args.images or len(every) < len(list(folder.iterdir())):
+            folder = work / "photos"  # the jobs index a folder: one holding these photos alone
+            folder.mkdir()
+            for path in every[: args.images]:
+                link(path, folder / path.name)
+        files = sorted(folder.iterdir())
     else:
         folder = work / "photos"
         files = photo_set(args.images, folder)

@@ -230,14 +230,22 @@ def builtin_values(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 # --- the column store of a search worker
 class _Column:
-    """One field over every row: codes into a vocabulary (strings, bools), float64 (numbers), or a
-    CSR list of codes (string lists). Absent values are -1 / NaN / an empty list."""
+    """One field over every row: a 64-bit hash per row (strings), float64 (numbers), codes into a
+    vocabulary (bools), or a CSR list of vocabulary codes (string lists). Absent values are 0 / NaN /
+    -1 / an empty list.
+
+    Strings are hashed, not coded: a string field may be unique per row (``path``), and a vocabulary
+    of ten million Python strings costs ~200 bytes a row where a hash costs 8. Equality is all a
+    string filter asks, and two strings share a 64-bit hash with odds of one in 10^19 per pair: the
+    table lives in one process, so Python's own (salted) string hash serves. String lists keep a
+    vocabulary: tags repeat.
+    """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self.vocab: dict[Any, int] = {}
-        dtype = np.float64 if kind == "number" else np.int32
-        self.data = np.full(0, np.nan if kind == "number" else -1, dtype)
+        dtype = {"number": np.float64, "string": np.int64}.get(kind, np.int32)
+        self.data = np.full(0, {"number": np.nan, "string": 0}.get(kind, -1), dtype)
         self.offsets = np.zeros(1, np.int64)  # strings: row r holds items[offsets[r]:offsets[r + 1]]
         self.items = np.zeros(0, np.int32)
         self.rows = 0
@@ -256,6 +264,9 @@ class _Column:
             self.offsets = _append(self.offsets, used + np.cumsum(sizes), self.rows + 1)
         elif self.kind == "number":
             column = np.array([np.nan if v is None else float(v) for v in values], np.float64)
+            self.data = _append(self.data, column, self.rows)
+        elif self.kind == "string":
+            column = np.array([0 if v is None else _string_hash(v) for v in values], np.int64)
             self.data = _append(self.data, column, self.rows)
         else:
             column = np.array([-1 if v is None else self.code(v) for v in values], np.int32)
@@ -280,6 +291,11 @@ class _Column:
                 )
         if clause.op in RANGES:
             return np.zeros(rows, bool)
+        if self.kind == "string":
+            hashes = [_string_hash(v) for v in clause.values if isinstance(v, str)]
+            if clause.op == "any" or not hashes:
+                return np.zeros(rows, bool)
+            return self.data[:rows] == hashes[0] if len(hashes) == 1 else np.isin(self.data[:rows], hashes)
         codes = [self.vocab[v] for v in clause.values if _same_kind(self.kind, v) and v in self.vocab]
         if self.kind == "strings":
             if clause.op not in ("any", "eq", "in") or not codes:
@@ -301,6 +317,10 @@ class _Column:
 
     def nbytes(self) -> int:
         return int(self.data.nbytes + self.offsets.nbytes + self.items.nbytes) + 64 * len(self.vocab)
+
+
+def _string_hash(value: str) -> int:
+    return hash(value) or 1  # 0 marks an absent value
 
 
 def _same_kind(kind: str, value: Any) -> bool:

@@ -6,7 +6,7 @@ tombstone committed after it (in commit order), images, metadata and job
 reports, plus ``pupyl-backup.json``: every file's size and sha256, the commit
 order and the id counter. Restore checks all of it before writing anything,
 into an empty collection (of any name, on any store kind), then rebuilds the
-collection's Redis state (id counter, commit log, dedup map, image count,
+collection's Redis state (id counter, commit log, dedup map, image count, callers' key map,
 metadata range index and removed ids).
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 import redis
 
 from pupyl_queue import constants as C
-from pupyl_queue import integrity
+from pupyl_queue import integrity, keys
 from pupyl_queue.codecs import read_manifest, read_pointer
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.integrity import seal
@@ -256,7 +256,8 @@ def restore(
     client.set(layout.key(C.KEY_COUNT), len(hashes))
     if hashes:
         client.hset(layout.key(C.KEY_HASHES), mapping={k: str(v) for k, v in hashes.items()})
-    return {"collection": name, "files": len(wanted), "images": len(hashes), "from": src}
+    key_map = keys.restore_key_map(store, coord)
+    return {"collection": name, "files": len(wanted), "images": len(hashes), "from": src, **key_map}
 
 
 def _removed(store: ObjectStore, layout: Layout, commits: list[str]) -> set[int]:

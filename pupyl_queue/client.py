@@ -22,6 +22,7 @@ import redis
 from celery.result import AsyncResult
 
 from pupyl_queue import constants as C
+from pupyl_queue.attributes import check_attributes, check_key, parse_filter
 from pupyl_queue.characteristics import Characteristic
 from pupyl_queue.coordination import Coordinator, connect, read_job
 from pupyl_queue.layout import Layout, check_collection
@@ -65,7 +66,7 @@ class Job:
         state = read_job(self.client.redis, self.id)
         if state is None:
             raise KeyError(f"no job {self.id}")
-        finished = sum(int(state.get(k) or 0) for k in ("indexed", "duplicate", "failed"))
+        finished = sum(int(state.get(k) or 0) for k in ("indexed", "duplicate", "failed", "unchanged"))
         state["in_flight"] = max(0, int(state.get("total") or 0) - finished)
         return state
 
@@ -209,6 +210,7 @@ class PupylQueue:
         files: Iterable[tuple[str, bytes]],
         check_unique: bool = False,
         near_duplicate: float | None = None,
+        keyed: dict[str, Any] | None = None,
     ) -> Job:
         """Queue a job for images given as (file name, bytes): they go to the store first.
 
@@ -233,7 +235,7 @@ class PupylQueue:
             with contextlib.suppress(StoreUnavailable, redis.RedisError):
                 abandon_upload(self.store, coord, job_id, reason, self.settings.job_ttl)
             raise
-        return self._send_index(job_id, uri, check_unique, near_duplicate, "network", uploaded=True)
+        return self._send_index(job_id, uri, check_unique, near_duplicate, "network", True, keyed)
 
     def _send_index(
         self,
@@ -243,6 +245,7 @@ class PupylQueue:
         near_duplicate: float | None,
         origin: str,
         uploaded: bool = False,
+        keyed: dict[str, Any] | None = None,
     ) -> Job:
         request = {
             "job_id": job_id,
@@ -258,6 +261,7 @@ class PupylQueue:
             "precision": self.precision,
             "default_precision": self.settings.precision,
             "origin": origin,  # "local": this process may name any path its workers can read
+            **(keyed or {}),  # {"key", "attributes"}: the one image of an upsert
         }
         coord = Coordinator(self.redis, Layout(self.collection))
         if not uploaded:
@@ -272,6 +276,68 @@ class PupylQueue:
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)
 
+    # --- callers' keys
+    def upsert_async(
+        self,
+        image: str | Path | bytes,
+        key: str,
+        attributes: dict[str, Any] | None = None,
+        origin: str = "local",
+    ) -> Job:
+        """Index one image under the caller's ``key``; returns its job at once.
+
+        ``image``: the bytes, or a path or URL the workers can read. A key that names an image
+        already is replaced in one commit (its old id is tombstoned by the commit that adds the new
+        one); the same bytes under the same key change nothing (status ``unchanged``).
+        """
+        keyed = {"key": check_key(key), "attributes": check_attributes(attributes) or None}
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            return self.index_uploads([("image", bytes(image))], keyed=keyed)
+        local = origin == "local" and Path(str(image)).expanduser().exists()
+        uri = str(Path(image).expanduser().resolve()) if local else str(image)
+        return self._send_index(uuid.uuid4().hex, uri, False, 0.0, origin, keyed=keyed)
+
+    def upsert(
+        self,
+        image: str | Path | bytes,
+        key: str,
+        attributes: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        origin: str = "local",
+    ) -> dict[str, Any]:
+        """``upsert_async``, waited for: the image's report, with the commit ``sequence`` to search at.
+
+        ``{"status": "indexed", "id": 41, "key": "sku-1", "sequence": 12}``, ``"unchanged"`` (the
+        key's image is these bytes already; ``id`` is its id), or ``"failed"`` with ``error``.
+        """
+        job = self.upsert_async(image, key, attributes, origin)
+        job.wait(timeout=timeout or 300)
+        items = job.report()
+        item = items[0] if items else {"status": "failed", "error": "the job indexed nothing"}
+        return {**item, "key": key, "sequence": job.sequence}
+
+    def set_attributes(
+        self, key: str, attributes: dict[str, Any], timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Replace the attributes of the image ``key`` names, without embedding it again.
+
+        ``{"key", "updated": True, "id": <new id>, "replaced": <old id>, "sequence": n}``: like any
+        upsert, the change is a new id under the same key, committed with the old id's tombstone.
+        ``updated: False`` with a ``reason`` when the key names nothing, or moved on meanwhile.
+        """
+        request = {
+            "collection": self.collection,
+            "key": check_key(key),
+            "attributes": check_attributes(attributes),
+            "update_id": uuid.uuid4().hex,
+        }
+        result = self.app.send_task(C.TASK_SET_ATTRIBUTES, kwargs=request)
+        return wait_result(result, timeout or self.settings.search_timeout)
+
+    def lookup(self, key: str) -> dict[str, Any] | None:
+        """The image a caller's key names now: ``{"key", "id", "sequence", "sha256"}``, or None."""
+        return Coordinator(self.redis, Layout(self.collection)).lookup(check_key(key))
+
     # --- search
     def search_async(
         self,
@@ -281,6 +347,7 @@ class PupylQueue:
         min_sequence: int = 0,
         allow_partial: bool = False,
         mode: str = "similar",
+        filter: dict[str, Any] | None = None,  # noqa: A002 - the task field's name
     ) -> AsyncResult:
         """The search task's AsyncResult; on a sharded cluster its result also says ``partial``.
 
@@ -299,6 +366,9 @@ class PupylQueue:
         }
         if mode != "similar":
             request["mode"] = mode
+        if filter is not None:
+            parse_filter(filter)  # a bad filter fails here, with the reason
+            request["filter"] = filter
         return self.app.send_task(C.TASK_SEARCH, kwargs=request)
 
     def search(
@@ -310,6 +380,7 @@ class PupylQueue:
         min_sequence: int = 0,
         timeout: float | None = None,
         mode: str = "similar",
+        filter: dict[str, Any] | None = None,  # noqa: A002 - the task field's name
     ) -> list[Any]:
         """As pupyl: ids; or metadata dicts with ``distance``; or ``(id, distance)`` tuples.
 
@@ -317,8 +388,10 @@ class PupylQueue:
         ``mode="copy"`` verified copies of the query come first and metadata dicts also
         carry ``copy_score`` (the probability that the row is the query's original; None
         when it was not verified); ``find_original`` gives the verdict alone.
+        ``filter`` ranks only the images whose attributes (and built-in fields: format, width,
+        height, job, indexed_at, path) it allows: ``{"color": "red", "price": {"lt": 100}}``.
         """
-        result = self.search_async(query, top, return_metadata, min_sequence, mode=mode)
+        result = self.search_async(query, top, return_metadata, min_sequence, mode=mode, filter=filter)
         answer = wait_result(result, timeout or self.settings.search_timeout)
         rows = answer["results"]
         if return_metadata:
@@ -428,11 +501,17 @@ class PupylQueue:
         return read_one(self.store, self.redis, Layout(self.collection), int(image_id))
 
     # --- remove and maintenance
-    def remove_async(self, index: int) -> AsyncResult:
-        return self.app.send_task(C.TASK_REMOVE, kwargs={"collection": self.collection, "id": int(index)})
+    def remove_async(self, index: int | None = None, key: str | None = None) -> AsyncResult:
+        """Remove an image by id, or (``key=``) the image a caller's key names; the key goes with it."""
+        if (index is None) == (key is None):
+            raise ValueError("remove takes an id or a key")
+        target = {"id": int(index)} if index is not None else {"key": check_key(key)}
+        return self.app.send_task(C.TASK_REMOVE, kwargs={"collection": self.collection, **target})
 
-    def remove(self, index: int, timeout: float | None = None) -> dict[str, Any]:
-        return wait_result(self.remove_async(index), timeout or self.settings.search_timeout)
+    def remove(
+        self, index: int | None = None, timeout: float | None = None, key: str | None = None
+    ) -> dict[str, Any]:
+        return wait_result(self.remove_async(index, key), timeout or self.settings.search_timeout)
 
     def compact(self, timeout: float | None = None) -> dict[str, Any]:
         result = self.app.send_task(C.TASK_COMPACT, kwargs={"collection": self.collection})

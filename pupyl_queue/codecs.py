@@ -10,8 +10,10 @@ through compaction, and sharding.py and queries.py imported each other.
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,18 +23,35 @@ from pupyl_queue.store import ObjectNotFound, ObjectStore
 
 __all__ = [
     "decode_segment",
+    "decode_segment_rows",
     "decode_vectors",
     "encode_segment",
+    "encode_snapshot_rows",
+    "read_snapshot_rows",
+    "ROWS_FILE",
     "encode_vectors",
     "read_manifest",
     "read_pointer",
+    "SegmentRows",
 ]
 
 
-def encode_segment(ids: np.ndarray, vectors: np.ndarray) -> bytes:
-    """A segment (or a snapshot's vector file): int64 ids and float32 vectors in one .npz, no pickle."""
+def encode_segment(ids: np.ndarray, vectors: np.ndarray, rows: SegmentRows | None = None) -> bytes:
+    """A segment (or a snapshot's vector file): int64 ids and float32 vectors in one .npz, no pickle.
+
+    ``rows``, when given, is what the segment says of each row beside its vector: the caller's key
+    (or None), the content's sha256 and the attributes (or None). It travels as UTF-8 JSON bytes
+    (``rows``), so the key map and the attributes can be derived from the store alone.
+    """
     out = io.BytesIO()
-    np.savez(out, ids=np.asarray(ids, dtype=np.int64), vectors=np.asarray(vectors, dtype=np.float32))
+    arrays = {"ids": np.asarray(ids, dtype=np.int64), "vectors": np.asarray(vectors, dtype=np.float32)}
+    if rows is not None:
+        if len({len(rows.keys), len(rows.sha256), len(rows.attributes), len(rows.values)}) != 1:
+            raise ValueError("segment rows of unequal lengths")
+        if len(rows.keys) != len(arrays["ids"]):
+            raise ValueError(f"{len(rows.keys)} row records for {len(arrays['ids'])} ids")
+        arrays["rows"] = np.frombuffer(json.dumps(rows.to_json(), separators=(",", ":")).encode(), np.uint8)
+    np.savez(out, **arrays)
     return out.getvalue()
 
 
@@ -40,6 +59,89 @@ def decode_segment(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     """The (ids, vectors) of a segment; refuses pickled objects."""
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         return npz["ids"], npz["vectors"]
+
+
+def decode_segment_rows(data: bytes) -> tuple[np.ndarray, np.ndarray, SegmentRows]:
+    """(ids, vectors, rows) of a segment; a segment written before keys existed has empty rows."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        ids, vectors = npz["ids"], npz["vectors"]
+        if "rows" not in npz.files:
+            return ids, vectors, SegmentRows.empty(len(ids))
+        rows = SegmentRows.from_json(json.loads(npz["rows"].tobytes()))
+    if len(rows.keys) != len(ids):
+        raise ValueError(f"{len(rows.keys)} row records for {len(ids)} ids")
+    return ids, vectors, rows
+
+
+@dataclass
+class SegmentRows:
+    """Per row of a segment: the caller's key, the content sha256, the attributes and the built-in
+    filterable values (format, width, height, job, indexed_at, path); None where a row has none."""
+
+    keys: list[str | None] = field(default_factory=list)
+    sha256: list[str | None] = field(default_factory=list)
+    attributes: list[dict[str, Any] | None] = field(default_factory=list)
+    values: list[dict[str, Any] | None] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, count: int) -> SegmentRows:
+        return cls([None] * count, [None] * count, [None] * count, [None] * count)
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> SegmentRows:
+        keys = list(value["keys"])
+        return cls(
+            keys,
+            list(value.get("sha256") or [None] * len(keys)),
+            list(value.get("attributes") or [None] * len(keys)),
+            list(value.get("values") or [None] * len(keys)),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "keys": self.keys,
+            "sha256": self.sha256,
+            "attributes": self.attributes,
+            "values": self.values,
+        }
+
+    def take(self, mask: np.ndarray) -> SegmentRows:
+        """The rows where ``mask`` is true (a boolean array as long as the rows)."""
+        picked = np.flatnonzero(mask).tolist()
+        return SegmentRows(
+            [self.keys[i] for i in picked],
+            [self.sha256[i] for i in picked],
+            [self.attributes[i] for i in picked],
+            [self.values[i] for i in picked],
+        )
+
+    def extend(self, other: SegmentRows) -> None:
+        self.keys += other.keys
+        self.sha256 += other.sha256
+        self.attributes += other.attributes
+        self.values += other.values
+
+    def filterable(self) -> list[dict[str, Any]]:
+        """Each row's values a filter sees: the built-in ones and the caller's attributes."""
+        return [{**(v or {}), **(a or {})} for v, a in zip(self.values, self.attributes)]
+
+    def says_anything(self) -> bool:
+        """Whether any row has a key, attributes or values (else a writer may leave the rows out)."""
+        return any(k is not None for k in self.keys) or any(self.attributes) or any(self.values)
+
+
+ROWS_FILE = "rows.json.gz"  # a snapshot's filterable values per live row (compaction writes it)
+
+
+def encode_snapshot_rows(ids: list[int], values: list[dict[str, Any]]) -> bytes:
+    """A snapshot's rows file: gzip of JSON ``{"ids": [...], "values": [{...}, ...]}``; a search
+    worker builds its attribute table from it without reading the vector files."""
+    return gzip.compress(json.dumps({"ids": ids, "values": values}, separators=(",", ":")).encode(), 6)
+
+
+def read_snapshot_rows(data: bytes) -> tuple[list[int], list[dict[str, Any]]]:
+    payload = json.loads(gzip.decompress(data))
+    return [int(i) for i in payload["ids"]], list(payload["values"])
 
 
 def encode_vectors(vectors: np.ndarray) -> dict[str, Any]:

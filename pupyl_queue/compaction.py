@@ -31,7 +31,13 @@ import numpy as np
 
 from pupyl_queue import constants as C
 from pupyl_queue import integrity
-from pupyl_queue.codecs import decode_segment, encode_segment
+from pupyl_queue.codecs import (
+    ROWS_FILE,
+    SegmentRows,
+    decode_segment_rows,
+    encode_segment,
+    encode_snapshot_rows,
+)
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.fencing import Fence, publish_pointer
 from pupyl_queue.integrity import StoreDamaged
@@ -70,6 +76,11 @@ class Compactor:
         self._checks.update(
             {k: v for k, v in integrity.checksums(self.coord, [k for _, k in commits]).items() if v}
         )
+        # Ids a segment's keyed rows took the keys of: tombstoned by that segment's commit.
+        for ids in self.coord.replaced(
+            [k for _, k in commits if k.split("/")[-2] == C.STORE_SEGMENTS]
+        ).values():
+            tombstones.update(ids)
         for _, key in commits:
             if key.split("/")[-2] == C.STORE_TOMBSTONES:
                 data = self.store.get(key)
@@ -118,15 +129,19 @@ class Compactor:
 
     def _chunks(
         self, files: list[str], tombstones: set[int]
-    ) -> Iterator[tuple[str, np.ndarray, np.ndarray, bool]]:
-        """(key, live ids, their vectors, whether the file is referenced as it is), file by file."""
+    ) -> Iterator[tuple[str, np.ndarray, np.ndarray, bool, SegmentRows]]:
+        """(key, live ids, their vectors, whether the file is referenced as it is, their rows), file by file.
+
+        The rows (each one's key, sha256, attributes) go into the merged vector files with their
+        vectors, so the key map can be derived from a snapshot after its segments were collected.
+        """
         dead = np.fromiter(tombstones, dtype=np.int64, count=len(tombstones))
         for key in files:
             try:
                 # Never bake damaged bytes into a snapshot: GC would then delete the only evidence.
                 data = integrity.read_checked(self.store, key, self._checks.get(key))
                 try:
-                    ids, vectors = decode_segment(data)
+                    ids, vectors, rows = decode_segment_rows(data)
                 except Exception as exc:  # noqa: BLE001 - any decode failure is damage
                     raise StoreDamaged(key, f"unreadable ({type(exc).__name__})") from None
             except StoreDamaged as exc:
@@ -136,7 +151,7 @@ class Compactor:
             reusable = bool(live.all()) and len(ids) >= REUSE_ROWS
             if reusable and key not in self._checks:
                 self._checks[key] = integrity.sha256(data)  # referenced as it is: its manifest needs one
-            yield key, ids[live], vectors[live], reusable
+            yield key, ids[live], vectors[live], reusable, rows.take(live)
 
     def run(self, model: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -146,7 +161,7 @@ class Compactor:
             return {**previous, "skipped": "nothing committed since the last snapshot"}
         files, tombstones = self._inputs(previous, watermark)
         count, dim = 0, 0
-        for _, ids, vectors, _ in self._chunks(files, tombstones):
+        for _, ids, vectors, _, _ in self._chunks(files, tombstones):
             count += len(ids)
             dim = dim or (vectors.shape[1] if vectors.size else 0)
         dim = dim or int(model.get("dim", 0))
@@ -163,24 +178,32 @@ class Compactor:
         reused: list[str] = []
         buffer_ids: list[np.ndarray] = []
         buffer_vectors: list[np.ndarray] = []
+        buffer_rows = SegmentRows()
         buffered = 0
-        for key, ids, vectors, reusable in self._chunks(files, tombstones):
+        table_ids: list[int] = []  # the rows file: each live row's filterable values
+        table_values: list[dict[str, Any]] = []
+        for key, ids, vectors, reusable, rows in self._chunks(files, tombstones):
             index.add(ids, vectors)
+            if rows.says_anything():
+                table_ids += ids.tolist()
+                table_values += rows.filterable()
             if reusable:
                 reused.append(key)
                 continue
             buffer_ids.append(ids)
             buffer_vectors.append(vectors)
+            buffer_rows.extend(rows)
             buffered += len(ids)
             if buffered >= MERGED_ROWS:
-                merged.append(self._write_merged(base, len(merged), buffer_ids, buffer_vectors))
-                buffer_ids, buffer_vectors, buffered = [], [], 0
+                merged.append(self._write_merged(base, len(merged), buffer_ids, buffer_vectors, buffer_rows))
+                buffer_ids, buffer_vectors, buffer_rows, buffered = [], [], SegmentRows(), 0
         if buffered or not (merged or reused):
-            merged.append(self._write_merged(base, len(merged), buffer_ids, buffer_vectors))
+            merged.append(self._write_merged(base, len(merged), buffer_ids, buffer_vectors, buffer_rows))
         built_s = time.perf_counter() - started
         blobs = {
             "ids.bits": index.ids.to_bytes(),
             "tombstones.npy": np.array(sorted(tombstones), dtype=np.int64).tobytes(),
+            ROWS_FILE: encode_snapshot_rows(table_ids, table_values),
         }
         files_sha = {name: integrity.sha256(data) for name, data in blobs.items()}
         sizes = {name: len(data) for name, data in blobs.items()}
@@ -245,17 +268,19 @@ class Compactor:
         want = min(count, max(TRAIN_PER_LIST * nlist, 10_000))
         rng = np.random.default_rng(0)
         parts = []
-        for _, _, vectors, _ in self._chunks(files, tombstones):
+        for _, _, vectors, _, _ in self._chunks(files, tombstones):
             take = int(round(len(vectors) * want / max(count, 1)))
             if take:
                 parts.append(vectors[rng.choice(len(vectors), min(take, len(vectors)), replace=False)])
         return np.concatenate(parts)
 
-    def _write_merged(self, base: str, number: int, ids: list[np.ndarray], vectors: list[np.ndarray]) -> str:
+    def _write_merged(
+        self, base: str, number: int, ids: list[np.ndarray], vectors: list[np.ndarray], rows: SegmentRows
+    ) -> str:
         key = f"{self.layout.root}/{C.STORE_VECTORS}/{base.rsplit('/', 1)[-1]}-{number:05d}.npz"
         all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         all_vectors = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
-        data = encode_segment(all_ids, all_vectors)
+        data = encode_segment(all_ids, all_vectors, rows if rows.says_anything() else None)
         self.fence.check()
         self.store.put(key, data)
         self._written[key] = (integrity.sha256(data), len(data))

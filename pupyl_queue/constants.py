@@ -29,11 +29,13 @@ TASK_COMPACT = "pupyl.compact"
 TASK_COMPACT_ALL = "pupyl.compact_all"
 TASK_HOUSEKEEP = "pupyl.housekeep"  # Celery beat: expire ended jobs, delete cut-off uploads, stale queries
 TASK_SWEEP_JOBS = "pupyl.sweep_jobs"
+TASK_SET_ATTRIBUTES = "pupyl.set_attributes"  # new attributes for a key's image, its vector reused
 TASK_ROUTES = {
     TASK_INDEX: QUEUE_INGEST,
     TASK_EMBED: QUEUE_EMBED,
     TASK_SEARCH: QUEUE_SEARCH,
     TASK_NEAREST: QUEUE_SEARCH,
+    TASK_SET_ATTRIBUTES: QUEUE_SEARCH,  # a search worker holds the vector it reuses
     TASK_REMOVE: QUEUE_MAINTENANCE,
     TASK_COMPACT: QUEUE_MAINTENANCE,
     TASK_COMPACT_ALL: QUEUE_MAINTENANCE,
@@ -68,6 +70,9 @@ KEY_REMOVED = "removed"  # SET of removed ids: their metadata reads as absent (p
 KEY_JOB = "job"  # job:{id} HASH of counters, job:{id}:batches HASH of finished batches
 KEY_EPOCH = "epoch"  # set when the commit log is rewritten (rebuild): searchers reload from the snapshot
 KEY_TASK = "task"  # task:{id}: a task id the API handed out (expires with its result)
+KEY_KEYS = "keys"  # HASH caller's key -> JSON {"id", "seq", "sha256"}: the live image of each key
+KEY_KEY_OF = "key-of"  # HASH id -> caller's key (the reverse of KEY_KEYS, live ids only)
+KEY_REPLACED = "replaced"  # HASH segment store key -> JSON [[old id, key], ...] its commit tombstoned
 KEY_RECENT_JOBS = "jobs"  # ZSET score=created_at member=job id (the newest RECENT_JOBS_KEPT jobs)
 RECENT_JOBS_KEPT = 1000
 UPLOAD_SCHEME = "upload:"  # uri of a job whose images were uploaded into the store (upload:<job id>)

@@ -27,20 +27,60 @@ if tonumber(ARGV[2]) > 0 then redis.call('ZADD', KEYS[3], first, ARGV[1]) end
 return first
 """
 
-# Publish one store object as the next commit, once: a second publish of the
-# same key returns the sequence it already has.
+# Publish one store object as the next commit, once: a second publish of the same key returns the
+# sequence it already has (and what its first run replaced). ARGV: store key, images added (or
+# removed: negative), an id this commit removes ('' none: its key is forgotten), the id the first
+# keyed row's key must still name ('' any: else nothing is committed and the sequence is 0), then
+# (caller's key, id, sha256) per keyed row. Each keyed row takes its key over; the id the key held
+# before, if another, is tombstoned by this very commit (KEYS[8] records which), so readers drop it
+# exactly when they add the new row. Deciding here, against the key map, makes the commit that runs last win.
 _PUBLISH = """
 local have = redis.call('HGET', KEYS[3], ARGV[1])
-if have then return tonumber(have) end
+if have then return {tonumber(have), redis.call('HGET', KEYS[8], ARGV[1]) or '[]'} end
+if ARGV[4] ~= '' then
+  local entry = redis.call('HGET', KEYS[6], ARGV[5])
+  if not entry or string.match(entry, '"id":(%d+)') ~= ARGV[4] then return {0, '[]'} end
+end
 local seq = redis.call('INCR', KEYS[1])
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], seq)
 redis.call('INCR', KEYS[4])
-redis.call('INCRBY', KEYS[5], ARGV[2])
-return seq
+local images = tonumber(ARGV[2])
+if ARGV[3] ~= '' then
+  local key = redis.call('HGET', KEYS[7], ARGV[3])
+  if key then
+    redis.call('HDEL', KEYS[7], ARGV[3])
+    local entry = redis.call('HGET', KEYS[6], key)
+    if entry and string.match(entry, '"id":(%d+)') == ARGV[3] then redis.call('HDEL', KEYS[6], key) end
+  end
+end
+local replaced = {}
+for i = 5, #ARGV, 3 do
+  local key, id, sha = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local entry = redis.call('HGET', KEYS[6], key)
+  local old = entry and string.match(entry, '"id":(%d+)')
+  if old and old ~= id then
+    replaced[#replaced + 1] = {old, key}
+    images = images - 1
+    redis.call('HDEL', KEYS[7], old)
+    local old_sha = string.match(entry, '"sha256":"(%x*)"')
+    if old_sha and redis.call('HGET', KEYS[9], old_sha) == old then
+      if old_sha == sha then redis.call('HSET', KEYS[9], sha, id)
+      else redis.call('HDEL', KEYS[9], old_sha) end
+    end
+  end
+  redis.call('HSET', KEYS[6], key, '{"id":' .. id .. ',"seq":' .. seq .. ',"sha256":"' .. sha .. '"}')
+  redis.call('HSET', KEYS[7], id, key)
+end
+redis.call('INCRBY', KEYS[5], images)
+if #replaced == 0 then return {seq, '[]'} end
+local out = cjson.encode(replaced)
+redis.call('HSET', KEYS[8], ARGV[1], out)
+return {seq, out}
 """
 
-# Record a finished (or failed for good: ARGV[6] = 1) batch of a job once, adding its counts to the job.
+# Record a finished (or failed for good: ARGV[6] = 1) batch of a job once, adding its counts to the job
+# (ARGV[8]: items whose key already held the same content).
 _FINISH_BATCH = """
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[1], 'batches_done', 1)
@@ -48,23 +88,31 @@ redis.call('HINCRBY', KEYS[1], 'indexed', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'duplicate', ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'failed', ARGV[5])
 if ARGV[6] == '1' then redis.call('HINCRBY', KEYS[1], 'batches_failed', 1) end
+if ARGV[8] and ARGV[8] ~= '0' then redis.call('HINCRBY', KEYS[1], 'unchanged', ARGV[8]) end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[7])
 return 1
 """
 
 # Claim content hashes for a batch's ids. A claim the batch holds (new, or its own from an earlier
 # run) is also recorded as pending (sha256 -> "id@batch") until the batch commits or fails for good.
+# ARGV: batch id, then (sha256, id, caller's key or '') per item. An item whose key already holds
+# this very content is "unchanged" ('=' .. the key's id): nothing is claimed for it.
 _CLAIM = """
 local out = {}
-for i = 2, #ARGV, 2 do
-  local sha, id = ARGV[i], ARGV[i + 1]
-  local owner = redis.call('HGET', KEYS[1], sha)
-  if not owner then
-    redis.call('HSET', KEYS[1], sha, id)
-    owner = id
+for i = 2, #ARGV, 3 do
+  local sha, id, key = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local entry = key ~= '' and redis.call('HGET', KEYS[3], key)
+  if entry and string.match(entry, '"sha256":"(%x*)"') == sha then
+    out[#out + 1] = '=' .. string.match(entry, '"id":(%d+)')
+  else
+    local owner = redis.call('HGET', KEYS[1], sha)
+    if not owner then
+      redis.call('HSET', KEYS[1], sha, id)
+      owner = id
+    end
+    if owner == id and ARGV[1] ~= '' then redis.call('HSET', KEYS[2], sha, id .. '@' .. ARGV[1]) end
+    out[#out + 1] = owner
   end
-  if owner == id and ARGV[1] ~= '' then redis.call('HSET', KEYS[2], sha, id .. '@' .. ARGV[1]) end
-  out[#out + 1] = owner
 end
 return out
 """
@@ -164,18 +212,33 @@ class Coordinator:
         whose batch failed for good, or whose owner is neither committed nor in a live job, is
         taken over here instead of making its content a "duplicate" of an id that never existed.
         """
+        return [owner for owner, _ in self.claim_items([(sha, i, "") for sha, i in claims], batch_id)]
+
+    def claim_items(self, claims: list[tuple[str, int, str]], batch_id: str = "") -> list[tuple[int, bool]]:
+        """``claim_hashes`` for (sha256, id, caller's key or ''): (owner, unchanged) per item.
+
+        ``unchanged``: the key already holds this content (its owner is the key's id); nothing
+        was claimed, and the item is not indexed again. Still one round trip.
+        """
         if not claims:
             return []
-        keys = [self._k(C.KEY_HASHES), self._k(C.KEY_PENDING_CLAIMS)]
+        keys = [self._k(C.KEY_HASHES), self._k(C.KEY_PENDING_CLAIMS), self._k(C.KEY_KEYS)]
         args: list[Any] = [batch_id]
-        for sha256, image_id in claims:
-            args += [sha256, image_id]
-        owners = [int(owner) for owner in self._claim(keys=keys, args=args)]
+        for sha256, image_id, key in claims:
+            args += [sha256, image_id, key]
+
+        def run() -> list[tuple[int, bool]]:
+            raw = [str(owner) for owner in self._claim(keys=keys, args=args)]
+            return [(int(owner.lstrip("=")), owner.startswith("=")) for owner in raw]
+
+        owners = run()
         if not batch_id:
             return owners
-        taken = {sha for (sha, image_id), owner in zip(claims, owners) if owner != image_id}
+        taken = {
+            sha for (sha, image_id, _), (owner, same) in zip(claims, owners) if owner != image_id and not same
+        }
         if taken and self.drop_dead_claims(sorted(taken), batch_id):
-            owners = [int(owner) for owner in self._claim(keys=keys, args=args)]
+            owners = run()
         return owners
 
     def drop_dead_claims(self, shas: list[str], batch_id: str = "") -> int:
@@ -210,16 +273,88 @@ class Coordinator:
         self._release(keys=[self._k(C.KEY_HASHES)], args=[sha256, image_id])
 
     # --- commit log
-    def publish(self, store_key: str, images: int = 0) -> int:
-        """Commit a store object once; ``images`` (added or removed) goes into the image count."""
+    def publish(self, store_key: str, images: int = 0, removes: int | None = None) -> int:
+        """Commit a store object once; ``images`` (added or removed) goes into the image count.
+
+        ``removes``: the id a tombstone removes; its key (if any) is forgotten in the same commit.
+        """
+        return self.commit(store_key, images, removes=removes)[0]
+
+    def commit(
+        self,
+        store_key: str,
+        images: int = 0,
+        keyed: list[tuple[str, int, str]] | None = None,
+        removes: int | None = None,
+        expect: int | None = None,
+    ) -> tuple[int, list[tuple[int, str]]]:
+        """Publish a segment whose ``keyed`` rows ((key, id, sha256)) take their keys over, in one script.
+
+        Returns (sequence, [(replaced id, key), ...]): the ids this commit tombstoned because their
+        key now names a row of this segment. A second publish of the same object returns the first
+        one's answer, so a redelivered batch finishes the replacement its first run began.
+        ``expect``: commit only while the first keyed row's key still names that id (else
+        (0, []) and nothing changed): a change made from what the key named a moment ago.
+        """
         keys = [
             self._k(C.KEY_SEQUENCE),
             self._k(C.KEY_COMMITS),
             self._k(C.KEY_COMMIT_BY_OBJECT),
             self._k(C.KEY_CHANGES),
             self._k(C.KEY_COUNT),
+            self._k(C.KEY_KEYS),
+            self._k(C.KEY_KEY_OF),
+            self._k(C.KEY_REPLACED),
+            self._k(C.KEY_HASHES),
         ]
-        return int(self._publish(keys=keys, args=[store_key, images]))
+        args: list[Any] = [
+            store_key,
+            images,
+            "" if removes is None else int(removes),
+            "" if expect is None else int(expect),
+        ]
+        for key, image_id, sha in keyed or []:
+            args += [key, int(image_id), sha]
+        sequence, replaced = self._publish(keys=keys, args=args)
+        return int(sequence), [(int(old), key) for old, key in json.loads(replaced)]
+
+    def replaced(self, store_keys: list[str]) -> dict[str, list[int]]:
+        """The ids each committed segment tombstoned by taking their keys over (one round trip)."""
+        if not store_keys:
+            return {}
+        raw = self.r.hmget(self._k(C.KEY_REPLACED), store_keys)
+        return {k: [int(old) for old, _ in json.loads(v)] for k, v in zip(store_keys, raw) if v}
+
+    # --- callers' keys
+    def lookup(self, key: str) -> dict[str, Any] | None:
+        """The live image of a caller's key: {"key", "id", "sequence", "sha256"}, or None."""
+        raw = self.r.hget(self._k(C.KEY_KEYS), key)
+        if raw is None:
+            return None
+        entry = json.loads(raw)
+        return {"key": key, "id": int(entry["id"]), "sequence": int(entry["seq"]), "sha256": entry["sha256"]}
+
+    def keys_of(self, ids: list[int]) -> list[str | None]:
+        """The caller's key of each id (None: it has none, or is not live)."""
+        if not ids:
+            return []
+        return list(self.r.hmget(self._k(C.KEY_KEY_OF), [int(i) for i in ids]))
+
+    def set_keys(self, entries: dict[str, tuple[int, int, str]]) -> None:
+        """Write key -> (id, sequence, sha256) wholesale (rebuild and restore derive them from the store)."""
+        if not entries:
+            return
+        with self.r.pipeline() as pipe:
+            for chunk in _chunks(list(entries.items()), 10_000):
+                pipe.hset(
+                    self._k(C.KEY_KEYS),
+                    mapping={
+                        key: json.dumps({"id": i, "seq": seq, "sha256": sha}, separators=(",", ":"))
+                        for key, (i, seq, sha) in chunk
+                    },
+                )
+                pipe.hset(self._k(C.KEY_KEY_OF), mapping={str(i): key for key, (i, _, _) in chunk})
+            pipe.execute()
 
     def image_count(self) -> int:
         return int(self.r.get(self._k(C.KEY_COUNT)) or 0)
@@ -312,7 +447,15 @@ class Coordinator:
         counts = [summary["indexed"], summary["duplicate"], summary["failed"]]
         failed = int(bool(summary.get("error")))
         done = self._finish(
-            keys=[key, key + ":batches"], args=[batch, json.dumps(summary), *counts, failed, time.time()]
+            keys=[key, key + ":batches"],
+            args=[
+                batch,
+                json.dumps(summary),
+                *counts,
+                failed,
+                time.time(),
+                int(summary.get("unchanged") or 0),
+            ],
         )
         return bool(done)
 
@@ -342,6 +485,10 @@ def recent_jobs(client: redis.Redis, limit: int = 20, collection: str | None = N
             if len(jobs) >= limit:
                 break
     return jobs
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[at : at + size] for at in range(0, len(items), size)]
 
 
 def _text(value: Any) -> str:

@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from pupyl_queue import integrity, metadata
-from pupyl_queue.codecs import encode_segment
+from pupyl_queue import integrity, keys, metadata
+from pupyl_queue.attributes import InvalidAttribute, builtin_values, check_attributes, check_key
+from pupyl_queue.codecs import SegmentRows, encode_segment
 from pupyl_queue.decode_pool import PixelSlots
 from pupyl_queue.images import ImageError, ImageInfo, decode
 from pupyl_queue.ingest import finish_if_done
@@ -65,6 +66,12 @@ def prepare(
     """
     if item.get("error"):
         return Prepared(error=item["error"])
+    try:
+        if item.get("image_key") is not None:
+            check_key(item["image_key"])
+        check_attributes(item.get("attributes"))
+    except InvalidAttribute as exc:
+        return Prepared(error=str(exc))
     try:
         if "data_b64" in item:
             data = base64.b64decode(item["data_b64"])
@@ -136,7 +143,10 @@ def embed_batch(
     sequence = run.commit(owner) if run.keep else None
     coord.settle_claims(owner)  # committed: its claims are no longer pending
 
-    counts = {s: sum(1 for r in run.report if r["status"] == s) for s in ("indexed", "duplicate", "failed")}
+    counts = {
+        s: sum(1 for r in run.report if r["status"] == s)
+        for s in ("indexed", "duplicate", "failed", "unchanged")
+    }
     summary = {"batch": batch, "sequence": sequence, **counts, **run.timings.to_json()}
     if (done := coord.finished_batch(job_id, batch)) is not None:
         # Another delivery of this batch finished while this one ran (a redelivery past the
@@ -213,18 +223,25 @@ class _BatchRun:
     def _admit(self, positions: list[int]) -> None:
         """Record each item's outcome so far; the ones that go to the network join the pending chunk."""
         decoded = [p for p in positions if self.prepared[p].image is not None]
-        claims = [(self.prepared[p].image.sha256, self.ids[p]) for p in decoded]  # type: ignore[union-attr]
+        claims = [
+            (self.prepared[p].image.sha256, self.ids[p], self.items[p].get("image_key") or "")  # type: ignore[union-attr]
+            for p in decoded
+        ]
         owners = dict(
-            zip(decoded, self.coord.claim_hashes(claims, batch_id(self.task["job_id"], self.task["batch"])))
+            zip(decoded, self.coord.claim_items(claims, batch_id(self.task["job_id"], self.task["batch"])))
         )
         for p in positions:
             ref, image_id = self.items[p]["ref"], self.ids[p]
+            key = {"key": self.items[p]["image_key"]} if self.items[p].get("image_key") else {}
+            owner, unchanged = owners.get(p, (0, False))
             if p not in owners:
-                self.report.append({"ref": ref, "status": "failed", "error": self.prepared[p].error})
-            elif self.task.get("check_unique") and owners[p] != image_id:
-                self.report.append({"ref": ref, "status": "duplicate", "duplicate_of": owners[p]})
+                self.report.append({"ref": ref, "status": "failed", "error": self.prepared[p].error, **key})
+            elif unchanged and owner != image_id:  # its own id: a rerun after this batch committed
+                self.report.append({"ref": ref, "status": "unchanged", "id": owner, **key})
+            elif self.task.get("check_unique") and owner != image_id:
+                self.report.append({"ref": ref, "status": "duplicate", "duplicate_of": owner, **key})
             else:
-                self.report.append({"ref": ref, "status": "indexed", "id": image_id})
+                self.report.append({"ref": ref, "status": "indexed", "id": image_id, **key})
                 self._pending.append(p)
 
     def _infer(self) -> None:
@@ -245,14 +262,33 @@ class _BatchRun:
         layout, pool, put = self.coord.layout, self.rt.pool(), self.rt.store.put
         for p in positions:
             image_id = self.ids[p]
-            self._metas[p] = _metadata(image_id, self.items[p], self.prepared[p].image)  # type: ignore[arg-type]
+            image = self.prepared[p].image
+            meta = _metadata(image_id, self.items[p], image, self._uri(layout.image(image_id)))  # type: ignore[arg-type]
+            self._metas[p] = meta
             self._writes.append(pool.submit(put, layout.image(image_id), self.prepared[p].normalized))
             if self.prepared[p].original:
                 self._writes.append(pool.submit(put, layout.original(image_id), self.prepared[p].original))
             self._written.add(p)
 
+    def _uri(self, key: str) -> str:
+        return f"{self.rt.store.url.rstrip('/')}/{key}"
+
+    def rows(self) -> SegmentRows:
+        """What the segment says of each kept row beside its vector: key, sha256, attributes and the
+        built-in values a filter reads (so a searcher filters without reading any metadata)."""
+        return SegmentRows(
+            [self.items[p].get("image_key") or None for p in self.keep],
+            [self.prepared[p].image.sha256 for p in self.keep],  # type: ignore[union-attr]
+            [self.items[p].get("attributes") or None for p in self.keep],
+            [builtin_values(self._metas[p]) for p in self.keep],
+        )
+
     def commit(self, batch_id: str) -> int:
-        """Write images and the batch's metadata object (in parallel), then the segment, then publish it."""
+        """Write images and the batch's metadata object (in parallel), then the segment, then publish it.
+
+        Keyed rows take their keys over in the same commit; the ids those keys named before are
+        tombstoned by it (coordination.Coordinator.commit) and then retired in the store.
+        """
         started = time.perf_counter()
         layout = self.coord.layout
         self._write_images([p for p in self.keep if p not in self._written])
@@ -265,13 +301,28 @@ class _BatchRun:
             self._writes.append(self.rt.pool().submit(self.rt.store.put, layout.batch_meta(batch_id), meta))
         for write in self._writes:
             write.result()
+        rows = self.rows()
         if not committed:
-            data = encode_segment(np.array([self.ids[p] for p in self.keep]), self.vectors)
+            data = encode_segment(np.array([self.ids[p] for p in self.keep]), self.vectors, rows)
             self.rt.store.put(segment, data)
             integrity.record_checksum(self.coord, segment, data)
-        sequence = self.coord.publish(segment, images=len(self.keep))
+        keyed = [
+            (key, self.ids[p], sha)
+            for p, key, sha in zip(self.keep, rows.keys, rows.sha256)
+            if key is not None and sha is not None
+        ]
+        sequence, replaced = self.coord.commit(segment, images=len(self.keep), keyed=keyed)
+        if replaced:
+            keys.retire(self.rt.store, self.coord, replaced, {key: i for key, i, _ in keyed})
+            self._mark_replaced({old for old, _ in replaced})
         self.timings.write_s = time.perf_counter() - started
         return sequence
+
+    def _mark_replaced(self, gone: set[int]) -> None:
+        """A key given twice in one batch: its earlier row was replaced by its later one at once."""
+        for n, row in enumerate(self.report):
+            if row.get("status") == "indexed" and row.get("id") in gone:
+                self.report[n] = {**row, "replaced": True}
 
 
 def _drop_near_duplicates(
@@ -326,7 +377,9 @@ def _drop_copies(
     return drop_copies(rt, task, run.keep, run.vectors, ids, run.report, images, short_lists)
 
 
-def _metadata(image_id: int, item: dict[str, Any], image: ImageInfo) -> dict[str, Any]:
+def _metadata(
+    image_id: int, item: dict[str, Any], image: ImageInfo, internal_path: str = ""
+) -> dict[str, Any]:
     meta = {
         "id": image_id,
         "original_file_name": item["ref"].rsplit("/", 1)[-1],
@@ -346,6 +399,12 @@ def _metadata(image_id: int, item: dict[str, Any], image: ImageInfo) -> dict[str
             "indexed_at": time.time(),
         }
     )
+    if internal_path:
+        meta["internal_path"] = internal_path  # the stored copy's store URI
+    if item.get("image_key"):
+        meta["key"] = item["image_key"]
+    if item.get("attributes"):
+        meta["attributes"] = item["attributes"]
     return meta
 
 

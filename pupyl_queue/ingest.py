@@ -78,10 +78,14 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
     if spec.precision == "int8" and not rt.store.children(layout.calibration):
         items = _keep_calibration_sample(rt, layout, items)
     for item in items:
-        entry: dict[str, Any] = {"ref": item.ref, "meta": item.meta}
+        entry: dict[str, Any] = {"ref": item.ref, "meta": item.meta, **_keyed(job, item, total)}
         data = item.data or b""
         if item.error:
             entry["error"] = item.error
+        elif total and job.get("key") is not None:
+            entry["error"] = (
+                f"the job gives one key ({str(job['key'])[:80]!r}) for one image; its URI names more"
+            )
         elif item.path:
             entry["path"] = item.path  # read by the embed worker: nothing staged, nothing to delete
         elif len(data) <= min(rt.settings.inline_item_bytes, inline_budget):
@@ -99,6 +103,23 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
     coord.update_job(job_id, total=total, batches_total=batches, expanded=1, state="running")
     finish_if_done(rt, job_id, collection)
     return {"job_id": job_id, "total": total, "batches": batches}
+
+
+def _keyed(job: dict[str, Any], item: SourceItem, number: int) -> dict[str, Any]:
+    """The caller's key and attributes an item carries into its embed task (checked there, per item).
+
+    A list gives them per line; a job may give one key (and attributes) for the one image it
+    names (``PupylQueue.upsert``). ``image_key``: the embed item's ``key`` is its staged copy.
+    """
+    out: dict[str, Any] = {}
+    key, attributes = item.key or None, item.attributes
+    if number == 0 and job.get("key") is not None:
+        key, attributes = job["key"], job.get("attributes")
+    if key is not None:
+        out["image_key"] = key
+    if attributes:
+        out["attributes"] = attributes
+    return out
 
 
 def _uploads(rt: Runtime, layout: Layout, job_id: str, uri: str) -> Iterator[SourceItem]:

@@ -9,9 +9,12 @@ or ``{"vector": [...]}``. A search's ``mode`` is ``"similar"`` (the default) or
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
+import re
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -19,17 +22,28 @@ import redis
 
 from pupyl_queue import constants as C
 from pupyl_queue import integrity
-from pupyl_queue.codecs import decode_vectors
+from pupyl_queue.attributes import (
+    Filter,
+    InvalidAttribute,
+    builtin_values,
+    check_attributes,
+    check_key,
+    parse_filter,
+)
+from pupyl_queue.codecs import SegmentRows, decode_vectors, encode_segment
 from pupyl_queue.fencing import CompactionLock, FencedOut
 from pupyl_queue.images import decode
+from pupyl_queue.jobs import batch_id
+from pupyl_queue.keys import retire
 from pupyl_queue.layout import Layout
-from pupyl_queue.metadata import mark_removed
+from pupyl_queue.metadata import encode_batch, mark_removed
 from pupyl_queue.metadata import read as read_metadata
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.sharding import Send, fan_out, shard_vector
 from pupyl_queue.store import ObjectNotFound, StoreUnavailable
 
 log = logging.getLogger(__name__)
+UPDATE_ID = re.compile(r"[0-9a-f]{8,64}")
 
 
 class QueryError(ValueError):
@@ -121,6 +135,7 @@ def rank(
     """Each vector's ``top`` hits: by this worker's searcher (caught up to the task's ``min_sequence``),
     or on a router by the shards. ``info`` has the sequence, the count, and ``degraded``/``damaged``
     only when the store had damage the searcher routed around."""
+    where = search_filter(task)  # a bad filter fails here, before any shard is asked
     if rt.is_router:
         if send is None:
             raise RuntimeError("a search router needs a way to reach its shards")
@@ -129,8 +144,16 @@ def rank(
     wanted = int(task.get("min_sequence") or 0)
     if wanted and not searcher.wait_for(wanted, float(task.get("wait_timeout", 30))):
         raise NotCaughtUp(f"searcher is at sequence {searcher.sequence}, asked for {wanted}")
-    hits = searcher.search_many(vectors, top)
+    hits = searcher.search_many(vectors, top, where)
     return hits, {"sequence": searcher.sequence, "count": len(searcher), **searcher.health()}
+
+
+def search_filter(task: dict[str, Any]) -> Filter | None:
+    """The task's ``filter`` (attributes.parse_filter's language), or None; a bad one is a QueryError."""
+    try:
+        return parse_filter(task.get("filter"))
+    except InvalidAttribute as exc:
+        raise QueryError(f"filter: {exc}") from None
 
 
 def _search(
@@ -143,6 +166,9 @@ def _search(
     vector = query_vector(rt, collection, task["query"], send)
     (hits,), info = rank(rt, collection, vector[None], top, task, send)
     results: list[dict[str, Any]] = [{"id": image_id, "distance": distance} for image_id, distance in hits]
+    for row, key in zip(results, rt.coordinator(collection).keys_of([i for i, _ in hits])):
+        if key is not None:
+            row["key"] = key  # the caller's key (one HMGET for the whole answer)
     if task.get("metadata"):
         for row, meta in zip(results, metadata(rt, Layout(collection), [i for i, _ in hits])):
             row["metadata"] = meta
@@ -184,11 +210,24 @@ def nearest(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict
 
 
 def remove(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
-    """Tombstone an id (committed like a segment), then delete its image and metadata."""
+    """Tombstone an id (committed like a segment), then delete its image and metadata.
+
+    ``{"key": ...}`` instead of ``{"id": ...}`` removes the image a caller's key names now; the
+    tombstone's commit forgets the key (a key upserted again meanwhile names a newer id: it stays).
+    """
     collection = task.get("collection", "default")
-    image_id = int(task["id"])
     layout = Layout(collection)
     coord = rt.coordinator(collection)
+    if task.get("id") is None and task.get("key") is not None:
+        found = coord.lookup(str(task["key"]))
+        if found is None:
+            return {
+                "key": task["key"],
+                "removed": False,
+                "reason": f"no image with key {str(task['key'])[:256]!r}",
+            }
+        return {"key": task["key"], **remove(rt, {"collection": collection, "id": found["id"]})}
+    image_id = int(task["id"])
     tombstone = layout.tombstone(image_id)
     meta = read_metadata(rt.store, rt.redis, layout, [image_id])[0]
     if meta is None and not rt.store.exists(tombstone):
@@ -197,7 +236,7 @@ def remove(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
         rt.store.put(tombstone, json.dumps({"id": image_id, "removed_at": time.time()}).encode())
     if not integrity.is_committed(coord, tombstone):
         integrity.record_checksum(coord, tombstone, rt.store.get(tombstone))
-    sequence = coord.publish(tombstone, images=-1 if meta is not None else 0)
+    sequence = coord.publish(tombstone, images=-1 if meta is not None else 0, removes=image_id)
     if meta is not None:
         coord.release_hash(meta["sha256"], image_id)
     mark_removed(rt.redis, layout, [image_id])  # its entry in the batch's metadata object reads as gone
@@ -206,6 +245,70 @@ def remove(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
     rt.store.delete(layout.image_meta(image_id))  # a collection written before batch objects
     rt.store.delete(layout.local_features(image_id))
     return {"id": image_id, "removed": True, "sequence": sequence}
+
+
+def set_attributes(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict[str, Any]:
+    """New attributes for the image a caller's key names, without running the network again.
+
+    The image's vector (from this search worker, or its shard) goes into a one-row segment under a
+    new id, with the same stored copy and metadata but the new attributes; its commit takes the key
+    over and tombstones the old id, like any upsert, so every reader, compaction, rebuild and backup
+    handles it as one. It commits only while the key still names the image read here: a key upserted
+    meanwhile is left alone (``updated: false``). ``update_id`` (a fresh hex id per request) makes a
+    redelivered task finish the same update instead of making another.
+    """
+    collection = task.get("collection", "default")
+    layout, coord = Layout(collection), rt.coordinator(collection)
+    try:
+        key, attributes = check_key(task.get("key")), check_attributes(task.get("attributes"))
+    except InvalidAttribute as exc:
+        raise QueryError(str(exc)) from None
+    update_id = str(task.get("update_id") or uuid.uuid4().hex)
+    if not UPDATE_ID.fullmatch(update_id):
+        raise QueryError("update_id is 8 to 64 hex digits")
+    owner = batch_id(update_id, 0)
+    segment = layout.segment(owner)
+    new_id = coord.allocate_ids(owner, 1)[0]
+    if integrity.is_committed(coord, segment):  # a redelivery: finish what the first run began
+        sequence, replaced = coord.commit(segment)
+        retire(rt.store, coord, replaced, {key: new_id})
+        return {"key": key, "updated": True, "id": new_id, "sequence": sequence}
+    found = coord.lookup(key)
+    if found is None:
+        return {"key": key, "updated": False, "reason": f"no image with key {key[:256]!r}"}
+    old_id = int(found["id"])
+    meta = read_metadata(rt.store, rt.redis, layout, [old_id])[0]
+    if meta is None:
+        return {"key": key, "updated": False, "reason": f"image {old_id} was removed meanwhile; try again"}
+    vector = query_vector(rt, collection, {"id": old_id}, send)
+    copies = [
+        (layout.image(old_id), layout.image(new_id)),
+        (layout.original(old_id), layout.original(new_id)),
+    ]
+    for source, target in copies:
+        with contextlib.suppress(ObjectNotFound):  # no original unless PUPYL_KEEP_ORIGINALS
+            rt.store.put(target, rt.store.get(source))
+    meta = {**{k: v for k, v in meta.items() if k != "attributes"}, "id": new_id, "replaces": old_id}
+    meta.update({"attributes": attributes} if attributes else {}, attributes_updated_at=time.time())
+    if "internal_path" in meta:
+        meta["internal_path"] = f"{rt.store.url.rstrip('/')}/{layout.image(new_id)}"
+    rt.store.put(layout.batch_meta(owner), encode_batch(owner, [meta]))  # a batch of one: its id's range
+    rows = SegmentRows([key], [meta["sha256"]], [attributes or None], [builtin_values(meta)])
+    data = encode_segment(np.array([new_id]), vector[None], rows)
+    rt.store.put(segment, data)
+    integrity.record_checksum(coord, segment, data)
+    sequence, replaced = coord.commit(segment, images=1, keyed=[(key, new_id, meta["sha256"])], expect=old_id)
+    if not sequence:  # the key moved on meanwhile: this update never happened
+        for path in (segment, layout.image(new_id), layout.original(new_id), layout.batch_meta(owner)):
+            rt.store.delete(path)
+        integrity.forget(coord, [segment])
+        return {
+            "key": key,
+            "updated": False,
+            "reason": "the key was upserted or removed meanwhile; try again",
+        }
+    retire(rt.store, coord, replaced, {key: new_id})
+    return {"key": key, "updated": True, "id": new_id, "replaced": old_id, "sequence": sequence}
 
 
 def compact(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:

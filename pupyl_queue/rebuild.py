@@ -14,6 +14,8 @@ dedup map, counts, checksums of committed objects and the job records. All of it
   objects, less every removed id, and the per-image objects of collections written before them);
 - the metadata range index (which batch object holds an id) and the removed ids come from the
   batch objects, the tombstones and the snapshots' removed lists (pupyl_queue/metadata.py);
+- the key map (caller's key -> live id) comes from the rows the snapshot's vector files and the
+  segments carry, minus every removed id (a replaced id has its tombstone too: pupyl_queue/keys.py);
 - job records come back from the per-batch reports. A job that was running when Redis went lost
   its queued messages with it: its staged and uploaded bytes are still in the store, so it is
   marked failed ("interrupted") and those bytes are deleted; index its source again with
@@ -35,7 +37,7 @@ import numpy as np
 import redis
 
 from pupyl_queue import constants as C
-from pupyl_queue import integrity
+from pupyl_queue import integrity, keys
 from pupyl_queue.codecs import decode_segment, read_manifest
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.integrity import StoreDamaged
@@ -90,6 +92,7 @@ def rebuild(store: ObjectStore, client: redis.Redis, name: str, force: bool = Fa
     client.set(layout.key(C.KEY_COUNT), len(images))
     if images:
         client.hset(layout.key(C.KEY_HASHES), mapping={sha: str(i) for sha, i in images.items()})
+    key_map = keys.restore_key_map(store, coord)  # from the rows the segments and snapshot carry
     jobs = _jobs(store, client, coord)
     client.set(layout.key(C.KEY_EPOCH), f"rebuilt-{time.time():.6f}")
     result = {
@@ -100,6 +103,7 @@ def rebuild(store: ObjectStore, client: redis.Redis, name: str, force: bool = Fa
         "commits_after_snapshot": len(after_newest),
         "images": len(images),
         "next_id": max(seen, default=0) + 1,
+        **key_map,
         **jobs,
     }
     log.info("rebuilt %s: %s", name, result)

@@ -25,7 +25,8 @@ import numpy as np
 
 from pupyl_queue import constants as C
 from pupyl_queue import integrity
-from pupyl_queue.codecs import decode_segment, read_pointer
+from pupyl_queue.attributes import AttributeTable, Filter
+from pupyl_queue.codecs import ROWS_FILE, decode_segment_rows, read_pointer, read_snapshot_rows
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.integrity import StoreDamaged
 from pupyl_queue.layout import Layout
@@ -63,6 +64,7 @@ class Searcher:
         self.sequence = 0  # every commit up to here is applied
         self.snapshot_watermark = 0  # the snapshot this state was loaded from
         self.tombstones: set[int] = set()
+        self.table = AttributeTable()  # every live row's filterable values (attributes and built-ins)
         self._seen_changes = -1
         self._epoch = ""
         self.published_seen = 0  # the newest published snapshot looked at (loaded, or found damaged)
@@ -147,9 +149,25 @@ class Searcher:
             except Exception as exc:  # bytes that match an old manifest without sizes, yet do not load
                 raise StoreDamaged(f"{base}/index.faiss", f"unreadable ({type(exc).__name__})") from None
         self.index = index
+        self.table = self._snapshot_table(manifest)
         self.tombstones = set(dead.tolist())
         self.sequence = self.snapshot_watermark = int(manifest["watermark"])
         log.info("loaded snapshot %s: %d vectors at sequence %d", base, len(self.index), self.sequence)
+
+    def _snapshot_table(self, manifest: dict[str, Any]) -> AttributeTable:
+        """The filterable values of a snapshot's rows: its rows file; a snapshot written before
+        there was one gives them from its vector files (read once more, vectors and all)."""
+        table = AttributeTable()
+        if ROWS_FILE in manifest["files"]:
+            ids, values = read_snapshot_rows(integrity.snapshot_file(self.store, manifest, ROWS_FILE))
+            table.add(ids, values)
+            return table
+        checks = manifest.get("vector_sha256", {})
+        for key in manifest["vector_files"]:
+            ids, _, rows = decode_segment_rows(integrity.read_checked(self.store, key, checks.get(key)))
+            if rows.says_anything():
+                table.add(ids, rows.filterable())
+        return table
 
     def _own(self, ids: np.ndarray) -> np.ndarray:
         if self.shard is None:
@@ -162,11 +180,15 @@ class Searcher:
         dead = np.frombuffer(integrity.snapshot_file(self.store, manifest, "tombstones.npy"), np.int64)
         ids_parts, vector_parts = [], []
         checks = manifest.get("vector_sha256", {})
+        table = AttributeTable()
         for key in manifest["vector_files"]:
-            ids, vectors = decode_segment(integrity.read_checked(self.store, key, checks.get(key)))
+            ids, vectors, rows = decode_segment_rows(integrity.read_checked(self.store, key, checks.get(key)))
             keep = self._own(ids) & ~np.isin(ids, dead)
             ids_parts.append(ids[keep])
             vector_parts.append(vectors[keep])
+            if rows.says_anything():
+                table.add(ids[keep], rows.take(keep).filterable())
+        self.table = table
         ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
         vectors = np.concatenate(vector_parts) if vector_parts else np.zeros((0, manifest["dim"]), np.float32)
         factory = manifest["factory"] if len(ids) >= 39 * 16 else "Flat"
@@ -195,9 +217,10 @@ class Searcher:
             applied = 0
             commits = self.coord.commits_after(self.sequence)
             expected = integrity.checksums(self.coord, [key for _, key in commits])
+            replaced = self.coord.replaced([key for _, key in commits if f"/{C.STORE_SEGMENTS}/" in key])
             for sequence, key in commits:
                 try:
-                    self._apply(key, expected[key])
+                    self._apply(key, expected[key], replaced.get(key, []))
                 except ObjectNotFound:
                     if self.coord.snapshot_watermark() < sequence:
                         # No snapshot holds it: reloading would meet the same hole again, forever.
@@ -215,6 +238,7 @@ class Searcher:
 
     def _reset(self) -> None:
         self.index, self.sequence, self.snapshot_watermark, self.tombstones = None, 0, 0, set()
+        self.table = AttributeTable()
         self.damaged, self.skipped = {}, {}
         self._load_snapshot()
 
@@ -223,7 +247,9 @@ class Searcher:
         self.skipped[key] = reason
         self._damage(key, reason)
 
-    def _apply(self, key: str, sha: str | None = None) -> None:
+    def _apply(self, key: str, sha: str | None = None, replaced: list[int] | None = None) -> None:
+        """One commit. ``replaced``: the ids its keyed rows took the keys of; they go in the same step
+        (under the searcher's lock), so no search sees both images of a key, or neither."""
         kind = key.split("/")[-2]
         data = self.store.get(key)
         reason = integrity.problem(data, sha)
@@ -237,25 +263,33 @@ class Searcher:
                 self._damage(key, f"{reason}; applied by the id in its name")
                 image_id = int(key.rsplit("/", 1)[-1].split(".")[0])
             self.tombstones.add(image_id)
+            self.table.remove([image_id])
             if self.index is not None:
                 self.index.remove([image_id])
         elif kind == C.STORE_SEGMENTS:
             if reason is None:
                 try:
-                    ids, vectors = decode_segment(data)
+                    ids, vectors, rows = decode_segment_rows(data)
                     dim = vectors.shape[1] if vectors.ndim == 2 else 0
                     want = dim if self.index is None else self.index.dim
                     if len(ids) != len(vectors) or dim < 1 or dim != want:
                         reason = f"{len(ids)} ids, vectors of shape {vectors.shape}"
                 except Exception as exc:  # noqa: BLE001 - any decode failure is damage
                     reason = f"unreadable ({type(exc).__name__})"
-            if reason is not None:
+            if reason is None:
+                keep = np.array([int(i) not in self.tombstones for i in ids], dtype=bool) & self._own(ids)
+                if self.index is None:
+                    self.index = VectorIndex(int(vectors.shape[1]), nprobe=self.nprobe)
+                self.index.add(ids[keep], vectors[keep])
+                if rows.says_anything():  # a segment from before keys and attributes has nothing to filter
+                    self.table.add(ids[keep], rows.take(keep).filterable())
+            else:
                 self._skip(key, reason)
-                return
-            keep = np.array([int(i) not in self.tombstones for i in ids], dtype=bool) & self._own(ids)
-            if self.index is None:
-                self.index = VectorIndex(int(vectors.shape[1]), nprobe=self.nprobe)
-            self.index.add(ids[keep], vectors[keep])
+            if replaced:  # a damaged segment still took its keys over: the old images go all the same
+                self.tombstones.update(replaced)
+                self.table.remove(replaced)
+                if self.index is not None:
+                    self.index.remove(replaced)
         else:
             raise ValueError(f"unknown commit object {key}")
 
@@ -271,7 +305,7 @@ class Searcher:
     def memory_bytes(self) -> int:
         """What this searcher holds: its index, plus a newer snapshot while one loads beside it."""
         index = self.index
-        return (0 if index is None else index.memory_bytes()) + self._incoming
+        return (0 if index is None else index.memory_bytes()) + self.table.nbytes() + self._incoming
 
     def _snapshot_bytes(self) -> int:
         """About what the published snapshot takes once loaded (this searcher's share of it)."""
@@ -326,7 +360,7 @@ class Searcher:
                     if attempt == 9:
                         fresh.refresh(force=True)
                     if fresh.sequence >= self.sequence:
-                        self.index, self.sequence = fresh.index, fresh.sequence
+                        self.index, self.sequence, self.table = fresh.index, fresh.sequence, fresh.table
                         self.tombstones, self.snapshot_watermark = fresh.tombstones, fresh.snapshot_watermark
                         self.published_seen = max(self.published_seen, fresh.published_seen)
                         self.damaged, self.skipped = fresh.damaged, fresh.skipped
@@ -353,11 +387,18 @@ class Searcher:
     def search(self, vector: np.ndarray, top: int) -> list[tuple[int, float]]:
         return self.search_many(vector[None, :], top)[0]
 
-    def search_many(self, vectors: np.ndarray, top: int) -> list[list[tuple[int, float]]]:
+    def search_many(
+        self, vectors: np.ndarray, top: int, where: Filter | None = None
+    ) -> list[list[tuple[int, float]]]:
+        """Each vector's ``top`` nearest; with ``where`` (attributes.parse_filter), the true top
+        among the images the filter allows (their ids from the attribute table, then an exact
+        filtered search: vector_index.VectorIndex.search_within)."""
         self.refresh()
         with self._lock:
             if self.index is None:
                 return [[] for _ in range(len(vectors))]
+            if where is not None:
+                return self.index.search_within(vectors, top, self.table.select(where))
             return self.index.search(vectors, top)
 
     def vector(self, image_id: int) -> np.ndarray:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pupyl_queue.attributes import parse_filter
 from pupyl_queue.codecs import decode_vectors, encode_vectors
 from pupyl_queue.runtime import Runtime
 
@@ -36,7 +37,8 @@ def shard_search(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
         raise TimeoutError(f"shard at sequence {searcher.sequence}, asked for {wanted}")
     if "id" in task:
         return encode_vectors(searcher.vector(int(task["id"]))[None])
-    hits = searcher.search_many(decode_vectors(task), int(task["top"]))
+    where = parse_filter(task.get("filter"))  # checked by the router already
+    hits = searcher.search_many(decode_vectors(task), int(task["top"]), where)
     return {
         "hits": [[[i, d] for i, d in row] for row in hits],
         "sequence": searcher.sequence,
@@ -61,6 +63,7 @@ def fan_out(
         **encode_vectors(vectors),
         "min_sequence": int(task.get("min_sequence") or 0),
         "wait_timeout": task.get("wait_timeout", 30),
+        **({"filter": task["filter"]} if task.get("filter") is not None else {}),
     }
     shards = rt.settings.search_shards
     timeout = float(task.get("shard_timeout") or rt.settings.search_timeout)

@@ -192,6 +192,11 @@ def nearest(self: Any, **request: Any) -> dict[str, Any]:
     return riding_out_redis(self, request, lambda: queries.nearest(runtime(), request, to_shard))
 
 
+@shared_task(name=C.TASK_SET_ATTRIBUTES, bind=True, **RETRY)
+def set_attributes(self: Any, **request: Any) -> dict[str, Any]:
+    return riding_out_redis(self, request, lambda: queries.set_attributes(runtime(), request, to_shard))
+
+
 @shared_task(name=C.TASK_REMOVE, bind=True, **RETRY)
 def remove(self: Any, **request: Any) -> dict[str, Any]:
     return riding_out_redis(self, request, lambda: queries.remove(runtime(), request))

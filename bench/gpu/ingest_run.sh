@@ -11,9 +11,11 @@
 #      an ingest and a GPU embed worker (Celery, --pool solo), and the decode ceiling of all cores,
 #      MobileNet float32; then 200 searches by image and by id through a search worker (faiss-gpu);
 #   4. JAX GPU vs JAX CPU vectors (bench/gpu/parity.py);
-#   5. the same ingest with the null extractor; nvidia-smi samples the GPU all along.
+#   5. the null extractor on a fifth of the photos: staged copies and one batch at a time, then local
+#      references, then references and 3 batches at once; nvidia-smi samples the GPU all along.
+# Session 5 ran it (one H100: bench/gpu/run4_ingest_h100.txt) before the MobileNet step had
+# --local-references --embed-concurrency 3 and before the null variants.
 # Most important first: a step that runs out of time leaves the ones before it whole.
-# Not tried yet: no GPU was lent to the session that wrote it. Read its output before trusting it.
 set -uo pipefail
 repo=$PWD
 out=${OUT:-/tmp/out}
@@ -77,7 +79,7 @@ logs() {  # the workers' last lines after a failed step
 stamp "ingest MobileNet float32 (JAX), then searches through a search worker"
 timeout $((270 * slow)) "$py" bench/ingest.py --photos $scratch/photos --images "$count" --runs 1 --characteristics 1 \
     --batch-size 256 --infer-batch 256 --model-images 2048 --batch 256 --ceiling --warmup 512 --search 200 \
-    --json "$out/mobilenet.json" || { echo "exit $?"; logs; }
+    --local-references --embed-concurrency "${CONCURRENCY:-3}" --json "$out/mobilenet.json" || { echo "exit $?"; logs; }
 
 stamp parity
 [ -n "$need" ] && export PARITY_GPU_PLATFORM=cpu
@@ -85,9 +87,13 @@ if [ -n "${SKIP_PARITY:-}" ]; then echo "skipped (SKIP_PARITY is set)"; else
     timeout $((90 * slow)) "$py" bench/gpu/parity.py $scratch/photos || echo "exit $?"
 fi
 
-stamp "ingest null extractor"
-timeout $((150 * slow)) "$py" bench/ingest.py --photos $scratch/photos --images "$count" --runs 1 --model null \
-    --batch-size 256 --infer-batch 256 --warmup 512 || { echo "exit $?"; logs; }
+# What each pipeline change gives, with the null extractor on a fifth of the photos (session 4's
+# figure is the first line's configuration: staged copies, one batch at a time).
+for variant in "" "--local-references" "--local-references --embed-concurrency 3"; do
+    stamp "ingest null extractor ${variant:-(staged copies, solo)}"
+    timeout $((100 * slow)) "$py" bench/ingest.py --photos $scratch/photos --images $((count / 5)) --runs 1 \
+        --model null --batch-size 256 --infer-batch 256 --warmup 512 $variant || { echo "exit $?"; logs; }
+done
 kill "$smi"
 stamp "GPU utilization (nvidia-smi, 1 s samples; busy = above 5%)"
 awk -F', ' '{gsub(/ %/, "", $2); n++; s += $2; if ($2 > 5) b++} END {if (n) printf "%d samples, mean %.0f%%, busy %d\n", n, s / n, b}' "$out/nvidia_smi.csv"
