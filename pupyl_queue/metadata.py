@@ -18,7 +18,10 @@ rebuild`` and restore call it.
 The price is on the read side: a read fetches the whole batch object (about 470 bytes per image:
 ~120 KB for a batch of 256) where it fetched one image's; the hits of one search that sit in the
 same batch share one GET. Removed images' entries stay in their batch object's bytes (the set
-hides them), like their vectors stay in segments until compaction.
+hides them; a backup copies them too).
+
+Redis is needed to find a batch object: after Redis lost its data, ids of batch objects read as
+absent until ``pupyl-queue rebuild`` (which any Redis loss needs anyway: ids, commit log, dedup).
 
 Collections written before this layout keep one ``images/<id>.json`` per image: an id that no
 batch object holds is read there (the fallback), and removal still deletes that object.
