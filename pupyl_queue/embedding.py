@@ -180,6 +180,9 @@ class _BatchRun:
         self._writes: list[Future[None]] = []
         self._written: set[int] = set()
         self._metas: dict[int, dict[str, Any]] = {}  # position -> its metadata, written in the batch object
+        # Claims that change nothing before the network wait, to be made in one round trip.
+        self._claims_wait = not task.get("check_unique") and not any(i.get("image_key") for i in self.items)
+        self._unclaimed: list[int] = []
 
     def embed(self) -> None:
         """Decode in the pool; run the network on each ``infer_batch`` as soon as it is ready.
@@ -211,25 +214,29 @@ class _BatchRun:
             self.timings.wait_s += time.perf_counter() - started
             group.append(position)
             if len(group) >= chunk or position == len(futures) - 1:
-                self._admit(group)  # one Redis round trip for the group's dedup claims
+                self._admit(group)  # a Redis round trip for the group's dedup claims, unless they wait
                 group = []
                 if len(self._pending) >= chunk:
                     self._infer()
+        if self._unclaimed:
+            self._claim(self._unclaimed)  # the whole batch's claims in one round trip
         if self._pending:
             self._infer()
         if self._chunks:
             self.vectors = np.concatenate(self._chunks)
 
     def _admit(self, positions: list[int]) -> None:
-        """Record each item's outcome so far; the ones that go to the network join the pending chunk."""
+        """Record each item's outcome so far; the ones that go to the network join the pending chunk.
+
+        The dedup claims decide which items skip the network only with ``check_unique`` or callers'
+        keys; otherwise they wait, and the whole batch claims in one round trip (``_run_chunks``).
+        """
         decoded = [p for p in positions if self.prepared[p].image is not None]
-        claims = [
-            (self.prepared[p].image.sha256, self.ids[p], self.items[p].get("image_key") or "")  # type: ignore[union-attr]
-            for p in decoded
-        ]
-        owners = dict(
-            zip(decoded, self.coord.claim_items(claims, batch_id(self.task["job_id"], self.task["batch"])))
-        )
+        if self._claims_wait:
+            self._unclaimed += decoded
+            owners = {p: (self.ids[p], False) for p in decoded}
+        else:
+            owners = self._claim(decoded)
         for p in positions:
             ref, image_id = self.items[p]["ref"], self.ids[p]
             key = {"key": self.items[p]["image_key"]} if self.items[p].get("image_key") else {}
@@ -243,6 +250,15 @@ class _BatchRun:
             else:
                 self.report.append({"ref": ref, "status": "indexed", "id": image_id, **key})
                 self._pending.append(p)
+
+    def _claim(self, positions: list[int]) -> dict[int, tuple[int, bool]]:
+        """Claim the content of these items: (owner, unchanged) of each, in one Redis round trip."""
+        claims = [
+            (self.prepared[p].image.sha256, self.ids[p], self.items[p].get("image_key") or "")  # type: ignore[union-attr]
+            for p in positions
+        ]
+        owners = self.coord.claim_items(claims, batch_id(self.task["job_id"], self.task["batch"]))
+        return dict(zip(positions, owners))
 
     def _infer(self) -> None:
         started = time.perf_counter()

@@ -134,8 +134,9 @@ def test_one_batch_costs_per_image_one_write_and_constant_redis(
     redis_client: redis.Redis, redis_url: str, tmp_path: Path, tiny_model: Path
 ) -> None:
     """Per batch, whatever its size: one metadata object, and the id allocation, the dedup claims
-    and the commit one Redis round trip each (the whole batch in one inference chunk)."""
-    settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url, batch_size=16, infer_batch=16)
+    and the commit one Redis round trip each, however many inference chunks (of 4 here) it runs;
+    with check_unique the claims go chunk by chunk (a duplicate skips the network)."""
+    settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url, batch_size=16, infer_batch=4)
     rt = Runtime(settings)
     store = CountingStore(tmp_path / "store")
     client, trips = count_redis(redis_url)
@@ -163,3 +164,8 @@ def test_one_batch_costs_per_image_one_write_and_constant_redis(
         per_batch.append(len(trips.log))
     assert per_batch[0] == per_batch[1] <= 12, trips.log  # 8 images or 16: the same round trips
     embed_batch(rt, batches[4])
+
+    unique = expand_folder(rt, tmp_path / "a", tiny_model, check_unique=True)
+    trips.clear()
+    result = embed_batch(rt, unique[3])
+    assert result["duplicate"] == 16 and trips.by_first_command()["lua:claim"] == 4  # 16 images, chunks of 4
