@@ -2,16 +2,18 @@
 
 One job of 480 images runs in this process (expansion, then each embed batch) against a real
 redis-server and the local store, with the null extractor (no network: the counts do not depend
-on it) and GPU-sized batches (PUPYL_BATCH_SIZE=256, one inference chunk of 256): its batches
-ramp up 32, 64, 128, 256. Printed: what the 256-image batch's embed task did, per image, and
-what the expansion did per image, for each way an item travels in the embed message:
+on it) and GPU-sized batches (PUPYL_BATCH_SIZE=256, PUPYL_INFER_BATCH=128 as a GPU worker
+takes by default): its batches ramp up 32, 64, 128, 256. Printed: what the 256-image batch's
+embed task did, per image, and what the expansion did per image, for each way an item travels
+in the embed message:
 
-- inline: the bytes inside the message (images up to PUPYL_INLINE_ITEM_BYTES, 1 MiB per message);
+- inline: the bytes inside the message (images up to PUPYL_INLINE_ITEM_BYTES, at most
+  PUPYL_INLINE_BATCH_BYTES per message);
 - staged: through the store (PUPYL_INLINE_ITEM_BYTES=0: a put by the ingest worker, a get and a
   delete by the embed worker);
 - paths: a local file's path (PUPYL_LOCAL_REFERENCES, where the checkout has it).
 
-    PYTHONPATH=. .venv/bin/python bench/roundtrips.py [--images-per-batch 256]
+    PYTHONPATH=. .venv/bin/python bench/roundtrips.py [--images-per-batch 256] [--infer-batch 128]
 
 The counting store and Redis connection are tests/counting.py's.
 """
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def run_mode(mode: str, size: int, work: Path, folder: Path, redis_url: str) -> dict[str, Any]:
+def run_mode(mode: str, size: int, infer: int, work: Path, folder: Path, redis_url: str) -> dict[str, Any]:
     from pupyl_queue import constants as C
     from pupyl_queue.embedding import embed_batch
     from pupyl_queue.ingest import expand_job
@@ -50,7 +52,7 @@ def run_mode(mode: str, size: int, work: Path, folder: Path, redis_url: str) -> 
         data_dir=work / mode,
         redis_url=redis_url,
         batch_size=size,
-        infer_batch=size,
+        infer_batch=infer,
         decode_processes=0,
         **options,
     )
@@ -130,6 +132,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--images-per-batch", type=int, default=256)
+    parser.add_argument("--infer-batch", type=int, default=128, help="images per forward pass (GPU default)")
     parser.add_argument("--modes", default="inline,staged,paths")
     args = parser.parse_args()
 
@@ -153,7 +156,7 @@ def main() -> None:
             mean = sum(p.stat().st_size for p in folder.iterdir()) // count
             print(f"{count} images ({mean} bytes each on average, JPEG)")
             for mode in modes:
-                report(run_mode(mode, size, work, folder, f"redis://127.0.0.1:{port}/0"))
+                report(run_mode(mode, size, args.infer_batch, work, folder, f"redis://127.0.0.1:{port}/0"))
         finally:
             stop(proc)
 
