@@ -26,6 +26,7 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from pupyl_queue import constants as C
+from pupyl_queue.attributes import InvalidAttribute, check_attributes, check_key, parse_filter
 from pupyl_queue.client import JobFailed, PupylQueue, TaskFailed, wait_result
 from pupyl_queue.fetch import Fetcher, FetchError, FetchRefused
 from pupyl_queue.layout import Layout, check_collection
@@ -121,6 +122,11 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 class Upload:
     name: str
     data: bytes
+    key: str | None = None  # the form fields "key" / "attributes" that follow this file's part
+    attributes: str | None = None
+
+
+PER_FILE = ("key", "attributes")  # multipart fields that belong to the file part before them
 
 
 async def read_form(request: web.Request) -> tuple[list[Upload], dict[str, Any]]:
@@ -154,6 +160,12 @@ async def _read_parts(reader: MultipartReader, settings: Settings) -> tuple[list
                 )
         if part.filename is not None:
             files.append(Upload(part.filename or f"upload-{len(files)}", bytes(data)))
+        elif part.name in PER_FILE:
+            if not files:
+                raise ApiError(400, "bad_request", f"a '{part.name}' field follows the file part it names")
+            if getattr(files[-1], part.name) is not None:
+                raise ApiError(400, "bad_request", f"file {len(files) - 1}: two '{part.name}' fields")
+            setattr(files[-1], part.name, data.decode("utf-8", "replace"))
         elif part.name:
             fields[part.name] = data.decode("utf-8", "replace")
     return files, fields
@@ -225,15 +237,54 @@ async def body_json(request: web.Request) -> dict[str, Any]:
 
 
 # --- routes
+def _file_keys(files: list[Upload]) -> list[dict[str, Any]] | None:
+    """Each uploaded file's key and attributes, or the reason they are refused (that file fails
+    alone, with it); None when no file has either."""
+    if all(f.key is None and f.attributes is None for f in files):
+        return None
+    keys: list[dict[str, Any]] = []
+    for f in files:
+        try:
+            keys.append(
+                {
+                    "key": check_key(f.key) if f.key is not None else None,
+                    "attributes": check_attributes(f.attributes) if f.attributes is not None else None,
+                }
+            )
+        except InvalidAttribute as exc:
+            keys.append({"error": str(exc)})
+    return keys
+
+
+def _items(data: dict[str, Any]) -> list[Any]:
+    """A JSON index request's ``items``: checked as a whole here (size); each row by the workers."""
+    items = data["items"]
+    if "uri" in data:
+        raise ApiError(400, "bad_request", "give 'uri' or 'items', not both")
+    if not isinstance(items, list) or not 0 < len(items) <= C.MAX_REQUEST_ITEMS:
+        raise ApiError(400, "bad_request", f"'items' is a list of 1 to {C.MAX_REQUEST_ITEMS} objects")
+    if len(json.dumps(items)) > C.MAX_REQUEST_ITEMS_BYTES:
+        raise ApiError(
+            413,
+            "too_large",
+            f"'items' is at most {C.MAX_REQUEST_ITEMS_BYTES} bytes of JSON: index a list file",
+        )
+    return items
+
+
 async def index(request: web.Request) -> web.Response:
-    """A job for a URI (JSON), or for the image files of a multipart upload."""
+    """A job for a URI or listed items (JSON), or for the image files of a multipart upload."""
+    items: list[Any] | None = None
     if request.content_type.startswith("multipart/"):
         files, data = await read_form(request)
         if not files:
             raise ApiError(400, "bad_request", "a multipart index request needs at least one image file")
     else:
         files, data = [], await body_json(request)
-        text_field(data, "uri", MAX_URI)
+        if "items" in data:
+            items = _items(data)
+        else:
+            text_field(data, "uri", MAX_URI)
     pq = client(request, data.get("collection"))
     check_unique, near = flag(data.get("check_unique"), False), data.get("near_duplicate")
     if near is not None:
@@ -244,7 +295,12 @@ async def index(request: web.Request) -> web.Response:
         if not 0 <= near <= 2:  # a cosine distance (NaN fails this too)
             raise ApiError(400, "bad_request", "near_duplicate is a cosine distance from 0 to 2")
     if files:
-        job = await blocking(pq.index_uploads, [(f.name, f.data) for f in files], check_unique, near)
+        keys = _file_keys(files)
+        keyed = {"uploads": keys} if keys else None
+        uploads = [(f.name, f.data) for f in files]
+        job = await blocking(pq.index_uploads, uploads, check_unique, near, keyed)
+    elif items is not None:
+        job = await blocking(pq.index_items, items, check_unique, near, origin="network")
     else:
         uri = data["uri"].strip()
         if "://" not in uri or uri.startswith("file://"):  # a local path; the workers check again
@@ -253,7 +309,13 @@ async def index(request: web.Request) -> web.Response:
                 raise ApiError(403, "refused", refused)
         job = await blocking(pq.index, data["uri"], check_unique, near, origin="network")
     return web.json_response(
-        {"job_id": job.id, "url": f"/v1/jobs/{job.id}", "files": len(files) or None}, status=202
+        {
+            "job_id": job.id,
+            "url": f"/v1/jobs/{job.id}",
+            "files": len(files) or None,
+            **({"items": len(items)} if items is not None else {}),
+        },
+        status=202,
     )
 
 
@@ -331,7 +393,8 @@ async def search(request: web.Request) -> web.Response:
         raise ApiError(
             400, "bad_request", "copy mode needs a query image (a file, a URI, image_b64 or an id)"
         )
-    result = await blocking(pq.search_async, query, top, metadata, mode=mode)
+    where = search_filter(options.get("filter", request.query.get("filter")))
+    result = await blocking(pq.search_async, query, top, metadata, mode=mode, filter=where)
     if not flag(options.get("wait"), True):
         await blocking(pq.redis.set, Layout.task_key(result.id), "1", ex=pq.settings.result_expires)
         return web.json_response({"task_id": result.id, "url": f"/v1/tasks/{result.id}"}, status=202)
@@ -340,6 +403,25 @@ async def search(request: web.Request) -> web.Response:
         for row in answer["results"]:
             row.pop("distance", None)
     return web.json_response(answer)
+
+
+def search_filter(value: Any) -> dict[str, Any] | None:
+    """A search's ``filter``: a JSON object (JSON body), or its JSON text (a form field, the query
+    string); checked here so a bad one is a 400 with the reason, never a failed task."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ApiError(
+                400, "bad_filter", '\'filter\' is a JSON object such as {"color": "red"}'
+            ) from None
+    try:
+        parse_filter(value)
+    except InvalidAttribute as exc:
+        raise ApiError(400, "bad_filter", f"filter: {exc}") from None
+    return value or None
 
 
 def read_uri(settings: Settings, uri: str) -> bytes:
@@ -424,6 +506,53 @@ async def image_delete(request: web.Request) -> web.Response:
     if not result.get("removed"):
         raise ApiError(404, "not_found", result.get("reason", "no such image"))
     return web.json_response(result)
+
+
+def _key(request: web.Request) -> str:
+    try:
+        return check_key(request.match_info["key"])
+    except InvalidAttribute as exc:
+        raise ApiError(400, "bad_key", str(exc)) from None
+
+
+def _key_answer(result: dict[str, Any], done: str) -> web.Response:
+    """A key route's task result: 404 when the key names nothing, 409 when it moved on meanwhile."""
+    if result.get(done):
+        return web.json_response(result)
+    reason = str(result.get("reason") or "no such key")
+    raise ApiError(
+        409 if "meanwhile" in reason else 404, "conflict" if "meanwhile" in reason else "not_found", reason
+    )
+
+
+async def key_lookup(request: web.Request) -> web.Response:
+    """The image a caller's key names now: ``{"key", "id", "sequence", "sha256"}``."""
+    pq = client(request)
+    found = await blocking(pq.lookup, _key(request))
+    if not found:
+        raise ApiError(404, "not_found", "no image with this key")
+    return web.json_response(found)
+
+
+async def key_remove(request: web.Request) -> web.Response:
+    pq = client(request)
+    return _key_answer(await blocking(pq.remove, None, key=_key(request)), "removed")
+
+
+async def key_attributes(request: web.Request) -> web.Response:
+    """Replace a key's attributes (no re-embedding): JSON ``{"attributes": {...}}``."""
+    key = _key(request)
+    data = await body_json(request)
+    if set(data) - {"attributes", "collection"} or "attributes" not in data:
+        raise ApiError(400, "bad_request", 'the body is {"attributes": {...}}')
+    pq = client(request, data.get("collection", request.query.get("collection")))
+    try:
+        if not isinstance(data["attributes"], dict):
+            raise InvalidAttribute("attributes are a JSON object")
+        attributes = check_attributes(data["attributes"])
+    except InvalidAttribute as exc:
+        raise ApiError(400, "bad_attributes", str(exc)) from None
+    return _key_answer(await blocking(pq.set_attributes, key, attributes), "updated")
 
 
 async def collections(request: web.Request) -> web.Response:
@@ -606,6 +735,9 @@ def make_app(settings: Settings | None = None) -> web.Application:
     app.router.add_get("/v1/images/{image_id}", image_meta)
     app.router.add_get("/v1/images/{image_id}/file", image_file)
     app.router.add_delete("/v1/images/{image_id}", image_delete)
+    app.router.add_get("/v1/keys/{key}", key_lookup)
+    app.router.add_delete("/v1/keys/{key}", key_remove)
+    app.router.add_put("/v1/keys/{key}/attributes", key_attributes)
     app.router.add_get("/v1/collections", collections)
     app.router.add_get("/v1/collections/{name}", collection_describe)
     app.router.add_delete("/v1/collections/{name}", collection_delete)

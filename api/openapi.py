@@ -33,6 +33,34 @@ INDEX_OPTIONS: dict[str, Any] = {
     "near_duplicate": {"type": "number", "minimum": 0, "maximum": 2},
     "collection": {"$ref": "#/components/schemas/CollectionName"},
 }
+ATTRIBUTES = {
+    "type": "object",
+    "maxProperties": 64,
+    "additionalProperties": {
+        "anyOf": [
+            {"type": "string", "maxLength": 1024},
+            {"type": "number"},
+            {"type": "boolean"},
+            {"type": "array", "items": {"type": "string"}, "maxItems": 64},
+        ]
+    },
+    "description": "flat JSON object (at most 64 fields, 8 KiB): strings, numbers, booleans, lists of "
+    "strings; names are letters, digits, '_', '.', '-' and not a built-in (format, width, height, job, "
+    "indexed_at, path, id, key, distance, and, or, not)",
+}
+KEY = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 256,
+    "description": "the caller's key (a SKU, a record id)",
+}
+FILTER = {
+    "type": "object",
+    "description": 'only images it allows: {"category": "shoes", "price": {"lt": 100}}; operators eq, in, '
+    "any, gt, gte, lt, lte; and, or, not (docs/tasks.md, pupyl.search)",
+}
+FILTER_TEXT = {"type": "string", "description": "the filter as JSON text"}
+FORM_OPTIONS: dict[str, Any] = {**OPTIONS, "filter": FILTER_TEXT}
 NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$", "maxLength": 63}
 COLLECTION = {"name": "collection", "in": "query", "required": False, "schema": NAME}
 # Path parameters carry their exact shape, so a fuzzer's negative cases include the long and odd ones
@@ -40,6 +68,14 @@ COLLECTION = {"name": "collection", "in": "query", "required": False, "schema": 
 IMAGE_ID = {"type": "string", "pattern": "^[0-9]{1,19}$", "maxLength": 19, "description": "0 to 2**63 - 1"}
 TASK_ID = {"type": "string", "format": "uuid"}
 JOB_ID = {"type": "string", "pattern": "^[0-9A-Za-z_-]{1,64}$", "maxLength": 64}
+
+
+KEY_PATH = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 768,
+    "description": "the caller's key, percent-encoded (at most 256 bytes of UTF-8 decoded)",
+}
 
 
 def _id(name: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -66,7 +102,19 @@ def document() -> dict[str, Any]:
                 "description": "http(s) URL, or a path under PUPYL_ALLOWED_ROOTS",
             },
             **OPTIONS,
+            "filter": FILTER,
         },
+    }
+    item = {
+        "type": "object",
+        "properties": {
+            "uri": {"type": "string", "minLength": 1, "maxLength": 4096},
+            "url": {"type": "string", "minLength": 1, "maxLength": 4096, "description": "uri's other name"},
+            "key": KEY,
+            "attributes": ATTRIBUTES,
+        },
+        "description": "one image: an http(s) URL or an absolute path under PUPYL_ALLOWED_ROOTS; a bad "
+        "row fails alone, with its reason (items:<row>)",
     }
     return {
         "openapi": "3.1.0",
@@ -102,12 +150,31 @@ def document() -> dict[str, Any]:
                         "content": {
                             "application/json": {
                                 "schema": {
-                                    "type": "object",
-                                    "required": ["uri"],
-                                    "properties": {
-                                        "uri": {"type": "string", "minLength": 1, "maxLength": 4096},
-                                        **INDEX_OPTIONS,
-                                    },
+                                    "oneOf": [
+                                        {
+                                            "type": "object",
+                                            "required": ["uri"],
+                                            "properties": {
+                                                "uri": {"type": "string", "minLength": 1, "maxLength": 4096},
+                                                **INDEX_OPTIONS,
+                                            },
+                                        },
+                                        {
+                                            "type": "object",
+                                            "required": ["items"],
+                                            "properties": {
+                                                "items": {
+                                                    "type": "array",
+                                                    "items": item,
+                                                    "minItems": 1,
+                                                    "maxItems": 1000,
+                                                    "description": "images with their keys and "
+                                                    "attributes (1 MiB of JSON at most)",
+                                                },
+                                                **INDEX_OPTIONS,
+                                            },
+                                        },
+                                    ]
                                 }
                             },
                             "multipart/form-data": {
@@ -118,6 +185,16 @@ def document() -> dict[str, Any]:
                                         "files": {
                                             "type": "array",
                                             "items": BINARY,
+                                        },
+                                        "key": {
+                                            **KEY,
+                                            "description": "a part named key after a file part is "
+                                            "that file's key",
+                                        },
+                                        "attributes": {
+                                            "type": "string",
+                                            "description": "a part named attributes after a file part"
+                                            " is that file's attributes, as JSON text",
                                         },
                                         **INDEX_OPTIONS,
                                     },
@@ -161,15 +238,53 @@ def document() -> dict[str, Any]:
                                 "schema": {
                                     "type": "object",
                                     "required": ["image"],
-                                    "properties": {"image": BINARY, **OPTIONS},
+                                    "properties": {"image": BINARY, **FORM_OPTIONS},
                                 }
                             },
                         },
                     },
+                    "parameters": [
+                        {"name": "filter", "in": "query", "required": False, "schema": FILTER_TEXT}
+                    ],
                     "responses": {
                         **_responses("200", 400, 401, 403, 404, 413, 422, 504),
                         "202": {"description": "queued (wait=false)"},
                     },
+                }
+            },
+            "/v1/keys/{key}": {
+                "get": {
+                    "summary": "The image a caller's key names now: key, id, sequence, sha256",
+                    "parameters": [_id("key", KEY_PATH), COLLECTION],
+                    "responses": _responses("200", 400, 401, 404),
+                },
+                "delete": {
+                    "summary": "Remove the image a caller's key names (the key goes with it)",
+                    "parameters": [_id("key", KEY_PATH), COLLECTION],
+                    "responses": _responses("200", 400, 401, 404, 409, 422),
+                },
+            },
+            "/v1/keys/{key}/attributes": {
+                "put": {
+                    "summary": "Replace a key's attributes without embedding its image again",
+                    "parameters": [_id("key", KEY_PATH), COLLECTION],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["attributes"],
+                                    "properties": {
+                                        "attributes": ATTRIBUTES,
+                                        "collection": {"$ref": "#/components/schemas/CollectionName"},
+                                    },
+                                    "additionalProperties": False,
+                                }
+                            }
+                        },
+                    },
+                    "responses": _responses("200", 400, 401, 404, 409, 422, 504),
                 }
             },
             "/v1/tasks/{task_id}": {

@@ -58,7 +58,66 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover - execv does not return
 
 
+def attribute_value(text: str) -> Any:
+    """A ``--attr name=value`` value: JSON when it reads as a number, true/false, a list of strings or a
+    quoted string ("42" stays the text 42); anything else is the text itself."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(value, (bool, int, float, list, str)):
+        return value
+    return text
+
+
+def attributes_of(pairs: list[str] | None) -> dict[str, Any]:
+    """``--attr`` options as an attributes object, checked (a bad one is a clear error)."""
+    from pupyl_queue.attributes import check_attributes
+
+    attributes: dict[str, Any] = {}
+    for pair in pairs or []:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--attr takes name=value, not {pair!r}")
+        if name.strip() in attributes:
+            raise ValueError(f"--attr {name.strip()!r} is given twice")
+        attributes[name.strip()] = attribute_value(text)
+    return check_attributes(attributes)
+
+
+def filter_of(text: str | None) -> dict[str, Any] | None:
+    """``--where``: a JSON filter, checked here so a bad one says why before anything is sent."""
+    from pupyl_queue.attributes import parse_filter
+
+    if text is None:
+        return None
+    try:
+        where = json.loads(text)
+    except ValueError:
+        raise ValueError(
+            f'--where takes a JSON filter such as \'{{"color": "red"}}\', not {text!r}'
+        ) from None
+    parse_filter(where)
+    return where
+
+
+def cmd_upsert(args: argparse.Namespace) -> int:
+    """``index --key``: one image under the caller's key (an upsert)."""
+    client = _client(args)
+    attributes = attributes_of(args.attr)
+    if not args.wait:
+        print(client.upsert_async(args.uri, args.key, attributes or None).id)
+        return 0
+    result = client.upsert(args.uri, args.key, attributes or None)
+    print(json.dumps(result))
+    return 0 if result.get("status") in ("indexed", "unchanged") else 1
+
+
 def cmd_index(args: argparse.Namespace) -> int:
+    if args.key is not None:
+        return cmd_upsert(args)
+    if args.attr:
+        raise ValueError("--attr needs --key (a list file gives keys and attributes per line)")
     client = _client(args)
     job = client.index(args.uri, check_unique=args.check_unique, near_duplicate=args.near_duplicate)
     if not args.wait:
@@ -107,21 +166,35 @@ def cmd_job(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     client = _client(args)
     query: Any = int(args.query) if args.query.isdigit() else args.query
+    where = filter_of(args.where)
+    if not (args.metadata or args.json or args.copy):  # ids, with each hit's key when it has one
+        from pupyl_queue.client import wait_result
+
+        answer = wait_result(
+            client.search_async(query, top=args.top, filter=where), client.settings.search_timeout
+        )
+        for rank, hit in enumerate(answer["results"], 1):
+            distance = f"  distance {hit['distance']:.4f}" if args.distances else ""
+            key = f"  key {hit['key']}" if hit.get("key") is not None else ""
+            print(f"{rank:>3}. id {hit['id']}{distance}{key}")
+        return 0
     results = client.search(
         query,
         top=args.top,
         return_metadata=args.metadata or args.json or args.copy,
         return_distances=args.distances,
         mode="copy" if args.copy else "similar",
+        filter=where,
     )
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     for rank, row in enumerate(results, 1):
         if isinstance(row, dict):
-            where = os.path.join(row.get("original_path", ""), row.get("original_file_name", ""))
+            path = os.path.join(row.get("original_path", ""), row.get("original_file_name", ""))
             score = f"  copy score {row['copy_score']:.3f}" if row.get("copy_score") is not None else ""
-            print(f"{rank:>3}. id {row['id']}  distance {row['distance']:.4f}{score}  {where}")
+            key = f"  key {row['key']}" if row.get("key") is not None else ""
+            print(f"{rank:>3}. id {row['id']}  distance {row['distance']:.4f}{score}{key}  {path}")
         elif isinstance(row, tuple):
             print(f"{rank:>3}. id {row[0]}  distance {row[1]:.4f}")
         else:
@@ -136,9 +209,27 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    result = _client(args).remove(args.id)
+    if (args.id is None) == (args.key is None):
+        raise ValueError("remove takes an image id or --key KEY")
+    result = _client(args).remove(args.id, key=args.key)
     print(json.dumps(result))
     return 0 if result.get("removed") else 1
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    found = _client(args).lookup(args.key)
+    if found is None:
+        print(f"pupyl-queue: no image with key {args.key!r}", file=sys.stderr)
+        return 1
+    print(json.dumps(found))
+    return 0
+
+
+def cmd_set_attributes(args: argparse.Namespace) -> int:
+    """Replace a key's attributes (all of them) without embedding its image again."""
+    result = _client(args).set_attributes(args.key, attributes_of(args.attr))
+    print(json.dumps(result))
+    return 0 if result.get("updated") else 1
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
@@ -233,9 +324,25 @@ def parser() -> argparse.ArgumentParser:
         help="also refuse images within this cosine distance of an indexed one (e.g. 0.05)",
     )
     i.add_argument("--wait", action="store_true", help="show progress and a summary")
+    i.add_argument(
+        "--key", default=None, help="your key for this one image: an upsert (it replaces the key's image)"
+    )
+    i.add_argument(
+        "--attr",
+        action="append",
+        metavar="NAME=VALUE",
+        help="an attribute of the --key image (repeatable); VALUE is JSON when it reads as a number, "
+        'true/false, a list or a quoted string ("42"), else text',
+    )
     s = sub.add_parser("search", help="search by an image file or an indexed id")
     s.add_argument("query")
     s.add_argument("--top", type=int, default=4)
+    s.add_argument(
+        "--where",
+        default=None,
+        metavar="JSON",
+        help='rank only what a filter allows: \'{"price": {"lt": 100}}\'',
+    )
     s.add_argument("--metadata", action="store_true")
     s.add_argument("--distances", action="store_true")
     s.add_argument(
@@ -243,8 +350,14 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="find the original of an edited copy: verified copies first, with their copy score",
     )
-    r = sub.add_parser("remove", help="remove an image by id")
-    r.add_argument("id", type=int)
+    r = sub.add_parser("remove", help="remove an image by id, or by your key (--key)")
+    r.add_argument("id", type=int, nargs="?", default=None)
+    r.add_argument("--key", default=None)
+    lk = sub.add_parser("lookup", help="the image your key names now: id, sequence, sha256")
+    lk.add_argument("key")
+    sa = sub.add_parser("set-attributes", help="replace a key's attributes (no re-embedding)")
+    sa.add_argument("key")
+    sa.add_argument("--attr", action="append", metavar="NAME=VALUE", help="as for index (repeatable)")
     j = sub.add_parser("job", help="a job's state and failures")
     j.add_argument("job_id")
     sub.add_parser("compact", help="write a snapshot of the collection's index")
@@ -283,6 +396,8 @@ COMMANDS = {
     "index": cmd_index,
     "search": cmd_search,
     "remove": cmd_remove,
+    "lookup": cmd_lookup,
+    "set-attributes": cmd_set_attributes,
     "job": cmd_job,
     "compact": cmd_compact,
     "collections": cmd_collections,

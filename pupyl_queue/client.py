@@ -26,6 +26,14 @@ from pupyl_queue.attributes import check_attributes, check_key, parse_filter
 from pupyl_queue.characteristics import Characteristic
 from pupyl_queue.coordination import Coordinator, connect, read_job
 from pupyl_queue.layout import Layout, check_collection
+from pupyl_queue.payloads import (
+    CompactRequest,
+    IndexRequest,
+    RemoveRequest,
+    SearchQuery,
+    SearchRequest,
+    SetAttributesRequest,
+)
 from pupyl_queue.settings import Settings
 from pupyl_queue.stack import discover_redis_url
 from pupyl_queue.store import ObjectNotFound, ObjectStore, StoreUnavailable, open_store
@@ -214,6 +222,9 @@ class PupylQueue:
     ) -> Job:
         """Queue a job for images given as (file name, bytes): they go to the store first.
 
+        ``keyed``: ``{"key", "attributes"}`` of the one image of an upsert, or ``{"uploads": [...]}``
+        giving file n its own ``{"key", "attributes"}`` (or ``{"error"}``, which fails that file).
+
         The way to index from a machine the workers cannot read (the API's multipart uploads).
         The job is recorded (state ``uploading``) before its first byte is stored: an uploader
         killed half-way leaves a job that housekeeping fails, and whose files it deletes, once
@@ -247,7 +258,28 @@ class PupylQueue:
         uploaded: bool = False,
         keyed: dict[str, Any] | None = None,
     ) -> Job:
-        request = {
+        request = self.index_request(job_id, uri, check_unique, near_duplicate, origin, keyed)
+        coord = Coordinator(self.redis, Layout(self.collection))
+        if not uploaded:
+            coord.create_job(job_id, {"state": "queued", "uri": uri, "collection": self.collection})
+        elif not coord.update_job_if(job_id, "uploading", state="queued"):
+            # Housekeeping gave up on this upload (PUPYL_UPLOAD_GRACE) and deleted its files.
+            error = (read_job(self.redis, job_id) or {}).get("error") or "its record is gone"
+            raise JobFailed(f"job {job_id} failed: {error}")
+        self.app.send_task(C.TASK_INDEX, kwargs=request, task_id=job_id)
+        return Job(self, job_id)
+
+    def index_request(
+        self,
+        job_id: str,
+        uri: str,
+        check_unique: bool,
+        near_duplicate: float | None,
+        origin: str,
+        keyed: dict[str, Any] | None = None,
+    ) -> IndexRequest:
+        """The ``pupyl.index`` kwargs this client sends (docs/tasks.md; tests/test_payloads.py)."""
+        request: IndexRequest = {
             "job_id": job_id,
             "collection": self.collection,
             "uri": uri,
@@ -263,18 +295,32 @@ class PupylQueue:
             "origin": origin,  # "local": this process may name any path its workers can read
             **(keyed or {}),  # {"key", "attributes"}: the one image of an upsert
         }
-        coord = Coordinator(self.redis, Layout(self.collection))
-        if not uploaded:
-            coord.create_job(job_id, {"state": "queued", "uri": uri, "collection": self.collection})
-        elif not coord.update_job_if(job_id, "uploading", state="queued"):
-            # Housekeeping gave up on this upload (PUPYL_UPLOAD_GRACE) and deleted its files.
-            error = (read_job(self.redis, job_id) or {}).get("error") or "its record is gone"
-            raise JobFailed(f"job {job_id} failed: {error}")
-        self.app.send_task(C.TASK_INDEX, kwargs=request, task_id=job_id)
-        return Job(self, job_id)
+        return request
 
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)
+
+    def index_items(
+        self,
+        items: Iterable[dict[str, Any]],
+        check_unique: bool = False,
+        near_duplicate: float | None = None,
+        origin: str = "local",
+    ) -> Job:
+        """One job for listed images, each with its own key and attributes.
+
+        ``[{"uri": "https://.../a.jpg", "key": "sku-1", "attributes": {"price": 59}}, ...]``: at most
+        MAX_REQUEST_ITEMS rows (they travel in the task message; a bigger catalogue is a list file,
+        README "What `index` takes"). A bad row fails alone, with its reason (``items:<row>``).
+        """
+        rows = [_resolved(row) if origin == "local" else row for row in items]
+        if not 0 < len(rows) <= C.MAX_REQUEST_ITEMS:
+            raise ValueError(f"items: 1 to {C.MAX_REQUEST_ITEMS} rows (more: index a list file)")
+        if len(json.dumps(rows)) > C.MAX_REQUEST_ITEMS_BYTES:
+            raise ValueError(f"items: at most {C.MAX_REQUEST_ITEMS_BYTES} bytes of JSON (more: a list file)")
+        job_id = uuid.uuid4().hex
+        uri = C.ITEMS_SCHEME + job_id
+        return self._send_index(job_id, uri, check_unique, near_duplicate, origin, keyed={"items": rows})
 
     # --- callers' keys
     def upsert_async(
@@ -325,14 +371,19 @@ class PupylQueue:
         upsert, the change is a new id under the same key, committed with the old id's tombstone.
         ``updated: False`` with a ``reason`` when the key names nothing, or moved on meanwhile.
         """
-        request = {
+        result = self.app.send_task(
+            C.TASK_SET_ATTRIBUTES, kwargs=self.set_attributes_request(key, attributes)
+        )
+        return wait_result(result, timeout or self.settings.search_timeout)
+
+    def set_attributes_request(self, key: str, attributes: dict[str, Any]) -> SetAttributesRequest:
+        """The ``pupyl.set_attributes`` kwargs: checked here, with a fresh ``update_id``."""
+        return {
             "collection": self.collection,
             "key": check_key(key),
             "attributes": check_attributes(attributes),
             "update_id": uuid.uuid4().hex,
         }
-        result = self.app.send_task(C.TASK_SET_ATTRIBUTES, kwargs=request)
-        return wait_result(result, timeout or self.settings.search_timeout)
 
     def lookup(self, key: str) -> dict[str, Any] | None:
         """The image a caller's key names now: ``{"key", "id", "sequence", "sha256"}``, or None."""
@@ -354,9 +405,23 @@ class PupylQueue:
         ``mode="copy"`` finds the original of an edited copy: the result also has
         ``copy: {found, id, score, inliers}`` (docs/tasks.md).
         """
+        request = self.search_request(query, top, return_metadata, min_sequence, allow_partial, mode, filter)
+        return self.app.send_task(C.TASK_SEARCH, kwargs=request)
+
+    def search_request(
+        self,
+        query: Any,
+        top: int = 4,
+        return_metadata: bool = False,
+        min_sequence: int = 0,
+        allow_partial: bool = False,
+        mode: str = "similar",
+        filter: dict[str, Any] | None = None,  # noqa: A002 - the task field's name
+    ) -> SearchRequest:
+        """The ``pupyl.search`` kwargs; a query image too large to travel inline goes to the store."""
         if mode not in ("similar", "copy"):
             raise ValueError(f"mode must be similar or copy, not {mode!r}")
-        request = {
+        request: SearchRequest = {
             "collection": self.collection,
             "query": self._query(query),
             "top": int(top),
@@ -365,11 +430,11 @@ class PupylQueue:
             "allow_partial": bool(allow_partial),
         }
         if mode != "similar":
-            request["mode"] = mode
+            request["mode"] = "copy"
         if filter is not None:
             parse_filter(filter)  # a bad filter fails here, with the reason
             request["filter"] = filter
-        return self.app.send_task(C.TASK_SEARCH, kwargs=request)
+        return request
 
     def search(
         self,
@@ -417,7 +482,7 @@ class PupylQueue:
         result = self.search_async(query, top=1, mode="copy")
         return dict(wait_result(result, timeout or self.settings.search_timeout)["copy"])
 
-    def _query(self, query: Any) -> dict[str, Any]:
+    def _query(self, query: Any) -> SearchQuery:
         if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
             return {"id": int(query)}
         if isinstance(query, np.ndarray):
@@ -503,10 +568,15 @@ class PupylQueue:
     # --- remove and maintenance
     def remove_async(self, index: int | None = None, key: str | None = None) -> AsyncResult:
         """Remove an image by id, or (``key=``) the image a caller's key names; the key goes with it."""
+        return self.app.send_task(C.TASK_REMOVE, kwargs=self.remove_request(index, key))
+
+    def remove_request(self, index: int | None = None, key: str | None = None) -> RemoveRequest:
+        """The ``pupyl.remove`` kwargs: an id, or a caller's key."""
         if (index is None) == (key is None):
             raise ValueError("remove takes an id or a key")
-        target = {"id": int(index)} if index is not None else {"key": check_key(key)}
-        return self.app.send_task(C.TASK_REMOVE, kwargs={"collection": self.collection, **target})
+        if index is not None:
+            return {"collection": self.collection, "id": int(index)}
+        return {"collection": self.collection, "key": check_key(key)}
 
     def remove(
         self, index: int | None = None, timeout: float | None = None, key: str | None = None
@@ -514,7 +584,8 @@ class PupylQueue:
         return wait_result(self.remove_async(index, key), timeout or self.settings.search_timeout)
 
     def compact(self, timeout: float | None = None) -> dict[str, Any]:
-        result = self.app.send_task(C.TASK_COMPACT, kwargs={"collection": self.collection})
+        request: CompactRequest = {"collection": self.collection}
+        result = self.app.send_task(C.TASK_COMPACT, kwargs=request)
         return wait_result(result, timeout or 600)
 
     def for_collection(self, collection: str) -> PupylQueue:
@@ -533,3 +604,12 @@ class PupylQueue:
             self.app.close()
         if "redis" in self.__dict__:
             self.redis.close()
+
+
+def _resolved(row: Any) -> Any:
+    """A listed row whose ``uri`` is a relative local path, made absolute here (the caller's cwd)."""
+    uri = row.get("uri", row.get("url")) if isinstance(row, dict) else None
+    if not isinstance(uri, str) or "://" in uri or not Path(uri).expanduser().exists():
+        return row
+    rest = {k: v for k, v in row.items() if k != "url"}
+    return {**rest, "uri": str(Path(uri).expanduser().resolve())}

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pupyl_queue.layout import Layout
+from pupyl_queue.payloads import VectorsPayload
 from pupyl_queue.store import ObjectNotFound, ObjectStore
 
 __all__ = [
@@ -144,7 +145,7 @@ def read_snapshot_rows(data: bytes) -> tuple[list[int], list[dict[str, Any]]]:
     return [int(i) for i in payload["ids"]], list(payload["values"])
 
 
-def encode_vectors(vectors: np.ndarray) -> dict[str, Any]:
+def encode_vectors(vectors: np.ndarray) -> VectorsPayload:
     """Vectors for a message: base64 float32 (a quarter of the JSON-number size)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     return {"vectors_b64": base64.b64encode(vectors.tobytes()).decode(), "dim": int(vectors.shape[1])}

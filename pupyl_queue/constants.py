@@ -76,6 +76,9 @@ KEY_REPLACED = "replaced"  # HASH segment store key -> JSON [[old id, key], ...]
 KEY_RECENT_JOBS = "jobs"  # ZSET score=created_at member=job id (the newest RECENT_JOBS_KEPT jobs)
 RECENT_JOBS_KEPT = 1000
 UPLOAD_SCHEME = "upload:"  # uri of a job whose images were uploaded into the store (upload:<job id>)
+ITEMS_SCHEME = "items:"  # uri of a job whose request lists its images (items:<job id>, field "items")
+MAX_REQUEST_ITEMS = 1000  # images one request lists with their keys (JSON "items", multipart keys)
+MAX_REQUEST_ITEMS_BYTES = 1 << 20  # their JSON in all: it travels in the task message
 
 # Object store layout under the collection prefix.
 STORE_COLLECTIONS = "collections"

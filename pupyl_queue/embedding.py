@@ -364,9 +364,10 @@ def _drop_near_duplicates(
             if match is None or distance < match[1]:
                 match = (ids[kept[best]], distance)
         if match is not None and match[1] <= threshold:
-            decoded_sha = report[position]
+            before = report[position]
             report[position] = {
-                "ref": decoded_sha["ref"],
+                "ref": before["ref"],
+                **({"key": before["key"]} if "key" in before else {}),  # the caller's key stays in the report
                 "status": "duplicate",
                 "duplicate_of": match[0],
                 "distance": round(match[1], 6),

@@ -13,27 +13,28 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from pupyl_queue import constants as C
 from pupyl_queue import jobs
 from pupyl_queue.collection import ensure_collection
 from pupyl_queue.layout import Layout
+from pupyl_queue.payloads import EmbedItem, EmbedRequest, IndexRequest, IndexResult
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.sources import SourceError, SourceItem, Sources, fetch_pending, too_large
 
 log = logging.getLogger(__name__)
 
-Dispatch = Callable[[dict[str, Any]], None]
+Dispatch = Callable[[EmbedRequest], None]
 FETCH_WINDOW = 64  # URLs fetched concurrently per window while expanding
 
 
-def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str, Any]:
+def expand_job(rt: Runtime, job: IndexRequest, dispatch: Dispatch) -> IndexResult:
     """Stage every image the URI names into the store and dispatch one embed task per batch."""
     collection = job["collection"]
     layout = Layout(collection)
     coord = rt.coordinator(collection)
-    job_id = job["job_id"]
+    job_id = job["job_id"]  # the task gives it its own id when the sender left it out
     done = rt.redis.hmget(layout.job_key(job_id), "expanded", "total", "batches_total", "state")
     if done[0] == "1" or done[3] in C.JOB_ENDED:
         # Expanded already: this is a redelivery (its first run's ack was lost, e.g. Redis restarted
@@ -42,39 +43,33 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
         return {"job_id": job_id, "total": int(done[1] or 0), "batches": int(done[2] or 0)}
     coord.update_job(job_id, state="expanding", started_at=time.time(), batch_size=rt.settings.batch_size)
     spec = ensure_collection(rt.store, rt.redis, layout, job)
-    batch: list[dict[str, Any]] = []
+    batch: list[EmbedItem] = []
     batches = total = 0
     inline_budget = rt.settings.inline_batch_bytes
 
     def flush() -> None:
         nonlocal batch, batches, inline_budget
         if batch:
-            dispatch(
-                {
-                    "job_id": job_id,
-                    "collection": collection,
-                    "batch": batches,
-                    "items": batch,
-                    "check_unique": bool(job.get("check_unique")),
-                    "origin": job.get("origin") or "network",
-                    "near_duplicate": float(job.get("near_duplicate") or 0.0),
-                }
-            )
+            dispatch(embed_request(job, batches, batch))
             batches += 1
             batch = []
             inline_budget = rt.settings.inline_batch_bytes
 
     items: Iterable[SourceItem]
     if job["uri"].startswith(C.UPLOAD_SCHEME):
-        items = _uploads(rt, layout, job_id, job["uri"])
+        items = _uploads(rt, layout, job_id, job["uri"], job.get("uploads"))
     else:
         # int8's first job keeps its first images' bytes as the calibration set: no references then.
         calibrating = spec.precision == "int8" and not rt.store.children(layout.calibration)
         references = rt.settings.local_references and not calibrating
         sources = Sources(rt.settings, origin=job.get("origin") or "network", references=references)
-        items = fetch_pending(
-            sources.expand(job["uri"]), sources.fetcher, rt.settings.max_image_bytes, FETCH_WINDOW
-        )
+        if job["uri"].startswith(C.ITEMS_SCHEME):  # the request lists its images, keys and attributes
+            if job["uri"] != C.ITEMS_SCHEME + job_id or not isinstance(job.get("items"), list):
+                raise SourceError(f"an {C.ITEMS_SCHEME} job lists its images in 'items' (uri items:<its id>)")
+            listed = sources.listed(job["items"])
+        else:
+            listed = sources.expand(job["uri"])
+        items = fetch_pending(listed, sources.fetcher, rt.settings.max_image_bytes, FETCH_WINDOW)
     if spec.precision == "int8" and not rt.store.children(layout.calibration):
         items = _keep_calibration_sample(rt, layout, items)
     for item in items:
@@ -94,7 +89,7 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
         else:
             entry["key"] = layout.staged_item(job_id, total)  # large: through the store
             rt.store.put(entry["key"], data)
-        batch.append(entry)
+        batch.append(cast(EmbedItem, entry))  # one of data_b64, key, path or error: a valid item
         total += 1
         if len(batch) >= jobs.batch_target(batches, rt.settings.batch_size):
             flush()
@@ -105,7 +100,20 @@ def expand_job(rt: Runtime, job: dict[str, Any], dispatch: Dispatch) -> dict[str
     return {"job_id": job_id, "total": total, "batches": batches}
 
 
-def _keyed(job: dict[str, Any], item: SourceItem, number: int) -> dict[str, Any]:
+def embed_request(job: IndexRequest, number: int, items: list[EmbedItem]) -> EmbedRequest:
+    """The ``pupyl.embed`` kwargs of batch ``number`` of a job (docs/tasks.md)."""
+    return {
+        "job_id": job["job_id"],
+        "collection": job["collection"],
+        "batch": number,
+        "items": items,
+        "check_unique": bool(job.get("check_unique")),
+        "origin": job.get("origin") or "network",
+        "near_duplicate": float(job.get("near_duplicate") or 0.0),
+    }
+
+
+def _keyed(job: IndexRequest, item: SourceItem, number: int) -> dict[str, Any]:
     """The caller's key and attributes an item carries into its embed task (checked there, per item).
 
     A list gives them per line; a job may give one key (and attributes) for the one image it
@@ -122,10 +130,14 @@ def _keyed(job: dict[str, Any], item: SourceItem, number: int) -> dict[str, Any]
     return out
 
 
-def _uploads(rt: Runtime, layout: Layout, job_id: str, uri: str) -> Iterator[SourceItem]:
+def _uploads(
+    rt: Runtime, layout: Layout, job_id: str, uri: str, keyed: list[Any] | None = None
+) -> Iterator[SourceItem]:
     """The images a client uploaded for this job (the API puts them in the store first).
 
-    A job may only read its own uploads: ``upload:<its own id>``.
+    A job may only read its own uploads: ``upload:<its own id>``. ``keyed`` (the request's
+    ``uploads``) gives file number n its ``{"key", "attributes"}``, or ``{"error"}``: the reason the
+    API refused them, which fails that file alone.
     """
     if uri != C.UPLOAD_SCHEME + job_id:
         raise SourceError(f"{uri!r}: a job can only index its own uploads ({C.UPLOAD_SCHEME}{job_id})")
@@ -138,10 +150,17 @@ def _uploads(rt: Runtime, layout: Layout, job_id: str, uri: str) -> Iterator[Sou
             "original_file_size": len(data),
             "original_access_time": None,
         }
-        if len(data) > rt.settings.max_image_bytes:
-            yield SourceItem(ref=name, error=too_large(len(data), rt.settings.max_image_bytes), meta=meta)
+        number = int(key.rsplit("/", 1)[-1].split("-", 1)[0])
+        given = keyed[number] if keyed and number < len(keyed) and isinstance(keyed[number], dict) else {}
+        extra = {"key": str(given.get("key") or ""), "attributes": given.get("attributes") or {}}
+        if given.get("error"):
+            yield SourceItem(ref=name, error=str(given["error"]), meta=meta, **extra)
+        elif len(data) > rt.settings.max_image_bytes:
+            yield SourceItem(
+                ref=name, error=too_large(len(data), rt.settings.max_image_bytes), meta=meta, **extra
+            )
         else:
-            yield SourceItem(ref=name, data=data, meta=meta)
+            yield SourceItem(ref=name, data=data, meta=meta, **extra)
 
 
 def _keep_calibration_sample(

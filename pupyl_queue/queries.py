@@ -30,7 +30,7 @@ from pupyl_queue.attributes import (
     check_key,
     parse_filter,
 )
-from pupyl_queue.codecs import SegmentRows, decode_vectors, encode_segment
+from pupyl_queue.codecs import SegmentRows, decode_vectors, encode_segment, encode_vectors
 from pupyl_queue.fencing import CompactionLock, FencedOut
 from pupyl_queue.images import decode
 from pupyl_queue.jobs import batch_id
@@ -38,6 +38,17 @@ from pupyl_queue.keys import retire
 from pupyl_queue.layout import Layout
 from pupyl_queue.metadata import encode_batch, mark_removed
 from pupyl_queue.metadata import read as read_metadata
+from pupyl_queue.payloads import (
+    CompactRequest,
+    NearestRequest,
+    NearestResult,
+    RemoveRequest,
+    RemoveResult,
+    SearchRequest,
+    SearchResult,
+    SetAttributesRequest,
+    SetAttributesResult,
+)
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.sharding import Send, fan_out, shard_vector
 from pupyl_queue.store import ObjectNotFound, StoreUnavailable
@@ -101,7 +112,7 @@ def _unit_vector(values: Any, dim: int) -> np.ndarray:
     return (vector / np.linalg.norm(vector)).astype(np.float32)
 
 
-def search(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict[str, Any]:
+def search(rt: Runtime, task: SearchRequest, send: Send | None = None) -> SearchResult:
     """Rank a collection by a query; a router of a sharded cluster fans out through ``send``."""
     collection = task.get("collection", "default")
     top = int(task.get("top", 4))
@@ -186,7 +197,15 @@ def metadata(rt: Runtime, layout: Layout, ids: list[int]) -> list[dict[str, Any]
     return read_metadata(rt.store, rt.redis, layout, ids)
 
 
-def nearest(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict[str, Any]:
+def nearest_request(collection: str, vectors: np.ndarray, top: int | None = None) -> NearestRequest:
+    """The ``pupyl.nearest`` kwargs an embed worker sends (near-duplicate and copy-mode checks)."""
+    request: NearestRequest = {"collection": collection, **encode_vectors(vectors)}
+    if top is not None:
+        request["top"] = int(top)
+    return request
+
+
+def nearest(rt: Runtime, task: NearestRequest, send: Send | None = None) -> NearestResult:
     """Each vector's nearest indexed image (near-duplicate checks of the embed workers).
 
     With ``top`` above 1 also each vector's ``candidates``: the short lists of the copy-mode check.
@@ -209,7 +228,7 @@ def nearest(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict
     return answer
 
 
-def remove(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
+def remove(rt: Runtime, task: RemoveRequest) -> RemoveResult:
     """Tombstone an id (committed like a segment), then delete its image and metadata.
 
     ``{"key": ...}`` instead of ``{"id": ...}`` removes the image a caller's key names now; the
@@ -247,7 +266,7 @@ def remove(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
     return {"id": image_id, "removed": True, "sequence": sequence}
 
 
-def set_attributes(rt: Runtime, task: dict[str, Any], send: Send | None = None) -> dict[str, Any]:
+def set_attributes(rt: Runtime, task: SetAttributesRequest, send: Send | None = None) -> SetAttributesResult:
     """New attributes for the image a caller's key names, without running the network again.
 
     The image's vector (from this search worker, or its shard) goes into a one-row segment under a
@@ -311,7 +330,7 @@ def set_attributes(rt: Runtime, task: dict[str, Any], send: Send | None = None) 
     return {"key": key, "updated": True, "id": new_id, "replaced": old_id, "sequence": sequence}
 
 
-def compact(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
+def compact(rt: Runtime, task: CompactRequest) -> dict[str, Any]:
     """Write a snapshot of the collection (one compaction at a time, whatever the replicas).
 
     A short lock, renewed while the compaction runs: a compaction killed with its worker (kill -9,

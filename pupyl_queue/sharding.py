@@ -20,16 +20,25 @@ import numpy as np
 
 from pupyl_queue.attributes import parse_filter
 from pupyl_queue.codecs import decode_vectors, encode_vectors
+from pupyl_queue.payloads import (
+    NearestRequest,
+    SearchRequest,
+    ShardRequest,
+    ShardSearchRequest,
+    ShardSearchResult,
+    ShardVectorRequest,
+    ShardVectorResult,
+)
 from pupyl_queue.runtime import Runtime
 
-Send = Callable[[int, dict[str, Any]], Any]  # (shard, request) -> a Celery AsyncResult
+Send = Callable[[int, ShardRequest], Any]  # (shard, request) -> a Celery AsyncResult
 
 
 class ShardUnavailable(RuntimeError):
     """A shard did not answer in time, and the caller did not accept a partial answer."""
 
 
-def shard_search(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
+def shard_search(rt: Runtime, task: ShardRequest) -> ShardSearchResult | ShardVectorResult:
     """What a shard answers: its own top-k for each vector, or one of its vectors by id."""
     searcher = rt.searcher(task.get("collection", "default"))
     wanted = int(task.get("min_sequence") or 0)
@@ -49,22 +58,25 @@ def shard_search(rt: Runtime, task: dict[str, Any]) -> dict[str, Any]:
 
 def shard_vector(rt: Runtime, collection: str, image_id: int, send: Send) -> np.ndarray:
     """An indexed image's vector, from the shard that owns it."""
-    answer = send(image_id % rt.settings.search_shards, {"collection": collection, "id": image_id})
+    request: ShardVectorRequest = {"collection": collection, "id": image_id}
+    answer = send(image_id % rt.settings.search_shards, request)
     return decode_vectors(answer.get(timeout=rt.settings.search_timeout, disable_sync_subtasks=False))[0]
 
 
 def fan_out(
-    rt: Runtime, collection: str, vectors: np.ndarray, top: int, task: dict[str, Any], send: Send
+    rt: Runtime,
+    collection: str,
+    vectors: np.ndarray,
+    top: int,
+    task: SearchRequest | NearestRequest,
+    send: Send,
 ) -> tuple[list[list[tuple[int, float]]], dict[str, Any]]:
-    """Every shard's top-k for each vector, merged; and whether the answer is whole."""
-    request = {
-        "collection": collection,
-        "top": top,
-        **encode_vectors(vectors),
-        "min_sequence": int(task.get("min_sequence") or 0),
-        "wait_timeout": task.get("wait_timeout", 30),
-        **({"filter": task["filter"]} if task.get("filter") is not None else {}),
-    }
+    """Every shard's top-k for each vector, merged; and whether the answer is whole.
+
+    ``task`` is the search (or nearest) request: its ``min_sequence``, ``wait_timeout``, ``filter``,
+    ``shard_timeout`` and ``allow_partial`` apply to the fan-out.
+    """
+    request = shard_request(collection, vectors, top, task)
     shards = rt.settings.search_shards
     timeout = float(task.get("shard_timeout") or rt.settings.search_timeout)
     pending = {k: send(k, request) for k in range(shards)}
@@ -94,6 +106,22 @@ def fan_out(
         **merged_health(list(answers.values())),
     }
     return merged, info
+
+
+def shard_request(
+    collection: str, vectors: np.ndarray, top: int, task: SearchRequest | NearestRequest
+) -> ShardSearchRequest:
+    """The ``pupyl.search_shard`` kwargs a router sends every shard for a search (or nearest) request."""
+    request: ShardSearchRequest = {
+        "collection": collection,
+        "top": top,
+        **encode_vectors(vectors),
+        "min_sequence": int(task.get("min_sequence") or 0),
+        "wait_timeout": task.get("wait_timeout", 30),
+    }
+    if task.get("filter") is not None:
+        request["filter"] = task["filter"]
+    return request
 
 
 def merged_health(answers: list[dict[str, Any]]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import lzma
 import os
 import stat
@@ -103,6 +104,13 @@ class Sources:
             raise SourceError(f"unsupported URI scheme in {uri!r}: use a path, http(s)://, s3:// or file://")
         else:
             yield from self._local(uri.removeprefix("file://"))
+
+    def listed(self, rows: list[Any]) -> Iterator[SourceItem]:
+        """The images a request lists with their keys (``[{"uri", "key", "attributes"}]``), read as a
+        JSON Lines list: a bad row is one failed item (``items:<n>``). Local paths are absolute and,
+        for ``origin="network"``, under PUPYL_ALLOWED_ROOTS (checked when each is opened)."""
+        raw = "\n".join(json.dumps(row) for row in rows).encode()
+        yield from self._list("items", raw, base=Path("/"), header=False)
 
     # --- local paths
     def local_path_error(self, path: Path) -> str:
@@ -400,7 +408,7 @@ class Sources:
                     return
                 yield from self._member(inner, data, depth, base)
 
-    def _list(self, ref: str, raw: bytes, base: Path | None) -> Iterator[SourceItem]:
+    def _list(self, ref: str, raw: bytes, base: Path | None, header: bool = True) -> Iterator[SourceItem]:
         if len(raw) > self.settings.max_list_bytes:
             yield SourceItem(ref, error=f"list larger than {self.settings.max_list_bytes} bytes; skipped")
             return
@@ -422,7 +430,7 @@ class Sources:
                         item.ref, item.error = entry, f"{item.error} ({where})"
                     item.key, item.attributes = row.key, row.attributes
                     yield item
-            elif row.line == 1 and not any(c in entry for c in "/\\."):
+            elif header and row.line == 1 and not any(c in entry for c in "/\\."):
                 continue  # a header line such as "url" or "path"
             else:
                 yield SourceItem(entry[:200], error=f"neither a path nor a URL ({where})")

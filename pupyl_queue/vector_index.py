@@ -193,6 +193,26 @@ def _coarse_graphs(index: faiss.Index) -> list[tuple[faiss.Index, faiss.HNSW]]:
 SCAN_MAX = 1024  # allowed ids up to here: their vectors are decoded and scanned, not the index
 
 
+@contextlib.contextmanager
+def _widened_lists(index: faiss.Index, fraction: float, most: int) -> Iterator[None]:
+    """An IVF index visits nprobe / fraction lists (at most ``most``) while the block runs."""
+    parts = ivf_parts(index)
+    before = [int(part.nprobe) for part in parts]
+    graphs = _coarse_graphs(index)
+    efs = [int(hnsw.efSearch) for _, hnsw in graphs]
+    try:
+        for part, nprobe in zip(parts, before):
+            part.nprobe = min(int(part.nlist), most, math.ceil(nprobe / fraction))
+        for ivf, hnsw in graphs:
+            hnsw.efSearch = HNSW_EF_PER_PROBE * int(ivf.nprobe)
+        yield
+    finally:
+        for part, nprobe in zip(parts, before):
+            part.nprobe = nprobe
+        for (_, hnsw), ef in zip(graphs, efs):
+            hnsw.efSearch = ef
+
+
 def _selector(allowed: np.ndarray) -> faiss.IDSelector:
     """A bitmap over the id range (ids come from a counter, so it is small: 125 KB per million ids);
     a bit test per code is cheaper than IDSelectorBatch's hash lookups. It keeps its memory alive."""
@@ -221,6 +241,7 @@ class VectorIndex:
         self.ids = ids if ids is not None else IdSet()
         self.removed_pending = 0  # removed logically, still inside the FAISS index
         self._coarse: tuple[faiss.Index, str] | None = None  # the CPU coarse quantizer, to restore
+        self._host: faiss.Index | None = None  # a CPU copy of a GPU index, for filtered searches
         gpus = faiss.get_num_gpus()
         if gpu and not gpus:
             raise ValueError("gpu=True, but faiss sees no GPU (faiss-cpu, or no CUDA device)")
@@ -295,6 +316,7 @@ class VectorIndex:
         with _narrow_coarse_search(self._index):
             self._index.add_with_ids(vectors[fresh], ids[fresh])
         self.ids.add(ids[fresh])
+        self._host = None
         return int(fresh.sum())
 
     def remove(self, ids: list[int]) -> int:
@@ -311,43 +333,104 @@ class VectorIndex:
         FAISS skips every id the selector refuses before computing its distance, so the scan costs
         one bit test per code it visits. An IVF index visits ``nprobe / fraction`` lists (all of them
         for a filter matching under nprobe/nlist of the images): about as many matching vectors as an
-        unfiltered search scans, and an exact scan of the subset when it is small.
+        unfiltered search scans, and an exact scan of the subset when it is small. FAISS on GPUs
+        takes no selector: see _search_within_gpu.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         allowed = np.asarray(allowed, dtype=np.int64)
         allowed = allowed[(allowed >= 0) & self.ids.contains(allowed)]  # live ids only: no over-fetch
         if not len(allowed) or top <= 0:
             return [[] for _ in range(len(queries))]
-        if len(allowed) <= SCAN_MAX or self.on_gpu:  # few: decode those vectors (GPU: no selectors)
-            return self._scan(queries, top, allowed)
+        if self.on_gpu:  # pragma: no cover - needs a GPU
+            return self._search_within_gpu(queries, top, allowed)
+        return self._search_within_index(self._index, queries, top, allowed)
+
+    def _search_within_index(
+        self, index: faiss.Index, queries: np.ndarray, top: int, allowed: np.ndarray
+    ) -> list[list[tuple[int, float]]]:
+        """search_within on a CPU faiss ``index`` holding this index's vectors."""
+        if len(allowed) <= SCAN_MAX:  # few: decode those vectors
+            return self._scan(index, queries, top, allowed)
         selector = _selector(allowed)
-        parts = ivf_parts(self._index)
+        parts = ivf_parts(index)
         params: faiss.SearchParameters
         if parts:
             nlist, nprobe = int(parts[0].nlist), int(parts[0].nprobe)
             fraction = len(allowed) / max(1, len(self))
             wide = min(nlist, math.ceil(nprobe / fraction))
             params = faiss.SearchParametersIVF(sel=selector, nprobe=wide)
-            if _coarse_graphs(self._index):  # an HNSW coarse quantizer must find that many lists
+            if _coarse_graphs(index):  # an HNSW coarse quantizer must find that many lists
                 params.quantizer_params = faiss.SearchParametersHNSW(efSearch=HNSW_EF_PER_PROBE * wide)
         else:
             params = faiss.SearchParameters(sel=selector)
-        sims, found = self._index.search(queries, min(top, len(allowed)), params=params)
+        sims, found = index.search(queries, min(top, len(allowed)), params=params)
         return [
             [(int(i), float(max(0.0, 1.0 - s))) for i, s in zip(row_ids, row_sims) if i >= 0]
             for row_ids, row_sims in zip(found, sims)
         ]
 
-    def _scan(self, queries: np.ndarray, top: int, allowed: np.ndarray) -> list[list[tuple[int, float]]]:
+    def _search_within_gpu(
+        self, queries: np.ndarray, top: int, allowed: np.ndarray
+    ) -> list[list[tuple[int, float]]]:
+        """search_within for an index on GPUs, which take no id selector (and, for IVF, decode one
+        stored vector only by reading every list back: half a second a vector at 16k lists).
+
+        The index's own search, lists widened by 1/fraction as on the CPU, as deep as a GPU goes
+        (GPU_MAX_K), keeping the allowed ids: a row holding ``top`` of them is complete, since no
+        allowed id the index ranks higher can be missing from it. Rows it cannot complete (filters
+        matching under ~1% of the images) run the CPU path on a host copy of the index, made once
+        and kept until the index changes. Runs on a CPU index too (the tests run it there).
+        """
+        rows = self._search_then_filter(queries, top, allowed, GPU_MAX_K)
+        missing = [q for q, row in enumerate(rows) if row is None]
+        if missing:
+            host = self._host_index()
+            for q, row in zip(missing, self._search_within_index(host, queries[missing], top, allowed)):
+                rows[q] = row
+        return [row or [] for row in rows]
+
+    def _search_then_filter(
+        self, queries: np.ndarray, top: int, allowed: np.ndarray, deepest: int
+    ) -> list[list[tuple[int, float]] | None]:
+        """Plain searches, deeper each round up to ``deepest``, keeping ``allowed`` ids; None for a
+        query whose ``deepest`` results hold fewer than min(top, len(allowed)) of them."""
+        want = min(top, len(allowed))
+        fraction = len(allowed) / max(1, len(self))
+        total = min(int(self._index.ntotal), deepest)
+        k = min(total, max(4 * top, math.ceil(2 * top / fraction)) + self.removed_pending)
+        rows: list[list[tuple[int, float]] | None] = [None] * len(queries)
+        pending = list(range(len(queries)))
+        with _widened_lists(self._index, fraction, deepest):
+            while pending and k > 0:
+                sims, found = self._index.search(queries[pending], k)
+                keep = np.isin(found, allowed)
+                for j, q in enumerate(pending):
+                    if keep[j].sum() >= want:
+                        hits = zip(found[j][keep[j]], sims[j][keep[j]])
+                        rows[q] = [(int(i), float(max(0.0, 1.0 - s))) for i, s in hits][:top]
+                pending = [q for q in pending if rows[q] is None]
+                if k >= total:
+                    break
+                k = min(2 * k, total)
+        return rows
+
+    def _host_index(self) -> faiss.Index:
+        """A CPU faiss index with this index's vectors: the index itself, or a copy of a GPU one."""
+        if not self.on_gpu:
+            return self._index
+        if self._host is None:  # pragma: no cover - needs a GPU
+            self._host = self._cpu_index()
+        return self._host
+
+    def _scan(
+        self, index: faiss.Index, queries: np.ndarray, top: int, allowed: np.ndarray
+    ) -> list[list[tuple[int, float]]]:
         """Exact over the stored codes: the allowed vectors decoded, every one compared."""
-        if self.on_gpu:  # pragma: no cover - needs a GPU
-            vectors = np.stack([self.vector(int(i)) for i in allowed])
-        else:
-            if not isinstance(self._index, faiss.IndexIDMap2):
-                ivf = faiss.extract_index_ivf(self._index)
-                if ivf.direct_map.type != faiss.DirectMap.Hashtable:
-                    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
-            vectors = self._index.reconstruct_batch(allowed)
+        if not isinstance(index, faiss.IndexIDMap2):
+            ivf = faiss.extract_index_ivf(index)
+            if ivf.direct_map.type != faiss.DirectMap.Hashtable:
+                ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        vectors = index.reconstruct_batch(allowed)
         sims = queries @ vectors.T
         order = np.argsort(-sims, axis=1)[:, :top]
         return [

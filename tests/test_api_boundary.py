@@ -261,12 +261,37 @@ def test_inputs_that_gave_500_are_json_4xx(
             ("GET", "/v1/jobs/" + "j" * 500, None, 404),
             ("GET", "/v1/jobs?collection=default%0A", None, 400),
             ("GET", "/v1/collections/default%0A", None, 400),
+            ("GET", "/v1/keys/" + "k" * 300, None, 400),
+            ("GET", "/v1/keys/a%00b", None, 400),
+            ("DELETE", "/v1/keys/a%7Fb", None, 400),
+            ("PUT", "/v1/keys/k/attributes", {"attributes": {"id": 1}}, 400),
+            ("PUT", "/v1/keys/k/attributes", {"attributes": [1]}, 400),
+            ("PUT", "/v1/keys/k/attributes", None, 400),
+            ("POST", "/v1/search", {"id": 1, "filter": {"a": {"near": 1}}}, 400),
+            ("POST", "/v1/search", {"id": 1, "filter": "{"}, 400),
+            ("POST", "/v1/index", {"items": 5}, 400),
+            ("POST", "/v1/index", {"items": [{"uri": "x"}] * 1001}, 400),
         ]
         for method, path, body, expected in cases:
             response = await http.request(method, path, json=body, headers=GOOD)
             status, error = await status_and_error(response)
             assert status == expected, (method, path[:60], body, status, error)
             assert "Errno" not in error["message"] and "OSError" not in error["message"], error
+
+    run(app_settings(tmp_path, redis_url, roots), scenario)
+
+
+def test_key_routes_need_a_token(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, roots: dict[str, Path]
+) -> None:
+    async def scenario(http: TestClient) -> None:
+        for method, path in (
+            ("GET", "/v1/keys/k"),
+            ("DELETE", "/v1/keys/k"),
+            ("PUT", "/v1/keys/k/attributes"),
+        ):
+            status, error = await status_and_error(await http.request(method, path, json={"attributes": {}}))
+            assert (status, error["code"]) == (401, "unauthorized"), (method, path)
 
     run(app_settings(tmp_path, redis_url, roots), scenario)
 

@@ -88,3 +88,29 @@ def test_up_index_search_remove_and_clean_stop(tmp_path: Path, tiny_model: Path,
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not (tmp_path / "data" / "stack.json").exists()
     assert list((tmp_path / "data" / "redis").glob("appendonly*"))  # persisted under the data dir
+
+
+def test_key_verbs_refuse_bad_input_with_a_message_and_no_traceback(tmp_path: Path) -> None:
+    """Checked before anything is sent: no Redis is needed to refuse these."""
+    from pupyl_queue.cli import attribute_value
+
+    assert [attribute_value(v) for v in ("59", "1.5", "true", '["a", "b"]', '"042"', "red shoe", "null")] == [
+        59, 1.5, True, ["a", "b"], "042", "red shoe", "null",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PUPYL_")}
+    env["PUPYL_DATA_DIR"] = str(tmp_path)
+    cases = [
+        (["index", "x.jpg", "--attr", "a=1"], "--attr needs --key"),
+        (["index", "x.jpg", "--key", "k", "--attr", "id=1"], "reserved"),
+        (["index", "x.jpg", "--key", "k", "--attr", "a=1", "--attr", "a=2"], "given twice"),
+        (["index", "x.jpg", "--key", "k" * 300], "at most 256 bytes"),
+        (["search", "q.jpg", "--where", "{"], "--where takes a JSON filter"),
+        (["search", "q.jpg", "--where", '{"price": {"lt": "x"}}'], "range bound"),
+        (["remove"], "an image id or --key"),
+        (["remove", "3", "--key", "k"], "an image id or --key"),
+        (["set-attributes", "k", "--attr", "novalue"], "name=value"),
+    ]
+    for args, message in cases:
+        done = cli(env, *args, timeout=60)
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr

@@ -23,9 +23,12 @@ def exact_within(
     return [int(i) for i in ids[keep][np.argsort(-sims)[:top]]]
 
 
+@pytest.mark.parametrize("way", ["cpu", "gpu"])
 @pytest.mark.parametrize("factory", ["Flat", "IVF64,SQ8"])
 @pytest.mark.parametrize("fraction", [0.0005, 0.01, 0.3])
-def test_filtered_search_is_the_top_k_of_the_subset(factory: str, fraction: float) -> None:
+def test_filtered_search_is_the_top_k_of_the_subset(factory: str, fraction: float, way: str) -> None:
+    """``way="gpu"`` runs the GPU path (no selectors: deeper plain searches kept to the allowed ids,
+    then the host path for rows they leave incomplete) on this CPU index."""
     n, dim = 20_000, 32
     vectors = clustered(n, dim)
     ids = np.arange(1000, 1000 + n, dtype=np.int64) * 3  # sparse, large ids
@@ -40,7 +43,12 @@ def test_filtered_search_is_the_top_k_of_the_subset(factory: str, fraction: floa
     live = set(allowed.tolist()) - set(removed)
     queries = clustered(30, dim, seed=9)
     unfiltered = index.search(queries, 10)
-    found = index.search_within(queries, 10, allowed)
+    if way == "cpu":
+        found = index.search_within(queries, 10, allowed)
+    else:
+        nprobe = index.nprobe
+        found = index._search_within_gpu(queries, 10, allowed[index.ids.contains(allowed)])
+        assert index.nprobe == nprobe  # widened for the search only
     hits = total = 0
     for query, row, plain in zip(queries, found, unfiltered):
         truth = exact_within(ids, vectors, query, live, 10)
@@ -53,6 +61,22 @@ def test_filtered_search_is_the_top_k_of_the_subset(factory: str, fraction: floa
     recall = hits / total
     assert recall == 1.0 if factory == "Flat" else recall >= 0.9, recall
     assert (len(allowed) <= SCAN_MAX) == (fraction < 0.3)  # both ways are used: decode-and-scan, selector
+
+
+def test_the_gpu_way_completes_rows_on_the_host_only_when_it_must() -> None:
+    """Deeper plain searches answer a 30% filter alone; a 0.05% one needs the host path."""
+    n, dim = 20_000, 32
+    vectors = clustered(n, dim)
+    ids = np.arange(1, n + 1, dtype=np.int64)
+    index = VectorIndex(dim, "Flat")
+    index.add(ids, vectors)
+    queries = clustered(5, dim, seed=3)
+    wide = ids[::3]
+    rows = index._search_then_filter(queries, 10, wide, 2048)
+    assert all(row is not None and len(row) == 10 for row in rows)
+    narrow = ids[::2000]  # 10 ids
+    assert all(row is None for row in index._search_then_filter(queries, 10, narrow, 2048))
+    assert all(len(row) == 10 for row in index._search_within_gpu(queries, 10, narrow))
 
 
 def test_filtered_search_of_nothing() -> None:

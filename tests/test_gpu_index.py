@@ -127,3 +127,18 @@ def test_compaction_path_trains_and_adds_on_gpu(data: tuple) -> None:
     assert index.memory_bytes() == N * (DIM + 8) + index.ids.nbytes
     cpu = faiss.deserialize_index(np.frombuffer(index.serialize(), dtype=np.uint8))
     assert cpu.is_trained and cpu.ntotal == N
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF64,SQ8"])
+@pytest.mark.parametrize("share", [0.0005, 0.02, 0.3])
+def test_filtered_search_on_gpu_finds_what_the_cpu_finds(factory: str, share: float, data: tuple) -> None:
+    """GPUs take no id selector: deeper plain searches kept to the allowed ids, the host copy for
+    rows they leave short. The answer is as good as the CPU index's own, and never a short list."""
+    ids, _, queries, _ = data
+    gpu, cpu = built(factory, data, gpu=True), built(factory, data, gpu=False)
+    allowed = np.sort(np.random.default_rng(5).choice(ids, max(1, int(len(ids) * share)), replace=False))
+    on_gpu, on_cpu = gpu.search_within(queries, 10, allowed), cpu.search_within(queries, 10, allowed)
+    assert all(len(row) == min(10, len(allowed)) for row in on_gpu)
+    assert all({i for i, _ in row} <= set(allowed.tolist()) for row in on_gpu)
+    same = np.mean([len({i for i, _ in a} & {i for i, _ in b}) / len(b) for a, b in zip(on_gpu, on_cpu)])
+    assert same >= (0.999 if factory == "Flat" else 0.9), same

@@ -6,6 +6,7 @@ with the same bytes at the same moment.
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -243,3 +244,19 @@ def test_int8_first_job_keeps_bytes_for_calibration_even_with_references(
     batches = expand_folder(rt, folder_of(tmp_path, 5), tiny_model, job_id="jc", precision="int8")
     assert not any("path" in item for b in batches for item in b["items"])
     assert len(list(rt.store.list(Layout().calibration + "/"))) == 5
+
+
+def test_a_near_duplicate_keeps_its_key_in_the_report(rt: Runtime, tmp_path: Path, tiny_model: Path) -> None:
+    need_shared(MOBILENET_025)
+    photos = need_shared(PHOTOS)
+    listing = tmp_path / "items.jsonl"
+    lines = [
+        {"uri": str(photos / "coral" / "cat.bmp"), "key": "sku-1"},
+        {"uri": str(photos / "coral" / "cat_720p.jpg"), "key": "sku-2"},
+    ]
+    listing.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    items = run_job(rt, listing, tiny_model, "jk", near_duplicate=0.02)
+    by_key = {i["key"]: i for i in items}
+    assert by_key["sku-1"]["status"] == "indexed"
+    assert by_key["sku-2"]["status"] == "duplicate"
+    assert by_key["sku-2"]["duplicate_of"] == by_key["sku-1"]["id"]

@@ -10,16 +10,37 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 from celery import Task, shared_task
 from celery.signals import worker_ready
 from kombu.exceptions import OperationalError
 
-from pupyl_queue import codecs, embedding, ingest, jobs, queries, sharding
 from pupyl_queue import constants as C
+from pupyl_queue import embedding, ingest, jobs, queries, sharding
 from pupyl_queue.catalog import list_collections
+from pupyl_queue.payloads import (
+    CompactAllResult,
+    CompactRequest,
+    EmbedRequest,
+    EmbedResult,
+    HousekeepResult,
+    IndexRequest,
+    IndexResult,
+    NearestRequest,
+    NearestResult,
+    RemoveRequest,
+    RemoveResult,
+    SearchRequest,
+    SearchResult,
+    SetAttributesRequest,
+    SetAttributesResult,
+    ShardRequest,
+    ShardSearchResult,
+    ShardVectorResult,
+    SweepJobsResult,
+)
 from pupyl_queue.runtime import runtime
 from pupyl_queue.store import StoreUnavailable
 
@@ -121,25 +142,25 @@ JOB_RETRY = dict(base=JobTask, **RETRY)
 
 
 @shared_task(name=C.TASK_INDEX, bind=True, **JOB_RETRY)
-def index(self: Any, **job: Any) -> dict[str, Any]:
+def index(self: Any, **kwargs: Any) -> IndexResult:
     rt = runtime()
-    job.setdefault("job_id", self.request.id)
+    kwargs.setdefault("job_id", self.request.id)
+    job = cast(IndexRequest, kwargs)  # the task's JSON kwargs (docs/tasks.md; pupyl_queue/payloads.py)
 
-    def body() -> dict[str, Any]:
+    def body() -> IndexResult:
         # A failure for good (a bad URI, a model mismatch, retries spent) fails the job (on_failure).
         return ingest.expand_job(rt, job, dispatch)
 
-    def dispatch(batch: dict[str, Any]) -> None:
+    def dispatch(batch: EmbedRequest) -> None:
         # The task id is the batch id: the sweep (jobs.py) looks for it in the broker.
         embed.apply_async(kwargs=batch, task_id=jobs.batch_id(batch["job_id"], batch["batch"]))
 
-    return riding_out_redis(self, job, body)
+    return riding_out_redis(self, kwargs, body)
 
 
 def ask_nearest(collection: str, vectors: Any) -> list[tuple[int, float] | None]:
     """Near-duplicate lookup on the search workers, which hold the index (embed workers do not)."""
-    request = {"collection": collection, **codecs.encode_vectors(vectors)}
-    result = nearest.apply_async(kwargs=request)
+    result = nearest.apply_async(kwargs=queries.nearest_request(collection, vectors))
     answer = result.get(timeout=runtime().settings.search_timeout, disable_sync_subtasks=False)
     if answer.get("degraded"):
         keys = ", ".join(d["key"] for d in answer.get("damaged", []))
@@ -149,8 +170,7 @@ def ask_nearest(collection: str, vectors: Any) -> list[tuple[int, float] | None]
 
 def ask_short_lists(collection: str, vectors: Any, top: int) -> list[list[tuple[int, float]]]:
     """Each vector's ``top`` nearest indexed images (the copy-mode near-duplicate check)."""
-    request = {"collection": collection, "top": int(top), **codecs.encode_vectors(vectors)}
-    result = nearest.apply_async(kwargs=request)
+    result = nearest.apply_async(kwargs=queries.nearest_request(collection, vectors, top))
     answer = result.get(timeout=runtime().settings.search_timeout, disable_sync_subtasks=False)
     if answer.get("degraded"):
         keys = ", ".join(d["key"] for d in answer.get("damaged", []))
@@ -160,68 +180,78 @@ def ask_short_lists(collection: str, vectors: Any, top: int) -> list[list[tuple[
 
 
 @shared_task(name=C.TASK_EMBED, bind=True, **JOB_RETRY)
-def embed(self: Any, **batch: Any) -> dict[str, Any]:
+def embed(self: Any, **kwargs: Any) -> EmbedResult:
     rt = runtime()
+    batch = cast(EmbedRequest, kwargs)
 
-    def body() -> dict[str, Any]:
+    def body() -> EmbedResult:
         # Any failure for good ends this batch only, its items failed with the reason (on_failure).
-        result = embedding.embed_batch(rt, batch, ask_nearest, ask_short_lists)
+        result = cast(EmbedResult, embedding.embed_batch(rt, batch, ask_nearest, ask_short_lists))
         if embedding.compaction_due(rt, batch["collection"], result.get("sequence")):
-            compact.apply_async(kwargs={"collection": batch["collection"]})
+            request: CompactRequest = {"collection": batch["collection"]}
+            compact.apply_async(kwargs=request)
         return result
 
-    return riding_out_redis(self, batch, body)
+    return riding_out_redis(self, kwargs, body)
 
 
-def to_shard(shard: int, request: dict[str, Any]) -> Any:
+def to_shard(shard: int, request: ShardRequest) -> Any:
     return search_shard.apply_async(kwargs=request, queue=C.shard_queue(shard))
 
 
 @shared_task(name=C.TASK_SEARCH, bind=True, **RETRY)
-def search(self: Any, **request: Any) -> dict[str, Any]:
-    return riding_out_redis(self, request, lambda: queries.search(runtime(), request, to_shard))
+def search(self: Any, **kwargs: Any) -> SearchResult:
+    request = cast(SearchRequest, kwargs)
+    return riding_out_redis(self, kwargs, lambda: queries.search(runtime(), request, to_shard))
 
 
 @shared_task(name=C.TASK_SEARCH_SHARD, bind=True, **RETRY)
-def search_shard(self: Any, **request: Any) -> dict[str, Any]:
-    return riding_out_redis(self, request, lambda: sharding.shard_search(runtime(), request))
+def search_shard(self: Any, **kwargs: Any) -> ShardSearchResult | ShardVectorResult:
+    request = cast(ShardRequest, kwargs)
+    return riding_out_redis(self, kwargs, lambda: sharding.shard_search(runtime(), request))
 
 
 @shared_task(name=C.TASK_NEAREST, bind=True, **RETRY)
-def nearest(self: Any, **request: Any) -> dict[str, Any]:
-    return riding_out_redis(self, request, lambda: queries.nearest(runtime(), request, to_shard))
+def nearest(self: Any, **kwargs: Any) -> NearestResult:
+    request = cast(NearestRequest, kwargs)
+    return riding_out_redis(self, kwargs, lambda: queries.nearest(runtime(), request, to_shard))
 
 
 @shared_task(name=C.TASK_SET_ATTRIBUTES, bind=True, **RETRY)
-def set_attributes(self: Any, **request: Any) -> dict[str, Any]:
-    return riding_out_redis(self, request, lambda: queries.set_attributes(runtime(), request, to_shard))
+def set_attributes(self: Any, **kwargs: Any) -> SetAttributesResult:
+    request = cast(SetAttributesRequest, kwargs)
+    return riding_out_redis(self, kwargs, lambda: queries.set_attributes(runtime(), request, to_shard))
 
 
 @shared_task(name=C.TASK_REMOVE, bind=True, **RETRY)
-def remove(self: Any, **request: Any) -> dict[str, Any]:
-    return riding_out_redis(self, request, lambda: queries.remove(runtime(), request))
+def remove(self: Any, **kwargs: Any) -> RemoveResult:
+    request = cast(RemoveRequest, kwargs)
+    return riding_out_redis(self, kwargs, lambda: queries.remove(runtime(), request))
 
 
 @shared_task(name=C.TASK_COMPACT, bind=True, **RETRY)
-def compact(self: Any, **request: Any) -> dict[str, Any]:
-    return riding_out_redis(self, request, lambda: queries.compact(runtime(), request))
+def compact(self: Any, **kwargs: Any) -> dict[str, Any]:
+    """The new snapshot's manifest (open-ended), or ``{"skipped": reason}``."""
+    request = cast(CompactRequest, kwargs)
+    return riding_out_redis(self, kwargs, lambda: queries.compact(runtime(), request))
 
 
 @shared_task(name=C.TASK_COMPACT_ALL, **RETRY)
-def compact_all() -> dict[str, Any]:
+def compact_all() -> CompactAllResult:
     """Celery beat's periodic compaction: queue one per collection that has new commits."""
     rt = runtime()
     queued = []
     for name in list_collections(rt.store):
         coord = rt.coordinator(name)
         if coord.last_sequence() > coord.snapshot_watermark():
-            compact.apply_async(kwargs={"collection": name})
+            request: CompactRequest = {"collection": name}
+            compact.apply_async(kwargs=request)
             queued.append(name)
     return {"queued": queued}
 
 
 @shared_task(name=C.TASK_SWEEP_JOBS, **RETRY)
-def sweep_jobs() -> dict[str, Any]:
+def sweep_jobs() -> SweepJobsResult:
     """Celery beat's sweep: end the jobs whose tasks are all gone (pupyl_queue/jobs.py)."""
     rt = runtime()
     return {"ended": jobs.end_lost_jobs(rt.redis, rt.store, rt.settings.job_stall_s, ttl=rt.settings.job_ttl)}
@@ -249,10 +279,10 @@ def preload_searchers(sender: Any = None, **_: Any) -> None:
 
 
 @shared_task(name=C.TASK_HOUSEKEEP, **RETRY)
-def housekeep() -> dict[str, int]:
+def housekeep() -> HousekeepResult:
     """Celery beat's housekeeping (pupyl_queue/housekeeping.py): ended jobs' records expire, cut-off
     uploads and leftovers of gone jobs are deleted, query images never searched too."""
     from pupyl_queue.housekeeping import housekeep as run
 
     rt = runtime()
-    return run(rt.store, rt.redis, rt.settings)
+    return cast(HousekeepResult, run(rt.store, rt.redis, rt.settings))

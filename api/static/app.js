@@ -50,18 +50,54 @@ async function search(request) {
   }
 }
 
-function searchBody(extra) {
-  const mode = $("#copy-mode").checked ? { mode: "copy" } : {};
-  return { collection: collection(), top: Number($("#top").value) || 8, metadata: true, ...mode, ...extra };
+// The filter box: a JSON filter ({"price": {"lt": 100}}), or name=value pairs separated by spaces or
+// commas (all must hold). A value reads as JSON when it is a number, true/false or a quoted string.
+function parseFilter(text) {
+  text = text.trim();
+  if (!text) return null;
+  if (text.startsWith("{")) {
+    let filter;
+    try { filter = JSON.parse(text); } catch (error) { throw new Error("the filter is not valid JSON"); }
+    if (!filter || typeof filter !== "object" || Array.isArray(filter)) throw new Error("the filter is a JSON object");
+    return filter;
+  }
+  const filter = {};
+  for (const pair of text.split(/[\s,]+/).filter(Boolean)) {
+    const at = pair.indexOf("=");
+    if (at < 1) throw new Error(`"${pair}" is not name=value`);
+    const raw = pair.slice(at + 1);
+    let value = raw;
+    try {
+      const parsed = JSON.parse(raw);
+      if (["number", "boolean", "string"].includes(typeof parsed)) value = parsed;
+    } catch (error) { /* plain text */ }
+    filter[pair.slice(0, at)] = value;
+  }
+  return filter;
 }
 
-function byId(id) {
-  showQuery(`Indexed image ${id}`, null);
-  thumbnail(id).then((url) => showQuery(`Indexed image ${id}`, url)).catch(() => {});
+function searchBody(extra) {
+  const mode = $("#copy-mode").checked ? { mode: "copy" } : {};
+  const filter = parseFilter($("#filter").value);  // throws with the reason: the caller says it
+  return { collection: collection(), top: Number($("#top").value) || 8, metadata: true, ...mode,
+    ...(filter ? { filter } : {}), ...extra };
+}
+
+// What a query is, with the filter it ran under.
+function described(label) {
+  const text = $("#filter").value.trim();
+  return text ? `${label} · where ${text}` : label;
+}
+
+function byId(id, key) {
+  let body;
+  try { body = searchBody({ id }); } catch (error) { return say(`Bad filter: ${error.message}`, true); }
+  const label = described(key ? `Indexed image ${id} (key ${key})` : `Indexed image ${id}`);
+  showQuery(label, null);
+  thumbnail(id).then((url) => showQuery(label, url)).catch(() => {});
   return search({
     path: "/v1/search",
-    options: { method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(searchBody({ id })) },
+    options: { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) },
   });
 }
 
@@ -78,10 +114,13 @@ function show(answer) {
   for (const [rank, row] of rows.entries()) {
     const item = document.createElement("li");
     item.dataset.id = row.id;
+    const meta = row.metadata || {};
+    const key = row.key ?? meta.key;
+    if (key !== undefined && key !== null) item.dataset.key = key;
     const image = document.createElement("img");
     image.alt = `image ${row.id}`;
     image.title = "Search by this image";
-    image.addEventListener("click", () => byId(row.id));
+    image.addEventListener("click", () => byId(row.id, key));
     const caption = document.createElement("div");
     caption.className = "rank";
     caption.textContent = `#${rank + 1} · id ${row.id} · distance ${Number(row.distance).toFixed(4)}`;
@@ -90,14 +129,19 @@ function show(answer) {
       if (answer.copy && answer.copy.found && answer.copy.id === row.id) item.classList.add("original");
     }
     const facts = document.createElement("dl");
-    const meta = row.metadata || {};
-    for (const key of ["original_file_name", "original_path", "width", "height"]) {
-      if (meta[key] === undefined || meta[key] === null) continue;
+    const fact = (name, value, className) => {
       const term = document.createElement("dt");
-      term.textContent = key.replace("original_", "");
-      const value = document.createElement("dd");
-      value.textContent = String(meta[key]);
-      facts.append(term, value);
+      term.textContent = name;
+      const text = document.createElement("dd");
+      text.textContent = Array.isArray(value) ? value.join(", ") : String(value);
+      if (className) { term.className = className; text.className = className; }
+      facts.append(term, text);
+    };
+    if (key !== undefined && key !== null) fact("key", key, "key");
+    for (const [name, value] of Object.entries(meta.attributes || {})) fact(name, value, "attribute");
+    for (const name of ["original_file_name", "original_path", "width", "height"]) {
+      if (meta[name] === undefined || meta[name] === null) continue;
+      fact(name.replace("original_", ""), meta[name]);
     }
     item.append(image, caption, facts);
     list.append(item);
@@ -166,17 +210,25 @@ function start() {
     event.preventDefault();
     const file = $("#file").files[0];
     if (!file) return say("Choose an image first", true);
-    showQuery(`File ${file.name}`, URL.createObjectURL(file));
+    let body;
+    try { body = searchBody({}); } catch (error) { return say(`Bad filter: ${error.message}`, true); }
+    showQuery(described(`File ${file.name}`), URL.createObjectURL(file));
     const form = new FormData();
     form.append("image", file);
-    for (const [key, value] of Object.entries(searchBody({}))) form.append(key, String(value));
+    for (const [key, value] of Object.entries(body)) {
+      form.append(key, typeof value === "object" ? JSON.stringify(value) : String(value));
+    }
     search({ path: "/v1/search", options: { method: "POST", body: form } });
   });
   $("#search-url").addEventListener("submit", (event) => {
     event.preventDefault();
-    showQuery(`URL ${$("#url").value.trim()}`, null);
+    let body;
+    try { body = searchBody({ uri: $("#url").value.trim() }); } catch (error) {
+      return say(`Bad filter: ${error.message}`, true);
+    }
+    showQuery(described(`URL ${$("#url").value.trim()}`), null);
     search({ path: "/v1/search", options: { method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(searchBody({ uri: $("#url").value.trim() })) } });
+      body: JSON.stringify(body) } });
   });
   $("#index-files").addEventListener("submit", (event) => {
     event.preventDefault();
