@@ -490,7 +490,10 @@ async def _stored(request: web.Request, key: Callable[[Layout, int], str]) -> by
 
 
 async def image_meta(request: web.Request) -> web.Response:
-    return web.json_response(json.loads(await _stored(request, Layout.image_meta)))
+    meta = await blocking(client(request).metadata, _image_id(request))
+    if meta is None:
+        raise ApiError(404, "not_found", "no such image")
+    return web.json_response(meta)
 
 
 async def image_file(request: web.Request) -> web.Response:

@@ -6,7 +6,8 @@ tombstone committed after it (in commit order), images, metadata and job
 reports, plus ``pupyl-backup.json``: every file's size and sha256, the commit
 order and the id counter. Restore checks all of it before writing anything,
 into an empty collection (of any name, on any store kind), then rebuilds the
-collection's Redis state (id counter, commit log, dedup map, image count, callers' key map).
+collection's Redis state (id counter, commit log, dedup map, image count, callers' key map,
+metadata range index and removed ids).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 import redis
 
 from pupyl_queue import constants as C
@@ -28,6 +30,7 @@ from pupyl_queue.codecs import read_manifest, read_pointer
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.integrity import seal
 from pupyl_queue.layout import Layout
+from pupyl_queue.metadata import rebuild_index
 from pupyl_queue.settings import Settings
 from pupyl_queue.store import ObjectNotFound, ObjectStore, open_store
 
@@ -235,7 +238,6 @@ def restore(
     wanted = {e["path"] for e in manifest["files"]}
     commits = set(manifest["commits"])
     coord = Coordinator(client, layout)
-    hashes: dict[str, int] = {}
     for rel, data in files():
         if rel not in wanted:
             continue
@@ -243,9 +245,7 @@ def restore(
         store.put(f"{layout.root}/{rel}", written)
         if rel in commits:  # readers check committed segments and tombstones against it
             integrity.record_checksum(coord, f"{layout.root}/{rel}", written)
-        if rel.startswith(f"{C.STORE_IMAGES}/") and rel.endswith(".json"):
-            meta = json.loads(data)
-            hashes[meta["sha256"]] = int(meta["id"])
+    hashes = rebuild_index(store, client, layout, _removed(store, layout, manifest["commits"]))
     model = read_manifest(store, layout)["model"]  # type: ignore[index]
     client.set(layout.key("model"), json.dumps(model, sort_keys=True))
     client.set(layout.key(C.KEY_ID_COUNTER), manifest["next_id"])
@@ -258,3 +258,15 @@ def restore(
         client.hset(layout.key(C.KEY_HASHES), mapping={k: str(v) for k, v in hashes.items()})
     key_map = keys.restore_key_map(store, coord)
     return {"collection": name, "files": len(wanted), "images": len(hashes), "from": src, **key_map}
+
+
+def _removed(store: ObjectStore, layout: Layout, commits: list[str]) -> set[int]:
+    """Every removed id of the restored collection: its snapshot's removed list and the tombstones
+    committed after it (their metadata must read as absent, pupyl_queue/metadata.py)."""
+    tombstones = [rel for rel in commits if rel.startswith(f"{C.STORE_TOMBSTONES}/")]
+    removed = {int(rel.rsplit("/", 1)[-1].split(".")[0]) for rel in tombstones}
+    snapshot = read_pointer(store, layout)
+    if snapshot is not None:
+        dead = integrity.snapshot_file(store, snapshot, "tombstones.npy")
+        removed.update(np.frombuffer(dead, np.int64).tolist())
+    return removed

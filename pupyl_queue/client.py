@@ -565,6 +565,12 @@ class PupylQueue:
 
         return restore(str(src), self.store, self.redis, self.settings, as_name)
 
+    def metadata(self, image_id: int) -> dict[str, Any] | None:
+        """An indexed image's metadata; None when there is no such image (or it was removed)."""
+        from pupyl_queue.metadata import read_one
+
+        return read_one(self.store, self.redis, Layout(self.collection), int(image_id))
+
     # --- remove and maintenance
     def remove_async(self, index: int | None = None, key: str | None = None) -> AsyncResult:
         """Remove an image by id, or (``key=``) the image a caller's key names; the key goes with it."""

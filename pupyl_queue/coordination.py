@@ -15,13 +15,15 @@ import redis
 from pupyl_queue import constants as C
 from pupyl_queue.layout import Layout
 
-# Allocate ``count`` ids to a batch once; a rerun of the batch gets the same ids.
+# Allocate ``count`` ids to a batch once; a rerun of the batch gets the same ids. The range's first
+# id also goes into the metadata range index (KEYS[3]): the batch's metadata object holds its ids.
 _ALLOCATE = """
 local have = redis.call('HGET', KEYS[2], ARGV[1])
 if have then return tonumber(have) end
 local last = redis.call('INCRBY', KEYS[1], ARGV[2])
 local first = last - tonumber(ARGV[2]) + 1
 redis.call('HSET', KEYS[2], ARGV[1], first)
+if tonumber(ARGV[2]) > 0 then redis.call('ZADD', KEYS[3], first, ARGV[1]) end
 return first
 """
 
@@ -193,7 +195,8 @@ class Coordinator:
 
     # --- ids
     def allocate_ids(self, batch_id: str, count: int) -> list[int]:
-        keys = [self._k(C.KEY_ID_COUNTER), self._k(C.KEY_BATCH_IDS)]
+        """``count`` contiguous ids for a batch, in one round trip (metadata.py finds them by range)."""
+        keys = [self._k(C.KEY_ID_COUNTER), self._k(C.KEY_BATCH_IDS), self._k(C.KEY_META_RANGES)]
         first = int(self._allocate(keys=keys, args=[batch_id, count]))
         return list(range(first, first + count))
 

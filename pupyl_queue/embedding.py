@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pupyl_queue import integrity, keys
+from pupyl_queue import integrity, keys, metadata
 from pupyl_queue.attributes import InvalidAttribute, builtin_values, check_attributes, check_key
 from pupyl_queue.codecs import SegmentRows, encode_segment
 from pupyl_queue.decode_pool import PixelSlots
@@ -120,9 +120,7 @@ def embed_batch(
     if done is not None:
         # Done already; but an expansion run again (its first run cut off, e.g. by a Redis restart)
         # staged this batch's bytes once more: delete them, or they stay in the store for good.
-        for item in task["items"]:
-            if item.get("key"):
-                rt.store.delete(item["key"])
+        rt.store.delete_many(item["key"] for item in task["items"] if item.get("key"))
         return done
     items = task["items"]
     owner = batch_id(job_id, batch)
@@ -157,9 +155,7 @@ def embed_batch(
         return done
     rt.store.put(layout.job_report(job_id, batch), json.dumps({**summary, "items": run.report}).encode())
     coord.finish_batch(job_id, batch, summary)
-    for item in items:
-        if item.get("key"):
-            rt.store.delete(item["key"])
+    rt.store.delete_many(item["key"] for item in items if item.get("key"))  # one request per 1,000 on S3
     finish_if_done(rt, job_id, collection)
     return {**summary, "items": run.report}
 
@@ -183,7 +179,10 @@ class _BatchRun:
         self._chunks: list[np.ndarray] = []
         self._writes: list[Future[None]] = []
         self._written: set[int] = set()
-        self._metas: dict[int, dict[str, Any]] = {}  # position -> the metadata written for it
+        self._metas: dict[int, dict[str, Any]] = {}  # position -> its metadata, written in the batch object
+        # Claims that change nothing before the network wait, to be made in one round trip.
+        self._claims_wait = not task.get("check_unique") and not any(i.get("image_key") for i in self.items)
+        self._unclaimed: list[int] = []
 
     def embed(self) -> None:
         """Decode in the pool; run the network on each ``infer_batch`` as soon as it is ready.
@@ -215,25 +214,29 @@ class _BatchRun:
             self.timings.wait_s += time.perf_counter() - started
             group.append(position)
             if len(group) >= chunk or position == len(futures) - 1:
-                self._admit(group)  # one Redis round trip for the group's dedup claims
+                self._admit(group)  # a Redis round trip for the group's dedup claims, unless they wait
                 group = []
                 if len(self._pending) >= chunk:
                     self._infer()
+        if self._unclaimed:
+            self._claim(self._unclaimed)  # the whole batch's claims in one round trip
         if self._pending:
             self._infer()
         if self._chunks:
             self.vectors = np.concatenate(self._chunks)
 
     def _admit(self, positions: list[int]) -> None:
-        """Record each item's outcome so far; the ones that go to the network join the pending chunk."""
+        """Record each item's outcome so far; the ones that go to the network join the pending chunk.
+
+        The dedup claims decide which items skip the network only with ``check_unique`` or callers'
+        keys; otherwise they wait, and the whole batch claims in one round trip (``_run_chunks``).
+        """
         decoded = [p for p in positions if self.prepared[p].image is not None]
-        claims = [
-            (self.prepared[p].image.sha256, self.ids[p], self.items[p].get("image_key") or "")  # type: ignore[union-attr]
-            for p in decoded
-        ]
-        owners = dict(
-            zip(decoded, self.coord.claim_items(claims, batch_id(self.task["job_id"], self.task["batch"])))
-        )
+        if self._claims_wait:
+            self._unclaimed += decoded
+            owners = {p: (self.ids[p], False) for p in decoded}
+        else:
+            owners = self._claim(decoded)
         for p in positions:
             ref, image_id = self.items[p]["ref"], self.ids[p]
             key = {"key": self.items[p]["image_key"]} if self.items[p].get("image_key") else {}
@@ -248,6 +251,15 @@ class _BatchRun:
                 self.report.append({"ref": ref, "status": "indexed", "id": image_id, **key})
                 self._pending.append(p)
 
+    def _claim(self, positions: list[int]) -> dict[int, tuple[int, bool]]:
+        """Claim the content of these items: (owner, unchanged) of each, in one Redis round trip."""
+        claims = [
+            (self.prepared[p].image.sha256, self.ids[p], self.items[p].get("image_key") or "")  # type: ignore[union-attr]
+            for p in positions
+        ]
+        owners = self.coord.claim_items(claims, batch_id(self.task["job_id"], self.task["batch"]))
+        return dict(zip(positions, owners))
+
     def _infer(self) -> None:
         started = time.perf_counter()
         pixels = np.stack([self.prepared[p].pixels for p in self._pending])  # type: ignore[misc]
@@ -261,6 +273,8 @@ class _BatchRun:
         self._pending.clear()
 
     def _write_images(self, positions: list[int]) -> None:
+        """One write per image (its stored copy; the original too with PUPYL_KEEP_ORIGINALS); the
+        metadata waits for the batch's one object (``commit``)."""
         layout, pool, put = self.coord.layout, self.rt.pool(), self.rt.store.put
         for p in positions:
             image_id = self.ids[p]
@@ -268,7 +282,6 @@ class _BatchRun:
             meta = _metadata(image_id, self.items[p], image, self._uri(layout.image(image_id)))  # type: ignore[arg-type]
             self._metas[p] = meta
             self._writes.append(pool.submit(put, layout.image(image_id), self.prepared[p].normalized))
-            self._writes.append(pool.submit(put, layout.image_meta(image_id), json.dumps(meta).encode()))
             if self.prepared[p].original:
                 self._writes.append(pool.submit(put, layout.original(image_id), self.prepared[p].original))
             self._written.add(p)
@@ -287,19 +300,25 @@ class _BatchRun:
         )
 
     def commit(self, batch_id: str) -> int:
-        """Write images and metadata (in parallel), then the segment, then publish it.
+        """Write images and the batch's metadata object (in parallel), then the segment, then publish it.
 
         Keyed rows take their keys over in the same commit; the ids those keys named before are
         tombstoned by it (coordination.Coordinator.commit) and then retired in the store.
         """
         started = time.perf_counter()
+        layout = self.coord.layout
         self._write_images([p for p in self.keep if p not in self._written])
+        segment = layout.segment(batch_id)
+        # A committed segment is immutable: a rerun must not rewrite it (its checksum is in the commit
+        # log), nor the metadata object written before it.
+        committed = integrity.is_committed(self.coord, segment)
+        if not committed:
+            meta = metadata.encode_batch(batch_id, [self._metas[p] for p in self.keep])
+            self._writes.append(self.rt.pool().submit(self.rt.store.put, layout.batch_meta(batch_id), meta))
         for write in self._writes:
             write.result()
-        segment = self.coord.layout.segment(batch_id)
         rows = self.rows()
-        # A committed segment is immutable: a rerun must not rewrite it (its checksum is in the commit log).
-        if not integrity.is_committed(self.coord, segment):
+        if not committed:
             data = encode_segment(np.array([self.ids[p] for p in self.keep]), self.vectors, rows)
             self.rt.store.put(segment, data)
             integrity.record_checksum(self.coord, segment, data)

@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 Dispatch = Callable[[EmbedRequest], None]
 FETCH_WINDOW = 64  # URLs fetched concurrently per window while expanding
-INLINE_BATCH_BYTES = 1 << 20  # most image bytes one embed message carries inline
 
 
 def expand_job(rt: Runtime, job: IndexRequest, dispatch: Dispatch) -> IndexResult:
@@ -46,7 +45,7 @@ def expand_job(rt: Runtime, job: IndexRequest, dispatch: Dispatch) -> IndexResul
     spec = ensure_collection(rt.store, rt.redis, layout, job)
     batch: list[EmbedItem] = []
     batches = total = 0
-    inline_budget = INLINE_BATCH_BYTES
+    inline_budget = rt.settings.inline_batch_bytes
 
     def flush() -> None:
         nonlocal batch, batches, inline_budget
@@ -54,7 +53,7 @@ def expand_job(rt: Runtime, job: IndexRequest, dispatch: Dispatch) -> IndexResul
             dispatch(embed_request(job, batches, batch))
             batches += 1
             batch = []
-            inline_budget = INLINE_BATCH_BYTES
+            inline_budget = rt.settings.inline_batch_bytes
 
     items: Iterable[SourceItem]
     if job["uri"].startswith(C.UPLOAD_SCHEME):

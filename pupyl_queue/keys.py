@@ -6,8 +6,8 @@ follows, and what rebuilds:
 
 - ``retire``: for each id a commit replaced, a tombstone object in the store (the store is the
   truth: after Redis is lost, ``rebuild`` finds the replacement there), committed like a removal,
-  and the old image's files deleted. Idempotent: a redelivered batch gets the same replaced ids
-  from the commit and retires them again harmlessly.
+  the old image's files deleted and its metadata marked removed. Idempotent: a redelivered batch
+  gets the same replaced ids from the commit and retires them again harmlessly.
 - ``derive``: the key map from the store alone (a snapshot's vector files and the committed
   segments carry each row's key), for ``rebuild`` and ``restore``.
 """
@@ -23,6 +23,7 @@ from pupyl_queue import constants as C
 from pupyl_queue import integrity
 from pupyl_queue.codecs import decode_segment_rows, read_pointer
 from pupyl_queue.coordination import Coordinator
+from pupyl_queue.metadata import mark_removed
 from pupyl_queue.store import ObjectNotFound, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def retire(
         if not integrity.is_committed(coord, tombstone):
             integrity.record_checksum(coord, tombstone, store.get(tombstone))
         coord.publish(tombstone)
+        mark_removed(coord.r, layout, [old_id])  # its entry in its batch's metadata object reads as gone
         for path in (
             layout.image(old_id),
             layout.original(old_id),

@@ -53,7 +53,12 @@ class Layout:
         return f"{self.root}/{C.STORE_IMAGES}/{image_id}.sift"
 
     def image_meta(self, image_id: int) -> str:
+        """One image's metadata in the layout before batch objects: still read, never written."""
         return f"{self.root}/{C.STORE_IMAGES}/{image_id}.json"
+
+    def batch_meta(self, batch_id: str) -> str:
+        """The metadata of every image an embed batch kept (pupyl_queue/metadata.py)."""
+        return f"{self.root}/{C.STORE_META}/{batch_id}.json"
 
     def segment(self, batch_id: str) -> str:
         return f"{self.root}/{C.STORE_SEGMENTS}/{batch_id}.npz"

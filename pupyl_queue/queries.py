@@ -15,7 +15,6 @@ import logging
 import re
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -37,6 +36,8 @@ from pupyl_queue.images import decode
 from pupyl_queue.jobs import batch_id
 from pupyl_queue.keys import retire
 from pupyl_queue.layout import Layout
+from pupyl_queue.metadata import encode_batch, mark_removed
+from pupyl_queue.metadata import read as read_metadata
 from pupyl_queue.payloads import (
     CompactRequest,
     NearestRequest,
@@ -54,7 +55,6 @@ from pupyl_queue.store import ObjectNotFound, StoreUnavailable
 
 log = logging.getLogger(__name__)
 UPDATE_ID = re.compile(r"[0-9a-f]{8,64}")
-METADATA_THREADS = 16  # concurrent store GETs for one search's metadata
 
 
 class QueryError(ValueError):
@@ -192,19 +192,9 @@ def _search(
 
 
 def metadata(rt: Runtime, layout: Layout, ids: list[int]) -> list[dict[str, Any] | None]:
-    """Each image's metadata (None when it is gone), fetched concurrently: one store GET per hit,
-    one after the other, made a top-100 search on S3 a hundred round trips long."""
-    if not ids:
-        return []
-
-    def one(image_id: int) -> dict[str, Any] | None:
-        try:
-            return json.loads(rt.store.get(layout.image_meta(image_id)))
-        except ObjectNotFound:
-            return None
-
-    with ThreadPoolExecutor(min(METADATA_THREADS, len(ids)), thread_name_prefix="pupyl-meta") as pool:
-        return list(pool.map(one, ids))
+    """Each image's metadata (None when it is gone): one Redis round trip, then one store GET per
+    batch object the hits sit in, concurrently (pupyl_queue/metadata.py)."""
+    return read_metadata(rt.store, rt.redis, layout, ids)
 
 
 def nearest_request(collection: str, vectors: np.ndarray, top: int | None = None) -> NearestRequest:
@@ -258,10 +248,7 @@ def remove(rt: Runtime, task: RemoveRequest) -> RemoveResult:
         return {"key": task["key"], **remove(rt, {"collection": collection, "id": found["id"]})}
     image_id = int(task["id"])
     tombstone = layout.tombstone(image_id)
-    try:
-        meta = json.loads(rt.store.get(layout.image_meta(image_id)))
-    except ObjectNotFound:
-        meta = None
+    meta = read_metadata(rt.store, rt.redis, layout, [image_id])[0]
     if meta is None and not rt.store.exists(tombstone):
         return {"id": image_id, "removed": False, "reason": f"no image with id {image_id}"}
     if not rt.store.exists(tombstone):
@@ -269,12 +256,13 @@ def remove(rt: Runtime, task: RemoveRequest) -> RemoveResult:
     if not integrity.is_committed(coord, tombstone):
         integrity.record_checksum(coord, tombstone, rt.store.get(tombstone))
     sequence = coord.publish(tombstone, images=-1 if meta is not None else 0, removes=image_id)
-    rt.store.delete(layout.image(image_id))
-    rt.store.delete(layout.original(image_id))
-    rt.store.delete(layout.image_meta(image_id))
-    rt.store.delete(layout.local_features(image_id))
     if meta is not None:
         coord.release_hash(meta["sha256"], image_id)
+    mark_removed(rt.redis, layout, [image_id])  # its entry in the batch's metadata object reads as gone
+    rt.store.delete(layout.image(image_id))
+    rt.store.delete(layout.original(image_id))
+    rt.store.delete(layout.image_meta(image_id))  # a collection written before batch objects
+    rt.store.delete(layout.local_features(image_id))
     return {"id": image_id, "removed": True, "sequence": sequence}
 
 
@@ -308,7 +296,9 @@ def set_attributes(rt: Runtime, task: SetAttributesRequest, send: Send | None = 
     if found is None:
         return {"key": key, "updated": False, "reason": f"no image with key {key[:256]!r}"}
     old_id = int(found["id"])
-    meta = json.loads(rt.store.get(layout.image_meta(old_id)))
+    meta = read_metadata(rt.store, rt.redis, layout, [old_id])[0]
+    if meta is None:
+        return {"key": key, "updated": False, "reason": f"image {old_id} was removed meanwhile; try again"}
     vector = query_vector(rt, collection, {"id": old_id}, send)
     copies = [
         (layout.image(old_id), layout.image(new_id)),
@@ -321,14 +311,14 @@ def set_attributes(rt: Runtime, task: SetAttributesRequest, send: Send | None = 
     meta.update({"attributes": attributes} if attributes else {}, attributes_updated_at=time.time())
     if "internal_path" in meta:
         meta["internal_path"] = f"{rt.store.url.rstrip('/')}/{layout.image(new_id)}"
-    rt.store.put(layout.image_meta(new_id), json.dumps(meta).encode())
+    rt.store.put(layout.batch_meta(owner), encode_batch(owner, [meta]))  # a batch of one: its id's range
     rows = SegmentRows([key], [meta["sha256"]], [attributes or None], [builtin_values(meta)])
     data = encode_segment(np.array([new_id]), vector[None], rows)
     rt.store.put(segment, data)
     integrity.record_checksum(coord, segment, data)
     sequence, replaced = coord.commit(segment, images=1, keyed=[(key, new_id, meta["sha256"])], expect=old_id)
     if not sequence:  # the key moved on meanwhile: this update never happened
-        for path in (segment, layout.image(new_id), layout.original(new_id), layout.image_meta(new_id)):
+        for path in (segment, layout.image(new_id), layout.original(new_id), layout.batch_meta(owner)):
             rt.store.delete(path)
         integrity.forget(coord, [segment])
         return {

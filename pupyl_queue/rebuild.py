@@ -10,7 +10,10 @@ dedup map, counts, checksums of committed objects and the job records. All of it
   published again after the watermark, so sequences stay contiguous, and its checksum is
   recorded from the bytes in the store now (the store is trusted at rebuild time);
 - the id counter goes past every id seen anywhere (images, segments, snapshot, tombstones), so no
-  id is ever reused; the dedup map and the image count come from the image metadata;
+  id is ever reused; the dedup map and the image count come from the image metadata (the batch
+  objects, less every removed id, and the per-image objects of collections written before them);
+- the metadata range index (which batch object holds an id) and the removed ids come from the
+  batch objects, the tombstones and the snapshots' removed lists (pupyl_queue/metadata.py);
 - the key map (caller's key -> live id) comes from the rows the snapshot's vector files and the
   segments carry, minus every removed id (a replaced id has its tombstone too: pupyl_queue/keys.py);
 - job records come back from the per-batch reports. A job that was running when Redis went lost
@@ -40,6 +43,7 @@ from pupyl_queue.coordination import Coordinator
 from pupyl_queue.integrity import StoreDamaged
 from pupyl_queue.jobs import batch_id
 from pupyl_queue.layout import Layout
+from pupyl_queue.metadata import rebuild_index
 from pupyl_queue.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -73,7 +77,8 @@ def rebuild(store: ObjectStore, client: redis.Redis, name: str, force: bool = Fa
     contents = [_snapshot_contents(store, snapshot) for snapshot in snapshots]
     after_newest = _after(segments, tombstones, contents[0] if contents else None)
     start, before_newest = _replayable(segments, tombstones, snapshots, contents, after_newest)
-    images = _images(store, layout)
+    removed = {i for i, _ in tombstones}.union(*(dead for _, dead in contents))
+    images = rebuild_index(store, client, layout, removed)  # also the metadata ranges and removed ids
     seen = [max_id, *images.values(), *(i for i, _ in tombstones)]
     seen += [max(held | dead, default=0) for held, dead in contents]
 
@@ -178,16 +183,6 @@ def _replayable(
         if len(between) == newest - base:
             return base, between
     return newest, []
-
-
-def _images(store: ObjectStore, layout: Layout) -> dict[str, int]:
-    """sha256 -> id of every image still indexed (removal deletes the metadata)."""
-    found: dict[str, int] = {}
-    for key in store.list(f"{layout.root}/{C.STORE_IMAGES}/"):
-        if key.endswith(".json"):
-            meta = json.loads(store.get(key))
-            found[meta["sha256"]] = int(meta["id"])
-    return found
 
 
 def _segments(store: ObjectStore, layout: Layout) -> tuple[list[Segment], int]:

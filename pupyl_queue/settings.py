@@ -55,6 +55,7 @@ class Settings:
     max_image_bytes: int = 64 * 1024 * 1024
     inline_limit: int = 512 * 1024
     inline_item_bytes: int = 64 * 1024
+    inline_batch_bytes: int = 1024 * 1024  # most image bytes one embed message carries inline
     result_expires: int = 24 * 3600
     visibility_timeout: int = 4 * 3600
     search_timeout: float = 60.0

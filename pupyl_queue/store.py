@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 from urllib.parse import urlparse
@@ -75,6 +75,11 @@ class ObjectStore(ABC):
     def get_file(self, key: str, path: str | Path) -> None:
         """Write an object's content to ``path``; stores override this to stream it."""
         Path(path).write_bytes(self.get(key))
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """Delete several objects (missing ones are no error); S3 does it in one request per 1,000."""
+        for key in keys:
+            self.delete(key)
 
     def delete_prefix(self, prefix: str) -> int:
         keys = list(self.list(prefix))
@@ -279,6 +284,17 @@ class S3Store(ObjectStore):
 
     def delete(self, key: str) -> None:
         self._guard(lambda: self._client.remove_object(self.bucket, self._name(key)))
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        from minio.deleteobjects import DeleteObject
+
+        names = [DeleteObject(self._name(key)) for key in keys]
+        if not names:
+            return
+        # The SDK sends one DeleteObjects request per 1,000 names as its errors are read.
+        errors = self._guard(lambda: list(self._client.remove_objects(self.bucket, names)))
+        if errors:
+            raise RuntimeError(f"S3 store {self.url}: {len(errors)} deletes failed, e.g. {errors[0]}")
 
     def list(self, prefix: str = "") -> Iterator[str]:
         objects = self._guard(

@@ -26,9 +26,11 @@ from typing import Any
 import numpy as np
 import redis
 
+from pupyl_queue import constants as C
 from pupyl_queue.codecs import decode_segment
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.layout import Layout
+from pupyl_queue.metadata import decode_batch
 from pupyl_queue.searcher import Searcher
 from pupyl_queue.store import ObjectStore
 
@@ -217,9 +219,12 @@ def audit(store: ObjectStore, client: redis.Redis, collection: str, reports: lis
     images = f"{layout.root}/images/"
     image_ids = {int(k[len(images) :].split(".")[0]) for k in keys if k.startswith(images)}
     stored = set(keys)
-    metas = [layout.image_meta(i) for i in sorted(image_ids) if layout.image_meta(i) in stored]
+    metas = [layout.image_meta(i) for i in sorted(image_ids) if layout.image_meta(i) in stored]  # old layout
+    batches = [k for k in keys if k.startswith(f"{layout.root}/{C.STORE_META}/")]
     with ThreadPoolExecutor(8) as pool:  # an S3 round trip each
         meta_shas = [json.loads(data)["sha256"] for data in pool.map(store.get, metas)]
+        for held in pool.map(lambda key: decode_batch(store.get(key)), batches):
+            meta_shas += [meta["sha256"] for meta in held.values()]
     searcher = Searcher(store, coord, layout)
     searcher.load()
     hits = searcher.search(np.ones(dim, np.float32), top=len(searcher) + 10)
@@ -251,6 +256,10 @@ def assert_exactly_once(found: Audit, files: dict[Path, str], layout: Layout) ->
     segments = [k for k in found.keys if k.startswith(f"{layout.root}/segments/")]
     assert sorted(segments) == sorted(found.commit_keys), "segments vs the commit log"
     assert len(found.commit_keys) == len(set(found.commit_keys)), "a segment committed twice"
+    metas = [k for k in found.keys if k.startswith(f"{layout.root}/{C.STORE_META}/")]
+    batch_of = [k.rsplit("/", 1)[-1].rsplit(".", 1)[0] for k in metas + segments]
+    assert sorted(batch_of[: len(metas)]) == sorted(batch_of[len(metas) :]), "metadata objects vs segments"
     for key in found.keys:
         kind = key[len(layout.root) + 1 :].split("/")[0]
-        assert kind in ("manifest.json", "model.keras", "images", "segments", "jobs"), f"unexpected {key}"
+        kinds = ("manifest.json", "model.keras", "images", "meta", "segments", "jobs")
+        assert kind in kinds, f"unexpected {key}"

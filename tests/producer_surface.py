@@ -53,6 +53,8 @@ def run(photos: Path, out: Path) -> dict[str, object]:
     removed = client.remove(top_id)
     after = client.search(query, top=20, min_sequence=removed["sequence"])
     seen["removed"] = removed["removed"] and top_id not in after
+    second = {k: v for k, v in hits[1].items() if k != "distance"}
+    seen["metadata"] = [client.metadata(int(second["id"])) == second, client.metadata(top_id)]
     upload = client.index_uploads([("upload.png", (photos.parent / "upload.png").read_bytes())])
     seen["uploaded"] = upload.wait(timeout=240)["indexed"]
     seen["backup"] = client.backup(out / "backup.tar")["files"] > 0

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis
 
+from pupyl_queue import constants as C
 from pupyl_queue import integrity
 from pupyl_queue.backup import RestoreError, backup, restore
 from pupyl_queue.catalog import CollectionMissing, delete_collection, describe_collection, list_collections
@@ -148,7 +149,7 @@ def test_damaged_or_truncated_backup_is_refused(
     assert not rt.store.children(Layout("from-cut").root)  # nothing written
     folder = tmp_path / "copy"
     backup(rt.store, rt.redis, "src", folder.as_uri(), rt.settings)
-    victim = next(p for p in folder.rglob("*.json") if "images" in p.parts)
+    victim = next(p for p in folder.rglob("*.json") if C.STORE_META in p.parts)
     victim.write_bytes(victim.read_bytes().replace(b"sha256", b"sha257"))
     with pytest.raises(RestoreError, match="checksum"):
         restore(folder.as_uri(), rt.store, rt.redis, rt.settings, as_name="from-altered")

@@ -78,6 +78,7 @@ def test_index_search_remove_restart(stack: tuple[PupylQueue, Workers], photo_di
     assert hits[0]["distance"] == pytest.approx(0.0, abs=1e-4)
     assert hits[0]["sha256"] and hits[0]["width"] > 0
     query_id = hits[0]["id"]
+    assert client.metadata(query_id) == {k: v for k, v in hits[0].items() if k != "distance"}
     ids = client.search(query, top=3)
     assert ids == [h["id"] for h in hits]
     pairs = client.search(query, top=3, return_distances=True)
@@ -95,6 +96,7 @@ def test_index_search_remove_restart(stack: tuple[PupylQueue, Workers], photo_di
     store = open_store(client.settings)
     assert not store.exists(Layout().image(query_id))
     assert not store.exists(Layout().image_meta(query_id))
+    assert client.metadata(query_id) is None  # its entry in the batch's metadata object reads as gone
 
     workers.restart("search")
     again = client.search(query, top=len(good), return_distances=True, timeout=120)

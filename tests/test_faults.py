@@ -208,7 +208,7 @@ class BatchSpy:
         segment = self.coord.layout.segment(f"{self.job_id}-{batch:06d}")
         if self.client.redis.hget(self.coord.layout.key(C.KEY_COMMIT_BY_OBJECT), segment) is not None:
             return False
-        return any((self.images / f"{int(first) + i}.json").exists() for i in range(4))
+        return any((self.images / f"{int(first) + i}.jpg").exists() for i in range(4))
 
 
 def log_of(workers: Workers, name: str) -> str:

@@ -16,9 +16,11 @@ import pytest
 import redis
 from PIL import Image
 
+from pupyl_queue import constants as C
 from pupyl_queue.coordination import read_job
 from pupyl_queue.embedding import embed_batch
 from pupyl_queue.layout import Layout
+from pupyl_queue.metadata import decode_batch
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.settings import Settings
 from pupyl_queue.sources import OUTSIDE_ROOTS
@@ -61,6 +63,24 @@ def test_redelivered_batch_indexes_nothing_twice(rt: Runtime, tmp_path: Path, ti
     searcher = rt.searcher("default")
     assert len(searcher) == 9 and searcher.sequence == 5
     assert list(rt.store.list(Layout().staging("j1") + "/")) == []  # staged bytes cleaned up
+
+
+def test_large_batches_carry_references_past_the_inline_budget(
+    rt: Runtime, tmp_path: Path, tiny_model: Path
+) -> None:
+    folder = folder_of(tmp_path, 15)
+    size = max(p.stat().st_size for p in folder.iterdir())
+    rt = Runtime(rt.settings.replace(batch_size=8, inline_batch_bytes=3 * size))
+    batches = job(rt, folder, tiny_model, "jb")
+    assert [len(b["items"]) for b in batches] == [1, 2, 4, 8]
+    for batch in batches:  # at most the budget's bytes inline per message, the rest by store key
+        inline = [item for item in batch["items"] if "data_b64" in item]
+        assert len(inline) == min(3, len(batch["items"])) and len(batch["items"]) - len(inline) == sum(
+            "key" in item for item in batch["items"]
+        )
+    none = job(Runtime(rt.settings.replace(inline_batch_bytes=0)), folder, tiny_model, "jn")
+    assert all("key" in item for batch in none for item in batch["items"])
+    assert sum(embed_batch(rt, batch)["indexed"] for batch in batches) == 15
 
 
 def test_crash_before_commit_then_rerun_reuses_ids(rt: Runtime, tmp_path: Path, tiny_model: Path) -> None:
@@ -106,8 +126,11 @@ def test_bad_items_fail_alone(rt: Runtime, tmp_path: Path, tiny_model: Path) -> 
     assert outcome["00.png"] == outcome["01.png"] == "indexed"
     assert outcome["zero.jpg"] == "empty file"
     assert "decompression bomb" in outcome["bomb.png"]
-    # failed items leave nothing behind: only the two good images are stored
-    assert len([k for k in rt.store.list(Layout().root + "/images/") if k.endswith(".json")]) == 2
+    # failed items leave nothing behind: only the two good images are stored, with their metadata
+    assert len(list(rt.store.list(Layout().root + "/images/"))) == 2
+    objects = rt.store.list(f"{Layout().root}/{C.STORE_META}/")
+    held = [i for key in objects for i in decode_batch(rt.store.get(key))]
+    assert sorted(held) == sorted(i["id"] for i in items if "id" in i) and len(held) == 2
 
 
 def searcher_nearest(rt: Runtime):  # type: ignore[no-untyped-def]

@@ -22,6 +22,7 @@ from pupyl_queue.codecs import SegmentRows, decode_segment, decode_segment_rows,
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.embedding import embed_batch
 from pupyl_queue.layout import Layout
+from pupyl_queue.metadata import read_one
 from pupyl_queue.models import normalize
 from pupyl_queue.queries import compact, remove, search, set_attributes
 from pupyl_queue.rebuild import rebuild
@@ -175,6 +176,7 @@ def test_upsert_replaces_and_same_bytes_are_unchanged(rt: Runtime, tmp_path: Pat
     assert hits[0]["distance"] == pytest.approx(0.0, abs=1e-4)
     assert first[0]["id"] not in {h["id"] for h in hits} and len(hits) == 1
     assert not rt.store.exists(LAYOUT.image(first[0]["id"]))  # the old image's files went
+    assert read_one(rt.store, rt.redis, LAYOUT, first[0]["id"]) is None  # and its metadata reads as gone
     tombstone = json.loads(rt.store.get(LAYOUT.tombstone(first[0]["id"])))
     assert (tombstone["key"], tombstone["replaced_by"]) == ("sku", new_id)
     # The old bytes are new content for this key again: indexed, not a duplicate of a dead id.
@@ -353,9 +355,13 @@ def test_set_attributes_reuses_the_vector_under_a_new_id(
         set_attributes(rt, {"collection": "default", "key": "k", "attributes": {"a": {"b": 1}}})
     # The same bytes upserted again under the key are unchanged: the content did not change.
     assert index_folder(rt, path, tiny_model, key="k")[0]["status"] == "unchanged"
+    assert read_one(rt.store, rt.redis, LAYOUT, first["id"]) is None
+    assert read_one(rt.store, rt.redis, LAYOUT, done["id"])["replaces"] == first["id"]  # type: ignore[index]
     redis_client.flushdb()
     rebuild(rt.store, redis_client, "default")
     assert coord.lookup("k")["id"] == done["id"]  # type: ignore[index]
+    assert read_one(rt.store, redis_client, LAYOUT, first["id"]) is None
+    assert read_one(rt.store, redis_client, LAYOUT, done["id"])["attributes"] == task["attributes"]  # type: ignore[index]
 
 
 def test_a_commit_that_expects_another_id_changes_nothing(redis_client: redis.Redis) -> None:

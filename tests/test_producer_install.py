@@ -94,6 +94,7 @@ def test_client_surface_without_faiss_or_tensorflow(stack: tuple[Settings, Worke
     assert seen["compact_count"] == len(good) and seen["snapshot_after_compact"] is True
     assert seen["exported"] == ["1.jpg", "2.jpg"]
     assert seen["removed"] is True
+    assert seen["metadata"] == [True, None]  # read by id from its batch object; None once removed
     assert seen["uploaded"] == 1
     assert seen["backup"] is True and seen["restored"] == "copy" and seen["copy_images"] == len(good)
     assert seen["deleted"] == "copy" and seen["collections_after"] == ["default"]

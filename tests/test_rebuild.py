@@ -16,6 +16,7 @@ import redis
 from pupyl_queue import PupylQueue, Settings
 from pupyl_queue import constants as C
 from pupyl_queue.layout import Layout
+from pupyl_queue.metadata import read as read_metadata
 from pupyl_queue.queries import compact, remove, search
 from pupyl_queue.rebuild import RebuildError, rebuild
 from pupyl_queue.runtime import Runtime
@@ -62,6 +63,8 @@ def test_rebuild_restores_what_redis_lost(
     queries = [first[0]["id"], second[3]["id"]]
     before_results = ranked(rt, queries)
     before = redis_state(redis_client, layout)
+    every_id = [item["id"] for item in first + second]
+    metas_before = read_metadata(rt.store, redis_client, layout, every_id)
     job_keys = [k for k in redis_client.scan_iter("pupyl:job:*") if not k.endswith(":batches")]
     jobs_before = {k: redis_client.hgetall(k) for k in job_keys}
 
@@ -86,6 +89,10 @@ def test_rebuild_restores_what_redis_lost(
         for field in ("indexed", "duplicate", "failed", "batches_done"):
             assert rebuilt[field] == fields[field], (field, rebuilt, fields)
     assert redis_client.hget("pupyl:job:deadbeef", "error").startswith("interrupted")
+    # metadata by id, from the batch objects: the ranges and the removed ids came back
+    assert read_metadata(rt.store, redis_client, layout, every_id) == metas_before
+    assert [metas_before[every_id.index(i)] for i in removed] == [None, None]
+    assert sum(m is not None for m in metas_before) == 14
 
     fresh = Runtime(settings)  # a search worker started after the loss
     assert ranked(fresh, queries) == before_results
@@ -123,6 +130,31 @@ def test_rebuild_after_garbage_collection_starts_at_the_oldest_whole_snapshot(
     assert sorted(after["commits"]) == sorted(before["commits"]) and after["seq"] == before["seq"]
     assert (after["count"], after["hashes"]) == (before["count"], before["hashes"])
     assert ranked(Runtime(rt.settings), queries) == before_results
+
+
+def test_rebuild_reads_both_metadata_layouts(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, tiny_model: Path
+) -> None:
+    """A collection first written one metadata object per image, then one per batch."""
+    rt = Runtime(Settings(data_dir=tmp_path / "data", redis_url=redis_url))
+    layout = Layout()
+    redis_client.set(layout.key(C.KEY_ID_COUNTER), 5)  # ids 1-5 went to an embed worker before batch objects
+    old = {"id": 4, "ref": "old/4.jpg", "sha256": "ab" * 32}
+    rt.store.put(layout.image_meta(4), json.dumps(old).encode())
+    redis_client.hset(layout.key(C.KEY_HASHES), old["sha256"], 4)
+    items = index_folder(rt, image_folder(tmp_path, "a", range(4)), tiny_model)
+    remove(rt, {"collection": "default", "id": items[2]["id"]})
+    ids = [4, *(item["id"] for item in items)]
+    before = read_metadata(rt.store, redis_client, layout, ids)
+    hashes = redis_client.hgetall(layout.key(C.KEY_HASHES))
+    assert before[0] == old and before[3] is None and len(hashes) == 4
+
+    redis_client.flushdb()
+    assert read_metadata(rt.store, redis_client, layout, ids)[1] is None  # no range index: unreadable
+    report = rebuild(rt.store, redis_client, "default")
+    assert report["images"] == 4
+    assert read_metadata(rt.store, redis_client, layout, ids) == before
+    assert redis_client.hgetall(layout.key(C.KEY_HASHES)) == hashes
 
 
 @pytest.mark.slow

@@ -86,7 +86,12 @@ def good_audit() -> tuple[Audit, dict[Path, str]]:
         image_ids={1, 2},
         meta_shas=["sha-a", "sha-b"],
         searcher_ids=[2, 1],
-        keys=[f"{root}/manifest.json", f"{root}/images/1.jpg", f"{root}/segments/j-000000.npz"],
+        keys=[
+            f"{root}/manifest.json",
+            f"{root}/images/1.jpg",
+            f"{root}/meta/j-000000.json",
+            f"{root}/segments/j-000000.npz",
+        ],
         commit_keys=[f"{root}/segments/j-000000.npz"],
     )
     return audit, files
@@ -103,6 +108,7 @@ def good_audit() -> tuple[Audit, dict[Path, str]]:
         {"indexed_ids": [1, 2, 3], "segment_ids": [1, 2, 3], "image_ids": {1, 2, 3}},  # a copy indexed
         {"failed": 1},
         {"keys": [f"{Layout().root}/staging/j/0"]},  # a staged object left behind
+        {"keys": [f"{Layout().root}/meta/j-000001.json"]},  # a metadata object of no committed batch
         {"commit_keys": []},  # a segment no commit refers to
     ],
 )

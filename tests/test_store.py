@@ -39,6 +39,18 @@ def test_put_get_exists_delete(store: ObjectStore) -> None:
     store.delete("a/b/c.bin")  # deleting twice is fine
 
 
+def test_delete_many(store: ObjectStore) -> None:
+    keys = [f"many/{n}" for n in range(5)]
+    for key in keys:
+        store.put(key, b"x")
+    store.put("many/kept", b"y")
+    store.delete_many([*keys[:4], "many/never-there"])  # a missing object is no error
+    assert list(store.list("many/")) == ["many/4", "many/kept"]
+    store.delete_many([])
+    store.delete_many(iter(keys))
+    assert list(store.list("many/")) == ["many/kept"]
+
+
 def test_missing_object(store: ObjectStore) -> None:
     with pytest.raises(ObjectNotFound):
         store.get("nope/never.json")
