@@ -191,6 +191,7 @@ def _coarse_graphs(index: faiss.Index) -> list[tuple[faiss.Index, faiss.HNSW]]:
 
 
 SCAN_MAX = 1024  # allowed ids up to here: their vectors are decoded and scanned, not the index
+WIDEN_CAP: int | None = None  # a filtered IVF search visits at most nprobe * this many lists
 
 
 @contextlib.contextmanager
@@ -326,7 +327,7 @@ class VectorIndex:
         return removed
 
     def search_within(
-        self, queries: np.ndarray, top: int, allowed: np.ndarray
+        self, queries: np.ndarray, top: int, allowed: np.ndarray, widen_cap: int | None = WIDEN_CAP
     ) -> list[list[tuple[int, float]]]:
         """The true top ``top`` among the ``allowed`` ids (a filter's answer), never a short list.
 
@@ -343,10 +344,15 @@ class VectorIndex:
             return [[] for _ in range(len(queries))]
         if self.on_gpu:  # pragma: no cover - needs a GPU
             return self._search_within_gpu(queries, top, allowed)
-        return self._search_within_index(self._index, queries, top, allowed)
+        return self._search_within_index(self._index, queries, top, allowed, widen_cap)
 
     def _search_within_index(
-        self, index: faiss.Index, queries: np.ndarray, top: int, allowed: np.ndarray
+        self,
+        index: faiss.Index,
+        queries: np.ndarray,
+        top: int,
+        allowed: np.ndarray,
+        widen_cap: int | None = WIDEN_CAP,
     ) -> list[list[tuple[int, float]]]:
         """search_within on a CPU faiss ``index`` holding this index's vectors."""
         if len(allowed) <= SCAN_MAX:  # few: decode those vectors
@@ -357,7 +363,7 @@ class VectorIndex:
         if parts:
             nlist, nprobe = int(parts[0].nlist), int(parts[0].nprobe)
             fraction = len(allowed) / max(1, len(self))
-            wide = min(nlist, math.ceil(nprobe / fraction))
+            wide = min(nlist, math.ceil(nprobe / fraction), nprobe * (widen_cap or nlist))
             params = faiss.SearchParametersIVF(sel=selector, nprobe=wide)
             if _coarse_graphs(index):  # an HNSW coarse quantizer must find that many lists
                 params.quantizer_params = faiss.SearchParametersHNSW(efSearch=HNSW_EF_PER_PROBE * wide)
