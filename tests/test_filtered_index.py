@@ -85,3 +85,25 @@ def test_filtered_search_of_nothing() -> None:
     assert index.search_within(np.eye(8, dtype=np.float32)[:1], 5, np.array([], np.int64)) == [[]]
     assert index.search_within(np.eye(8, dtype=np.float32)[:1], 5, np.array([7])) == [[]]
     assert [i for i, _ in index.search_within(np.eye(8, dtype=np.float32)[:1], 5, np.array([2]))[0]] == [2]
+
+
+def test_a_widening_cap_limits_the_lists_a_filtered_search_visits() -> None:
+    """widen_cap=1 keeps nprobe as it is (a filter matching 6% then misses much of its true top 10);
+    no cap visits nprobe / fraction lists and finds nearly all of it."""
+    n, dim = 20_000, 32
+    vectors = clustered(n, dim)
+    ids = np.arange(1, n + 1, dtype=np.int64)
+    index = VectorIndex(dim, "IVF64,Flat", nprobe=2)
+    index.train(vectors)
+    index.add(ids, vectors)
+    allowed = ids[::16]  # 1,250 ids, 6%: past SCAN_MAX, so FAISS searches with a selector
+    assert len(allowed) > SCAN_MAX
+    queries = clustered(40, dim, seed=4)
+
+    def recall(cap: int | None) -> float:
+        found = index.search_within(queries, 10, allowed, widen_cap=cap)
+        truth = [exact_within(ids, vectors, q, set(allowed.tolist()), 10) for q in queries]
+        return float(np.mean([len({i for i, _ in f} & set(t)) / 10 for f, t in zip(found, truth)]))
+
+    assert recall(None) >= 0.95
+    assert recall(1) < recall(None) - 0.1
