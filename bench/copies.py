@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import random
 import sys
@@ -410,6 +411,7 @@ def reuploads(args: argparse.Namespace, extractor) -> None:
     cache = [copydetect.extract(decode(f, MAX_PIXELS, target=copydetect.WORK_SIDE).rgb) for f in ds.indexed]
     refused = 0
     missed: dict[str, int] = defaultdict(int)
+    rows: list[dict[str, object]] = []  # --dump: each query's original, its rank, cosine and inliers
     for data, truth in zip(ds.queries, ds.truth):
         image = decode(data, MAX_PIXELS, target=copydetect.WORK_SIDE).rgb
         extra = [
@@ -418,10 +420,16 @@ def reuploads(args: argparse.Namespace, extractor) -> None:
         ]
         vectors = extractor.embed(np.stack([pixels(data), *extra]))
         views = copydetect.extract_query(image)
-        short = np.argsort(-(stored @ vectors.T).max(axis=1))[: list_length(lengths, image)]
+        similarity = (stored @ vectors.T).max(axis=1)
+        short = np.argsort(-similarity)[: list_length(lengths, image)]
         verdicts = copydetect.verify_short_list(views, [cache[i] for i in short])
         found = [int(short[k]) for k, v in enumerate(verdicts) if v is not None and v.sure]
         refused += truth in found
+        if args.dump:
+            rank = int((similarity > similarity[truth]).sum())
+            own = copydetect.verify(views, cache[truth]).inliers
+            cosine = float(similarity[truth])
+            rows.append({"rank": rank, "cosine": cosine, "inliers": own, "refused": truth in found})
         if truth not in found:
             if truth not in short:
                 missed["not in the short list"] += 1
@@ -431,6 +439,8 @@ def reuploads(args: argparse.Namespace, extractor) -> None:
     print(f"edited re-uploads refused as a copy of their original: {refused} of {len(ds.queries)}")
     for why, count in sorted(missed.items()):
         print(f"   not refused, {why}: {count}")
+    if args.dump:
+        Path(f"{args.dump}.reuploads.json").write_text(json.dumps(rows))
 
 
 def flowers_check(args: argparse.Namespace, extractor) -> None:
@@ -455,13 +465,18 @@ def flowers_check(args: argparse.Namespace, extractor) -> None:
         f"{sum(n > args.short for n in listed)}"
     )
     false, worst = [], 0
+    pairs: list[tuple[int, int, float, int]] = []  # --dump: every verified pair, cosine and inliers
     for i in range(1, len(files)):
-        short = np.argsort(-(vectors[:i] @ vectors[i]))[: listed[i]]
+        similarity = vectors[:i] @ vectors[i]
+        short = np.argsort(-similarity)[: listed[i]]
         for j in short:
             verdict = copydetect.verify(features[i], features[j].plain)
             worst = max(worst, verdict.inliers)
+            pairs.append((i, int(j), round(float(similarity[j]), 5), verdict.inliers))
             if verdict.sure:
                 false.append((names[i], names[int(j)], verdict.inliers))
+    if args.dump:
+        Path(f"{args.dump}.flowers.json").write_text(json.dumps({"names": names, "pairs": pairs}))
     print(
         f"flowers refused as copies of an earlier flower: {len(false)} of {len(files)} "
         f"(most inliers of any pair {worst}; {time.perf_counter() - started:.0f}s)"
@@ -551,6 +566,7 @@ def main() -> None:
     parser.add_argument("--flowers-only", action="store_true", help="--near-duplicate: the flowers part only")
     parser.add_argument("--reuploads-only", action="store_true", help="--near-duplicate: re-uploads only")
     parser.add_argument("--workers", action="store_true", help="end to end through real workers")
+    parser.add_argument("--dump", default="", help="--near-duplicate: each pair's cosine and inliers, here")
     args = parser.parse_args()
     if args.workers:
         run_workers(args)

@@ -179,7 +179,7 @@ def end_to_end(
         for run in range(runs):
             started = time.perf_counter()
             job = client.index(folder)
-            state = job.wait(timeout=3600, poll=0.02)
+            state = job.wait(timeout=3600, poll=0.05)
             elapsed = time.perf_counter() - started
             assert state["indexed"] == count, state
             rates.append(count / elapsed)

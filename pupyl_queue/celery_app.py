@@ -54,7 +54,11 @@ def make_app(settings: Settings | None = None, include_tasks: bool = True) -> Ce
         task_queues=[Queue(q) for q in C.QUEUES],
         task_default_queue=C.QUEUE_MAINTENANCE,
         result_expires=settings.result_expires,
-        result_extended=True,
+        # Not result_extended: it stores every task's arguments in its result record, so each embed
+        # batch (its images, inline) was JSON-encoded into Redis twice more (STARTED and SUCCESS) and
+        # read back once: a fifth of the embed worker's CPU with the null extractor (BENCHMARKS.md).
+        # A batch's task id is its batch id (jobs.batch_id): what it runs is known without them.
+        result_extended=False,
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,

@@ -26,7 +26,7 @@ import numpy as np
 from pupyl_queue import integrity, keys, metadata
 from pupyl_queue.attributes import InvalidAttribute, builtin_values, check_attributes, check_key
 from pupyl_queue.codecs import SegmentRows, encode_segment
-from pupyl_queue.decode_pool import PixelSlots
+from pupyl_queue.decode_pool import DecodePool, Decoding, PixelSlots
 from pupyl_queue.images import ImageError, ImageInfo, decode
 from pupyl_queue.ingest import finish_if_done
 from pupyl_queue.jobs import batch_id
@@ -51,46 +51,100 @@ class Prepared:
     original: bytes = b""  # the file as uploaded, with PUPYL_KEEP_ORIGINALS
 
 
-def prepare(
-    rt: Runtime,
-    item: dict[str, Any],
-    size: int,
-    slots: PixelSlots | None = None,
-    slot: int = 0,
-    origin: str = "network",
-) -> Prepared:
-    """Fetch one item's bytes (in a thread) and decode them; in a decode process when ``slots`` is given.
+def _fetch(rt: Runtime, item: dict[str, Any], origin: str) -> bytes:
+    """One item's bytes: inline in the message, a local path (PUPYL_LOCAL_REFERENCES: the same gate
+    it passed at expansion, as the file may have changed since) or its staged copy in the store."""
+    if "data_b64" in item:
+        return base64.b64decode(item["data_b64"])
+    if "path" in item:
+        return Sources(rt.settings, origin=origin).read_local(item["path"])
+    return rt.store.get(item["key"])
 
-    ``origin`` is the job's: a local path (PUPYL_LOCAL_REFERENCES) passes the same gate it passed
-    at expansion, as the file may have changed since.
-    """
+
+def _refused(item: dict[str, Any]) -> str:
+    """Why the item fails before its bytes are read (an ingest error, a bad key or attributes), or ""."""
     if item.get("error"):
-        return Prepared(error=item["error"])
+        return str(item["error"])
     try:
         if item.get("image_key") is not None:
             check_key(item["image_key"])
         check_attributes(item.get("attributes"))
     except InvalidAttribute as exc:
-        return Prepared(error=str(exc))
-    try:
-        if "data_b64" in item:
-            data = base64.b64decode(item["data_b64"])
-        elif "path" in item:  # PUPYL_LOCAL_REFERENCES: the same gate as the ingest worker's
-            data = Sources(rt.settings, origin=origin).read_local(item["path"])
-        else:
-            data = rt.store.get(item["key"])
-        original = data if rt.settings.keep_originals else b""
-        if slots is not None and (decoder := rt.decode_pool()) is not None:
-            info, normalized, pixels = decoder.decode(data, rt.settings.max_pixels, slots, slot)
-            return Prepared(info, pixels, normalized or data, original=original)
-        image = decode(data, rt.settings.max_pixels, target=size)
-    except ImageError as exc:
-        return Prepared(error=str(exc))
-    except LocalRefused as exc:
-        return Prepared(error=str(exc))
-    except ObjectNotFound:
+        return str(exc)
+    return ""
+
+
+def _unreadable(exc: Exception) -> Prepared:
+    if isinstance(exc, ObjectNotFound):
         return Prepared(error="staged copy is missing (the batch was already committed or the store lost it)")
+    return Prepared(error=str(exc))
+
+
+READ_ERRORS = (ImageError, LocalRefused, ObjectNotFound)
+
+
+def prepare(rt: Runtime, item: dict[str, Any], size: int, origin: str = "network") -> Prepared:
+    """Fetch and decode one item in this process (a thread: Pillow releases the GIL for most of it)."""
+    if error := _refused(item):
+        return Prepared(error=error)
+    try:
+        data = _fetch(rt, item, origin)
+        image = decode(data, rt.settings.max_pixels, target=size)
+    except READ_ERRORS as exc:
+        return _unreadable(exc)
+    original = data if rt.settings.keep_originals else b""
     return Prepared(image.info(), image.pixels(size), image.normalized_bytes(), original=original)
+
+
+GROUP_MAX = 8  # images per hand-off to a decode process (decode_pool.DecodePool.submit)
+
+
+@dataclass
+class _Handed:
+    """Items of a batch handed to one decode process together, and those that failed before it."""
+
+    failed: dict[int, Prepared]  # position -> its failure (refused, or its bytes unreadable)
+    decoding: Decoding | None
+    outcome: dict[int, Prepared] | None = None
+
+
+def hand_over(
+    rt: Runtime,
+    decoder: DecodePool,
+    items: list[tuple[int, dict[str, Any]]],
+    slots: PixelSlots,
+    origin: str,
+) -> _Handed:
+    """Fetch these items' (position, item) bytes and hand them to one decode process without waiting."""
+    failed: dict[int, Prepared] = {}
+    images: list[tuple[bytes, int]] = []
+    for position, item in items:
+        if error := _refused(item):
+            failed[position] = Prepared(error=error)
+            continue
+        try:
+            images.append((_fetch(rt, item, origin), position))  # the slot is the position
+        except READ_ERRORS as exc:
+            failed[position] = _unreadable(exc)
+    decoding = decoder.submit(images, rt.settings.max_pixels, slots) if images else None
+    return _Handed(failed, decoding)
+
+
+def collect(rt: Runtime, decoder: DecodePool, handed: _Handed) -> dict[int, Prepared]:
+    """The decode processes' answers for handed-over items, by position (waits for them once)."""
+    if handed.outcome is None:
+        outcome = dict(handed.failed)
+        if handed.decoding is not None:
+            answers = decoder.results(handed.decoding)
+            for (data, position), answer in zip(handed.decoding.images, answers):
+                if isinstance(answer, ImageError):
+                    outcome[position] = Prepared(error=str(answer))
+                    continue
+                info, normalized, pixels = answer
+                original = data if rt.settings.keep_originals else b""
+                outcome[position] = Prepared(info, pixels, normalized or data, original=original)
+        handed.outcome = outcome
+    return handed.outcome
 
 
 @dataclass
@@ -201,19 +255,14 @@ class _BatchRun:
                 slots.close()
 
     def _run_chunks(self, slots: PixelSlots | None) -> None:
-        pool, chunk = self.rt.pool(), self.rt.infer_batch()
-        size = self.extractor.input_size
-        origin = self.task.get("origin") or "network"
-        futures = [
-            pool.submit(prepare, self.rt, item, size, slots, n, origin) for n, item in enumerate(self.items)
-        ]
+        chunk = self.rt.infer_batch()
         group: list[int] = []
-        for position, future in enumerate(futures):
+        for position, next_prepared in enumerate(self._prepared_in_order(slots)):
             started = time.perf_counter()
-            self.prepared.append(future.result())
+            self.prepared.append(next_prepared())
             self.timings.wait_s += time.perf_counter() - started
             group.append(position)
-            if len(group) >= chunk or position == len(futures) - 1:
+            if len(group) >= chunk or position == len(self.items) - 1:
                 self._admit(group)  # a Redis round trip for the group's dedup claims, unless they wait
                 group = []
                 if len(self._pending) >= chunk:
@@ -224,6 +273,34 @@ class _BatchRun:
             self._infer()
         if self._chunks:
             self.vectors = np.concatenate(self._chunks)
+
+    def _prepared_in_order(self, slots: PixelSlots | None) -> list[Callable[[], Prepared]]:
+        """Start every item's fetch and decode now; each callable waits for its item's outcome.
+
+        With decode processes, inline bytes go to the processes at once and fetched ones as soon
+        as a thread has them: the processes never wait for the feeding process between images.
+        Without, the threads fetch and decode.
+        """
+        rt, pool = self.rt, self.rt.pool()
+        size, origin = self.extractor.input_size, self.task.get("origin") or "network"
+        decoder = rt.decode_pool() if slots is not None else None
+        if decoder is None or slots is None:
+            futures = [pool.submit(prepare, rt, item, size, origin) for item in self.items]
+            return [future.result for future in futures]
+        # Small groups: every process busy from the start, and the first infer chunk ready soon.
+        size_of_group = max(1, min(GROUP_MAX, len(self.items) // (4 * decoder.processes)))
+        waits: list[Callable[[], Prepared]] = []
+        numbered = list(enumerate(self.items))
+        for first in range(0, len(numbered), size_of_group):
+            group = numbered[first : first + size_of_group]
+            if all("data_b64" in item for _, item in group):  # nothing to fetch: straight to a process
+                handed = hand_over(rt, decoder, group, slots, origin)
+                outcome: Callable[[], dict[int, Prepared]] = lambda h=handed: collect(rt, decoder, h)  # noqa: E731
+            else:
+                future = pool.submit(hand_over, rt, decoder, group, slots, origin)
+                outcome = lambda f=future: collect(rt, decoder, f.result())  # noqa: E731
+            waits += [lambda o=outcome, n=n: o()[n] for n, _ in group]
+        return waits
 
     def _admit(self, positions: list[int]) -> None:
         """Record each item's outcome so far; the ones that go to the network join the pending chunk.

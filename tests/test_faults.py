@@ -184,13 +184,14 @@ class BatchSpy:
         self._batch: dict[str, int] = {}
 
     def batch(self, task_id: str) -> int | None:
-        """The batch number, from the task's STARTED record (task_track_started, result_extended)."""
+        """The batch number: an embed task's id is its batch id (jobs.batch_id), once it has STARTED."""
         if task_id not in self._batch:
             raw = self.client.redis.get(f"celery-task-meta-{task_id}")
             meta = json.loads(raw) if raw else {}
-            if meta.get("status") != "STARTED" or not meta.get("kwargs"):
+            job_id, _, batch = task_id.rpartition("-")
+            if meta.get("status") != "STARTED" or job_id != self.job_id:
                 return None
-            self._batch[task_id] = int(meta["kwargs"]["batch"])
+            self._batch[task_id] = int(batch)
         return self._batch[task_id]
 
     def finished(self, task_id: str) -> bool:
