@@ -133,6 +133,9 @@ class Fence:
     (tests, benchmarks, one process), without the lock. CompactionLock is the real one."""
 
     token = 0
+    key = (
+        ""  # the lock's Redis key (CompactionLock): a Lua call that must be fenced checks it holds ``token``
+    )
 
     def check(self) -> None:
         pass

@@ -87,8 +87,7 @@ def rebuild(store: ObjectStore, client: redis.Redis, name: str, force: bool = Fa
     client.set(layout.key(C.KEY_SEQUENCE), start)
     coord.set_snapshot_watermark(watermark)
     for key in before_newest + after_newest:
-        integrity.record_checksum(coord, key, store.get(key))
-        coord.publish(key)
+        coord.publish(key, checksum=integrity.sha256(store.get(key)))
     client.set(layout.key(C.KEY_COUNT), len(images))
     if images:
         client.hset(layout.key(C.KEY_HASHES), mapping={sha: str(i) for sha, i in images.items()})
