@@ -258,12 +258,11 @@ class Compactor:
         ``removed`` set (metadata.prune). The snapshot is published whatever happens here; what is
         cut off, the next compaction finishes. ``gone`` is read only when the set holds ids."""
         r = self.coord.r
-        if not r.scard(self.layout.key(C.KEY_REMOVED)) and not r.zcard(
-            self.layout.key(C.KEY_META_SUPERSEDED)
-        ):
+        removed = r.scard(self.layout.key(C.KEY_REMOVED))
+        if not removed and not r.zcard(self.layout.key(C.KEY_META_SUPERSEDED)):
             return {"metadata_pruned": 0}
         try:
-            counts = metadata.prune(self.store, r, self.layout, gone(), self.fence)
+            counts = metadata.prune(self.store, r, self.layout, gone() if removed else set(), self.fence)
         except FencedOut as exc:
             log.warning("metadata prune of %s stopped: %s", self.layout.collection, exc)
             return {"metadata_pruned": 0}

@@ -257,9 +257,9 @@ def remove(rt: Runtime, task: RemoveRequest) -> RemoveResult:
     sequence = coord.publish(
         tombstone, images=-1 if meta is not None else 0, removes=image_id, checksum=checksum
     )
-    if meta is not None:
+    if meta is not None:  # (None: removed before; a compaction may have pruned it from the set since)
         coord.release_hash(meta["sha256"], image_id)
-    mark_removed(rt.redis, layout, [image_id])  # its entry in the batch's metadata object reads as gone
+        mark_removed(rt.redis, layout, [image_id])  # its entry in the batch's metadata object reads as gone
     rt.store.delete(layout.image(image_id))
     rt.store.delete(layout.original(image_id))
     rt.store.delete(layout.image_meta(image_id))  # a collection written before batch objects
