@@ -6,8 +6,10 @@ vectors (the previous snapshot's merged vector files, then every later
 segment), drops tombstoned ids, picks the index type for the live count,
 trains it on a sample, adds everything, and writes: the index, its id bitmap,
 the tombstones, the vector files for the next compaction, and a manifest
-with checksums; then it publishes the pointer. Last, it garbage-collects what
-the snapshot before this one still needed (segments, vector files, snapshot).
+with checksums; then it publishes the pointer. Then it garbage-collects what
+the snapshot before this one still needed (segments, vector files, snapshot), and
+last prunes the metadata of the ids the published snapshot holds as removed out of
+the batch objects and Redis's ``removed`` set (pupyl_queue/metadata.py ``prune``).
 
 Vector files: an input file of at least REUSE_ROWS vectors, none of them
 removed, is referenced as it is (a big segment, or a vector file of the
@@ -23,14 +25,14 @@ import logging
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pupyl_queue import constants as C
-from pupyl_queue import integrity
+from pupyl_queue import integrity, metadata
 from pupyl_queue.codecs import (
     ROWS_FILE,
     SegmentRows,
@@ -39,7 +41,7 @@ from pupyl_queue.codecs import (
     encode_snapshot_rows,
 )
 from pupyl_queue.coordination import Coordinator
-from pupyl_queue.fencing import Fence, publish_pointer
+from pupyl_queue.fencing import Fence, FencedOut, publish_pointer
 from pupyl_queue.integrity import StoreDamaged
 from pupyl_queue.settings import Settings
 from pupyl_queue.store import ObjectNotFound, ObjectStore
@@ -158,7 +160,8 @@ class Compactor:
         previous = self._base()
         watermark = self.coord.last_sequence()
         if previous and previous["watermark"] >= watermark:
-            return {**previous, "skipped": "nothing committed since the last snapshot"}
+            pruned = self._prune_metadata(lambda: _removed_in(self.store, previous))  # a cut-off prune's rest
+            return {**previous, "skipped": "nothing committed since the last snapshot", **pruned}
         files, tombstones = self._inputs(previous, watermark)
         count, dim = 0, 0
         for _, ids, vectors, _, _ in self._chunks(files, tombstones):
@@ -248,7 +251,29 @@ class Compactor:
         integrity.forget_damage_under(self.coord, base + "/")
         self._collect_garbage()
         log.info("snapshot %s: %d vectors, %s, %.1fs", base, count_live, factory, built_s)
-        return manifest
+        return {**manifest, **self._prune_metadata(lambda: tombstones)}
+
+    def _prune_metadata(self, gone: Callable[[], set[int]]) -> dict[str, int]:
+        """After publishing: the removed ids the snapshot holds leave the batch objects and the
+        ``removed`` set (metadata.prune). The snapshot is published whatever happens here; what is
+        cut off, the next compaction finishes. ``gone`` is read only when the set holds ids."""
+        r = self.coord.r
+        removed = r.scard(self.layout.key(C.KEY_REMOVED))
+        if not removed and not r.zcard(self.layout.key(C.KEY_META_SUPERSEDED)):
+            return {"metadata_pruned": 0}
+        try:
+            counts = metadata.prune(self.store, r, self.layout, gone() if removed else set(), self.fence)
+        except FencedOut as exc:
+            log.warning("metadata prune of %s stopped: %s", self.layout.collection, exc)
+            return {"metadata_pruned": 0}
+        except Exception:  # noqa: BLE001 - the snapshot stands; the next compaction prunes again
+            log.exception(
+                "metadata prune of %s failed; the next compaction tries again", self.layout.collection
+            )
+            return {"metadata_pruned": 0}
+        if any(counts.values()):
+            log.info("metadata of %s pruned: %s", self.layout.collection, counts)
+        return {"metadata_pruned": counts["forgotten"]}
 
     def _put_index(self, key: str, index: VectorIndex) -> tuple[str, int]:
         """Write the index through a file (streamed both ways) and return its (sha256, size)."""
@@ -349,3 +374,8 @@ class Compactor:
             return list(json.loads(self.store.get(f"{snapshot}/manifest.json"))["vector_files"])
         except (ObjectNotFound, ValueError, KeyError, TypeError):
             return []
+
+
+def _removed_in(store: ObjectStore, manifest: dict[str, Any]) -> set[int]:
+    """The ids a snapshot holds as removed."""
+    return set(np.frombuffer(integrity.snapshot_file(store, manifest, "tombstones.npy"), np.int64).tolist())

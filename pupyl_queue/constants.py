@@ -72,6 +72,11 @@ KEY_PENDING_CLAIMS = "claims-pending"  # HASH sha256 -> "id@batch id" until that
 KEY_BATCH_IDS = "batch-ids"  # HASH batch id -> first id (a batch owns ids first .. first + count - 1)
 KEY_META_RANGES = "meta-ranges"  # ZSET score=first id member=batch id: whose metadata object holds an id
 KEY_REMOVED = "removed"  # SET of removed ids: their metadata reads as absent (pupyl_queue/metadata.py)
+KEY_META_VERSION = "meta-version"  # INCR: names the batch metadata objects a prune rewrites (metadata.py)
+KEY_META_SUPERSEDED = (
+    "meta-superseded"  # ZSET member=batch object name score=version: deleted at the next prune
+)
+KEY_CHECKSUMS = "checksums"  # HASH store key -> sha256 of a committed segment or tombstone (integrity.py)
 KEY_JOB = "job"  # job:{id} HASH of counters, job:{id}:batches HASH of finished batches
 KEY_EPOCH = "epoch"  # set when the commit log is rewritten (rebuild): searchers reload from the snapshot
 KEY_TASK = "task"  # task:{id}: a task id the API handed out (expires with its result)

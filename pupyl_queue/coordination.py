@@ -30,20 +30,24 @@ return first
 # Publish one store object as the next commit, once: a second publish of the same key returns the
 # sequence it already has (and what its first run replaced). ARGV: store key, images added (or
 # removed: negative), an id this commit removes ('' none: its key is forgotten), the id the first
-# keyed row's key must still name ('' any: else nothing is committed and the sequence is 0), then
-# (caller's key, id, sha256) per keyed row. Each keyed row takes its key over; the id the key held
-# before, if another, is tombstoned by this very commit (KEYS[8] records which), so readers drop it
-# exactly when they add the new row. Deciding here, against the key map, makes the commit that runs last win.
+# keyed row's key must still name ('' any: else nothing is committed and the sequence is 0), the
+# object's sha256 ('' none: recorded apart, before), then (caller's key, id, sha256) per keyed row.
+# The checksum (KEYS[10]) is recorded by the very call that commits: no reader sees the commit
+# without it, and a publish that finds the object committed leaves the first run's checksum alone.
+# Each keyed row takes its key over; the id the key held before, if another, is tombstoned by this
+# very commit (KEYS[8] records which), so readers drop it exactly when they add the new row.
+# Deciding here, against the key map, makes the commit that runs last win.
 _PUBLISH = """
 local have = redis.call('HGET', KEYS[3], ARGV[1])
 if have then return {tonumber(have), redis.call('HGET', KEYS[8], ARGV[1]) or '[]'} end
 if ARGV[4] ~= '' then
-  local entry = redis.call('HGET', KEYS[6], ARGV[5])
+  local entry = redis.call('HGET', KEYS[6], ARGV[6])
   if not entry or string.match(entry, '"id":(%d+)') ~= ARGV[4] then return {0, '[]'} end
 end
 local seq = redis.call('INCR', KEYS[1])
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], seq)
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[10], ARGV[1], ARGV[5]) end
 redis.call('INCR', KEYS[4])
 local images = tonumber(ARGV[2])
 if ARGV[3] ~= '' then
@@ -55,7 +59,7 @@ if ARGV[3] ~= '' then
   end
 end
 local replaced = {}
-for i = 5, #ARGV, 3 do
+for i = 6, #ARGV, 3 do
   local key, id, sha = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local entry = redis.call('HGET', KEYS[6], key)
   local old = entry and string.match(entry, '"id":(%d+)')
@@ -273,12 +277,15 @@ class Coordinator:
         self._release(keys=[self._k(C.KEY_HASHES)], args=[sha256, image_id])
 
     # --- commit log
-    def publish(self, store_key: str, images: int = 0, removes: int | None = None) -> int:
+    def publish(
+        self, store_key: str, images: int = 0, removes: int | None = None, checksum: str | None = None
+    ) -> int:
         """Commit a store object once; ``images`` (added or removed) goes into the image count.
 
         ``removes``: the id a tombstone removes; its key (if any) is forgotten in the same commit.
+        ``checksum``: the object's sha256, recorded by the commit itself (see ``commit``).
         """
-        return self.commit(store_key, images, removes=removes)[0]
+        return self.commit(store_key, images, removes=removes, checksum=checksum)[0]
 
     def commit(
         self,
@@ -287,6 +294,7 @@ class Coordinator:
         keyed: list[tuple[str, int, str]] | None = None,
         removes: int | None = None,
         expect: int | None = None,
+        checksum: str | None = None,
     ) -> tuple[int, list[tuple[int, str]]]:
         """Publish a segment whose ``keyed`` rows ((key, id, sha256)) take their keys over, in one script.
 
@@ -295,6 +303,10 @@ class Coordinator:
         one's answer, so a redelivered batch finishes the replacement its first run began.
         ``expect``: commit only while the first keyed row's key still names that id (else
         (0, []) and nothing changed): a change made from what the key named a moment ago.
+        ``checksum``: the object's sha256 (integrity.py), recorded in the same script, only when
+        this call commits: one round trip fewer than recording it first (issue #15), no reader
+        sees the commit before its checksum, and a rerun never replaces the checksum of what it
+        found committed (its own bytes were not written: embedding.py).
         """
         keys = [
             self._k(C.KEY_SEQUENCE),
@@ -306,12 +318,14 @@ class Coordinator:
             self._k(C.KEY_KEY_OF),
             self._k(C.KEY_REPLACED),
             self._k(C.KEY_HASHES),
+            self._k(C.KEY_CHECKSUMS),
         ]
         args: list[Any] = [
             store_key,
             images,
             "" if removes is None else int(removes),
             "" if expect is None else int(expect),
+            checksum or "",
         ]
         for key, image_id, sha in keyed or []:
             args += [key, int(image_id), sha]

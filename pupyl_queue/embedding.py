@@ -386,8 +386,8 @@ class _BatchRun:
         layout = self.coord.layout
         self._write_images([p for p in self.keep if p not in self._written])
         segment = layout.segment(batch_id)
-        # A committed segment is immutable: a rerun must not rewrite it (its checksum is in the commit
-        # log), nor the metadata object written before it.
+        # A committed segment is immutable: a rerun must not rewrite it (the commit recorded its
+        # checksum), nor the metadata object written before it.
         committed = integrity.is_committed(self.coord, segment)
         if not committed:
             meta = metadata.encode_batch(batch_id, [self._metas[p] for p in self.keep])
@@ -395,16 +395,17 @@ class _BatchRun:
         for write in self._writes:
             write.result()
         rows = self.rows()
+        checksum = None
         if not committed:
             data = encode_segment(np.array([self.ids[p] for p in self.keep]), self.vectors, rows)
             self.rt.store.put(segment, data)
-            integrity.record_checksum(self.coord, segment, data)
+            checksum = integrity.sha256(data)  # recorded by the commit's own Lua call, not before it
         keyed = [
             (key, self.ids[p], sha)
             for p, key, sha in zip(self.keep, rows.keys, rows.sha256)
             if key is not None and sha is not None
         ]
-        sequence, replaced = self.coord.commit(segment, images=len(self.keep), keyed=keyed)
+        sequence, replaced = self.coord.commit(segment, images=len(self.keep), keyed=keyed, checksum=checksum)
         if replaced:
             keys.retire(self.rt.store, self.coord, replaced, {key: i for key, i, _ in keyed})
             self._mark_replaced({old for old, _ in replaced})

@@ -32,6 +32,11 @@ local store across machines), so the store cannot be the arbiter. Redis is:
   registered to an older token even if it holds a manifest (a fenced-out run's,
   never published). This replaces an age rule: it needs no clock.
 
+- After publishing, the metadata prune (metadata.py) writes only objects under new names and
+  swaps them in, and forgets removed ids, in Lua calls that check the lock still holds the token
+  (``Fence.key``): a run fenced out mid-prune changes nothing in Redis, and its late writes are
+  orphans that the next prune deletes.
+
 What it does not close: a store write already in flight when the lock lapsed
 lands when it lands. The pointer re-read narrows that window for the pointer to
 one PUT; a late data file over a published one is caught by the manifest's
@@ -133,6 +138,9 @@ class Fence:
     (tests, benchmarks, one process), without the lock. CompactionLock is the real one."""
 
     token = 0
+    key = (
+        ""  # the lock's Redis key (CompactionLock): a Lua call that must be fenced checks it holds ``token``
+    )
 
     def check(self) -> None:
         pass

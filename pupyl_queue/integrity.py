@@ -35,7 +35,7 @@ from pupyl_queue.store import ObjectNotFound, ObjectStore
 
 log = logging.getLogger(__name__)
 
-KEY_CHECKSUMS = "checksums"  # HASH store key -> sha256 of a committed segment or tombstone
+KEY_CHECKSUMS = C.KEY_CHECKSUMS  # HASH store key -> sha256 (the commit records it: coordination.py)
 KEY_DAMAGED = "damaged"  # HASH store key -> JSON {"reason", "seen_at", "by"}
 MANIFEST = "manifest.json"
 
@@ -173,7 +173,10 @@ def log_complete_after(coord: Coordinator, watermark: int) -> bool:
 
 # --- checksums of committed objects
 def record_checksum(coord: Coordinator, key: str, data: bytes) -> None:
-    """Before publishing ``key``: its sha256, so readers can check what they get."""
+    """Before publishing ``key``: its sha256, so readers can check what they get.
+
+    The write paths pass the sha256 to the commit instead (``Coordinator.commit(checksum=...)``),
+    which records it in the same Lua call; this is for restore and tests, which commit apart."""
     coord.r.hset(coord._k(KEY_CHECKSUMS), key, sha256(data))
 
 

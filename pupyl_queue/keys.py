@@ -44,9 +44,8 @@ def retire(
         if not store.exists(tombstone):
             record = {"id": old_id, "removed_at": time.time(), "key": key, "replaced_by": by.get(key)}
             store.put(tombstone, json.dumps(record).encode())
-        if not integrity.is_committed(coord, tombstone):
-            integrity.record_checksum(coord, tombstone, store.get(tombstone))
-        coord.publish(tombstone)
+        committed = integrity.is_committed(coord, tombstone)
+        coord.publish(tombstone, checksum=None if committed else integrity.sha256(store.get(tombstone)))
         mark_removed(coord.r, layout, [old_id])  # its entry in its batch's metadata object reads as gone
         for path in (
             layout.image(old_id),

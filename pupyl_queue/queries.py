@@ -253,12 +253,13 @@ def remove(rt: Runtime, task: RemoveRequest) -> RemoveResult:
         return {"id": image_id, "removed": False, "reason": f"no image with id {image_id}"}
     if not rt.store.exists(tombstone):
         rt.store.put(tombstone, json.dumps({"id": image_id, "removed_at": time.time()}).encode())
-    if not integrity.is_committed(coord, tombstone):
-        integrity.record_checksum(coord, tombstone, rt.store.get(tombstone))
-    sequence = coord.publish(tombstone, images=-1 if meta is not None else 0, removes=image_id)
-    if meta is not None:
+    checksum = None if integrity.is_committed(coord, tombstone) else integrity.sha256(rt.store.get(tombstone))
+    sequence = coord.publish(
+        tombstone, images=-1 if meta is not None else 0, removes=image_id, checksum=checksum
+    )
+    if meta is not None:  # (None: removed before; a compaction may have pruned it from the set since)
         coord.release_hash(meta["sha256"], image_id)
-    mark_removed(rt.redis, layout, [image_id])  # its entry in the batch's metadata object reads as gone
+        mark_removed(rt.redis, layout, [image_id])  # its entry in the batch's metadata object reads as gone
     rt.store.delete(layout.image(image_id))
     rt.store.delete(layout.original(image_id))
     rt.store.delete(layout.image_meta(image_id))  # a collection written before batch objects
@@ -315,8 +316,13 @@ def set_attributes(rt: Runtime, task: SetAttributesRequest, send: Send | None = 
     rows = SegmentRows([key], [meta["sha256"]], [attributes or None], [builtin_values(meta)])
     data = encode_segment(np.array([new_id]), vector[None], rows)
     rt.store.put(segment, data)
-    integrity.record_checksum(coord, segment, data)
-    sequence, replaced = coord.commit(segment, images=1, keyed=[(key, new_id, meta["sha256"])], expect=old_id)
+    sequence, replaced = coord.commit(
+        segment,
+        images=1,
+        keyed=[(key, new_id, meta["sha256"])],
+        expect=old_id,
+        checksum=integrity.sha256(data),
+    )
     if not sequence:  # the key moved on meanwhile: this update never happened
         for path in (segment, layout.image(new_id), layout.original(new_id), layout.batch_meta(owner)):
             rt.store.delete(path)

@@ -13,7 +13,8 @@ dedup map, counts, checksums of committed objects and the job records. All of it
   id is ever reused; the dedup map and the image count come from the image metadata (the batch
   objects, less every removed id, and the per-image objects of collections written before them);
 - the metadata range index (which batch object holds an id) and the removed ids come from the
-  batch objects, the tombstones and the snapshots' removed lists (pupyl_queue/metadata.py);
+  batch objects, the tombstones and the snapshots' removed lists: only the removed ids that some
+  batch object still holds (a compaction's prune took the others out; pupyl_queue/metadata.py);
 - the key map (caller's key -> live id) comes from the rows the snapshot's vector files and the
   segments carry, minus every removed id (a replaced id has its tombstone too: pupyl_queue/keys.py);
 - job records come back from the per-batch reports. A job that was running when Redis went lost
@@ -87,8 +88,7 @@ def rebuild(store: ObjectStore, client: redis.Redis, name: str, force: bool = Fa
     client.set(layout.key(C.KEY_SEQUENCE), start)
     coord.set_snapshot_watermark(watermark)
     for key in before_newest + after_newest:
-        integrity.record_checksum(coord, key, store.get(key))
-        coord.publish(key)
+        coord.publish(key, checksum=integrity.sha256(store.get(key)))
     client.set(layout.key(C.KEY_COUNT), len(images))
     if images:
         client.hset(layout.key(C.KEY_HASHES), mapping={sha: str(i) for sha, i in images.items()})

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
+from pupyl_queue import constants as C
 from pupyl_queue.coordination import Coordinator, read_job
 from pupyl_queue.layout import Layout
 
@@ -89,3 +90,22 @@ def test_a_batch_published_again_after_its_commit_was_trimmed_is_not_counted_twi
     assert coord.image_count() == 5
     assert coord.last_sequence() == 2
     assert coord.commits_after(0) == []  # not back in the log for searchers to apply again
+
+
+def test_the_commit_records_its_checksum_once(redis_client: redis.Redis) -> None:
+    """The segment's sha256 goes in with its commit (one Lua call, issue #15): never before it,
+    never replaced by a later publish of the same object, never for a commit refused."""
+    coord = Coordinator(redis_client, Layout())
+    checksums = Layout().key(C.KEY_CHECKSUMS)
+    sequence, _ = coord.commit("s/a", images=1, keyed=[("k", 1, "aa")], checksum="11" * 32)
+    assert sequence == 1 and redis_client.hget(checksums, "s/a") == "11" * 32
+    assert coord.commit("s/a", images=1, checksum="22" * 32)[0] == 1  # a rerun: the first one's stays
+    assert redis_client.hget(checksums, "s/a") == "11" * 32
+    assert coord.commit("s/b", keyed=[("k", 2, "bb")], expect=7, checksum="33" * 32) == (0, [])
+    assert redis_client.hget(checksums, "s/b") is None and coord.last_sequence() == 1  # refused: nothing
+    assert coord.commit("s/c", keyed=[("k", 3, "cc")], expect=1, checksum="44" * 32) == (2, [(1, "k")])
+    assert redis_client.hget(checksums, "s/c") == "44" * 32 and coord.lookup("k")["id"] == 3  # type: ignore[index]
+    assert coord.publish("t/9", removes=3, checksum="55" * 32) == 3
+    assert redis_client.hget(checksums, "t/9") == "55" * 32 and coord.lookup("k") is None
+    coord.publish("s/d")  # no checksum given (restore records its own first): none written
+    assert redis_client.hget(checksums, "s/d") is None
