@@ -393,7 +393,8 @@ def run_whitening(args: argparse.Namespace) -> None:
 
     The same code as the cluster: ``whitening.learn`` on the indexed vectors (as a compaction of
     this collection would; the flowers' own for P@10, as a compaction of a flowers collection
-    would), and the search through a ``VectorIndex`` built with it, as a search worker's.
+    would; the last column applies the copies collection's to the flowers, as the session-2 table
+    did), and the search through a ``VectorIndex`` built with it, as a search worker's.
     """
     from bench.int8_quality import precision_at
     from pupyl_queue.copysearch import merge_short_lists, mirror_view, query_views
@@ -425,7 +426,10 @@ def run_whitening(args: argparse.Namespace) -> None:
     )
     truth = np.array(ds.truth)
     ids = np.arange(len(stored), dtype=np.int64)
-    print(f"\n{'descriptor':<11} {'whitening':<10} {'copy@1':>7} {'copy@50':>8} {'short@50':>9} {'P@10':>6}")
+    print(
+        f"\n{'descriptor':<11} {'whitening':<10} {'copy@1':>7} {'copy@50':>8} {'short@50':>9} "
+        f"{'P@10':>6} {'P@10 (copies-learned)':>22}"
+    )
     for option in options:
         strength = strength_of(option)
         whitening = None if strength is None else learn(stored, strength)
@@ -443,9 +447,12 @@ def run_whitening(args: argparse.Namespace) -> None:
         p10 = precision_at(
             flower_vectors if flowers_whitening is None else flowers_whitening.apply(flower_vectors), labels
         )[10]
+        p10_copies = precision_at(
+            flower_vectors if whitening is None else whitening.apply(flower_vectors), labels
+        )
         print(
             f"{args.descriptor:<11} {option:<10} {hit[:, :1].any(1).mean():>7.3f} {hit.any(1).mean():>8.3f} "
-            f"{np.mean(short):>9.3f} {p10:>6.3f}"
+            f"{np.mean(short):>9.3f} {p10:>6.3f} {p10_copies[10]:>22.3f}"
         )
     print(f"load {os.getloadavg()}")
 
