@@ -4,8 +4,8 @@ Why: CNN features of one collection share a few dominant directions (what every 
 common); cosine similarity is then driven by them more than by what tells images apart. PCA
 whitening learned on the collection's own vectors (mean removed, each principal direction scaled
 by its eigenvalue to the power ``-s/2``, the result normalised to unit length again) evens those
-directions out. At half strength (``s = 0.5``) it put 98% of edited copies in copy mode's short
-list of 50 instead of 95% (``gem+mirror``, BENCHMARKS.md, issue 18), but it moves similar-photo
+directions out. At half strength (``s = 0.5``) it put 98.6% of edited copies in copy mode's short
+list of 50 instead of 96.1% (``gem+mirror``, BENCHMARKS.md, issue 18), but it moves similar-photo
 P@10 by a few thousandths either way: hence an option of the collection (``PUPYL_WHITENING``,
 recorded with its model in the manifest), off by default.
 
