@@ -15,6 +15,7 @@ query of each stage.
     .venv/bin/python bench/copies.py --pooling       # recall@50 of pooling variants, flowers P@10
     .venv/bin/python bench/copies.py --near-duplicate  # the ingestion check over all flowers
     .venv/bin/python bench/copies.py --workers       # end-to-end latency through real workers
+    .venv/bin/python bench/copies.py --whitening pca --descriptor gem+mirror  # with / without whitening
 """
 
 from __future__ import annotations
@@ -387,6 +388,76 @@ def run_pooling(args: argparse.Namespace) -> None:
             )
 
 
+def run_whitening(args: argparse.Namespace) -> None:
+    """Recall@1/@50 of the plain query vector, copy mode's short list @50 (its views) and flowers
+    leave-one-out P@10, without whitening and with each option of ``--whitening``.
+
+    The same code as the cluster: ``whitening.learn`` on the indexed vectors (as a compaction of
+    this collection would; the flowers' own for P@10, as a compaction of a flowers collection
+    would; the last column applies the copies collection's to the flowers, as the session-2 table
+    did), and the search through a ``VectorIndex`` built with it, as a search worker's.
+    """
+    from bench.int8_quality import precision_at
+    from pupyl_queue.copysearch import merge_short_lists, mirror_view, query_views
+    from pupyl_queue.images import decode
+    from pupyl_queue.vector_index import VectorIndex
+    from pupyl_queue.whitening import check_whitening, learn, strength_of
+
+    options = ["none", *(check_whitening(o) for o in args.whitening.split(","))]
+    ds = build(args.seed, args.distractors, args.queries, 0)
+    extractor = real_model(args.descriptor)
+    started = time.perf_counter()
+    stored = embed_all(extractor, ds.indexed)
+    plain = embed_all(extractor, ds.queries)
+    view_vectors, owners = [], []  # copy mode's extra views (mirror unless +mirror, unframed)
+    for q, data in enumerate(ds.queries):
+        image = decode(data, MAX_PIXELS, target=224).rgb
+        for view in query_views(image, mirror_view(extractor.spec))[1:]:
+            view_vectors.append(np.asarray(view.resize((224, 224), Image.Resampling.BILINEAR)))
+            owners.append(q)
+    extra = extractor.embed(np.stack(view_vectors)) if view_vectors else np.zeros((0, stored.shape[1]))
+    flower_files = flowers()
+    labels = np.array(
+        [sorted({p.parent.name for p in flower_files}).index(p.parent.name) for p in flower_files]
+    )
+    flower_vectors = embed_all(extractor, [p.read_bytes() for p in flower_files])
+    print(
+        f"{args.descriptor}: embedded {len(stored)} indexed, {len(plain)} queries (+{len(extra)} views), "
+        f"{len(flower_vectors)} flowers in {time.perf_counter() - started:.0f}s; load {os.getloadavg()}"
+    )
+    truth = np.array(ds.truth)
+    ids = np.arange(len(stored), dtype=np.int64)
+    print(
+        f"\n{'descriptor':<11} {'whitening':<10} {'copy@1':>7} {'copy@50':>8} {'short@50':>9} "
+        f"{'P@10':>6} {'P@10 (copies-learned)':>22}"
+    )
+    for option in options:
+        strength = strength_of(option)
+        whitening = None if strength is None else learn(stored, strength)
+        index = VectorIndex(stored.shape[1], "Flat", gpu=False, whitening=whitening)
+        index.add(ids, stored)
+        plain_hits = index.search(plain, 50)
+        hit = np.array(
+            [[i == t for i, _ in row] + [False] * (50 - len(row)) for row, t in zip(plain_hits, truth)]
+        )
+        per_query = [[row] for row in plain_hits]  # copy mode's global stage: a candidate's best view
+        for owner, row in zip(owners, index.search(extra, 50) if len(extra) else []):
+            per_query[owner].append(row)
+        short = [t in [i for i, _ in merge_short_lists(rows, 50)] for rows, t in zip(per_query, truth)]
+        flowers_whitening = None if strength is None else learn(flower_vectors, strength)
+        p10 = precision_at(
+            flower_vectors if flowers_whitening is None else flowers_whitening.apply(flower_vectors), labels
+        )[10]
+        p10_copies = precision_at(
+            flower_vectors if whitening is None else whitening.apply(flower_vectors), labels
+        )
+        print(
+            f"{args.descriptor:<11} {option:<10} {hit[:, :1].any(1).mean():>7.3f} {hit.any(1).mean():>8.3f} "
+            f"{np.mean(short):>9.3f} {p10:>6.3f} {p10_copies[10]:>22.3f}"
+        )
+    print(f"load {os.getloadavg()}")
+
+
 def run_near_duplicate(args: argparse.Namespace) -> None:
     """The copy-mode ingestion check: edited re-uploads refused, and no flower refused as a copy."""
     extractor = real_model(args.descriptor)
@@ -567,8 +638,15 @@ def main() -> None:
     parser.add_argument("--reuploads-only", action="store_true", help="--near-duplicate: re-uploads only")
     parser.add_argument("--workers", action="store_true", help="end to end through real workers")
     parser.add_argument("--dump", default="", help="--near-duplicate: each pair's cosine and inliers, here")
+    parser.add_argument(
+        "--whitening",
+        default="",
+        help="compare no whitening with these (comma-separated: pca, pca:<s>), in process",
+    )
     args = parser.parse_args()
-    if args.workers:
+    if args.whitening:
+        run_whitening(args)
+    elif args.workers:
         run_workers(args)
     elif args.pooling:
         run_pooling(args)

@@ -27,6 +27,9 @@ def list_collections(store: ObjectStore) -> list[str]:
     return [name for name in names if store.exists(Layout(name).manifest)]
 
 
+WHITENING_KEYS = ("whitening", "whitening_pending")  # in snapshots of collections with whitening only
+
+
 def describe_collection(store: ObjectStore, client: redis.Redis, name: str) -> dict[str, Any]:
     layout = Layout(name)
     manifest = read_manifest(store, layout)
@@ -39,13 +42,18 @@ def describe_collection(store: ObjectStore, client: redis.Redis, name: str) -> d
         "model": manifest["model"],
         "dim": manifest["model"]["dim"],
         "precision": manifest["model"].get("precision", "float32"),
+        "whitening": manifest["model"].get("whitening", C.DEFAULT_WHITENING),
         "created_at": manifest["created_at"],
         "images": coord.image_count(),
         "sequence": coord.last_sequence(),
         "index_type": snapshot["index_type"] if snapshot else "IDMap2,Flat",
         "last_snapshot": None
         if snapshot is None
-        else {key: snapshot[key] for key in ("watermark", "count", "factory", "nprobe", "created_at")},
+        else {
+            key: snapshot[key]
+            for key in ("watermark", "count", "factory", "nprobe", "created_at", *WHITENING_KEYS)
+            if key in snapshot
+        },
         # Store objects found truncated or altered (integrity.py): key -> {reason, seen_at, by}.
         "damaged": damaged(client, layout),
     }

@@ -22,6 +22,7 @@ def _client(args: argparse.Namespace) -> Any:
         model=args.model,
         precision=args.precision,
         descriptor=args.descriptor,
+        whitening=args.whitening,
     )
 
 
@@ -305,6 +306,12 @@ def parser() -> argparse.ArgumentParser:
         choices=C.DESCRIPTORS,
         default=None,
         help="global descriptor of a new collection (default PUPYL_DESCRIPTOR, avg)",
+    )
+    p.add_argument(
+        "--whitening",
+        default=None,
+        help="whitening of a new collection: none, pca (s = 0.5) or pca:<s>, learned at compaction "
+        "(default PUPYL_WHITENING, none)",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -37,6 +37,7 @@ from pupyl_queue.payloads import (
 from pupyl_queue.settings import Settings
 from pupyl_queue.stack import discover_redis_url
 from pupyl_queue.store import ObjectNotFound, ObjectStore, StoreUnavailable, open_store
+from pupyl_queue.whitening import check_whitening
 
 
 class JobFailed(RuntimeError):
@@ -170,6 +171,7 @@ class PupylQueue:
         precision: str | None = None,
         descriptor: str | None = None,
         settings: Settings | None = None,
+        whitening: str | None = None,
         **overrides: Any,
     ) -> None:
         settings = settings or Settings.from_env(**overrides)
@@ -182,6 +184,8 @@ class PupylQueue:
         if descriptor is not None and descriptor not in C.DESCRIPTORS:
             raise ValueError(f"descriptor must be one of {', '.join(C.DESCRIPTORS)}, got {descriptor!r}")
         self.descriptor = descriptor  # new collections only; None: PUPYL_DESCRIPTOR
+        # new collections only; None: PUPYL_WHITENING. "pca" learns PCA whitening at compaction.
+        self.whitening = None if whitening is None else check_whitening(whitening)
         model = model or settings.model or None
         self.model = str(Path(model).expanduser().resolve()) if model else None
 
@@ -298,6 +302,8 @@ class PupylQueue:
             "default_precision": self.settings.precision,
             "descriptor": self.descriptor,
             "default_descriptor": self.settings.descriptor,
+            "whitening": self.whitening,
+            "default_whitening": self.settings.whitening,
             "origin": origin,  # "local": this process may name any path its workers can read
             **(keyed or {}),  # {"key", "attributes"}: the one image of an upsert
         }

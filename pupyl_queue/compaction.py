@@ -16,6 +16,13 @@ removed, is referenced as it is (a big segment, or a vector file of the
 previous snapshot); only small or partly removed files are merged into new
 ones. Copying every live vector at every compaction doubled the store's size
 at its peak (40 GB more at 10M 1024-d vectors) and rewrote what had not changed.
+
+Whitening: a collection created with it (``PUPYL_WHITENING=pca``, its model's ``whitening``)
+gets its PCA whitening learned here, at every compaction, from an even sample of the live
+vectors once there are enough (whitening.minimum_vectors); the index is trained and filled
+with whitened vectors, and the transform is written into the snapshot (``whitening.npz``, in
+the manifest's files and checksums, described under ``whitening``). Stored vectors (segments,
+vector files) stay the network's own, so the next compaction learns again from them.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from pupyl_queue.integrity import StoreDamaged
 from pupyl_queue.settings import Settings
 from pupyl_queue.store import ObjectNotFound, ObjectStore
 from pupyl_queue.vector_index import VectorIndex, choose_factory
+from pupyl_queue.whitening import Whitening, learn, minimum_vectors, strength_of
 
 log = logging.getLogger(__name__)
 MERGED_ROWS = 200_000  # vectors per merged vector file
@@ -172,7 +180,8 @@ class Compactor:
         factory = s.index_factory or choose_factory(
             count, dim, int(s.index_memory_gb * 1024**3), s.flat_below
         )
-        index = VectorIndex(dim, factory, nprobe=s.index_nprobe)
+        whitening, pending = self._learn_whitening(model, files, tombstones, count, dim)
+        index = VectorIndex(dim, factory, nprobe=s.index_nprobe, whitening=whitening)
         if not index.is_trained:
             index.train(self._sample(files, tombstones, factory, count))
         base = self.layout.snapshot(watermark)
@@ -208,6 +217,8 @@ class Compactor:
             "tombstones.npy": np.array(sorted(tombstones), dtype=np.int64).tobytes(),
             ROWS_FILE: encode_snapshot_rows(table_ids, table_values),
         }
+        if whitening is not None:
+            blobs[C.SNAPSHOT_WHITENING] = whitening.to_bytes()
         files_sha = {name: integrity.sha256(data) for name, data in blobs.items()}
         sizes = {name: len(data) for name, data in blobs.items()}
         for name, data in blobs.items():
@@ -239,6 +250,7 @@ class Compactor:
                     **{key: self._written[key][0] for key in merged},
                 },
                 "reused_vector_files": len(reused),
+                **self._whitening_entry(whitening, pending),
                 "build_s": round(built_s, 3),
                 "created_at": time.time(),
             }
@@ -275,6 +287,37 @@ class Compactor:
             log.info("metadata of %s pruned: %s", self.layout.collection, counts)
         return {"metadata_pruned": counts["forgotten"]}
 
+    def _learn_whitening(
+        self, model: dict[str, Any], files: list[str], tombstones: set[int], count: int, dim: int
+    ) -> tuple[Whitening | None, str]:
+        """The collection's whitening learned from the live vectors, and why none when it asks for one
+        and gets none ("" when it asks for none)."""
+        strength = strength_of(str(model.get("whitening") or C.DEFAULT_WHITENING))
+        if strength is None:
+            return None, ""
+        if not dim or count < minimum_vectors(dim):
+            return None, f"{count} live vectors, {minimum_vectors(dim)} needed to learn it"
+        started = time.perf_counter()
+        whitening = learn(self._sample(files, tombstones, "", count, want=C.WHITENING_SAMPLE), strength)
+        if whitening is None:
+            return None, "the live vectors do not spread in any direction"
+        log.info(
+            "whitening of %s learned from %d vectors in %.1fs",
+            self.layout.collection,
+            whitening.learned_from,
+            time.perf_counter() - started,
+        )
+        return whitening, ""
+
+    @staticmethod
+    def _whitening_entry(whitening: Whitening | None, pending: str) -> dict[str, Any]:
+        """The manifest's ``whitening``: what was learned; null with ``whitening_pending`` (why) when
+        the collection asks for one and has too few vectors yet; absent when it asks for none, so a
+        collection without the option writes the manifest it always wrote."""
+        if whitening is not None:
+            return {"whitening": whitening.describe()}
+        return {"whitening": None, "whitening_pending": pending} if pending else {}
+
     def _put_index(self, key: str, index: VectorIndex) -> tuple[str, int]:
         """Write the index through a file (streamed both ways) and return its (sha256, size)."""
         scratch = self.settings.data_dir / "tmp"
@@ -286,11 +329,13 @@ class Compactor:
             self.store.put_file(key, path)
             return integrity.file_sha256(path), path.stat().st_size
 
-    def _sample(self, files: list[str], tombstones: set[int], factory: str, count: int) -> np.ndarray:
-        """An even sample of the live vectors, large enough to train ``factory``."""
+    def _sample(
+        self, files: list[str], tombstones: set[int], factory: str, count: int, want: int = 0
+    ) -> np.ndarray:
+        """An even sample of the live vectors, large enough to train ``factory`` (or ``want`` of them)."""
         lists = re.match(r"IVF(\d+)", factory)  # IVF16384 or IVF16384_HNSW32
         nlist = int(lists.group(1)) if lists else 256
-        want = min(count, max(TRAIN_PER_LIST * nlist, 10_000))
+        want = min(count, want or max(TRAIN_PER_LIST * nlist, 10_000))
         rng = np.random.default_rng(0)
         parts = []
         for _, _, vectors, _, _ in self._chunks(files, tombstones):

@@ -55,6 +55,15 @@ DEFAULT_COLLECTION = "default"
 # (p = 3); "+mirror" sums the image's and its mirror image's unit vectors (BENCHMARKS.md, issue 18).
 DESCRIPTORS = ("avg", "avg+mirror", "gem", "gem+mirror")
 DEFAULT_DESCRIPTOR = "avg"  # a manifest without one has this one
+# A collection's whitening (pupyl_queue/whitening.py): "none", or PCA whitening learned at compaction,
+# "pca" (eigenvalues to the power -s/2, s = WHITENING_STRENGTH) or "pca:<s>" (BENCHMARKS.md, issue 18).
+DEFAULT_WHITENING = "none"  # a manifest without one has this one
+WHITENING_STRENGTH = 0.5  # half strength: full whitening (s = 1) lost recall and P@10 both
+WHITENING_MIN_PER_DIM = 2  # live vectors per dimension before compaction learns a whitening...
+WHITENING_MIN_VECTORS = 64  # ...and never from fewer than this many
+WHITENING_SAMPLE = 50_000  # vectors the covariance is estimated on (an even sample of the live ones)
+WHITENING_EIGEN_FLOOR = 1e-6  # eigenvalues floored at this share of the largest (dead channels)
+WHITENING_RESCORE = 8  # the vector near-duplicate check re-scores this many whitened hits by raw cosine
 SEARCH_MODES = ("similar", "copy")  # copy: find the original of an edited copy (pupyl_queue/copysearch.py)
 COLLECTION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # fullmatch: "$" passes "default\n"
 
@@ -99,6 +108,7 @@ STORE_SEGMENTS = "segments"
 STORE_TOMBSTONES = "tombstones"
 STORE_SNAPSHOTS = "snapshots"
 STORE_SNAPSHOT_POINTER = "snapshots/LATEST.json"
+SNAPSHOT_WHITENING = "whitening.npz"  # a snapshot's whitening (pupyl_queue/whitening.py), when it has one
 STORE_VECTORS = "vectors"  # live vectors merged at compaction: the input of the next one
 STORE_STAGING = "staging"
 STORE_JOBS = "jobs"

@@ -13,14 +13,15 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pupyl_queue.characteristics import Characteristic
-from pupyl_queue.constants import DEFAULT_DESCRIPTOR, DESCRIPTORS
+from pupyl_queue.constants import DEFAULT_DESCRIPTOR, DEFAULT_WHITENING, DESCRIPTORS
+from pupyl_queue.whitening import check_whitening
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,17 @@ class ModelSpec:
     metric: str = METRIC
     precision: str = "float32"  # or "int8": vectors of the two are not comparable
     descriptor: str = DEFAULT_DESCRIPTOR  # pooling of the last feature maps (constants.DESCRIPTORS)
+    # PCA whitening learned at compaction (pupyl_queue/whitening.py): "none", "pca" or "pca:<s>". Not
+    # the network's: the extractor is the same (Runtime.extractor drops it); the vectors compared are not.
+    # Out of repr: int8.source_hash hashes the repr, and existing int8 models must keep their key.
+    whitening: str = field(default=DEFAULT_WHITENING, repr=False)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.descriptor not in DESCRIPTORS:
             raise ValueError(f"descriptor must be one of {DESCRIPTORS}, got {self.descriptor!r}")
+        object.__setattr__(self, "whitening", check_whitening(self.whitening))
 
     @property
     def label(self) -> str:
@@ -63,9 +69,12 @@ class ModelSpec:
             name = "null extractor (benchmarks only)"
         else:
             name = f"keras model sha256:{self.sha256[:12]}"
+        details = [self.precision]
         if self.descriptor != DEFAULT_DESCRIPTOR:
-            return f"{name} ({self.precision}, {self.descriptor} descriptor)"
-        return f"{name} ({self.precision})"
+            details.append(f"{self.descriptor} descriptor")
+        if self.whitening != DEFAULT_WHITENING:
+            details.append(f"{self.whitening} whitening")
+        return f"{name} ({', '.join(details)})"
 
     def with_precision(self, precision: str) -> ModelSpec:
         return replace(self, precision=precision)
@@ -73,12 +82,18 @@ class ModelSpec:
     def with_descriptor(self, descriptor: str) -> ModelSpec:
         return replace(self, descriptor=descriptor)
 
+    def with_whitening(self, whitening: str) -> ModelSpec:
+        return replace(self, whitening=whitening)
+
     def to_json(self) -> dict[str, Any]:
-        """Plain JSON for the manifest; the default descriptor is left out, so a collection made
-        before descriptors existed and one made with the default write the same manifest."""
+        """Plain JSON for the manifest; the default descriptor and whitening are left out, so a
+        collection made before either existed and one made with the defaults write the same manifest
+        (and an old manifest reads as avg, no whitening)."""
         data = asdict(self)
         if data["descriptor"] == DEFAULT_DESCRIPTOR:
             del data["descriptor"]
+        if data["whitening"] == DEFAULT_WHITENING:
+            del data["whitening"]
         return data
 
     @classmethod

@@ -96,6 +96,8 @@ class IndexRequest(TypedDict, total=False):
     default_precision: str | None  # used only to create the collection
     descriptor: str | None  # avg, avg+mirror, gem, gem+mirror: named by the caller
     default_descriptor: str | None  # used only to create the collection
+    whitening: str | None  # none, pca, pca:<s>: named by the caller
+    default_whitening: str | None  # used only to create the collection
     key: str | None  # the caller's key of the one image the URI names (an upsert)
     attributes: Attributes | None
     items: list[ListedItem]  # with uri "items:<job_id>": the images the request lists
@@ -272,6 +274,7 @@ class ShardSearchRequest(TypedDict, total=False):
     min_sequence: int
     wait_timeout: float
     filter: Filter
+    raw_distances: bool  # whitened hits re-scored by raw cosine (the vector near-duplicate check)
 
 
 class ShardVectorRequest(TypedDict, total=False):

@@ -209,18 +209,23 @@ def nearest(rt: Runtime, task: NearestRequest, send: Send | None = None) -> Near
     """Each vector's nearest indexed image (near-duplicate checks of the embed workers).
 
     With ``top`` above 1 also each vector's ``candidates``: the short lists of the copy-mode check.
+    With ``top`` 1 the distance is the raw cosine distance even in a whitened collection (its few
+    whitened nearest re-scored), so ``near_duplicate`` thresholds mean what they always meant.
     """
     collection = task.get("collection", "default")
     vectors = decode_vectors(task)
     top = int(task.get("top") or 1)
     if not 1 <= top <= 200:
         raise QueryError("top must be between 1 and 200")
+    # The vector check (top 1) compares a raw cosine distance with its threshold, whitened or not
+    # (README, "Whitening"); copy mode's short lists (top > 1) keep the whitened ranking.
+    raw = top == 1
     if rt.is_router and send is not None:
-        hits, info = fan_out(rt, collection, vectors, top, task, send)
+        hits, info = fan_out(rt, collection, vectors, top, task, send, raw_distances=raw)
         health = {k: info[k] for k in ("degraded", "damaged") if k in info}
     else:
         searcher = rt.searcher(collection)
-        hits, health = searcher.search_many(vectors, top), searcher.health()
+        hits, health = searcher.search_many(vectors, top, raw_distances=raw), searcher.health()
     # A degraded answer may miss a duplicate whose vector sat in a damaged segment: the caller is told.
     answer = {"nearest": [[row[0][0], row[0][1]] if row else None for row in hits], **health}
     if top > 1:

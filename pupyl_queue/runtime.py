@@ -95,7 +95,9 @@ class Runtime:
         """The collection's extractor, float or int8 (then its own network, quantized)."""
         self.device()
         spec = self.spec(collection)
-        float_spec = spec.with_precision("float32")
+        # Whitening is applied by the index, not the network: one extractor (and one int8 conversion)
+        # serves a model with or without it.
+        float_spec = spec.with_precision("float32").with_whitening("none")
         model_file = None
         if spec.kind == "keras":
             model_file = self._local_model_file(collection, spec)

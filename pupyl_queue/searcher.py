@@ -7,6 +7,8 @@ search sees every committed write (DESIGN.md principle 3). Removal wins: a
 tombstoned id is never added back, whatever order its segment arrives in.
 When compaction publishes a newer snapshot, the searcher loads it in a
 background thread and swaps it in; searches wait only for the swap itself.
+A snapshot with a whitening (pupyl_queue/whitening.py) gives its index that
+transform: the commits applied after it and every query are whitened the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pupyl_queue.integrity import StoreDamaged
 from pupyl_queue.layout import Layout
 from pupyl_queue.store import ObjectNotFound, ObjectStore
 from pupyl_queue.vector_index import IdSet, VectorIndex, index_bytes
+from pupyl_queue.whitening import Whitening
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +140,7 @@ class Searcher:
         base = manifest["path"]
         id_bits = integrity.snapshot_file(self.store, manifest, "ids.bits")
         dead = np.frombuffer(integrity.snapshot_file(self.store, manifest, "tombstones.npy"), np.int64)
+        whitening = self._whitening(manifest)
         if self.scratch is not None:
             self.scratch.mkdir(parents=True, exist_ok=True)
         # Through a file: the index is in memory once, not once more as bytes (gigabytes at 10M).
@@ -145,7 +149,9 @@ class Searcher:
             integrity.snapshot_file_to(self.store, manifest, "index.faiss", path)
             try:
                 ids = IdSet.from_bytes(id_bits, manifest["id_bits"])
-                index = VectorIndex.read(path, manifest["dim"], manifest["factory"], ids, self.nprobe)
+                index = VectorIndex.read(
+                    path, manifest["dim"], manifest["factory"], ids, self.nprobe, whitening
+                )
             except Exception as exc:  # bytes that match an old manifest without sizes, yet do not load
                 raise StoreDamaged(f"{base}/index.faiss", f"unreadable ({type(exc).__name__})") from None
         self.index = index
@@ -153,6 +159,22 @@ class Searcher:
         self.tombstones = set(dead.tolist())
         self.sequence = self.snapshot_watermark = int(manifest["watermark"])
         log.info("loaded snapshot %s: %d vectors at sequence %d", base, len(self.index), self.sequence)
+
+    def _whitening(self, manifest: dict[str, Any]) -> Whitening | None:
+        """The snapshot's whitening (checked against its manifest like every snapshot file), or None:
+        a snapshot without one (no whitening asked, or too few vectors yet) is searched as it is."""
+        if not manifest.get("whitening"):
+            return None
+        name = manifest["whitening"].get("file", C.SNAPSHOT_WHITENING)
+        data = integrity.snapshot_file(self.store, manifest, name)
+        try:
+            whitening = Whitening.from_bytes(data)
+        except ValueError as exc:
+            raise StoreDamaged(f"{manifest['path']}/{name}", str(exc)) from None
+        if whitening.dim != int(manifest["dim"]):
+            reason = f"{whitening.dim}-d, the snapshot {manifest['dim']}-d"
+            raise StoreDamaged(f"{manifest['path']}/{name}", reason)
+        return whitening
 
     def _snapshot_table(self, manifest: dict[str, Any]) -> AttributeTable:
         """The filterable values of a snapshot's rows: its rows file; a snapshot written before
@@ -192,7 +214,8 @@ class Searcher:
         ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
         vectors = np.concatenate(vector_parts) if vector_parts else np.zeros((0, manifest["dim"]), np.float32)
         factory = manifest["factory"] if len(ids) >= 39 * 16 else "Flat"
-        self.index = VectorIndex(manifest["dim"], factory, nprobe=self.nprobe)
+        whitening = self._whitening(manifest)  # the whole collection's: every shard whitens alike
+        self.index = VectorIndex(manifest["dim"], factory, nprobe=self.nprobe, whitening=whitening)
         if not self.index.is_trained:
             self.index.train(vectors[:: max(1, len(vectors) // 200_000)])
         self.index.add(ids, vectors)
@@ -388,18 +411,19 @@ class Searcher:
         return self.search_many(vector[None, :], top)[0]
 
     def search_many(
-        self, vectors: np.ndarray, top: int, where: Filter | None = None
+        self, vectors: np.ndarray, top: int, where: Filter | None = None, raw_distances: bool = False
     ) -> list[list[tuple[int, float]]]:
         """Each vector's ``top`` nearest; with ``where`` (attributes.parse_filter), the true top
         among the images the filter allows (their ids from the attribute table, then an exact
-        filtered search: vector_index.VectorIndex.search_within)."""
+        filtered search: vector_index.VectorIndex.search_within). ``raw_distances`` (unfiltered
+        only): in a whitened index, the whitened nearest re-scored by raw cosine (VectorIndex.search)."""
         self.refresh()
         with self._lock:
             if self.index is None:
                 return [[] for _ in range(len(vectors))]
             if where is not None:
                 return self.index.search_within(vectors, top, self.table.select(where))
-            return self.index.search(vectors, top)
+            return self.index.search(vectors, top, raw_distances=raw_distances)
 
     def vector(self, image_id: int) -> np.ndarray:
         self.refresh()

@@ -16,6 +16,7 @@ from typing import Any
 
 from pupyl_queue import constants as C
 from pupyl_queue.characteristics import Characteristic
+from pupyl_queue.whitening import check_whitening
 
 ENV_PREFIX = "PUPYL_"
 _TRUE = {"1", "true", "yes", "on"}
@@ -51,6 +52,7 @@ class Settings:
     mixed_precision: bool = False
     precision: str = "float32"
     descriptor: str = C.DEFAULT_DESCRIPTOR  # global descriptor of new collections (constants.DESCRIPTORS)
+    whitening: str = C.DEFAULT_WHITENING  # whitening of new collections: none, pca, pca:<s> (whitening.py)
     max_pixels: int = 64_000_000
     max_image_bytes: int = 64 * 1024 * 1024
     inline_limit: int = 512 * 1024
@@ -122,6 +124,10 @@ class Settings:
             raise SettingsError(
                 f"PUPYL_DESCRIPTOR must be one of {', '.join(C.DESCRIPTORS)}, got {self.descriptor!r}"
             )
+        try:
+            object.__setattr__(self, "whitening", check_whitening(self.whitening))
+        except ValueError as exc:
+            raise SettingsError(f"PUPYL_WHITENING: {exc}") from None
         if self.near_duplicate_mode not in ("vector", "copy"):
             raise SettingsError(
                 f"PUPYL_NEAR_DUPLICATE_MODE must be vector or copy, got {self.near_duplicate_mode!r}"

@@ -47,7 +47,8 @@ def shard_search(rt: Runtime, task: ShardRequest) -> ShardSearchResult | ShardVe
     if "id" in task:
         return encode_vectors(searcher.vector(int(task["id"]))[None])
     where = parse_filter(task.get("filter"))  # checked by the router already
-    hits = searcher.search_many(decode_vectors(task), int(task["top"]), where)
+    raw = bool(task.get("raw_distances"))  # the vector near-duplicate check (queries.nearest)
+    hits = searcher.search_many(decode_vectors(task), int(task["top"]), where, raw_distances=raw)
     return {
         "hits": [[[i, d] for i, d in row] for row in hits],
         "sequence": searcher.sequence,
@@ -70,13 +71,17 @@ def fan_out(
     top: int,
     task: SearchRequest | NearestRequest,
     send: Send,
+    raw_distances: bool = False,
 ) -> tuple[list[list[tuple[int, float]]], dict[str, Any]]:
     """Every shard's top-k for each vector, merged; and whether the answer is whole.
 
     ``task`` is the search (or nearest) request: its ``min_sequence``, ``wait_timeout``, ``filter``,
-    ``shard_timeout`` and ``allow_partial`` apply to the fan-out.
+    ``shard_timeout`` and ``allow_partial`` apply to the fan-out. ``raw_distances``: each shard
+    re-scores its whitened hits by raw cosine (the vector near-duplicate check; Searcher.search_many).
     """
     request = shard_request(collection, vectors, top, task)
+    if raw_distances:
+        request["raw_distances"] = True
     shards = rt.settings.search_shards
     timeout = float(task.get("shard_timeout") or rt.settings.search_timeout)
     pending = {k: send(k, request) for k in range(shards)}

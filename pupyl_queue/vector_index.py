@@ -12,6 +12,11 @@ the coarse quantizer is an HNSW graph and is trained by two-level k-means:
 flat k-means over 16k lists of 1024-d vectors takes hours on two cores.
 Removal is logical at once (an id bitmap filters results; searches over-fetch
 to still return ``top``) and physical at the next compaction.
+
+A collection with whitening (pupyl_queue/whitening.py) gets an index built with the snapshot's
+transform: it whitens every vector it trains on or adds and every query before FAISS sees them
+(CPU or GPU alike), and gives stored vectors back raw, so callers always speak raw vectors.
+Distances are then cosine distances of the whitened vectors.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from pupyl_queue import constants as C
 from pupyl_queue.gpu_index import GPU_MAX_K, coarse_template, gpu_ivf_vector, ivf_parts, to_cpu, to_gpu
+from pupyl_queue.whitening import Whitening
 
 log = logging.getLogger(__name__)
 
@@ -234,9 +241,14 @@ class VectorIndex:
         nprobe: int = 32,
         *,
         gpu: bool | None = None,
+        whitening: Whitening | None = None,
     ) -> None:
-        """``gpu``: place the index on the GPUs (None: when faiss sees any; False keeps it on the CPU)."""
+        """``gpu``: place the index on the GPUs (None: when faiss sees any; False keeps it on the CPU).
+        ``whitening``: the collection's, from its snapshot (None: vectors as they are)."""
+        if whitening is not None and whitening.dim != dim:
+            raise ValueError(f"a {whitening.dim}-d whitening for a {dim}-d index")
         self.dim = dim
+        self.whitening = whitening
         self.factory = factory
         self._index = index if index is not None else build(dim, factory)
         self.ids = ids if ids is not None else IdSet()
@@ -291,9 +303,16 @@ class VectorIndex:
     def is_trained(self) -> bool:
         return bool(self._index.is_trained)
 
+    def _whiten(self, vectors: np.ndarray) -> np.ndarray:
+        """What FAISS sees of raw vectors: whitened when the index has a whitening, else as they are."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if self.whitening is None or not len(vectors):
+            return vectors
+        return self.whitening.apply(vectors)
+
     def train(self, sample: np.ndarray, two_level: bool | None = None) -> None:
         """Train on ``sample``; two-level k-means for the coarse lists from LARGE_NLIST (None: by size)."""
-        sample = np.ascontiguousarray(sample, dtype=np.float32)
+        sample = self._whiten(sample)
         try:
             ivf = faiss.extract_index_ivf(self._index)
         except RuntimeError:  # not an IVF index
@@ -315,7 +334,7 @@ class VectorIndex:
         if not fresh.any():
             return 0
         with _narrow_coarse_search(self._index):
-            self._index.add_with_ids(vectors[fresh], ids[fresh])
+            self._index.add_with_ids(self._whiten(vectors[fresh]), ids[fresh])
         self.ids.add(ids[fresh])
         self._host = None
         return int(fresh.sum())
@@ -338,7 +357,7 @@ class VectorIndex:
         vectors are decoded and scanned instead when there are at most SCAN_MAX. FAISS on GPUs
         takes no selector: see _search_within_gpu.
         """
-        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        queries = self._whiten(np.asarray(queries, dtype=np.float32).reshape(-1, self.dim))
         allowed = np.asarray(allowed, dtype=np.int64)
         allowed = allowed[(allowed >= 0) & self.ids.contains(allowed)]  # live ids only: no over-fetch
         if not len(allowed) or top <= 0:
@@ -444,9 +463,19 @@ class VectorIndex:
             [(int(allowed[j]), float(max(0.0, 1.0 - row[j]))) for j in idx] for row, idx in zip(sims, order)
         ]
 
-    def search(self, queries: np.ndarray, top: int) -> list[list[tuple[int, float]]]:
-        """For each query, up to ``top`` (id, cosine distance) pairs, nearest first."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+    def search(
+        self, queries: np.ndarray, top: int, raw_distances: bool = False
+    ) -> list[list[tuple[int, float]]]:
+        """For each query, up to ``top`` (id, cosine distance) pairs, nearest first.
+
+        ``raw_distances``: with a whitening, the WHITENING_RESCORE nearest by whitened cosine (or
+        ``top``, if more) re-scored by the raw vectors' cosine, nearest first, so a threshold set
+        on raw cosine distances (the near-duplicate check) keeps its meaning. No effect without one.
+        """
+        queries = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        if raw_distances and self.whitening is not None:
+            return self._raw_rescored(queries, top)
+        queries = self._whiten(queries)
         total = int(self._index.ntotal)
         if self.on_gpu:  # pragma: no cover - needs a GPU
             total = min(total, GPU_MAX_K)  # the most a GPU returns: more removed ids may leave < top
@@ -465,7 +494,27 @@ class VectorIndex:
             for row_ids, row_sims, row_live in zip(found, sims, live)
         ]
 
+    def _raw_rescored(self, queries: np.ndarray, top: int) -> list[list[tuple[int, float]]]:
+        """search(..., raw_distances=True) with a whitening: whitened hits, raw cosine distances."""
+        raw = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-30)
+        rows = []
+        for query, hits in zip(raw, self.search(queries, max(top, C.WHITENING_RESCORE))):
+            if not hits:
+                rows.append([])
+                continue
+            stored = np.stack([self.vector(image_id) for image_id, _ in hits])
+            sims = stored @ query
+            order = np.argsort(-sims, kind="stable")[:top]
+            rows.append([(hits[j][0], float(max(0.0, 1.0 - sims[j]))) for j in order])
+        return rows
+
     def vector(self, image_id: int) -> np.ndarray:
+        """An indexed image's vector as it was added (raw: a whitened index gives it back unwhitened)."""
+        stored = self._stored(image_id)
+        return stored if self.whitening is None else self.whitening.invert(stored)[0]
+
+    def _stored(self, image_id: int) -> np.ndarray:
+        """An indexed image's vector as FAISS holds it (whitened, in a whitened index)."""
         if image_id not in self:
             raise KeyError(image_id)
         index = self._index
@@ -488,10 +537,16 @@ class VectorIndex:
 
     @classmethod
     def deserialize(
-        cls, data: bytes, dim: int, factory: str = "Flat", ids: IdSet | None = None, nprobe: int = 0
+        cls,
+        data: bytes,
+        dim: int,
+        factory: str = "Flat",
+        ids: IdSet | None = None,
+        nprobe: int = 0,
+        whitening: Whitening | None = None,
     ) -> VectorIndex:
         return cls._wrap(
-            faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)), dim, factory, ids, nprobe
+            faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)), dim, factory, ids, nprobe, whitening
         )
 
     def write(self, path: str | Path) -> None:
@@ -501,13 +556,28 @@ class VectorIndex:
 
     @classmethod
     def read(
-        cls, path: str | Path, dim: int, factory: str = "Flat", ids: IdSet | None = None, nprobe: int = 0
+        cls,
+        path: str | Path,
+        dim: int,
+        factory: str = "Flat",
+        ids: IdSet | None = None,
+        nprobe: int = 0,
+        whitening: Whitening | None = None,
     ) -> VectorIndex:
-        """Read an index file written by ``write``, streamed (one copy in memory, not two)."""
-        return cls._wrap(faiss.read_index(str(path)), dim, factory, ids, nprobe)
+        """Read an index file written by ``write``, streamed (one copy in memory, not two).
+        ``whitening``: the snapshot's, when it has one (its index holds whitened vectors)."""
+        return cls._wrap(faiss.read_index(str(path)), dim, factory, ids, nprobe, whitening)
 
     @classmethod
-    def _wrap(cls, index: faiss.Index, dim: int, factory: str, ids: IdSet | None, nprobe: int) -> VectorIndex:
+    def _wrap(
+        cls,
+        index: faiss.Index,
+        dim: int,
+        factory: str,
+        ids: IdSet | None,
+        nprobe: int,
+        whitening: Whitening | None = None,
+    ) -> VectorIndex:
         if index.d != dim:
             raise ValueError(f"snapshot index is {index.d}-d, its manifest says {dim}-d")
         if ids is None:
@@ -516,4 +586,4 @@ class VectorIndex:
             known = faiss.vector_to_array(index.id_map)
             ids = IdSet()
             ids.add(known)
-        return cls(dim, factory, index, ids, nprobe)
+        return cls(dim, factory, index, ids, nprobe, whitening=whitening)

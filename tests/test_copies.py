@@ -306,3 +306,75 @@ def test_workers_embed_with_the_collection_descriptor(
     rows = plain.search(mirrored, top=1, return_metadata=True, timeout=120)
     assert rows[0]["distance"] > 5e-3, rows[0]
     workers.check_alive()
+
+
+def small_model(path: Path, dim: int = 16) -> Path:
+    """An own model with few outputs (RGB 0..255 in, ``dim`` out): whitening needs 2 vectors per
+    dimension before compaction learns it, so 16-d needs 64 images, not the 512 of 256-d."""
+    import keras
+
+    inputs = keras.Input((224, 224, 3))
+    pooled = keras.layers.AveragePooling2D(28)(keras.layers.Rescaling(1 / 255.0)(inputs))
+    dense = keras.layers.Dense(
+        dim,
+        kernel_initializer=keras.initializers.RandomNormal(seed=3),
+        bias_initializer=keras.initializers.RandomNormal(seed=4),
+    )
+    keras.Model(inputs, dense(keras.layers.Flatten()(pooled))).save(path)
+    return path
+
+
+@pytest.mark.slow
+def test_workers_whiten_a_collection_with_the_option(
+    copy_stack: tuple[PupylQueue, Workers], tmp_path: Path
+) -> None:
+    """Created with ``whitening="pca"``: the compaction (maintenance worker) learns the transform
+    into the snapshot, the search worker ranks the snapshot and the commits after it whitened, as a
+    numpy reference over the stored raw vectors does; a search by id starts from the raw vector."""
+    from pupyl_queue.codecs import decode_segment_rows
+    from pupyl_queue.coordination import Coordinator
+    from pupyl_queue.models import normalize
+
+    client, workers = copy_stack
+    view = client.for_collection("whitened")
+    view.model, view.whitening = str(small_model(tmp_path / "small.keras")), "pca"
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for seed in range(70):
+        (folder / f"{seed}.png").write_bytes(encode(pattern(seed + 1000), "PNG"))
+    assert view.index(folder).wait(timeout=300)["indexed"] == 70
+    layout = Layout("whitened")
+    assert json.loads(view.store.get(layout.manifest))["model"]["whitening"] == "pca"
+    manifest = view.compact(timeout=300)
+    assert manifest["whitening"]["learned_from"] == 70 and "whitening.npz" in manifest["files"]
+    tail = tmp_path / "tail"
+    tail.mkdir()
+    for seed in range(3):
+        (tail / f"t{seed}.png").write_bytes(encode(pattern(seed + 2000), "PNG"))
+    view.index(tail).wait(timeout=300)
+    # The raw vectors the store holds: the snapshot's vector files, then the commits after it.
+    keys = list(manifest["vector_files"])
+    keys += [key for _, key in Coordinator(view.redis, layout).commits_after(manifest["watermark"])]
+    parts = [decode_segment_rows(view.store.get(key))[:2] for key in keys]
+    ids = np.concatenate([p[0] for p in parts])
+    raw = np.concatenate([p[1] for p in parts]).astype(np.float64)
+    assert len(ids) == 73
+    snapshot_rows = np.isin(ids, np.concatenate([p[0] for p in parts[: len(manifest["vector_files"])]]))
+    learned_on = raw[snapshot_rows]
+    mean = learned_on.mean(axis=0)
+    _, singular, directions = np.linalg.svd(learned_on - mean, full_matrices=False)
+    eigen = np.maximum(singular**2, (singular**2).max() * 1e-6)
+
+    def whiten(v: np.ndarray) -> np.ndarray:
+        return normalize(((v - mean) @ directions.T) * eigen**-0.25)
+
+    whitened = whiten(raw)
+    differs = 0
+    for row in (0, 5, 71):  # two from the snapshot, one committed after it
+        want = np.argsort(-(whitened @ whitened[row]), kind="stable")[:10]
+        hits = view.search(int(ids[row]), top=10, return_distances=True, timeout=120)
+        assert [i for i, _ in hits] == ids[want].tolist(), (row, hits)
+        np.testing.assert_allclose([d for _, d in hits], 1 - whitened[want] @ whitened[row], atol=1e-4)
+        differs += ids[np.argsort(-(raw @ raw[row]))[:10]].tolist() != ids[want].tolist()
+    assert differs  # the raw ranking is another: the workers really rank whitened vectors
+    workers.check_alive()
