@@ -479,6 +479,13 @@ def reuploads(args: argparse.Namespace, extractor) -> None:
 
     ds = build(args.seed, args.distractors, args.queries, 0)
     stored = embed_all(extractor, ds.indexed)
+    whitening = None
+    if args.whitening:  # the short lists of a whitened collection (learned on it, as compaction does)
+        from pupyl_queue.whitening import check_whitening, learn, strength_of
+
+        strength = strength_of(check_whitening(args.whitening))
+        whitening = None if strength is None else learn(stored, strength)
+        stored = stored if whitening is None else whitening.apply(stored)
     cache = [copydetect.extract(decode(f, MAX_PIXELS, target=copydetect.WORK_SIDE).rgb) for f in ds.indexed]
     refused = 0
     missed: dict[str, int] = defaultdict(int)
@@ -490,6 +497,7 @@ def reuploads(args: argparse.Namespace, extractor) -> None:
             for v in query_views(image, mirror_view(extractor.spec))[1:]
         ]
         vectors = extractor.embed(np.stack([pixels(data), *extra]))
+        vectors = vectors if whitening is None else whitening.apply(vectors)
         views = copydetect.extract_query(image)
         similarity = (stored @ vectors.T).max(axis=1)
         short = np.argsort(-similarity)[: list_length(lengths, image)]
@@ -641,10 +649,11 @@ def main() -> None:
     parser.add_argument(
         "--whitening",
         default="",
-        help="compare no whitening with these (comma-separated: pca, pca:<s>), in process",
+        help="compare no whitening with these (comma-separated: pca, pca:<s>), in process; "
+        "with --near-duplicate: the re-uploads' short lists in a collection with this one",
     )
     args = parser.parse_args()
-    if args.whitening:
+    if args.whitening and not args.near_duplicate:
         run_whitening(args)
     elif args.workers:
         run_workers(args)
