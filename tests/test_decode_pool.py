@@ -54,6 +54,44 @@ def test_pool_gives_the_pixels_and_facts_of_in_process_decode(pool: DecodePool) 
         slots.close()
 
 
+def test_a_group_handed_over_at_once_fails_only_its_bad_image(pool: DecodePool) -> None:
+    """Images go to the processes in groups (one hand-off each): a bad one fails alone, in its place."""
+    good = [encode(pattern(seed), fmt) for seed, fmt in enumerate(["JPEG", "PNG", "WEBP"])]
+    sources = [good[0], b"not an image at all", good[1], good[2]]
+    slots = PixelSlots(len(sources), 48)
+    try:
+        first = pool.submit([(sources[0], 0), (sources[1], 1)], LIMIT, slots)
+        second = pool.submit([(sources[2], 2), (sources[3], 3)], LIMIT, slots)
+        answers = pool.results(first) + pool.results(second)
+        assert isinstance(answers[1], ImageError) and "not an image" in str(answers[1])
+        for slot in (0, 2, 3):
+            info, _, pixels = answers[slot]  # type: ignore[misc]
+            here = decode(sources[slot], LIMIT, target=48)
+            assert info == here.info()
+            np.testing.assert_array_equal(pixels, here.pixels(48))
+            np.testing.assert_array_equal(slots.array[slot], here.pixels(48))  # type: ignore[index]
+    finally:
+        slots.close()
+
+
+def test_a_group_in_flight_when_its_process_dies_is_decoded_again(pool: DecodePool) -> None:
+    data = [encode(pattern(seed), "PNG") for seed in range(11, 14)]
+    slots = PixelSlots(len(data), 32)
+    try:
+        pool.decode(data[0], LIMIT, slots, 0)  # the processes exist now
+        before = pool.restarts
+        for pid in pool.pids():
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        handed = pool.submit([(d, n) for n, d in enumerate(data)], LIMIT, slots)
+        answers = pool.results(handed)
+        assert pool.restarts == before + 1
+        for n, answer in enumerate(answers):
+            np.testing.assert_array_equal(answer[2], decode(data[n], LIMIT, target=32).pixels(32))  # type: ignore[index]
+    finally:
+        slots.close()
+
+
 def test_killed_decode_process_is_replaced_and_the_image_decoded(pool: DecodePool) -> None:
     data = encode(pattern(7), "PNG")
     slots = PixelSlots(1, 32)
