@@ -135,8 +135,14 @@ def test_killed_maintenance_workers_task_comes_back_without_waiting_hours(
     from pupyl_queue.models import normalize
     from pupyl_queue.store import open_store
 
-    settings = Settings(  # the sweep restores ~10 s after the kill (the default 30 s takes the same path)
-        data_dir=tmp_path / "data", redis_url=redis_url.rsplit("/", 1)[0] + f"/{DB}", worker_alive_s=10
+    # The sweep restores ~10 s after the kill (the default 30 s takes the same path). A kill that lands
+    # after the compaction took its lock leaves that lock behind: it lapses first (6 s), so the
+    # restored compaction runs instead of answering "another compaction is running".
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        redis_url=redis_url.rsplit("/", 1)[0] + f"/{DB}",
+        worker_alive_s=10,
+        compact_lock_s=6,
     )
     assert settings.visibility_timeout >= 3600  # kombu alone would bring the task back in hours
     client = PupylQueue(settings=settings)
