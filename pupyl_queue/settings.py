@@ -106,6 +106,7 @@ class Settings:
     search_shard: int = -1
     search_memory_gb: float = 16.0
     worker_max_rss_mb: int = 6144  # a worker past this after a task stops warmly and is started anew
+    worker_alive_s: int = 30  # a worker silent this long is dead: others put its tasks back (liveness)
     # Housekeeping (pupyl_queue/housekeeping.py): what would otherwise grow without bound.
     job_ttl: int = 7 * 24 * 3600  # a job's Redis record lives this long after the job ends; 0 = for good
     upload_grace: int = 3600  # an upload still unfinished (or leftovers of a gone job) after this is deleted
@@ -141,6 +142,8 @@ class Settings:
         if 0 < self.job_ttl < self.visibility_timeout:
             # A task redelivered after its job's record expired would no longer find its batch done.
             raise SettingsError("PUPYL_JOB_TTL must be 0 (keep) or at least PUPYL_VISIBILITY_TIMEOUT")
+        if self.worker_alive_s < 3:
+            raise SettingsError("PUPYL_WORKER_ALIVE_S must be at least 3 (a worker beats 3 times in it)")
         if min(self.upload_grace, self.query_ttl) < 1 or self.housekeeping_interval < 1:
             raise SettingsError("PUPYL_UPLOAD_GRACE, _QUERY_TTL and _HOUSEKEEPING_INTERVAL must be positive")
         if self.store and not self.store.startswith(("file://", "s3://")):

@@ -77,11 +77,12 @@ def inject(client: PupylQueue, name: str, batches: int, rows: int) -> int:
     return coord.last_sequence()
 
 
-def wait_for(what: str, ready: object, workers: Workers, timeout: float = 120) -> None:
+def wait_for(what: str, ready: object, workers: Workers, timeout: float = 120, poll: float = 0.05) -> None:
+    """Poll ``ready()``; a fine ``poll`` only where a race is caught (it costs the workers CPU)."""
     deadline = time.monotonic() + timeout
     while not ready():  # type: ignore[operator]
         assert time.monotonic() < deadline, f"{what}\n{workers.logs()}"
-        time.sleep(0.0005)
+        time.sleep(poll)
 
 
 def test_a_stalled_compaction_cannot_publish_over_the_one_that_took_its_lock(
@@ -102,7 +103,9 @@ def test_a_stalled_compaction_cannot_publish_over_the_one_that_took_its_lock(
     first = client.app.send_task(C.TASK_COMPACT, kwargs={"collection": layout.collection})
     a_folder = root / C.STORE_SNAPSHOTS / f"{a_target:016d}"
     a_vectors = root / C.STORE_VECTORS / f"{a_target:016d}-00000.npz"
-    wait_for("A never wrote its new version", lambda: a_vectors.exists() or a_folder.exists(), workers)
+    wait_for(
+        "A never wrote its new version", lambda: a_vectors.exists() or a_folder.exists(), workers, poll=0.0005
+    )
     os.kill(a.pid, signal.SIGSTOP)  # A stalls mid-write, longer than its lock
     assert not (a_folder / "manifest.json").exists(), "A finished before the stall: nothing tested"
     workers.start_extra(C.QUEUE_MAINTENANCE)

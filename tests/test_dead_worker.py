@@ -18,6 +18,7 @@ from tests.workers import Workers
 from workers.liveness import HOLDERS
 
 pytestmark = pytest.mark.slow
+ALIVE_S = 10  # PUPYL_WORKER_ALIVE_S: the sweep restores ~10 s after the kill (default 30 s: the same path)
 
 
 def held(client: PupylQueue) -> list[str]:
@@ -36,7 +37,9 @@ def test_killed_embed_workers_task_comes_back_without_waiting_hours(
     need_shared(SHARED_DATA / "flowers")
     folder = tmp_path / "set"
     files = small_flowers(folder, 240, copies=4)
-    settings = base_settings(tmp_path, redis_url.rsplit("/", 1)[0] + "/14", inline_item_bytes=0)
+    settings = base_settings(
+        tmp_path, redis_url.rsplit("/", 1)[0] + "/14", inline_item_bytes=0, worker_alive_s=ALIVE_S
+    )
     assert settings.visibility_timeout >= 3600  # kombu alone would bring the task back in hours
     workers = Workers(settings, tmp_path)
     client = PupylQueue(settings=settings, model=tiny_model)

@@ -23,6 +23,7 @@ from pupyl_queue import constants as C
 from pupyl_queue.celery_app import make_app
 from pupyl_queue.layout import Layout
 from pupyl_queue.models import ModelSpec
+from pupyl_queue.settings import SettingsError
 from tests.workers import Workers
 from workers.liveness import HOLDERS, UNACKED, Liveness, alive_key
 
@@ -104,6 +105,24 @@ def test_two_sweepers_restore_a_dead_workers_task_once(app: Celery) -> None:
         r.close()
 
 
+def test_alive_keys_live_for_the_setting_and_beats_fit_three_times_in_it(app: Celery) -> None:
+    r = redis.Redis.from_url(app.conf.broker_url, decode_responses=True)
+    default, short = Liveness(app, "default@host"), Liveness(app, "short@host", alive_s=6)
+    try:
+        assert (default.alive_s, default.beat_s) == (Settings().worker_alive_s, 5) == (30, 5)
+        assert short.beat_s == 2
+        default.beat()
+        short.beat()
+        assert 25 < r.ttl(alive_key("default@host")) <= 30
+        assert 0 < r.ttl(alive_key("short@host")) <= 6
+        with pytest.raises(SettingsError, match="PUPYL_WORKER_ALIVE_S"):
+            Settings(worker_alive_s=2)
+    finally:
+        for live in (default, short):
+            live.close()
+        r.close()
+
+
 @pytest.mark.slow
 def test_killed_maintenance_workers_task_comes_back_without_waiting_hours(
     redis_url: str, tmp_path: Path
@@ -116,7 +135,15 @@ def test_killed_maintenance_workers_task_comes_back_without_waiting_hours(
     from pupyl_queue.models import normalize
     from pupyl_queue.store import open_store
 
-    settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url.rsplit("/", 1)[0] + f"/{DB}")
+    # The sweep restores ~10 s after the kill (the default 30 s takes the same path). A kill that lands
+    # after the compaction took its lock leaves that lock behind: it lapses first (6 s), so the
+    # restored compaction runs instead of answering "another compaction is running".
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        redis_url=redis_url.rsplit("/", 1)[0] + f"/{DB}",
+        worker_alive_s=10,
+        compact_lock_s=6,
+    )
     assert settings.visibility_timeout >= 3600  # kombu alone would bring the task back in hours
     client = PupylQueue(settings=settings)
     client.redis.flushdb()
@@ -138,6 +165,8 @@ def test_killed_maintenance_workers_task_comes_back_without_waiting_hours(
         while not client.redis.hlen(HOLDERS):  # received: the liveness record is there
             assert time.monotonic() < deadline, workers.logs()
             time.sleep(0.01)
+        (holder,) = set(client.redis.hvals(HOLDERS))
+        assert 0 < client.redis.ttl(alive_key(holder)) <= 10  # the worker took PUPYL_WORKER_ALIVE_S
         workers.procs[C.QUEUE_MAINTENANCE].kill()
         workers.procs.pop(C.QUEUE_MAINTENANCE).wait()
         killed = time.monotonic()

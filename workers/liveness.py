@@ -7,7 +7,7 @@ keeps a short-lived "alive" key fresh from a thread, and records each delivery i
 (its delivery tag -> the worker's name) until the task ends. Every worker sweeps now and then:
 a delivery whose holder's key has lapsed is restored to its queue with kombu's own
 ``restore_by_tag`` (the same transaction kombu uses). A worker that was only slow (no heartbeat
-for ALIVE_TTL_S) gets its task run twice at worst: every task is idempotent.
+for PUPYL_WORKER_ALIVE_S) gets its task run twice at worst: every task is idempotent.
 
 Why by delivery tag, and why a claim. A restored message keeps its delivery tag, so a task id
 or a tag alone cannot tell the dead worker's delivery from the live worker's redelivery. The
@@ -29,11 +29,12 @@ import redis
 from celery.signals import task_postrun, task_received, worker_ready, worker_shutdown
 
 from pupyl_queue import constants as C
+from pupyl_queue.settings import Settings
 
 log = logging.getLogger(__name__)
 HOLDERS = f"{C.REDIS_PREFIX}:workers:holders"  # HASH delivery tag -> name of the worker that received it
-ALIVE_TTL_S = 30
-BEAT_S = 5
+ALIVE_TTL_S = Settings.worker_alive_s  # PUPYL_WORKER_ALIVE_S's default (30 s)
+BEAT_S = 5  # at most; a shorter lifetime beats 3 times within it
 UNACKED = "unacked"  # kombu's Redis transport: HASH delivery tag -> [message, exchange, routing key]
 
 # The record still names the worker we saw dead: it is ours to restore (and no one else's now).
@@ -64,9 +65,11 @@ def _task_id(raw: str | None) -> str:
 
 
 class Liveness:
-    def __init__(self, app: Any, hostname: str) -> None:
+    def __init__(self, app: Any, hostname: str, alive_s: int = ALIVE_TTL_S) -> None:
         self.app = app
         self.hostname = hostname
+        self.alive_s = alive_s  # how long this worker's alive key outlives its last beat
+        self.beat_s = min(BEAT_S, alive_s / 3)  # beat and sweep this often
         self.redis = redis.Redis.from_url(app.conf.broker_url, decode_responses=True)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="pupyl-liveness", daemon=True)
@@ -79,10 +82,10 @@ class Liveness:
         self.thread.start()
 
     def beat(self) -> None:
-        self.redis.set(alive_key(self.hostname), "1", ex=ALIVE_TTL_S)
+        self.redis.set(alive_key(self.hostname), "1", ex=self.alive_s)
 
     def _run(self) -> None:
-        while not self.stop.wait(BEAT_S):
+        while not self.stop.wait(self.beat_s):
             try:
                 self.beat()
                 self.sweep()
@@ -150,7 +153,7 @@ def _start(sender: Any = None, **_: Any) -> None:
     global _liveness
     if sender is None:
         return
-    _liveness = Liveness(sender.app, sender.hostname)
+    _liveness = Liveness(sender.app, sender.hostname, Settings.from_env().worker_alive_s)
     _liveness.start()
     try:
         _liveness.sweep()  # a replacement worker frees its predecessor's task at once
