@@ -14,7 +14,8 @@ processes uses every core and leaves the feeding process to feed.
   (:meth:`DecodePool.submit`) and collects them in order: each process always
   has the next image waiting. Waiting on each image before handing over the
   next, as one thread per core did, left the processes idle for every hand-off
-  (half the decode ceiling on two cores, a third of it on the 16-core GPU host).
+  (on two cores the whole system then moved a quarter of the decode ceiling;
+  BENCHMARKS.md, issue 15, session 6).
 - Pixels come back as uint8 through shared memory (:class:`PixelSlots`, one
   block per batch, one slot per image): no pickling of pixel arrays. The bytes
   in and the small :class:`ImageInfo` out go through the pool's pipe; both are
