@@ -588,6 +588,7 @@ def run_workers(args: argparse.Namespace) -> None:
         redis_url=f"redis://127.0.0.1:{port}/0",
         copy_short_list=args.short,
         copy_short_list_gray=args.short_gray,
+        tf_threads=args.tf_threads,
     )
     workers = [start_worker(q, settings, log_path=work / f"{q}.log") for q in C.QUEUES]
     client = PupylQueue(settings=settings, model=model, collection="copies", descriptor=args.descriptor)
@@ -602,18 +603,21 @@ def run_workers(args: argparse.Namespace) -> None:
         ids = {int(Path(item["ref"]).stem): item["id"] for item in job.report()}
         truth = [ids.get(t, -1) if t >= 0 else -1 for t in ds.truth]
         for mode in ("similar", "copy", "copy"):  # copy twice: the first run fills the feature cache
-            took, hits, false = [], 0, 0
+            took, hits, false, inside, verify = [], 0, 0, [], []
             for data, t in zip(ds.queries, truth):
                 t0 = time.perf_counter()
                 answer = client.search_async(data, top=5, mode=mode).get(timeout=120)
                 took.append((time.perf_counter() - t0) * 1000)
+                inside.append(answer.get("took_ms", np.nan))
+                verify.append(answer.get("verify_ms", np.nan))
                 top = answer["results"][0]["id"] if answer["results"] else None
                 hits += t >= 0 and top == t
                 false += t < 0 and bool(answer.get("copy", {}).get("found"))
             positives = sum(t >= 0 for t in truth)
             print(
                 f"{mode:<8} recall@1 {hits / positives:.3f}, negatives called a copy {false}; end-to-end "
-                f"latency p50 {np.median(took):.1f} ms, p95 {np.percentile(took, 95):.1f} ms; "
+                f"latency p50 {np.median(took):.1f} ms, p95 {np.percentile(took, 95):.1f} ms "
+                f"(in the worker p50 {np.median(inside):.1f} ms, verification {np.median(verify):.1f}); "
                 f"load {os.getloadavg()}"
             )
     finally:
@@ -645,6 +649,7 @@ def main() -> None:
     parser.add_argument("--flowers-only", action="store_true", help="--near-duplicate: the flowers part only")
     parser.add_argument("--reuploads-only", action="store_true", help="--near-duplicate: re-uploads only")
     parser.add_argument("--workers", action="store_true", help="end to end through real workers")
+    parser.add_argument("--tf-threads", type=int, default=0, help="--workers: the workers' PUPYL_TF_THREADS")
     parser.add_argument("--dump", default="", help="--near-duplicate: each pair's cosine and inliers, here")
     parser.add_argument(
         "--whitening",

@@ -12,7 +12,9 @@ subject. This module verifies a short list from the index geometrically:
   copies its chance matches between unrelated images reach the inlier counts of true
   copies, so it refused fewer copies at the same false-copy rate;
 - the query's mirror image too (a mirrored copy matches its original's mirror);
-- Lowe's ratio test on the two nearest descriptors, then a RANSAC similarity
+- Lowe's ratio test on the two nearest descriptors (one matrix product: RootSIFT vectors
+  have unit length, so the distance follows from the dot product; 3-4 times faster than
+  OpenCV's brute-force matcher on these sizes, same matches), then a RANSAC similarity
   (rotation, uniform scale, translation: what cropping, rotating, shrinking and
   framing do) with ``cv2.estimateAffinePartial2D``;
 - the score is the number of RANSAC inliers, turned into a probability by a
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,6 +43,7 @@ WORK_SIDE = 256  # longer side of the working copy, in pixels
 MAX_FEATURES = 500
 CONTRAST = 0.01  # SIFT's contrastThreshold: low, so small and blurred images still give keypoints
 STRONG_INLIERS = 20  # a verdict this sure ends the verification of a short list (no doubt left)
+BOTH_VIEWS_FIRST = 5  # the global top few are verified in both views before the rest of the list
 RATIO = 0.8  # Lowe's ratio test
 REPROJECTION_PX = 6.0  # RANSAC inlier threshold, in working-copy pixels
 # Logistic calibration of the inlier count (bench/copies.py): p = 1 / (1 + exp(-(inliers - MID) / WIDTH)).
@@ -151,18 +155,38 @@ def probability(inliers: int) -> float:
     return 1.0 / (1.0 + math.exp(-(inliers - INLIERS_MID) / INLIERS_WIDTH))
 
 
+def _ratio_matches(query: LocalFeatures, candidate: LocalFeatures) -> tuple[np.ndarray, np.ndarray]:
+    """Query and candidate indices of the matches that pass Lowe's ratio test.
+
+    RootSIFT descriptors have unit length, so squared distances are ``2 - 2 * dot``: one matrix
+    product and two row maxima find each query descriptor's two nearest, where OpenCV's
+    brute-force ``knnMatch`` took 1.1-1.5 ms a pair and a partial sort 0.5 ms (bench/copies.py).
+    """
+    similarity = query.root @ candidate.root.T
+    rows = np.arange(len(similarity))
+    nearest = similarity.argmax(axis=1)
+    first = similarity[rows, nearest]
+    similarity[rows, nearest] = -np.inf
+    second = similarity.max(axis=1)
+    d1 = np.sqrt(np.maximum(2.0 - 2.0 * first, 0.0))
+    d2 = np.sqrt(np.maximum(2.0 - 2.0 * second, 0.0))
+    good = np.flatnonzero(d1 < RATIO * d2)
+    return good, nearest[good]
+
+
 def _inliers(query: LocalFeatures, candidate: LocalFeatures) -> int:
     if len(query) < 3 or len(candidate) < 3:
         return 0
-    matcher = cv2.BFMatcher(cv2.NORM_L2)
-    pairs = matcher.knnMatch(query.root, candidate.root, k=2)
-    good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < RATIO * p[1].distance]
-    if len(good) < 3:
+    mine, theirs = _ratio_matches(query, candidate)
+    if len(mine) < 3:
         return 0
-    src = query.points[[m.queryIdx for m in good]]
-    dst = candidate.points[[m.trainIdx for m in good]]
     model, mask = cv2.estimateAffinePartial2D(
-        src, dst, method=cv2.RANSAC, ransacReprojThreshold=REPROJECTION_PX, maxIters=500, confidence=0.995
+        query.points[mine],
+        candidate.points[theirs],
+        method=cv2.RANSAC,
+        ransacReprojThreshold=REPROJECTION_PX,
+        maxIters=500,
+        confidence=0.995,
     )
     if model is None or mask is None:
         return 0
@@ -180,31 +204,39 @@ def verify(query: QueryFeatures, candidate: LocalFeatures) -> Verdict:
 
 
 def verify_short_list(
-    query: QueryFeatures, candidates: Iterable[LocalFeatures | None]
+    query: QueryFeatures, candidates: Iterable[LocalFeatures | None], both_views_first: int = BOTH_VIEWS_FIRST
 ) -> list[Verdict | None]:
     """Verify candidates in their global order; stop at the first sure copy (``STRONG_INLIERS``).
 
-    Most copies are the global top one and not mirrored, so a query usually costs one or two
-    verifications of its plain view instead of the whole list in both views: the mirror image is
-    tried only when the plain view found no sure copy. One verdict per candidate consumed
-    (``None`` for one without features); the candidates after a sure copy are not consumed.
+    Two rounds: the first ``both_views_first`` candidates, then the rest; each round tries the
+    query's plain view on its candidates, then its mirror image on them. Most copies are among
+    the global top few and not mirrored, so a query usually costs one or two verifications of
+    its plain view. A mirrored copy's original ranks as high (a ``+mirror`` descriptor gives a
+    mirror image its original's vector), so it is found in the first round too, not after the
+    whole list failed in the plain view (which took 50 verifications and a second SIFT pass
+    before). One verdict per candidate consumed (``None`` for one without features); the
+    candidates after a sure copy are not consumed.
     """
     seen: list[LocalFeatures | None] = []
     verdicts: list[Verdict | None] = []
-    for candidate in candidates:
-        seen.append(candidate)
-        inliers = 0 if candidate is None else _inliers(query.plain, candidate)
-        verdicts.append(None if candidate is None else Verdict(inliers, probability(inliers)))
-        if inliers >= STRONG_INLIERS:
-            return verdicts
-    for position, candidate in enumerate(seen):
-        if candidate is None:
-            continue
-        inliers = _inliers(query.mirrored, candidate)
-        if inliers > verdicts[position].inliers:  # type: ignore[union-attr]
-            verdicts[position] = Verdict(inliers, probability(inliers), mirrored=True)
-        if inliers >= STRONG_INLIERS:
-            break
+    stream = iter(candidates)
+    for block in (itertools.islice(stream, both_views_first), stream):
+        start = len(seen)
+        for candidate in block:
+            seen.append(candidate)
+            inliers = 0 if candidate is None else _inliers(query.plain, candidate)
+            verdicts.append(None if candidate is None else Verdict(inliers, probability(inliers)))
+            if inliers >= STRONG_INLIERS:
+                return verdicts
+        for position in range(start, len(seen)):
+            candidate = seen[position]
+            if candidate is None:
+                continue
+            inliers = _inliers(query.mirrored, candidate)
+            if inliers > verdicts[position].inliers:  # type: ignore[union-attr]
+                verdicts[position] = Verdict(inliers, probability(inliers), mirrored=True)
+            if inliers >= STRONG_INLIERS:
+                return verdicts
     return verdicts
 
 

@@ -2,8 +2,8 @@
 
 Run as ``KERAS_BACKEND=jax python -m tests.backend_parity OUT.npz PIXELS.npy MODEL.keras WEIGHTS.h5``
 (Keras picks its backend when first imported, so another backend needs another process).
-It writes the vectors of a user's own model and of characteristic 1, the backend that made them,
-and what an int8 conversion said there.
+It writes the vectors of a user's own model (with the default and the ``gem+mirror`` descriptor)
+and of characteristic 1, the backend that made them, and what an int8 conversion said there.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def embed_all(pixels: np.ndarray, model_file: str, weights: str) -> dict[str, np
     return {
         "backend": np.array(backend),
         "own": own.embed(pixels),
+        "own_gem_mirror": own.with_descriptor("gem+mirror").embed(pixels),
         "characteristic": build_characteristic(1, weights).embed(pixels),
         "int8": np.array(int8),
     }

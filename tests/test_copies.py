@@ -118,6 +118,31 @@ def test_short_list_verification_stops_at_a_sure_copy_and_reranks() -> None:
     hits = [(10, 0.1), (11, 0.2), (13, 0.3), (14, 0.4)]
     ranked = copydetect.rerank(hits, verdicts + [None])
     assert [r[0] for r in ranked] == [13, 10, 11, 14]
+    # A mirrored copy whose original is the global top one is found in the first round (both views
+    # of the top few), before the rest of the list is verified in the plain view.
+    others = [copydetect.extract(textured(seed)) for seed in range(10, 10 + copydetect.BOTH_VIEWS_FIRST)]
+    rounds = copydetect.verify_short_list(mirrored, [originals[3], *others])
+    assert len(rounds) == copydetect.BOTH_VIEWS_FIRST and rounds[0].mirrored and rounds[0].found
+    assert not any(v.found for v in rounds[1:])
+
+
+def test_ratio_matches_are_opencvs_brute_force_matches() -> None:
+    # The matrix-product matcher must keep the matches of cv2.BFMatcher.knnMatch + Lowe's ratio test.
+    import cv2
+
+    images = [photo(name) for name in REAL[:4]]
+    features = [copydetect.extract(image) for image in images]
+    edited = [copydetect.extract(edit(image, ("crop", "jpeg"))) for image in images]
+    for query in edited:
+        for candidate in features:
+            pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(query.root, candidate.root, k=2)
+            expected = {
+                (p[0].queryIdx, p[0].trainIdx)
+                for p in pairs
+                if len(p) == 2 and p[0].distance < copydetect.RATIO * p[1].distance
+            }
+            mine, theirs = copydetect._ratio_matches(query, candidate)
+            assert set(zip(mine.tolist(), theirs.tolist())) == expected
 
 
 def test_stored_features_are_cached_in_the_store_and_remade_when_damaged(tmp_path: Path) -> None:
