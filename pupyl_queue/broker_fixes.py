@@ -20,6 +20,13 @@
    backoff for up to C.BROKER_ACK_WAIT_S: both writes are idempotent, and only the task's own
    thread waits (a solo worker's consumer could not fetch anything with Redis down either). Past
    that, the error is raised as before and the visibility timeout is the fallback.
+
+3. A delivery is recorded before it is lost. The consumer's BRPOP takes a message off its queue;
+   kombu then records it in ``unacked`` with a separate write. A message popped just as Redis went
+   down had that write fail and was gone for good (a batch of 129 never reached the embed worker
+   in tests/test_faults.py with PUPYL_EMBED_CONCURRENCY=2, whose consumer fetches while batches
+   run). The record waits for the broker like an ack, in the consumer's thread, which could fetch
+   nothing from a Redis that is down anyway.
 """
 
 from __future__ import annotations
@@ -58,7 +65,12 @@ def install() -> None:
 
 
 def _patient_acks(qos: Any, broker_down: tuple[type[BaseException], ...]) -> None:
-    ack, reject = qos.ack, qos.reject
+    ack, reject, append = qos.ack, qos.reject, qos.append
+
+    def patient_append(self: Any, message: Any, delivery_tag: str) -> None:
+        waiting(
+            lambda: append(self, message, delivery_tag), broker_down, f"record of delivery {delivery_tag}"
+        )
 
     def patient_ack(self: Any, delivery_tag: str) -> None:
         waiting(lambda: ack(self, delivery_tag), broker_down, f"ack of delivery {delivery_tag}")
@@ -67,7 +79,7 @@ def _patient_acks(qos: Any, broker_down: tuple[type[BaseException], ...]) -> Non
         what = f"{'requeue' if requeue else 'reject'} of delivery {delivery_tag}"
         waiting(lambda: reject(self, delivery_tag, requeue=requeue), broker_down, what)
 
-    qos.ack, qos.reject = patient_ack, patient_reject
+    qos.ack, qos.reject, qos.append = patient_ack, patient_reject, patient_append
 
 
 def waiting(

@@ -135,3 +135,26 @@ def test_producer_result_reads_fail_fast_while_the_broker_is_down(broker: Broker
         app.backend.get_task_meta("batch-1")
     broker.start()
     assert app.backend.get_task_meta("batch-1")["status"] == "PENDING"
+
+
+def test_delivery_read_as_the_broker_goes_down_is_still_recorded(broker: Broker, tmp_path: Path) -> None:
+    """kombu records a delivery in ``unacked`` after taking it off its queue: that write waits for Redis.
+
+    The window between the pop and the record cannot be hit from outside, so the record is made by
+    hand, with the transport's own QoS, on a delivery taken off the queue with no record (no_ack).
+    """
+    app = make_app(settings_for(broker, tmp_path), include_tasks=False)  # installs broker_fixes
+    queue = Queue("restart-append", Exchange("restart-append"), "restart-append")
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        conn.Producer(channel).publish(
+            {"batch": 2}, exchange=queue.exchange, routing_key="restart-append", declare=[queue]
+        )
+        message = queue(channel).get(no_ack=True)  # popped, not recorded: what BRPOP hands kombu
+        assert message is not None and broker.client.hlen("unacked") == 0
+        broker.stop()
+        _, error, _ = during_restart(broker, lambda: channel.qos.append(message, message.delivery_tag))
+        assert error is None, f"the record failed: {error!r}"
+        assert broker.client.hexists("unacked", message.delivery_tag), "the delivery is lost"
+        message.ack()  # the task ran: nothing left behind
+    assert broker.client.hlen("unacked") == 0
