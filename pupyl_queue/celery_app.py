@@ -71,4 +71,26 @@ def make_app(settings: Settings | None = None, include_tasks: bool = True) -> Ce
             "sweep-jobs": {"task": C.TASK_SWEEP_JOBS, "schedule": max(10.0, settings.job_stall_s / 4)},
         },
     )
+    if include_tasks:
+        app.conf.update(worker_backend_retries())
     return app
+
+
+def worker_backend_retries() -> dict[str, object]:
+    """A worker's result writes wait for Redis (C.REDIS_WAIT_S) instead of failing the task.
+
+    Celery writes a task's STARTED state (task_track_started) before the body runs, with one GET
+    and one SET that are not retried. A task that starts while Redis is down (a threads-pool worker,
+    PUPYL_EMBED_CONCURRENCY > 1, starts its prefetched batch as soon as a thread is free) then fails
+    "outside body": its body never runs and Celery acknowledges the delivery as done, or, with Redis
+    still down, cannot, and it waits in kombu's ``unacked`` hash for the visibility timeout (found by
+    tests/test_faults.py::test_redis_restarted_mid_job). Retrying every backend operation on a
+    connection error, as the task bodies do (riding_out_redis), lets the task start once Redis is back.
+    Producers (API, client) keep failing fast: a request must not hang on a Redis that is down.
+    """
+    return {
+        "result_backend_always_retry": True,
+        "result_backend_max_sleep_between_retries_ms": C.BACKEND_RETRY_SLEEP_MAX_MS,
+        # Full jitter: each pause averages half the cap once the backoff reaches it.
+        "result_backend_max_retries": C.REDIS_WAIT_S * 2000 // C.BACKEND_RETRY_SLEEP_MAX_MS,
+    }

@@ -67,6 +67,12 @@ WHITENING_RESCORE = 8  # the vector near-duplicate check re-scores this many whi
 SEARCH_MODES = ("similar", "copy")  # copy: find the original of an edited copy (pupyl_queue/copysearch.py)
 COLLECTION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # fullmatch: "$" passes "default\n"
 
+# How long a worker waits in place for Redis (a restart, a failover) before giving up: a task body
+# (workers/tasks.py riding_out_redis) and Celery's own result writes around it (celery_app.py).
+REDIS_WAIT_S = 600
+BROKER_ACK_WAIT_S = 120  # how long an ack waits for an unreachable broker (broker_fixes.py)
+BACKEND_RETRY_SLEEP_MAX_MS = 2000  # longest pause between two tries of a result write: ~1 s on average
+
 # Redis keys; every one is prefixed by REDIS_PREFIX and the collection name.
 REDIS_PREFIX = "pupyl"
 KEY_ID_COUNTER = "ids"  # INCRBY: next image id

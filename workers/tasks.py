@@ -49,7 +49,7 @@ T = TypeVar("T")
 # Redis is the broker as well as the coordination store: while it is down, both fail.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OperationalError)
 TRANSIENT = (StoreUnavailable, *REDIS_DOWN)
-REDIS_WAIT_S = 600  # how long a task waits in place for Redis before Celery's retry takes over
+REDIS_WAIT_S = C.REDIS_WAIT_S  # how long a task waits in place for Redis before Celery's retry takes over
 
 
 def count_retries(kwargs: dict[str, Any], exc: BaseException, times: int = 1) -> None:
