@@ -30,8 +30,9 @@ lint: install
 
 # PYTEST_PARALLEL="-n 2 --dist loadfile" runs the suite in two processes (pytest-xdist; each module
 # whole in one): 12 min 16 s on 2 cores instead of ~20, but in one of two such runs two Flower tests
-# failed (their Flower got a SIGTERM from elsewhere a second after it started; not found yet), so
-# the README's command, which CI runs, stays in one process (BENCHMARKS.md, "Test time").
+# failed (their Flower got a SIGTERM from elsewhere a second after it started). A traced run (session 7)
+# found no process signalling another's children, but two-process runs then lost API servers' ports, so the
+# README's command, which CI runs, stays in one process (BENCHMARKS.md, "Test time").
 PYTEST_PARALLEL ?=
 
 test: lint browser

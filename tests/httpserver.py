@@ -72,17 +72,25 @@ def serve_app(app: web.Application, port: int) -> Iterator[None]:
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(app, shutdown_timeout=0.5)  # do not wait for /slow
     ready = threading.Event()
+    failed: list[BaseException] = []
 
     def run() -> None:
         asyncio.set_event_loop(loop)
-        loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        try:
+            loop.run_until_complete(runner.setup())
+            loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        except BaseException as exc:  # e.g. the port taken meanwhile: say so, not "connection refused" later
+            failed.append(exc)
+            ready.set()
+            return
         ready.set()
         loop.run_forever()
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    ready.wait(10)
+    if not ready.wait(30) or failed:
+        why = failed or "no answer in 30 s"
+        raise RuntimeError(f"the test server did not start on 127.0.0.1:{port}: {why}")
     try:
         yield
     finally:
