@@ -160,7 +160,8 @@ def _ratio_matches(query: LocalFeatures, candidate: LocalFeatures) -> tuple[np.n
 
     RootSIFT descriptors have unit length, so squared distances are ``2 - 2 * dot``: one matrix
     product and two row maxima find each query descriptor's two nearest, where OpenCV's
-    brute-force ``knnMatch`` took 1.1-1.5 ms a pair and a partial sort 0.5 ms (bench/copies.py).
+    brute-force ``knnMatch`` took 1.1-1.5 ms a pair and a partial sort 0.5 ms (BENCHMARKS.md, session 7
+    of issue 18).
     """
     similarity = query.root @ candidate.root.T
     rows = np.arange(len(similarity))
