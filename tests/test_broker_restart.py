@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -90,17 +91,22 @@ def during_restart(broker: Broker, call: Callable[[], object]) -> tuple[object, 
     return out.get("result"), out.get("error"), float(out["took"])  # type: ignore[arg-type]
 
 
+def published_and_read(conn: Any, name: str, payload: dict[str, int], no_ack: bool) -> Any:
+    """One message published to its own queue ``name`` and read back on the connection's channel."""
+    queue = Queue(name, Exchange(name), name)
+    channel = conn.default_channel
+    conn.Producer(channel).publish(payload, exchange=queue.exchange, routing_key=name, declare=[queue])
+    message = queue(channel).get(no_ack=no_ack)
+    assert message is not None
+    return message
+
+
 def test_ack_after_connection_loss_waits_for_the_restarted_broker(broker: Broker, tmp_path: Path) -> None:
     """A task that ends while Redis is down still acknowledges its delivery: nothing left in ``unacked``."""
     app = make_app(settings_for(broker, tmp_path), include_tasks=False)  # installs broker_fixes
-    queue = Queue("restart-ack", Exchange("restart-ack"), "restart-ack")
     with app.connection_for_read() as conn:
-        channel = conn.default_channel
-        conn.Producer(channel).publish(
-            {"batch": 1}, exchange=queue.exchange, routing_key="restart-ack", declare=[queue]
-        )
-        message = queue(channel).get(no_ack=False)
-        assert message is not None and message.payload == {"batch": 1}
+        message = published_and_read(conn, "restart-ack", {"batch": 1}, no_ack=False)
+        assert message.payload == {"batch": 1}
         assert broker.client.hlen("unacked") == 1  # kombu's copy of the delivery, until the ack
 
         broker.stop()
@@ -144,14 +150,11 @@ def test_delivery_read_as_the_broker_goes_down_is_still_recorded(broker: Broker,
     hand, with the transport's own QoS, on a delivery taken off the queue with no record (no_ack).
     """
     app = make_app(settings_for(broker, tmp_path), include_tasks=False)  # installs broker_fixes
-    queue = Queue("restart-append", Exchange("restart-append"), "restart-append")
     with app.connection_for_read() as conn:
         channel = conn.default_channel
-        conn.Producer(channel).publish(
-            {"batch": 2}, exchange=queue.exchange, routing_key="restart-append", declare=[queue]
-        )
-        message = queue(channel).get(no_ack=True)  # popped, not recorded: what BRPOP hands kombu
-        assert message is not None and broker.client.hlen("unacked") == 0
+        # popped, not recorded: what BRPOP hands kombu
+        message = published_and_read(conn, "restart-append", {"batch": 2}, no_ack=True)
+        assert broker.client.hlen("unacked") == 0
         broker.stop()
         _, error, _ = during_restart(broker, lambda: channel.qos.append(message, message.delivery_tag))
         assert error is None, f"the record failed: {error!r}"
