@@ -64,6 +64,10 @@ WHITENING_MIN_VECTORS = 64  # ...and never from fewer than this many
 WHITENING_SAMPLE = 50_000  # vectors the covariance is estimated on (an even sample of the live ones)
 WHITENING_EIGEN_FLOOR = 1e-6  # eigenvalues floored at this share of the largest (dead channels)
 WHITENING_RESCORE = 8  # the vector near-duplicate check re-scores this many whitened hits by raw cosine
+# Fewer queries than this search on one FAISS thread: a query or a few gain nothing from OpenMP's
+# team, and on a busy core its barrier waits a scheduler slice (6-10 ms against 0.1 ms beside a copy
+# search's SIFT; BENCHMARKS.md, session 8 of issue 18).
+FAISS_PARALLEL_MIN_QUERIES = 8
 SEARCH_MODES = ("similar", "copy")  # copy: find the original of an edited copy (pupyl_queue/copysearch.py)
 COLLECTION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # fullmatch: "$" passes "default\n"
 

@@ -43,13 +43,27 @@ WORK_SIDE = 256  # longer side of the working copy, in pixels
 MAX_FEATURES = 500
 CONTRAST = 0.01  # SIFT's contrastThreshold: low, so small and blurred images still give keypoints
 STRONG_INLIERS = 20  # a verdict this sure ends the verification of a short list (no doubt left)
-BOTH_VIEWS_FIRST = 5  # the global top few are verified in both views before the rest of the list
 RATIO = 0.8  # Lowe's ratio test
 REPROJECTION_PX = 6.0  # RANSAC inlier threshold, in working-copy pixels
 # Logistic calibration of the inlier count (bench/copies.py): p = 1 / (1 + exp(-(inliers - MID) / WIDTH)).
 INLIERS_MID = 12.5
 INLIERS_WIDTH = 1.5
 MIN_SCALE, MAX_SCALE = 0.15, 6.0  # a similarity outside this range is no plausible edit
+
+
+def _mirror_order() -> np.ndarray:
+    """Where each value of a mirror image's SIFT descriptor comes from in the original's.
+
+    OpenCV lays a descriptor out as 4×4 cells of 8 orientation bins, ``(row * 4 + col) * 8 + bin``,
+    in the keypoint's own frame; mirroring the image reverses the rows and the bins.
+    """
+    order = np.zeros(128, np.int64)
+    for row, col, b in itertools.product(range(4), range(4), range(8)):
+        order[((3 - row) * 4 + col) * 8 + (-b) % 8] = (row * 4 + col) * 8 + b
+    return order
+
+
+_MIRROR_ORDER = _mirror_order()
 
 
 @dataclass
@@ -70,6 +84,22 @@ class LocalFeatures:
 
     def __len__(self) -> int:
         return len(self.points)
+
+    def mirrored(self, width: int) -> LocalFeatures:
+        """The features of the image's mirror image (``width`` pixels wide), without a second SIFT pass.
+
+        SIFT is mirror-symmetric: a mirror image's keypoint at ``width - 1 - x`` has the original's
+        descriptor with its rows of cells and its orientation bins reversed (``_MIRROR_ORDER``).
+        Checked on real photos: at 56-73% of the keypoints SIFT run on the mirror image gives the
+        very same descriptor, at ~90% one within a fifth of its length (pixel-grid effects), and
+        copy detection's recall is unchanged (tests/test_copies.py; BENCHMARKS.md, session 8).
+        """
+        points = self.points.copy()
+        points[:, 0] = width - 1 - points[:, 0]
+        flipped = LocalFeatures(points, self.descriptors[:, _MIRROR_ORDER])
+        if "root" in self.__dict__:  # a permutation commutes with RootSIFT's per-row normalization
+            flipped.__dict__["root"] = self.root[:, _MIRROR_ORDER]
+        return flipped
 
     def to_bytes(self) -> bytes:
         """A compact, pickle-free encoding (npz) for a cache in the store."""
@@ -132,17 +162,17 @@ def extract(image: Image.Image | np.ndarray) -> LocalFeatures:
 
 
 class QueryFeatures:
-    """A query's features, and its mirror image's, computed only when first asked for."""
+    """A query's features, and its mirror image's, derived from them when first asked for."""
 
     def __init__(self, gray: np.ndarray) -> None:
-        self._gray = gray
+        self._width = gray.shape[1]
         self.plain = extract(gray)
         self._mirrored: LocalFeatures | None = None
 
     @property
     def mirrored(self) -> LocalFeatures:
         if self._mirrored is None:
-            self._mirrored = extract(np.ascontiguousarray(self._gray[:, ::-1]))
+            self._mirrored = self.plain.mirrored(self._width)
         return self._mirrored
 
 
@@ -205,49 +235,47 @@ def verify(query: QueryFeatures, candidate: LocalFeatures) -> Verdict:
 
 
 def verify_short_list(
-    query: QueryFeatures, candidates: Iterable[LocalFeatures | None], both_views_first: int = BOTH_VIEWS_FIRST
+    query: QueryFeatures, candidates: Iterable[LocalFeatures | None]
 ) -> list[Verdict | None]:
-    """Verify candidates in their global order; stop at the first sure copy (``STRONG_INLIERS``).
+    """Verify candidates in their global order, each in both views; stop at the first sure copy
+    (``STRONG_INLIERS``).
 
-    Two rounds: the first ``both_views_first`` candidates, then the rest; each round tries the
-    query's plain view on its candidates, then its mirror image on them. Most copies are among
-    the global top few and not mirrored, so a query usually costs one or two verifications of
-    its plain view. A mirrored copy's original ranks as high (a ``+mirror`` descriptor gives a
-    mirror image its original's vector), so it is found in the first round too, not after the
-    whole list failed in the plain view (which took 50 verifications and a second SIFT pass
-    before). One verdict per candidate consumed (``None`` for one without features); the
-    candidates after a sure copy are not consumed.
+    The mirror image's features cost no second SIFT pass (``LocalFeatures.mirrored``), so each
+    candidate is tried in the query's plain view, then its mirror image: a mirrored copy whose
+    original ranks first stops at the first candidate, as an unmirrored one does. Before, the
+    mirror view waited for its own SIFT pass (16 ms) and for the plain view to fail on the global
+    top 5. One verdict per candidate consumed (``None`` for one without features); the candidates
+    after a sure copy are not consumed.
     """
-    seen: list[LocalFeatures | None] = []
     verdicts: list[Verdict | None] = []
-    stream = iter(candidates)
-    for block in (itertools.islice(stream, both_views_first), stream):
-        start = len(seen)
-        for candidate in block:
-            seen.append(candidate)
-            inliers = 0 if candidate is None else _inliers(query.plain, candidate)
-            verdicts.append(None if candidate is None else Verdict(inliers, probability(inliers)))
-            if inliers >= STRONG_INLIERS:
-                return verdicts
-        for position in range(start, len(seen)):
-            candidate = seen[position]
-            if candidate is None:
-                continue
-            inliers = _inliers(query.mirrored, candidate)
-            if inliers > verdicts[position].inliers:  # type: ignore[union-attr]
-                verdicts[position] = Verdict(inliers, probability(inliers), mirrored=True)
-            if inliers >= STRONG_INLIERS:
-                return verdicts
+    for candidate in candidates:
+        if candidate is None:
+            verdicts.append(None)
+            continue
+        inliers = _inliers(query.plain, candidate)
+        verdict = Verdict(inliers, probability(inliers))
+        if inliers < STRONG_INLIERS:
+            flipped = _inliers(query.mirrored, candidate)
+            if flipped > inliers:
+                verdict = Verdict(flipped, probability(flipped), mirrored=True)
+        verdicts.append(verdict)
+        if verdict.inliers >= STRONG_INLIERS:
+            break
     return verdicts
 
 
-def is_gray(image: Image.Image, tolerance: float = 2.0) -> bool:
+def is_gray(image: Image.Image | np.ndarray, tolerance: float = 2.0) -> bool:
     """Whether an image has no colour (its channels equal, up to JPEG's rounding).
 
     A gray copy of a colour original is the edit the global stage finds worst (its CNN vector
-    moves most): copy mode verifies a longer short list for it.
+    moves most): copy mode verifies a longer short list for it. ``image`` may be the network's
+    squashed uint8 pixels (HWC), which a search has made already: the same answer as the image
+    shrunk to 64 px for all 1,343 images of bench/copies.py, for 0.1 ms less than 0.8 (session 8).
     """
-    rgb = np.asarray(image.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR), dtype=np.int16)
+    if isinstance(image, np.ndarray):
+        rgb = image.astype(np.int16)
+    else:
+        rgb = np.asarray(image.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR), dtype=np.int16)
     spread = np.abs(rgb[..., 0] - rgb[..., 1]) + np.abs(rgb[..., 1] - rgb[..., 2])
     return float(spread.mean()) <= tolerance
 

@@ -34,6 +34,7 @@ import logging
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -98,7 +99,7 @@ def query_views(image: Image.Image, mirror: bool = True) -> list[Image.Image]:
     return views
 
 
-def list_length(settings: Settings, image: Image.Image) -> int:
+def list_length(settings: Settings, image: Image.Image | np.ndarray) -> int:
     """How many candidates of the global stage to verify: more for a gray query.
 
     Gray copies of colour originals fall furthest in the global ranking (bench/copies.py: 85% of
@@ -144,7 +145,7 @@ def query_image(rt: Runtime, collection: str, query: dict[str, Any], size: int) 
     return decode(data, rt.settings.max_pixels, target=size)
 
 
-PREFETCH = 8  # candidates' features read ahead of the verification
+PREFETCH_FIRST, PREFETCH = 2, 8  # candidates' features read ahead: at first, then once one failed
 
 
 def verify_candidates(
@@ -152,19 +153,19 @@ def verify_candidates(
 ) -> list[Verdict | None]:
     """Verify the candidates in order (the first sure copy stops), their features read concurrently.
 
-    Reads run ``PREFETCH`` candidates ahead of the verification, not the whole list at once: most
-    queries stop at the first or second candidate, and reading (and decoding) 50 candidates'
-    features for them took CPU from the verification on a busy machine.
+    Reads run ``PREFETCH`` candidates ahead of the verification, not the whole list at once, and
+    only ``PREFETCH_FIRST`` until the first candidate failed: most queries stop at the first
+    candidate, and reading (and decoding) more candidates' features for them took CPU from its
+    verification on a busy machine.
     """
     pool = rt.pool()
     ids = [image_id for image_id, _ in short_list]
-    futures = [pool.submit(stored_features, rt, collection, image_id) for image_id in ids[:PREFETCH]]
+    futures: list[Future[LocalFeatures | None]] = []
 
     def in_order() -> Iterator[LocalFeatures | None]:
         for position in range(len(ids)):
-            ahead = position + PREFETCH
-            if ahead < len(ids):
-                futures.append(pool.submit(stored_features, rt, collection, ids[ahead]))
+            ahead = min(len(ids), position + (PREFETCH_FIRST if position == 0 else PREFETCH))
+            futures.extend(pool.submit(stored_features, rt, collection, i) for i in ids[len(futures) : ahead])
             yield futures[position].result()
 
     verdicts = copydetect.verify_short_list(views, in_order())
@@ -212,11 +213,12 @@ def search_copies(
     # release the GIL): on 2 cores this hides most of the extraction.
     features_made = rt.pool().submit(copydetect.extract_query, image.rgb)
     views = query_views(image.rgb, mirror=mirror_view(extractor.spec))
-    pixels = np.stack([np.asarray(v.resize((size, size), Image.Resampling.BILINEAR)) for v in views])
     # The plain view as indexing sees it (same pixels, same vector as a plain search's).
-    pixels[0] = image.pixels(size)
+    plain = image.pixels(size)
+    others = [np.asarray(v.resize((size, size), Image.Resampling.BILINEAR)) for v in views[1:]]
+    pixels = np.stack([plain, *others])
     vectors = extractor.embed(pixels)
-    verified = list_length(rt.settings, image.rgb)
+    verified = list_length(rt.settings, plain)
     hits, info = short_list(rt, collection, vectors, max(top, verified), task, send)
     verified_at = time.perf_counter()
     features = features_made.result()

@@ -37,6 +37,20 @@ from pupyl_queue.whitening import Whitening
 log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def _faiss_threads(threads: int | None) -> Iterator[None]:
+    """FAISS's OpenMP threads for this thread's calls (OpenMP keeps the setting per thread), then back."""
+    if threads is None:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 class IdSet:
     """Ids present in an index, as a growable bitmap: ids come from a counter, so they are dense."""
 
@@ -389,7 +403,8 @@ class VectorIndex:
                 params.quantizer_params = faiss.SearchParametersHNSW(efSearch=HNSW_EF_PER_PROBE * wide)
         else:
             params = faiss.SearchParameters(sel=selector)
-        sims, found = index.search(queries, min(top, len(allowed)), params=params)
+        with _faiss_threads(1 if len(queries) < C.FAISS_PARALLEL_MIN_QUERIES else None):
+            sims, found = index.search(queries, min(top, len(allowed)), params=params)
         return [
             [(int(i), float(max(0.0, 1.0 - s))) for i, s in zip(row_ids, row_sims) if i >= 0]
             for row_ids, row_sims in zip(found, sims)
@@ -483,7 +498,8 @@ class VectorIndex:
         if k <= 0 or len(self) == 0:
             return [[] for _ in range(len(queries))]
         while True:
-            sims, found = self._index.search(queries, k)
+            with _faiss_threads(1 if len(queries) < C.FAISS_PARALLEL_MIN_QUERIES else None):
+                sims, found = self._index.search(queries, k)
             live = self.ids.contains(found.ravel()).reshape(found.shape) & (found >= 0)
             enough = live.sum(axis=1).min() >= min(top, len(self))
             if enough or k >= total:

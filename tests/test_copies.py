@@ -111,19 +111,39 @@ def test_short_list_verification_stops_at_a_sure_copy_and_reranks() -> None:
     query = copydetect.extract_query(edit(textured(3), ("crop",)))
     verdicts = copydetect.verify_short_list(query, [originals[0], None, originals[3], originals[4]])
     assert len(verdicts) == 3 and verdicts[1] is None and verdicts[2].inliers >= copydetect.STRONG_INLIERS
-    assert query._mirrored is None  # a sure copy in the plain view: the mirror image was never needed
+    assert not verdicts[2].mirrored and not verdicts[0].found
     mirrored = copydetect.extract_query(edit(textured(3), ("mirror",)))
     again = copydetect.verify_short_list(mirrored, [originals[0], originals[3], originals[4]])
-    assert [v.found for v in again] == [False, True, False] and again[1].mirrored
+    assert [v.found for v in again] == [False, True] and again[1].mirrored  # originals[4]: not consumed
     hits = [(10, 0.1), (11, 0.2), (13, 0.3), (14, 0.4)]
     ranked = copydetect.rerank(hits, verdicts + [None])
     assert [r[0] for r in ranked] == [13, 10, 11, 14]
-    # A mirrored copy whose original is the global top one is found in the first round (both views
-    # of the top few), before the rest of the list is verified in the plain view.
-    others = [copydetect.extract(textured(seed)) for seed in range(10, 10 + copydetect.BOTH_VIEWS_FIRST)]
-    rounds = copydetect.verify_short_list(mirrored, [originals[3], *others])
-    assert len(rounds) == copydetect.BOTH_VIEWS_FIRST and rounds[0].mirrored and rounds[0].found
-    assert not any(v.found for v in rounds[1:])
+    # A mirrored copy whose original is the global top one stops the verification there, as an
+    # unmirrored one does: each candidate is tried in both views before the next.
+    others = [copydetect.extract(textured(seed)) for seed in range(10, 15)]
+    first = copydetect.verify_short_list(mirrored, [originals[3], *others])
+    assert len(first) == 1 and first[0].mirrored and first[0].found
+
+
+def test_mirror_features_are_sifts_of_the_mirror_image() -> None:
+    # Derived from the plain features (no second SIFT pass), they must be what SIFT finds on the
+    # mirror image: the same descriptors at mirrored positions, and as many inliers against a copy.
+    image = photo("caer/guitar.jpg")
+    gray = copydetect.working_copy(image)
+    derived = copydetect.extract(gray).mirrored(gray.shape[1])
+    direct = copydetect.extract(np.ascontiguousarray(gray[:, ::-1]))
+    gaps = []  # each derived keypoint's descriptor distance to SIFT's at its position (512: unrelated)
+    for point, descriptor in zip(derived.points, derived.descriptors):
+        near = np.flatnonzero(np.hypot(*(direct.points - point).T) < 0.6)
+        gaps.append(
+            min((np.linalg.norm(direct.descriptors[j] - descriptor.astype(float)) for j in near), default=512)
+        )
+    assert np.mean(np.array(gaps) == 0) >= 0.5 and np.mean(np.array(gaps) < 100) >= 0.8, sorted(gaps)
+    copy = copydetect.extract(edit(ImageOps.mirror(image), ("crop", "jpeg")))
+    by_derived, by_sift = copydetect._inliers(derived, copy), copydetect._inliers(direct, copy)
+    assert by_derived >= copydetect.STRONG_INLIERS and by_derived >= 0.8 * by_sift, (by_derived, by_sift)
+    query = copydetect.extract_query(image)
+    assert np.array_equal(query.mirrored.descriptors, derived.descriptors)  # what verification uses
 
 
 def test_ratio_matches_are_opencvs_brute_force_matches() -> None:
@@ -195,6 +215,12 @@ def test_a_gray_query_verifies_a_longer_short_list() -> None:
     assert copydetect.is_gray(gray) and not copydetect.is_gray(colour)
     assert list_length(settings, gray) == 200 and list_length(settings, colour) == 50
     assert list_length(settings.replace(copy_short_list_gray=10), gray) == 50  # never shorter
+    # A search asks with the network's squashed pixels, which it has made already: the same answers.
+    squash = {
+        name: np.asarray(im.convert("RGB").resize((224, 224))) for name, im in (("g", gray), ("c", colour))
+    }
+    assert copydetect.is_gray(squash["g"]) and not copydetect.is_gray(squash["c"])
+    assert list_length(settings, squash["g"]) == 200 and list_length(settings, squash["c"]) == 50
 
 
 # --- through real workers -------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import faiss
 import numpy as np
 import pytest
 
+from pupyl_queue import constants as C
 from pupyl_queue.models import normalize
 from pupyl_queue.vector_index import IdSet, VectorIndex, choose_factory, code_bytes, two_level_centroids
 
@@ -182,3 +183,37 @@ def test_memory_bytes_counts_the_id_bitmap_as_the_bytes_it_holds() -> None:
     slots = index.ids.size
     assert slots > 8_000_000
     assert index.memory_bytes() == 1 * (4 * 4 + 8) + slots  # one byte per slot, as numpy stores bools
+
+
+def test_a_few_queries_search_on_one_faiss_thread_and_leave_the_setting_as_it_was() -> None:
+    import threading
+
+    from pupyl_queue import vector_index
+
+    seen: list[int] = []
+    ids, vectors = data()
+    index = VectorIndex(16)
+    index.add(ids, vectors)
+    real = type(index._index).search  # the FAISS class's search, wrapped to see the thread count
+
+    def spy(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(faiss.omp_get_max_threads())
+        return real(self, *args, **kwargs)
+
+    before = faiss.omp_get_max_threads()
+    type(index._index).search = spy
+    try:
+        few = index.search(vectors[:2], 3)
+        many = index.search(vectors[: C.FAISS_PARALLEL_MIN_QUERIES], 3)
+    finally:
+        type(index._index).search = real
+    assert seen == [1, before] and faiss.omp_get_max_threads() == before
+    assert [row[0][0] for row in few] == [int(i) for i in ids[:2]]
+    assert [row[0][0] for row in many] == [int(i) for i in ids[: C.FAISS_PARALLEL_MIN_QUERIES]]
+    # OpenMP keeps the setting per thread: another thread's searches are not narrowed meanwhile.
+    other: list[int] = []
+    with vector_index._faiss_threads(1):
+        thread = threading.Thread(target=lambda: other.append(faiss.omp_get_max_threads()))
+        thread.start()
+        thread.join()
+    assert other == [before]
