@@ -535,6 +535,13 @@ def flowers_check(args: argparse.Namespace, extractor) -> None:
     files = [p.read_bytes() for p in flowers()]
     names = [str(p.relative_to(SHARED)) for p in flowers()]
     vectors = embed_all(extractor, files)
+    if args.whitening:  # the short lists of a whitened collection (learned on it, as compaction does)
+        from pupyl_queue.whitening import check_whitening, learn, strength_of
+
+        strength = strength_of(check_whitening(args.whitening))
+        whitening = None if strength is None else learn(vectors, strength)
+        vectors = vectors if whitening is None else whitening.apply(vectors)
+        print(f"flowers' short lists by whitened vectors ({args.whitening}, learned on the flowers)")
     started = time.perf_counter()
     images = [decode(f, MAX_PIXELS, target=copydetect.WORK_SIDE).rgb for f in files]
     features = [copydetect.extract_query(image) for image in images]
