@@ -20,6 +20,7 @@ from kombu.exceptions import OperationalError
 from pupyl_queue import constants as C
 from pupyl_queue import embedding, ingest, jobs, queries, sharding
 from pupyl_queue.catalog import list_collections
+from pupyl_queue.coordination import WriteClaimBusy, WriteClaimLost
 from pupyl_queue.payloads import (
     CompactAllResult,
     CompactRequest,
@@ -48,7 +49,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Redis is the broker as well as the coordination store: while it is down, both fail.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OperationalError)
-TRANSIENT = (StoreUnavailable, *REDIS_DOWN)
+# Another live run of the same batch held its write claim too long, or took it over (write_claim.py):
+# retried, the batch is found committed or its claim free.
+TRANSIENT = (StoreUnavailable, WriteClaimBusy, WriteClaimLost, *REDIS_DOWN)
 REDIS_WAIT_S = C.REDIS_WAIT_S  # how long a task waits in place for Redis before Celery's retry takes over
 
 
