@@ -314,14 +314,20 @@ class Coordinator:
 
     # --- commit log
     def publish(
-        self, store_key: str, images: int = 0, removes: int | None = None, checksum: str | None = None
+        self,
+        store_key: str,
+        images: int = 0,
+        removes: int | None = None,
+        checksum: str | None = None,
+        writer: str | None = None,
     ) -> int:
         """Commit a store object once; ``images`` (added or removed) goes into the image count.
 
         ``removes``: the id a tombstone removes; its key (if any) is forgotten in the same commit.
-        ``checksum``: the object's sha256, recorded by the commit itself (see ``commit``).
+        ``checksum``: the object's sha256, recorded by the commit itself (see ``commit``); ``writer``
+        the token of this run's write claim on it (``commit``; write_claim.py).
         """
-        return self.commit(store_key, images, removes=removes, checksum=checksum)[0]
+        return self.commit(store_key, images, removes=removes, checksum=checksum, writer=writer)[0]
 
     def commit(
         self,

@@ -16,6 +16,9 @@ run whose claim another run holds now). A run that finds the claim held waits: w
 commits, it goes on as a rerun does (writes nothing, returns the first run's answer); when the
 holder lets go (it failed) or dies (its lease lapses), it takes the claim and writes itself.
 
+Tombstones go the same way (``write_once``): both live runs of a keyed batch retire the ids its
+commit replaced at the same moment, and a tombstone's record carries its ``removed_at``.
+
 What a lease cannot rule out: a holder whose whole process is frozen (SIGSTOP, a paused VM) for
 longer than the lease, and that then resumes in the middle of its write. Its commit is refused
 (WriteClaimLost), but a put it had in flight may land on the new holder's object.
@@ -27,6 +30,8 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from typing import TypeVar
 
 import redis
 
@@ -34,6 +39,7 @@ from pupyl_queue import constants as C
 from pupyl_queue.coordination import Coordinator, WriteClaimBusy
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class WriteClaim:
@@ -117,3 +123,26 @@ class WriteClaim:
             self.coord.keep_write(self.store_key, self.token, 0)
         except redis.RedisError as exc:  # its lease ends it soon enough
             log.warning("%s: could not let the write claim go: %s", self.store_key, exc)
+
+
+def write_once(
+    coord: Coordinator,
+    store_key: str,
+    write: Callable[[], str],
+    publish: Callable[[str | None, str | None], T],
+) -> T:
+    """Write ``store_key`` (``write()`` returns its sha256) only while holding its claim, then
+    ``publish(checksum, writer)``; a run that finds it committed writes nothing and publishes with
+    neither (and gets the first run's answer). For objects written and committed in one go
+    (tombstones); ``publish`` must commit ``store_key`` with ``writer``, which lets the claim go.
+    """
+    claim = WriteClaim(coord, store_key)
+    writing = claim.acquire()  # one round trip, as the "committed?" check it replaces
+    try:
+        checksum = write() if writing else None
+        result = publish(checksum, claim.token if writing else None)
+    except BaseException:
+        claim.release()
+        raise
+    claim.committed()
+    return result

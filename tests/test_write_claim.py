@@ -25,6 +25,7 @@ from pupyl_queue import constants as C
 from pupyl_queue import integrity
 from pupyl_queue.coordination import Coordinator, WriteClaimLost
 from pupyl_queue.embedding import embed_batch
+from pupyl_queue.keys import retire
 from pupyl_queue.layout import Layout
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.settings import Settings
@@ -48,14 +49,15 @@ def rt(redis_url: str, tmp_path: Path) -> Iterator[Runtime]:
 
 
 class InterleavingStore:
-    """The real store, with each segment put held until the other run's arrives (or HOLD_S passes);
-    of two that arrive, the second goes only once the first one's commit is in Redis. That is the
-    interleaving that damaged a segment: both runs past the "committed?" check, one commits, the
-    other writes after it."""
+    """The real store, with each segment (or ``folder``) put held until the other run's arrives (or
+    HOLD_S passes); of two that arrive, the second goes only once the first one's commit is in
+    Redis. That is the interleaving that damaged a segment: both runs past the "committed?" check,
+    one commits, the other writes after it."""
 
-    def __init__(self, store: ObjectStore, coord: Coordinator) -> None:
+    def __init__(self, store: ObjectStore, coord: Coordinator, folder: str = "/segments/") -> None:
         self.store = store
         self.coord = coord
+        self.folder = folder  # the objects whose puts are held
         self.puts: Counter[str] = Counter()
         self.both_arrived = threading.Barrier(2, timeout=HOLD_S)
         self.lock = threading.Lock()
@@ -67,7 +69,7 @@ class InterleavingStore:
     def put(self, key: str, data: bytes) -> None:
         with self.lock:
             self.puts[key] += 1
-        if "/segments/" in key:
+        if self.folder in key:
             # A broken barrier: the other run never came to write (it waited for this one's commit).
             with contextlib.suppress(threading.BrokenBarrierError):
                 self.both_arrived.wait()
@@ -159,3 +161,21 @@ def test_a_claim_is_renewed_while_held_and_handed_over_on_failure(rt: Runtime) -
     holder.release()  # it failed: the next run takes over at once
     assert not rt.redis.exists(coord.write_claim_key(key))
     assert WriteClaim(coord, key, wait_s=0.1).acquire() is True
+
+
+def test_two_runs_retiring_one_replaced_id_write_its_tombstone_once(rt: Runtime) -> None:
+    """Both live runs of a keyed batch retire the ids its commit replaced, at the same moment."""
+    coord = rt.coordinator("default")
+    store = InterleavingStore(rt.store, coord, "/tombstones/")
+    tombstone = Layout().tombstone(7)
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(retire, store, coord, [(7, "sku-7")], {"sku-7": 9}) for _ in range(2)]  # type: ignore[arg-type]
+        for run in runs:
+            run.result(timeout=30)
+    recorded = rt.redis.hget(Layout().key(C.KEY_CHECKSUMS), tombstone)
+    assert recorded is not None
+    assert integrity.problem(rt.store.get(tombstone), recorded) is None, (
+        "the committed tombstone was rewritten"
+    )
+    assert store.puts[tombstone] == 1, store.puts
+    assert [key for _, key in coord.commits_after(0)] == [tombstone]
