@@ -32,11 +32,11 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
 from pupyl_queue import constants as C
+from pupyl_queue.backoff import retrying
 
 log = logging.getLogger(__name__)
 
@@ -89,20 +89,14 @@ def waiting(
     wait_s: float = C.BROKER_ACK_WAIT_S,
 ) -> None:
     """``call()``, tried again with backoff (0.1 s doubling to 2 s) while the broker is unreachable."""
-    deadline = time.monotonic() + wait_s
-    delay, waited = 0.1, False
-    while True:
-        try:
-            call()
-        except broker_down as exc:
-            if time.monotonic() + delay > deadline:
-                raise
-            if not waited:
-                log.warning("broker unreachable (%s): the %s waits for it", exc, what)
-                waited = True
-            time.sleep(delay)
-            delay = min(2 * delay, 2.0)
-            continue
-        if waited:
-            log.info("broker back: the %s went through", what)
-        return
+    waits = 0
+
+    def on_wait(exc: BaseException, _pause: float) -> None:
+        nonlocal waits
+        if not waits:
+            log.warning("broker unreachable (%s): the %s waits for it", exc, what)
+        waits += 1
+
+    retrying(call, broker_down, wait_s=wait_s, first_s=0.1, max_s=2.0, on_wait=on_wait)
+    if waits:
+        log.info("broker back: the %s went through", what)

@@ -13,10 +13,12 @@ import base64
 import gzip
 import io
 import json
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from pupyl_queue.layout import Layout
 from pupyl_queue.payloads import VectorsPayload
@@ -37,6 +39,9 @@ __all__ = [
 ]
 
 
+NPZ_TIME = (1980, 1, 1, 0, 0, 0)  # the zip format's earliest date: every segment entry carries it
+
+
 def encode_segment(ids: np.ndarray, vectors: np.ndarray, rows: SegmentRows | None = None) -> bytes:
     """A segment (or a snapshot's vector file): int64 ids and float32 vectors in one .npz, no pickle.
 
@@ -52,7 +57,12 @@ def encode_segment(ids: np.ndarray, vectors: np.ndarray, rows: SegmentRows | Non
         if len(rows.keys) != len(arrays["ids"]):
             raise ValueError(f"{len(rows.keys)} row records for {len(arrays['ids'])} ids")
         arrays["rows"] = np.frombuffer(json.dumps(rows.to_json(), separators=(",", ":")).encode(), np.uint8)
-    np.savez(out, **arrays)
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as npz:
+        for name, array in arrays.items():
+            # np.savez stamps each entry with the current time: the same arrays encoded a second
+            # apart were other bytes. A fixed stamp makes the bytes a function of the arrays alone.
+            with npz.open(zipfile.ZipInfo(f"{name}.npy", date_time=NPZ_TIME), "w", force_zip64=True) as fh:
+                npy_format.write_array(fh, array, allow_pickle=False)
     return out.getvalue()
 
 

@@ -76,6 +76,10 @@ COLLECTION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # fullmatch: "$" pass
 REDIS_WAIT_S = 600
 BROKER_ACK_WAIT_S = 120  # how long an ack waits for an unreachable broker (broker_fixes.py)
 BACKEND_RETRY_SLEEP_MAX_MS = 2000  # longest pause between two tries of a result write: ~1 s on average
+# A batch's segment and metadata object are written by one live run at a time (write_claim.py): the
+# claim's lease, renewed by its holder every third of it; and how long another run waits for it.
+WRITE_CLAIM_S = 30
+WRITE_CLAIM_WAIT_S = 600
 
 # Redis keys; every one is prefixed by REDIS_PREFIX and the collection name.
 REDIS_PREFIX = "pupyl"
@@ -102,6 +106,7 @@ KEY_TASK = "task"  # task:{id}: a task id the API handed out (expires with its r
 KEY_KEYS = "keys"  # HASH caller's key -> JSON {"id", "seq", "sha256"}: the live image of each key
 KEY_KEY_OF = "key-of"  # HASH id -> caller's key (the reverse of KEY_KEYS, live ids only)
 KEY_REPLACED = "replaced"  # HASH segment store key -> JSON [[old id, key], ...] its commit tombstoned
+KEY_WRITE_CLAIM = "writing"  # writing:{store key} STRING token, with a lease: the one run writing it
 KEY_RECENT_JOBS = "jobs"  # ZSET score=created_at member=job id (the newest RECENT_JOBS_KEPT jobs)
 RECENT_JOBS_KEPT = 1000
 UPLOAD_SCHEME = "upload:"  # uri of a job whose images were uploaded into the store (upload:<job id>)

@@ -31,7 +31,9 @@ return first
 # sequence it already has (and what its first run replaced). ARGV: store key, images added (or
 # removed: negative), an id this commit removes ('' none: its key is forgotten), the id the first
 # keyed row's key must still name ('' any: else nothing is committed and the sequence is 0), the
-# object's sha256 ('' none: recorded apart, before), then (caller's key, id, sha256) per keyed row.
+# object's sha256 ('' none: recorded apart, before), the token of the write claim this run holds on
+# the object (KEYS[11]; '' none: see _BEGIN_WRITE), then (caller's key, id, sha256) per keyed row.
+# A claim another run holds now (this run's lease lapsed and it took over) commits nothing: {-1}.
 # The checksum (KEYS[10]) is recorded by the very call that commits: no reader sees the commit
 # without it, and a publish that finds the object committed leaves the first run's checksum alone.
 # Each keyed row takes its key over; the id the key held before, if another, is tombstoned by this
@@ -40,10 +42,15 @@ return first
 _PUBLISH = """
 local have = redis.call('HGET', KEYS[3], ARGV[1])
 if have then return {tonumber(have), redis.call('HGET', KEYS[8], ARGV[1]) or '[]'} end
+if ARGV[6] ~= '' then
+  local holder = redis.call('GET', KEYS[11])
+  if holder and holder ~= ARGV[6] then return {-1, '[]'} end
+end
 if ARGV[4] ~= '' then
-  local entry = redis.call('HGET', KEYS[6], ARGV[6])
+  local entry = redis.call('HGET', KEYS[6], ARGV[7])
   if not entry or string.match(entry, '"id":(%d+)') ~= ARGV[4] then return {0, '[]'} end
 end
+if ARGV[6] ~= '' then redis.call('DEL', KEYS[11]) end
 local seq = redis.call('INCR', KEYS[1])
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], seq)
@@ -59,7 +66,7 @@ if ARGV[3] ~= '' then
   end
 end
 local replaced = {}
-for i = 6, #ARGV, 3 do
+for i = 7, #ARGV, 3 do
   local key, id, sha = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local entry = redis.call('HGET', KEYS[6], key)
   local old = entry and string.match(entry, '"id":(%d+)')
@@ -81,6 +88,25 @@ if #replaced == 0 then return {seq, '[]'} end
 local out = cjson.encode(replaced)
 redis.call('HSET', KEYS[8], ARGV[1], out)
 return {seq, out}
+"""
+
+# Claim the writing of a store object (ARGV[1]) that its commit (KEYS[1]: committed objects) will
+# publish: -1 when it is committed already (a rerun writes nothing), 0 when this run (ARGV[2], a
+# token) now holds the claim (KEYS[2]) for ARGV[3] ms, else the holder's remaining milliseconds.
+# One round trip, in place of the "committed?" check it replaces.
+_BEGIN_WRITE = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return -1 end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[2] then return math.max(redis.call('PTTL', KEYS[2]), 1) end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 0
+"""
+
+# A write claim's holder extends its lease (ARGV[2] ms), or lets it go (ARGV[2] = 0); 0 if not its own.
+_KEEP_WRITE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '0' then return redis.call('DEL', KEYS[1]) end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
 
 # Record a finished (or failed for good: ARGV[6] = 1) batch of a job once, adding its counts to the job
@@ -174,6 +200,14 @@ return 1
 """
 
 
+class WriteClaimLost(RuntimeError):
+    """A run's write claim lapsed and another run took it over: this run committed nothing."""
+
+
+class WriteClaimBusy(RuntimeError):
+    """Another live run held a batch's write claim for longer than a run waits for it."""
+
+
 def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
 
@@ -193,6 +227,8 @@ class Coordinator:
         self._claim = client.register_script(_CLAIM)
         self._settle = client.register_script(_SETTLE_CLAIMS)
         self._drop_claim = client.register_script(_DROP_CLAIM)
+        self._begin_write = client.register_script(_BEGIN_WRITE)
+        self._keep_write = client.register_script(_KEEP_WRITE)
 
     def _k(self, name: str) -> str:
         return self.layout.key(name)
@@ -278,14 +314,20 @@ class Coordinator:
 
     # --- commit log
     def publish(
-        self, store_key: str, images: int = 0, removes: int | None = None, checksum: str | None = None
+        self,
+        store_key: str,
+        images: int = 0,
+        removes: int | None = None,
+        checksum: str | None = None,
+        writer: str | None = None,
     ) -> int:
         """Commit a store object once; ``images`` (added or removed) goes into the image count.
 
         ``removes``: the id a tombstone removes; its key (if any) is forgotten in the same commit.
-        ``checksum``: the object's sha256, recorded by the commit itself (see ``commit``).
+        ``checksum``: the object's sha256, recorded by the commit itself (see ``commit``); ``writer``
+        the token of this run's write claim on it (``commit``; write_claim.py).
         """
-        return self.commit(store_key, images, removes=removes, checksum=checksum)[0]
+        return self.commit(store_key, images, removes=removes, checksum=checksum, writer=writer)[0]
 
     def commit(
         self,
@@ -295,6 +337,7 @@ class Coordinator:
         removes: int | None = None,
         expect: int | None = None,
         checksum: str | None = None,
+        writer: str | None = None,
     ) -> tuple[int, list[tuple[int, str]]]:
         """Publish a segment whose ``keyed`` rows ((key, id, sha256)) take their keys over, in one script.
 
@@ -307,6 +350,8 @@ class Coordinator:
         this call commits: one round trip fewer than recording it first (issue #15), no reader
         sees the commit before its checksum, and a rerun never replaces the checksum of what it
         found committed (its own bytes were not written: embedding.py).
+        ``writer``: the token of this run's write claim on the object (``WriteClaim``); the commit
+        lets the claim go, and raises WriteClaimLost (nothing committed) when another run holds it.
         """
         keys = [
             self._k(C.KEY_SEQUENCE),
@@ -319,6 +364,7 @@ class Coordinator:
             self._k(C.KEY_REPLACED),
             self._k(C.KEY_HASHES),
             self._k(C.KEY_CHECKSUMS),
+            self.write_claim_key(store_key),
         ]
         args: list[Any] = [
             store_key,
@@ -326,11 +372,28 @@ class Coordinator:
             "" if removes is None else int(removes),
             "" if expect is None else int(expect),
             checksum or "",
+            writer or "",
         ]
         for key, image_id, sha in keyed or []:
             args += [key, int(image_id), sha]
         sequence, replaced = self._publish(keys=keys, args=args)
+        if int(sequence) < 0:
+            raise WriteClaimLost(f"{store_key}: another run holds its write claim now; nothing committed")
         return int(sequence), [(int(old), key) for old, key in json.loads(replaced)]
+
+    # --- write claims (one live run writes a batch's objects: WriteClaim)
+    def write_claim_key(self, store_key: str) -> str:
+        return self._k(f"{C.KEY_WRITE_CLAIM}:{store_key}")
+
+    def begin_write(self, store_key: str, token: str, lease_ms: int) -> int:
+        """-1: ``store_key`` is committed; 0: ``token`` holds its write claim for ``lease_ms``; else the
+        milliseconds left to another holder's claim. One round trip (_BEGIN_WRITE)."""
+        keys = [self._k(C.KEY_COMMIT_BY_OBJECT), self.write_claim_key(store_key)]
+        return int(self._begin_write(keys=keys, args=[store_key, token, int(lease_ms)]))
+
+    def keep_write(self, store_key: str, token: str, lease_ms: int) -> bool:
+        """Extend ``token``'s claim to ``lease_ms`` from now (0: let it go); False when it is not its own."""
+        return bool(self._keep_write(keys=[self.write_claim_key(store_key)], args=[token, int(lease_ms)]))
 
     def replaced(self, store_keys: list[str]) -> dict[str, list[int]]:
         """The ids each committed segment tombstoned by taking their keys over (one round trip)."""

@@ -25,6 +25,7 @@ from pupyl_queue.codecs import decode_segment_rows, read_pointer
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.metadata import mark_removed
 from pupyl_queue.store import ObjectNotFound, ObjectStore
+from pupyl_queue.write_claim import write_once
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,8 @@ def retire(
     layout = coord.layout
     for old_id, key in replaced:
         tombstone = layout.tombstone(old_id)
-        if not store.exists(tombstone):
-            record = {"id": old_id, "removed_at": time.time(), "key": key, "replaced_by": by.get(key)}
-            store.put(tombstone, json.dumps(record).encode())
-        committed = integrity.is_committed(coord, tombstone)
-        coord.publish(tombstone, checksum=None if committed else integrity.sha256(store.get(tombstone)))
+        record = {"id": old_id, "removed_at": time.time(), "key": key, "replaced_by": by.get(key)}
+        _commit_tombstone(store, coord, tombstone, record)
         mark_removed(coord.r, layout, [old_id])  # its entry in its batch's metadata object reads as gone
         for path in (
             layout.image(old_id),
@@ -54,6 +52,26 @@ def retire(
             layout.local_features(old_id),
         ):
             store.delete(path)
+
+
+def _commit_tombstone(
+    store: ObjectStore, coord: Coordinator, tombstone: str, record: dict[str, object]
+) -> int:
+    """Write a tombstone (unless an earlier run did: its bytes stand) and commit it, once.
+
+    Both live runs of a keyed batch retire its replaced ids at the same moment (the one that waited
+    for the other's commit goes on at once): only the one holding the claim writes (write_claim.py).
+    """
+
+    def write() -> str:
+        if not store.exists(tombstone):
+            store.put(tombstone, json.dumps(record).encode())
+        return integrity.sha256(store.get(tombstone))
+
+    def publish(checksum: str | None, writer: str | None) -> int:
+        return coord.publish(tombstone, checksum=checksum, writer=writer)
+
+    return write_once(coord, tombstone, write, publish)
 
 
 @dataclass

@@ -8,7 +8,6 @@ a bad request fails the task with a clear message and is not retried.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -19,7 +18,9 @@ from kombu.exceptions import OperationalError
 
 from pupyl_queue import constants as C
 from pupyl_queue import embedding, ingest, jobs, queries, sharding
+from pupyl_queue.backoff import retrying
 from pupyl_queue.catalog import list_collections
+from pupyl_queue.coordination import WriteClaimBusy, WriteClaimLost
 from pupyl_queue.payloads import (
     CompactAllResult,
     CompactRequest,
@@ -48,7 +49,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Redis is the broker as well as the coordination store: while it is down, both fail.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OperationalError)
-TRANSIENT = (StoreUnavailable, *REDIS_DOWN)
+# Another live run of the same batch held its write claim too long, or took it over (write_claim.py):
+# retried, the batch is found committed or its claim free.
+TRANSIENT = (StoreUnavailable, WriteClaimBusy, WriteClaimLost, *REDIS_DOWN)
 REDIS_WAIT_S = C.REDIS_WAIT_S  # how long a task waits in place for Redis before Celery's retry takes over
 
 
@@ -111,23 +114,16 @@ def riding_out_redis(task: Any, kwargs: dict[str, Any], body: Callable[[], T]) -
     restart in tests/test_faults.py). Waiting in the task keeps the delivery. Task bodies are
     idempotent, so running one again is safe. Past REDIS_WAIT_S, Celery's retry takes over.
     """
-    deadline = time.monotonic() + REDIS_WAIT_S
-    delay, waits = 0.5, 0
-    while True:
-        try:
-            result = body()
-        except REDIS_DOWN as exc:
-            if time.monotonic() + delay > deadline:
-                raise
-            log.warning(
-                "%s[%s]: Redis unreachable (%s); again in %.1fs", task.name, task.request.id, exc, delay
-            )
-            time.sleep(delay)
-            delay, waits, last = min(2 * delay, 10.0), waits + 1, exc
-            continue
-        if waits:
-            count_retries(kwargs, last, waits)
-        return result
+    waits: list[BaseException] = []
+
+    def on_wait(exc: BaseException, pause: float) -> None:
+        log.warning("%s[%s]: Redis unreachable (%s); again in %.1fs", task.name, task.request.id, exc, pause)
+        waits.append(exc)
+
+    result = retrying(body, REDIS_DOWN, wait_s=REDIS_WAIT_S, first_s=0.5, max_s=10.0, on_wait=on_wait)
+    if waits:
+        count_retries(kwargs, waits[-1], len(waits))
+    return result
 
 
 # PUPYL_TASK_RETRIES and PUPYL_TASK_RETRY_BACKOFF_MAX (12 and 60 s: about ten minutes in all).
