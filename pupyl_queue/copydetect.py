@@ -11,7 +11,8 @@ subject. This module verifies a short list from the index geometrically:
   (bench/copies.py): five times faster to extract, but on small, blurred or shrunk
   copies its chance matches between unrelated images reach the inlier counts of true
   copies, so it refused fewer copies at the same false-copy rate;
-- the query's mirror image too (a mirrored copy matches its original's mirror);
+- the query's mirror image too (a mirrored copy matches its original's mirror), its
+  features derived from the query's own (``LocalFeatures.mirrored``: no second SIFT pass);
 - Lowe's ratio test on the two nearest descriptors (one matrix product: RootSIFT vectors
   have unit length, so the distance follows from the dot product; 3-4 times faster than
   OpenCV's brute-force matcher on these sizes, same matches), then a RANSAC similarity

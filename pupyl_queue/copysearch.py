@@ -16,10 +16,10 @@ verification is bounded: at most ``PUPYL_COPY_SHORT_LIST`` candidates, verified 
 global order, the first sure copy ending it; the query's own features are made while
 the network runs; candidates' features are read from a cache in the store (written at
 ingestion by a copy-mode near-duplicate check, else by the first copy search that
-needed them) and fetched concurrently. Measured end to end on this busy 2-core
-machine (BENCHMARKS.md), a copy search takes about 4 times a plain one (~100 against
-~25 ms p50), so a plain search queued behind one waits that much longer, and never
-behind ingestion. A separate queue would need a second worker process holding the
+needed them) and fetched concurrently. Measured end to end on this 2-core machine
+(BENCHMARKS.md, session 8 of issue 18), a copy search takes about 3 times a plain one
+(61-75 against 22-27 ms p50), so a plain search queued behind one waits that much
+longer, and never behind ingestion. A separate queue would need a second worker process holding the
 model (and the index, or a second round trip for the short list) on the same two
 cores, for a gain only when copy searches are a large share of the traffic; then run
 search workers dedicated to them. The near-duplicate check of the embed workers
