@@ -43,7 +43,7 @@ def retire(
     for old_id, key in replaced:
         tombstone = layout.tombstone(old_id)
         record = {"id": old_id, "removed_at": time.time(), "key": key, "replaced_by": by.get(key)}
-        _commit_tombstone(store, coord, tombstone, record)
+        commit_tombstone(store, coord, tombstone, record)
         mark_removed(coord.r, layout, [old_id])  # its entry in its batch's metadata object reads as gone
         for path in (
             layout.image(old_id),
@@ -54,13 +54,19 @@ def retire(
             store.delete(path)
 
 
-def _commit_tombstone(
-    store: ObjectStore, coord: Coordinator, tombstone: str, record: dict[str, object]
+def commit_tombstone(
+    store: ObjectStore,
+    coord: Coordinator,
+    tombstone: str,
+    record: dict[str, object],
+    images: int = 0,
+    removes: int | None = None,
 ) -> int:
-    """Write a tombstone (unless an earlier run did: its bytes stand) and commit it, once.
+    """Write a tombstone (unless an earlier run did: its bytes stand) and commit it, once; its sequence.
 
-    Both live runs of a keyed batch retire its replaced ids at the same moment (the one that waited
-    for the other's commit goes on at once): only the one holding the claim writes (write_claim.py).
+    Two live runs retire or remove the same id at the same moment (both runs of a keyed batch, the
+    one that waited for the other's commit going on at once): only the one holding the claim writes
+    (write_claim.py). ``images`` and ``removes`` go to the commit (Coordinator.publish).
     """
 
     def write() -> str:
@@ -69,7 +75,7 @@ def _commit_tombstone(
         return integrity.sha256(store.get(tombstone))
 
     def publish(checksum: str | None, writer: str | None) -> int:
-        return coord.publish(tombstone, checksum=checksum, writer=writer)
+        return coord.publish(tombstone, images=images, removes=removes, checksum=checksum, writer=writer)
 
     return write_once(coord, tombstone, write, publish)
 

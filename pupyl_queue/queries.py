@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import logging
 import re
 import time
@@ -34,7 +33,7 @@ from pupyl_queue.codecs import SegmentRows, decode_vectors, encode_segment, enco
 from pupyl_queue.fencing import CompactionLock, FencedOut
 from pupyl_queue.images import decode
 from pupyl_queue.jobs import batch_id
-from pupyl_queue.keys import retire
+from pupyl_queue.keys import commit_tombstone, retire
 from pupyl_queue.layout import Layout
 from pupyl_queue.metadata import encode_batch, mark_removed
 from pupyl_queue.metadata import read as read_metadata
@@ -52,7 +51,6 @@ from pupyl_queue.payloads import (
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.sharding import Send, fan_out, shard_vector
 from pupyl_queue.store import ObjectNotFound, StoreUnavailable
-from pupyl_queue.write_claim import write_once
 
 log = logging.getLogger(__name__)
 UPDATE_ID = re.compile(r"[0-9a-f]{8,64}")
@@ -257,17 +255,9 @@ def remove(rt: Runtime, task: RemoveRequest) -> RemoveResult:
     meta = read_metadata(rt.store, rt.redis, layout, [image_id])[0]
     if meta is None and not rt.store.exists(tombstone):
         return {"id": image_id, "removed": False, "reason": f"no image with id {image_id}"}
-
-    def write() -> str:  # unless an earlier run wrote it: its bytes stand
-        if not rt.store.exists(tombstone):
-            rt.store.put(tombstone, json.dumps({"id": image_id, "removed_at": time.time()}).encode())
-        return integrity.sha256(rt.store.get(tombstone))
-
-    def publish(checksum: str | None, writer: str | None) -> int:
-        images = -1 if meta is not None else 0
-        return coord.publish(tombstone, images=images, removes=image_id, checksum=checksum, writer=writer)
-
-    sequence = write_once(coord, tombstone, write, publish)  # two live runs: one writes (write_claim.py)
+    record = {"id": image_id, "removed_at": time.time()}
+    images = -1 if meta is not None else 0
+    sequence = commit_tombstone(rt.store, coord, tombstone, record, images=images, removes=image_id)
     if meta is not None:  # (None: removed before; a compaction may have pruned it from the set since)
         coord.release_hash(meta["sha256"], image_id)
         mark_removed(rt.redis, layout, [image_id])  # its entry in the batch's metadata object reads as gone

@@ -38,13 +38,14 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _faiss_threads(threads: int | None) -> Iterator[None]:
-    """FAISS's OpenMP threads for this thread's calls (OpenMP keeps the setting per thread), then back."""
-    if threads is None:
+def _faiss_threads(queries: int) -> Iterator[None]:
+    """One FAISS thread for this thread's search of a few ``queries`` (C.FAISS_PARALLEL_MIN_QUERIES),
+    then the setting as it was (OpenMP keeps it per thread); every thread for more."""
+    if queries >= C.FAISS_PARALLEL_MIN_QUERIES:
         yield
         return
     before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(threads)
+    faiss.omp_set_num_threads(1)
     try:
         yield
     finally:
@@ -403,7 +404,7 @@ class VectorIndex:
                 params.quantizer_params = faiss.SearchParametersHNSW(efSearch=HNSW_EF_PER_PROBE * wide)
         else:
             params = faiss.SearchParameters(sel=selector)
-        with _faiss_threads(1 if len(queries) < C.FAISS_PARALLEL_MIN_QUERIES else None):
+        with _faiss_threads(len(queries)):
             sims, found = index.search(queries, min(top, len(allowed)), params=params)
         return [
             [(int(i), float(max(0.0, 1.0 - s))) for i, s in zip(row_ids, row_sims) if i >= 0]
@@ -498,7 +499,7 @@ class VectorIndex:
         if k <= 0 or len(self) == 0:
             return [[] for _ in range(len(queries))]
         while True:
-            with _faiss_threads(1 if len(queries) < C.FAISS_PARALLEL_MIN_QUERIES else None):
+            with _faiss_threads(len(queries)):
                 sims, found = self._index.search(queries, k)
             live = self.ids.contains(found.ravel()).reshape(found.shape) & (found >= 0)
             enough = live.sum(axis=1).min() >= min(top, len(self))

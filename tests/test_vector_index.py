@@ -212,7 +212,7 @@ def test_a_few_queries_search_on_one_faiss_thread_and_leave_the_setting_as_it_wa
     assert [row[0][0] for row in many] == [int(i) for i in ids[: C.FAISS_PARALLEL_MIN_QUERIES]]
     # OpenMP keeps the setting per thread: another thread's searches are not narrowed meanwhile.
     other: list[int] = []
-    with vector_index._faiss_threads(1):
+    with vector_index._faiss_threads(1):  # one query
         thread = threading.Thread(target=lambda: other.append(faiss.omp_get_max_threads()))
         thread.start()
         thread.join()
