@@ -51,6 +51,7 @@ from pupyl_queue.payloads import (
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.sharding import Send, fan_out, shard_vector
 from pupyl_queue.store import ObjectNotFound, StoreUnavailable
+from pupyl_queue.write_claim import WriteClaim
 
 log = logging.getLogger(__name__)
 UPDATE_ID = re.compile(r"[0-9a-f]{8,64}")
@@ -290,10 +291,34 @@ def set_attributes(rt: Runtime, task: SetAttributesRequest, send: Send | None = 
     owner = batch_id(update_id, 0)
     segment = layout.segment(owner)
     new_id = coord.allocate_ids(owner, 1)[0]
-    if integrity.is_committed(coord, segment):  # a redelivery: finish what the first run began
-        sequence, replaced = coord.commit(segment)
-        retire(rt.store, coord, replaced, {key: new_id})
-        return {"key": key, "updated": True, "id": new_id, "sequence": sequence}
+    # Two live runs of one update (a redelivery while the first still runs) both found the segment
+    # uncommitted, and the later one rewrote it after the other's commit had recorded the checksum
+    # of other bytes (its metadata's attributes_updated_at). Only the run holding the segment's
+    # write claim writes it (write_claim.py); another waits for that run's commit, then finishes
+    # the update as a redelivery does.
+    claim = WriteClaim(coord, segment)
+    if claim.acquire():  # one round trip, as the "committed?" check it replaces
+        try:
+            return _update_attributes(rt, layout, key, attributes, owner, new_id, claim, send)
+        finally:
+            claim.release()  # unless its commit let it go: an update that failed, or changed nothing
+    sequence, replaced = coord.commit(segment)  # committed: finish what the first run began
+    retire(rt.store, coord, replaced, {key: new_id})
+    return {"key": key, "updated": True, "id": new_id, "sequence": sequence}
+
+
+def _update_attributes(
+    rt: Runtime,
+    layout: Layout,
+    key: str,
+    attributes: dict[str, Any],
+    owner: str,
+    new_id: int,
+    claim: WriteClaim,
+    send: Send | None,
+) -> SetAttributesResult:
+    """set_attributes' one-row segment, written and committed by the run holding its write claim."""
+    coord, segment = claim.coord, claim.store_key
     found = coord.lookup(key)
     if found is None:
         return {"key": key, "updated": False, "reason": f"no image with key {key[:256]!r}"}
@@ -301,7 +326,7 @@ def set_attributes(rt: Runtime, task: SetAttributesRequest, send: Send | None = 
     meta = read_metadata(rt.store, rt.redis, layout, [old_id])[0]
     if meta is None:
         return {"key": key, "updated": False, "reason": f"image {old_id} was removed meanwhile; try again"}
-    vector = query_vector(rt, collection, {"id": old_id}, send)
+    vector = query_vector(rt, layout.collection, {"id": old_id}, send)
     copies = [
         (layout.image(old_id), layout.image(new_id)),
         (layout.original(old_id), layout.original(new_id)),
@@ -323,6 +348,7 @@ def set_attributes(rt: Runtime, task: SetAttributesRequest, send: Send | None = 
         keyed=[(key, new_id, meta["sha256"])],
         expect=old_id,
         checksum=integrity.sha256(data),
+        writer=claim.token,
     )
     if not sequence:  # the key moved on meanwhile: this update never happened
         for path in (segment, layout.image(new_id), layout.original(new_id), layout.batch_meta(owner)):
@@ -333,6 +359,7 @@ def set_attributes(rt: Runtime, task: SetAttributesRequest, send: Send | None = 
             "updated": False,
             "reason": "the key was upserted or removed meanwhile; try again",
         }
+    claim.committed()  # the commit let the claim go
     retire(rt.store, coord, replaced, {key: new_id})
     return {"key": key, "updated": True, "id": new_id, "replaced": old_id, "sequence": sequence}
 

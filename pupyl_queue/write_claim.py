@@ -17,7 +17,9 @@ commits, it goes on as a rerun does (writes nothing, returns the first run's ans
 holder lets go (it failed) or dies (its lease lapses), it takes the claim and writes itself.
 
 Tombstones go the same way (``write_once``): both live runs of a keyed batch retire the ids its
-commit replaced at the same moment, and a tombstone's record carries its ``removed_at``.
+commit replaced at the same moment, and a tombstone's record carries its ``removed_at``. So does
+set_attributes' one-row segment and its metadata object (``attributes_updated_at``): two live runs
+of one ``update_id`` (queries.py).
 
 What a lease cannot rule out: a holder whose whole process is frozen (SIGSTOP, a paused VM) for
 longer than the lease, and that then resumes in the middle of its write. Its commit is refused

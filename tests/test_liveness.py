@@ -8,7 +8,11 @@ made in code (tests/test_dead_worker.py does the same with embed workers and pho
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,7 +64,7 @@ def test_a_stale_sweeper_leaves_a_redelivered_task_and_its_record_alone(app: Cel
         tag = first.delivery_tag
         dead, live = Liveness(app, "dead@host"), Liveness(app, "live@host")
         sweepers = Liveness(app, "sweeper-1@host"), Liveness(app, "sweeper-2@host")
-        dead.hold(sent.id, tag)  # it never beats again: its alive key is absent
+        dead.hold(tag)  # it never beats again: its alive key is absent
         live.beat()
         stale = sweepers[1].orphans()  # sweeper 2 reads the records...
         assert stale == {tag: "dead@host"}
@@ -70,16 +74,16 @@ def test_a_stale_sweeper_leaves_a_redelivered_task_and_its_record_alone(app: Cel
         assert r.llen(C.QUEUE_MAINTENANCE) == 1 and not r.hexists(UNACKED, tag)
         again = take(app, opened)
         assert again.delivery_tag == tag and json.loads(again.body)[1] == {"collection": "default"}
-        live.hold(sent.id, tag)
+        live.hold(tag)
 
         # Sweeper 2 acts on its stale view: it must not restore the live worker's task nor erase its record.
         assert sweepers[1].restore(stale) == []
         assert r.llen(C.QUEUE_MAINTENANCE) == 0 and r.hexists(UNACKED, tag)
         assert r.hget(HOLDERS, tag) == "live@host"
         # The worker thought dead was only slow: its task ends, and the live worker's record stays.
-        dead.release(sent.id)
+        dead.release(tag)
         assert r.hget(HOLDERS, tag) == "live@host"
-        live.release(sent.id)
+        live.release(tag)
         assert not r.hexists(HOLDERS, tag)
         assert r.exists(alive_key("live@host"))
     finally:
@@ -90,11 +94,11 @@ def test_a_stale_sweeper_leaves_a_redelivered_task_and_its_record_alone(app: Cel
 
 def test_two_sweepers_restore_a_dead_workers_task_once(app: Celery) -> None:
     r = redis.Redis.from_url(app.conf.broker_url, decode_responses=True)
-    sent = app.send_task(C.TASK_COMPACT, kwargs={"collection": "default"})
+    app.send_task(C.TASK_COMPACT, kwargs={"collection": "default"})
     opened: list[Any] = []
     try:
         tag = take(app, opened).delivery_tag
-        Liveness(app, "dead@host").hold(sent.id, tag)
+        Liveness(app, "dead@host").hold(tag)
         one, two = Liveness(app, "sweeper-1@host"), Liveness(app, "sweeper-2@host")
         views = one.orphans(), two.orphans()  # both saw it orphaned
         assert len(one.restore(views[0]) + two.restore(views[1])) == 1
@@ -182,3 +186,64 @@ def test_killed_maintenance_workers_task_comes_back_without_waiting_hours(
         client.close()
         workers.stop_all()
         client.redis.flushdb()
+
+
+def retry_worker(name: str, settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
+    """A real worker of tests/retry_app.py, in a thread pool as ingest workers run."""
+    command = [sys.executable, "-m", "celery", "-A", "tests.retry_app", "worker", "-Q", C.QUEUE_MAINTENANCE]
+    command += ["-P", "threads", "-c", "2", "-n", f"{name}@%h", "--loglevel", "INFO"]
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, **settings.to_env(), "PYTHONPATH": root}
+    log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the worker writes it
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+
+
+@pytest.mark.slow
+def test_a_retry_received_before_its_first_run_ended_is_restored_when_its_worker_dies(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A retry is a new delivery of the same task id, received (it waits for its countdown in the
+    worker) before the run that sent it ends. Its record must outlive that run's postrun, so that a
+    worker killed during the countdown has the retry restored in seconds, not after hours."""
+    from tests.retry_app import RETRY_ONCE
+
+    settings = Settings(
+        data_dir=tmp_path / "data", redis_url=redis_url.rsplit("/", 1)[0] + f"/{DB}", worker_alive_s=6
+    )
+    app = make_app(settings, include_tasks=False)
+    r = redis.Redis.from_url(settings.broker_url, decode_responses=True)
+    r.flushdb()
+    procs = {"retry-a": retry_worker("retry-a", settings, tmp_path)}
+    try:
+        result = app.send_task(RETRY_ONCE, kwargs={"countdown": 20})
+        deadline = time.monotonic() + 60
+        while True:  # the first delivery acked (after its postrun), the retry received and unacked
+            unacked = {tag: json.loads(raw)[0] for tag, raw in r.hgetall(UNACKED).items()}
+            retries = {tag: body["headers"]["retries"] for tag, body in unacked.items()}
+            if list(retries.values()) == [1]:
+                break
+            assert time.monotonic() < deadline, (retries, (tmp_path / "retry-a.log").read_text())
+            time.sleep(0.05)
+        (retry_tag,) = retries
+        holders = r.hgetall(HOLDERS)
+        assert holders.get(retry_tag, "").startswith("retry-a@"), (
+            f"the first run's postrun erased the record of its retry's delivery: {holders}"
+        )
+        assert list(holders) == [retry_tag]  # and the first delivery's record went with its run
+
+        procs["retry-a"].send_signal(signal.SIGKILL)
+        procs.pop("retry-a").wait()
+        procs["retry-b"] = retry_worker("retry-b", settings, tmp_path)
+        assert result.get(timeout=90) == 1  # restored by the sweep, run when its countdown is over
+        logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("retry-*.log"))
+        assert (
+            f"restored 1 task(s) of dead workers: {result.id} (delivery {retry_tag}, held by retry-a@" in logs
+        )
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            proc.wait(timeout=30)
+        r.flushdb()
+        r.close()
+        app.close()

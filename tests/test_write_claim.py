@@ -179,3 +179,37 @@ def test_two_runs_retiring_one_replaced_id_write_its_tombstone_once(rt: Runtime)
     )
     assert store.puts[tombstone] == 1, store.puts
     assert [key for _, key in coord.commits_after(0)] == [tombstone]
+
+
+def test_two_live_runs_of_one_attribute_update_write_its_segment_once(
+    rt: Runtime, tmp_path: Path, tiny_model: Path
+) -> None:
+    """set_attributes' one-row segment: two live runs of one ``update_id`` (a redelivery while the
+    first runs) write it once; its metadata object (attributes_updated_at) differs run to run."""
+    from pupyl_queue.queries import set_attributes
+    from tests.indexing import index_folder
+
+    photos(tmp_path / "one", 1)
+    first = index_folder(rt, tmp_path / "one", tiny_model, key="k", attributes={"color": "red"})[0]
+    rt.searcher("default").vector(first["id"])  # loads the index, outside the race
+    coord = rt.coordinator("default")
+    store = InterleavingStore(rt.store, coord)
+    rt.__dict__["store"] = store
+    task = {"collection": "default", "key": "k", "attributes": {"color": "green"}, "update_id": "cd" * 8}
+    with ThreadPoolExecutor(2, thread_name_prefix="run") as pool:
+        runs = [pool.submit(set_attributes, rt, dict(task)) for _ in range(2)]  # type: ignore[arg-type]
+        results = [run.result(timeout=60) for run in runs]
+    rt.__dict__["store"] = store.store
+
+    layout, owner = Layout(), f"{'cd' * 8}-000000"
+    segment = layout.segment(owner)
+    assert [r["updated"] for r in results] == [True, True], results
+    assert results[0]["id"] == results[1]["id"] != first["id"]
+    assert results[0]["sequence"] == results[1]["sequence"] > 0
+    recorded = rt.redis.hget(layout.key(C.KEY_CHECKSUMS), segment)
+    assert recorded is not None
+    assert integrity.problem(rt.store.get(segment), recorded) is None, "the committed segment was rewritten"
+    assert store.puts[segment] == 1, store.puts
+    assert store.puts[layout.batch_meta(owner)] == 1, store.puts
+    assert not rt.redis.exists(coord.write_claim_key(segment)), "the commit let the claim go"
+    assert coord.lookup("k")["id"] == results[0]["id"] and coord.image_count() == 1  # type: ignore[index]

@@ -16,6 +16,16 @@ restore first claims the record in one atomic step (it still names the dead work
 so of two sweepers only one restores, and a sweeper with a stale view finds the record changed
 and leaves the live worker's task and record alone. Failures are logged at WARNING: a kombu
 upgrade that moved ``unacked`` or ``restore_by_tag`` must not switch the sweep off silently.
+
+Why the worker keys its own deliveries by tag too, not by task id. A task's retry is a new
+message with the same task id and a new delivery tag, and a worker receives a retry with a
+countdown at once (it waits for its ETA in the worker), often before the run that sent it has
+ended: keyed by task id, the retry's record replaced the run's, and the run's postrun then erased
+the retry's record, so a worker that died during the countdown left the retry for the visibility
+timeout (hours). A batch dispatched again (its task id is its batch id) is the same case. So the
+receipt stamps its delivery tag into the request (``DELIVERY``), which the task's postrun reads
+back; a count per tag covers the one delivery received twice (restored while this worker was
+thought dead, then received again by it).
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import Counter
 from typing import Any
 
 import redis
@@ -36,6 +47,7 @@ HOLDERS = f"{C.REDIS_PREFIX}:workers:holders"  # HASH delivery tag -> name of th
 ALIVE_TTL_S = Settings.worker_alive_s  # PUPYL_WORKER_ALIVE_S's default (30 s)
 BEAT_S = 5  # at most; a shorter lifetime beats 3 times within it
 UNACKED = "unacked"  # kombu's Redis transport: HASH delivery tag -> [message, exchange, routing key]
+DELIVERY = "pupyl_delivery_tag"  # stamped into a received request: its task's postrun reads it back
 
 # The record still names the worker we saw dead: it is ours to restore (and no one else's now).
 _CLAIM = """
@@ -73,7 +85,8 @@ class Liveness:
         self.redis = redis.Redis.from_url(app.conf.broker_url, decode_responses=True)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="pupyl-liveness", daemon=True)
-        self.tags: dict[str, str] = {}  # task id -> delivery tag, for the deliveries this worker holds
+        self.held: Counter[str] = Counter()  # delivery tag -> runs of it this worker holds
+        self._lock = threading.Lock()  # receipts (consumer thread) and postruns (pool threads)
         self._claim = self.redis.register_script(_CLAIM)
         self._drop_host = self.redis.register_script(_DROP_HOST)
 
@@ -92,15 +105,21 @@ class Liveness:
             except Exception as exc:  # noqa: BLE001 - Redis away, or kombu changed: say so, go on
                 log.warning("liveness beat or sweep failed: %s: %s", type(exc).__name__, exc)
 
-    def hold(self, task_id: str, tag: str) -> None:
+    def hold(self, tag: str) -> None:
         """A delivery this worker received: swept back to its queue if this worker dies."""
-        self.tags[task_id] = tag
+        with self._lock:
+            self.held[tag] += 1
         self.redis.hset(HOLDERS, tag, self.hostname)
 
-    def release(self, task_id: str) -> None:
-        """The task ended; only this worker's own record goes (a live worker may hold the tag now)."""
-        tag = self.tags.pop(task_id, None)
-        if tag is not None:
+    def release(self, tag: str) -> None:
+        """A delivery's task ended; only this worker's own record goes (a live worker may hold the
+        tag now), and only when no other run of the same delivery is still held here."""
+        with self._lock:
+            if self.held[tag] > 1:
+                self.held[tag] -= 1
+                return
+            held = self.held.pop(tag, 0)
+        if held:
             self._claim(keys=[HOLDERS], args=[tag, self.hostname])
 
     def orphans(self) -> dict[str, str]:
@@ -176,15 +195,22 @@ def _hold(request: Any = None, **_: Any) -> None:
     if _liveness is None or request is None:
         return
     try:
-        _liveness.hold(request.id, request.message.delivery_tag)
-    except (redis.RedisError, AttributeError) as exc:
+        tag = str(request.message.delivery_tag)
+        request.request_dict[DELIVERY] = tag  # becomes the task's request: its postrun finds it
+        _liveness.hold(tag)
+    except (redis.RedisError, AttributeError, TypeError) as exc:
         log.warning("could not record task %s as held: %s", getattr(request, "id", "?"), exc)
 
 
 @task_postrun.connect
-def _release(task_id: str | None = None, **_: Any) -> None:
-    if _liveness is not None and task_id:
-        try:
-            _liveness.release(task_id)
-        except redis.RedisError as exc:
-            log.warning("could not release task %s: %s", task_id, exc)
+def _release(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    """The run of one delivery ended: the tag its receipt stamped into the request says which."""
+    if _liveness is None or task is None:
+        return
+    tag = task.request.get(DELIVERY)
+    if tag is None:  # not a delivery this worker recorded (called directly, or eager)
+        return
+    try:
+        _liveness.release(str(tag))
+    except redis.RedisError as exc:
+        log.warning("could not release task %s (delivery %s): %s", task_id, tag, exc)
