@@ -40,10 +40,45 @@ MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0  # more worker restarts than this in th
 FLOWER_PASSWORD_FILE = "flower-password"
 
 
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_PICKED_PORT = 10000  # below it sit well-known services (Redis 6379, Flower 5555, MinIO 9000)
+_handed_out: set[int] = set()  # ports this process returned: never returned twice
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A port free now on 127.0.0.1, for a server this process starts next.
+
+    Picked at random below the kernel's ephemeral range, not by binding port 0: a port from that
+    range is also what every outgoing connection (a Redis client, a worker) takes as its source
+    port, and what another process's bind-to-0 returns, in the moment between this call and the
+    server's own bind. Two test processes (pytest-xdist) starting servers side by side hit that.
+    """
+    low, high = _ephemeral_range()
+    below = range(LOWEST_PICKED_PORT, low)
+    above = range(max(high + 1, LOWEST_PICKED_PORT), 65536)
+    ports = below if len(below) >= len(above) else above
+    for _ in range(200 if len(ports) >= 1000 else 0):
+        port = ports[secrets.randbelow(len(ports))]
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as sock:  # a crowded range: the kernel's pick
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(n) for n in EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return low, high
 
 
 def redis_server_binary() -> str:
