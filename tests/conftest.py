@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -24,6 +25,17 @@ MOBILENET_025 = MODELS / "mobilenet_2_5_224_tf_no_top.h5"
 
 S3_ACCESS_KEY = "pupyl-test-access"
 S3_SECRET_KEY = "pupyl-test-secret-do-not-log"
+
+
+def s3_store(endpoint: str, store: str) -> dict[str, Any]:
+    """Settings fields for a store in the tests' S3 server (its keys, plain HTTP): Settings(**...)."""
+    return {
+        "store": store,
+        "s3_endpoint": endpoint,
+        "s3_access_key": S3_ACCESS_KEY,
+        "s3_secret_key": S3_SECRET_KEY,
+        "s3_secure": False,
+    }
 
 
 def need_shared(path: Path) -> Path:

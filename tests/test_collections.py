@@ -20,7 +20,7 @@ from pupyl_queue.models import wrap_mobilenet
 from pupyl_queue.queries import compact, remove, search
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.settings import Settings
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.conftest import s3_store
 from tests.imagegen import pattern_folder
 from tests.indexing import index_folder
 
@@ -56,11 +56,7 @@ def other_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def s3_settings(endpoint: str, **changes: Any) -> Settings:
     return Settings(
-        store=f"s3://bk-{uuid.uuid4().hex[:8]}/pq",
-        s3_endpoint=endpoint,
-        s3_access_key=S3_ACCESS_KEY,
-        s3_secret_key=S3_SECRET_KEY,
-        s3_secure=False,
+        **s3_store(endpoint, f"s3://bk-{uuid.uuid4().hex[:8]}/pq"),
         **changes,
     )
 

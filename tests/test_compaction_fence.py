@@ -35,7 +35,7 @@ from pupyl_queue.runtime import Runtime
 from pupyl_queue.searcher import Searcher
 from pupyl_queue.settings import Settings
 from pupyl_queue.store import ObjectStore
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.conftest import s3_store
 from tests.faults import TcpProxy
 
 DIM = 8
@@ -50,11 +50,7 @@ def settings(
     if request.param == "file":
         return base
     return base.replace(
-        store=f"s3://fence-{uuid.uuid4().hex[:8]}/pq",
-        s3_endpoint=request.getfixturevalue("s3_endpoint"),
-        s3_access_key=S3_ACCESS_KEY,
-        s3_secret_key=S3_SECRET_KEY,
-        s3_secure=False,
+        **s3_store(request.getfixturevalue("s3_endpoint"), f"s3://fence-{uuid.uuid4().hex[:8]}/pq"),
     )
 
 

@@ -17,7 +17,7 @@ import pytest
 from pupyl_queue import PupylQueue, Settings
 from pupyl_queue.layout import Layout
 from pupyl_queue.store import open_store
-from tests.conftest import MOBILENET_025, PHOTOS, S3_ACCESS_KEY, S3_SECRET_KEY, need_shared
+from tests.conftest import MOBILENET_025, PHOTOS, S3_SECRET_KEY, need_shared, s3_store
 from tests.httpserver import ApiClient, LoopbackServer
 from tests.imagegen import encode, pattern
 from tests.workers import Workers
@@ -42,11 +42,7 @@ def stack(
     )
     if request.param == "s3":
         settings = settings.replace(
-            store="s3://pupyl-test/e2e",
-            s3_endpoint=request.getfixturevalue("s3_endpoint"),
-            s3_access_key=S3_ACCESS_KEY,
-            s3_secret_key=S3_SECRET_KEY,
-            s3_secure=False,
+            **s3_store(request.getfixturevalue("s3_endpoint"), "s3://pupyl-test/e2e"),
         )
     workers = Workers(settings, home)
     workers.start()

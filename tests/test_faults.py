@@ -32,7 +32,7 @@ from pupyl_queue import constants as C
 from pupyl_queue.coordination import Coordinator
 from pupyl_queue.layout import Layout
 from pupyl_queue.stack import free_port, start_redis, start_worker, stop
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, need_shared
+from tests.conftest import need_shared, s3_store
 from tests.faults import (
     FLOWERS,
     RECEIVED,
@@ -330,11 +330,7 @@ def test_s3_unreachable_for_30s_mid_job(
     settings = base_settings(
         tmp_path,
         redis_url.rsplit("/", 1)[0] + "/9",
-        store=f"s3://pupyl-faults/{tmp_path.name}",
-        s3_endpoint=f"127.0.0.1:{s3_proxy.port}",
-        s3_access_key=S3_ACCESS_KEY,
-        s3_secret_key=S3_SECRET_KEY,
-        s3_secure=False,
+        **s3_store(f"127.0.0.1:{s3_proxy.port}", f"s3://pupyl-faults/{tmp_path.name}"),
         inline_item_bytes=0,  # every image staged in S3: fetched by the embed task, deleted after its commit
     )
     workers = Workers(settings, tmp_path)

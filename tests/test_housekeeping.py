@@ -28,7 +28,7 @@ from pupyl_queue.layout import Layout
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.settings import Settings, SettingsError
 from pupyl_queue.store import LocalStore, ObjectStore
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.conftest import s3_store
 from tests.imagegen import encode, pattern
 from tests.workers import Workers
 
@@ -47,11 +47,7 @@ def settings(
     if request.param == "file":
         return base
     return base.replace(
-        store=f"s3://hk-{uuid.uuid4().hex[:8]}/p",
-        s3_endpoint=request.getfixturevalue("s3_endpoint"),
-        s3_access_key=S3_ACCESS_KEY,
-        s3_secret_key=S3_SECRET_KEY,
-        s3_secure=False,
+        **s3_store(request.getfixturevalue("s3_endpoint"), f"s3://hk-{uuid.uuid4().hex[:8]}/p"),
     )
 
 

@@ -17,7 +17,7 @@ from pupyl_queue import PupylQueue, Settings
 from pupyl_queue import constants as C
 from pupyl_queue.client import JobFailed
 from pupyl_queue.layout import Layout
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.conftest import s3_store
 from tests.faults import TcpProxy
 from tests.imagegen import encode, pattern
 from tests.workers import Workers
@@ -43,11 +43,7 @@ def test_store_down_longer_than_the_retries_ends_the_job_and_frees_its_images(
     settings = Settings(
         data_dir=tmp_path / "data",
         redis_url=redis_url.rsplit("/", 1)[0] + "/10",
-        store=f"s3://pupyl-job-end/{tmp_path.name}",
-        s3_endpoint=f"127.0.0.1:{s3_proxy.port}",
-        s3_access_key=S3_ACCESS_KEY,
-        s3_secret_key=S3_SECRET_KEY,
-        s3_secure=False,
+        **s3_store(f"127.0.0.1:{s3_proxy.port}", f"s3://pupyl-job-end/{tmp_path.name}"),
         batch_size=4,
         inline_item_bytes=0,  # every image staged in S3: the embed tasks need the store from their start
         task_retries=2,

@@ -25,7 +25,7 @@ from pupyl_queue.queries import compact, remove, search
 from pupyl_queue.rebuild import rebuild
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.settings import Settings
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.conftest import s3_store
 from tests.imagegen import pattern_folder
 from tests.indexing import index_folder
 
@@ -92,11 +92,7 @@ def any_store(
     base = Settings(data_dir=tmp_path / "data", redis_url=redis_url, batch_size=8)
     if request.param == "s3":
         base = base.replace(
-            store=f"s3://prune-{uuid.uuid4().hex[:8]}/pq",
-            s3_endpoint=request.getfixturevalue("s3_endpoint"),
-            s3_access_key=S3_ACCESS_KEY,
-            s3_secret_key=S3_SECRET_KEY,
-            s3_secure=False,
+            **s3_store(request.getfixturevalue("s3_endpoint"), f"s3://prune-{uuid.uuid4().hex[:8]}/pq"),
         )
     return Runtime(base)
 

@@ -27,7 +27,7 @@ from api.app import make_app
 from pupyl_queue import PupylQueue, Settings
 from pupyl_queue import constants as C
 from pupyl_queue.stack import free_port, redis_server_binary, start_flower, stop, wait_for_port
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.conftest import S3_SECRET_KEY, s3_store
 from tests.httpserver import ApiClient, LoopbackServer, serve_app
 from tests.imagegen import encode, pattern
 from tests.logcapture import all_log_lines
@@ -89,11 +89,7 @@ def test_secrets_wire_format_and_guards_through_the_api(
     settings = Settings(
         data_dir=tmp_path / "data",
         redis_url=redis_url,
-        store="s3://pupyl-security/store",
-        s3_endpoint=s3_endpoint,
-        s3_access_key=S3_ACCESS_KEY,
-        s3_secret_key=S3_SECRET_KEY,
-        s3_secure=False,
+        **s3_store(s3_endpoint, "s3://pupyl-security/store"),
         fetch_allow_networks="127.0.0.1/32",  # the loopback test server; nothing else private
         allowed_roots=str(tmp_path / "allowed"),
         api_tokens=API_TOKEN,

@@ -10,7 +10,7 @@ import pytest
 
 from pupyl_queue.settings import Settings
 from pupyl_queue.store import ObjectNotFound, ObjectStore, S3Store, StoreUnavailable, open_store
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.conftest import s3_store
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -19,11 +19,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStor
         yield open_store(Settings(data_dir=tmp_path))
     else:
         settings = Settings(
-            store=f"s3://bucket-{uuid.uuid4().hex[:8]}/some/prefix",
-            s3_endpoint=request.getfixturevalue("s3_endpoint"),
-            s3_access_key=S3_ACCESS_KEY,
-            s3_secret_key=S3_SECRET_KEY,
-            s3_secure=False,
+            **s3_store(
+                request.getfixturevalue("s3_endpoint"), f"s3://bucket-{uuid.uuid4().hex[:8]}/some/prefix"
+            ),
         )
         yield open_store(settings)
 

@@ -27,7 +27,7 @@ from pupyl_queue.models import normalize
 from pupyl_queue.searcher import Searcher
 from pupyl_queue.settings import Settings
 from pupyl_queue.store import LocalStore, ObjectStore, open_store
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.conftest import s3_store
 
 DIM = 8
 QUERIES = normalize(np.random.default_rng(99).normal(size=(6, DIM)))
@@ -307,11 +307,7 @@ def s3_parts(
     redis_client: redis.Redis, s3_endpoint: str
 ) -> Iterator[tuple[ObjectStore, Coordinator, Layout]]:
     settings = Settings(
-        store=f"s3://damage-{uuid.uuid4().hex[:8]}/pupyl",
-        s3_endpoint=s3_endpoint,
-        s3_access_key=S3_ACCESS_KEY,
-        s3_secret_key=S3_SECRET_KEY,
-        s3_secure=False,
+        **s3_store(s3_endpoint, f"s3://damage-{uuid.uuid4().hex[:8]}/pupyl"),
     )
     layout = Layout()
     yield open_store(settings), Coordinator(redis_client, layout), layout
