@@ -168,10 +168,15 @@ def _landing_fetch(channel: Any, transport: Any, broker_down: tuple[type[BaseExc
             return None
         source = self._q_for_pri(queue, self.priority_steps[0])
         landing = landing_key(owner, source)
-        if getattr(self, "_pupyl_landing_named", None) != landing:
-            with self.conn_or_acquire() as client:  # before the first fetch: the sweep must find it
+        with self.conn_or_acquire() as client:
+            if getattr(self, "_pupyl_landing_named", None) != landing:  # the sweep must find it
                 client.hset(LANDINGS, landing, json.dumps([owner, source]))
-            self._pupyl_landing_named = landing
+                self._pupyl_landing_named = landing
+            # Between fetches the list is empty, unless a reply was lost with its connection (a broker
+            # restart, a health check's disconnect): what it holds goes back first.
+            if client.llen(landing):
+                client.register_script(_RESTORE_LANDED)(keys=[landing, self.unacked_key, source, LANDINGS])
+                client.hset(LANDINGS, landing, json.dumps([owner, source]))
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
         self._pupyl_landing = (queue, landing)
@@ -194,13 +199,15 @@ def _landing_fetch(channel: Any, transport: Any, broker_down: tuple[type[BaseExc
             if not item:
                 raise transport.Empty()
             self._queue_cycle.rotate(queue)
-            self.connection._deliver(transport.loads(transport.bytes_to_str(item)), queue)
 
             def unland() -> None:
                 with self.conn_or_acquire() as client:
                     client.lrem(landing, 1, item)
 
-            waiting(unland, broker_down, f"landing list {landing}")  # recorded in unacked now
+            try:
+                self.connection._deliver(transport.loads(transport.bytes_to_str(item)), queue)
+            finally:  # recorded in unacked now (or refused by kombu or Celery: not to come back)
+                waiting(unland, broker_down, f"landing list {landing}")
             return True
         finally:
             self._in_poll = None
