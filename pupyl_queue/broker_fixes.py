@@ -27,18 +27,90 @@
    in tests/test_faults.py with PUPYL_EMBED_CONCURRENCY=2, whose consumer fetches while batches
    run). The record waits for the broker like an ack, in the consumer's thread, which could fetch
    nothing from a Redis that is down anyway.
+
+4. A fetched message is never only in a socket. BRPOP takes a message off its queue on the server;
+   kombu records it in ``unacked`` only once the worker has read the reply. A worker killed in
+   between (kill -9, OOM) lost the message for good: not queued, not unacked, so neither kombu's
+   visibility timeout nor the liveness sweep could bring it back. A solo worker asks for its next
+   message only when idle and reads the reply at once; a threads-pool worker (PUPYL_EMBED_CONCURRENCY
+   > 1) asks while it runs batches, and its consumer thread, short of the GIL beside threads that
+   load a model or decode, read the reply late: one batch of 129 lost in
+   tests/test_faults.py::test_embed_worker_killed_mid_batch_ten_times (the AOF showed the pop and no
+   record). The fix is Redis's reliable-queue pattern: a worker that has said who it is
+   (``land_as``) fetches with BRPOPLPUSH into its own landing list (one per worker and queue, named
+   in the LANDINGS hash), and takes the message off that list once kombu has recorded it in
+   ``unacked`` (and the worker in workers/liveness.py's record). The liveness sweep puts a dead
+   worker's landed messages back on their queue (``restore_landed``), except those in ``unacked``,
+   which kombu and the sweep already bring back. BRPOPLPUSH reads one list, so a worker consuming
+   one queue fetches this way (every pupyl worker does: ``-Q`` one queue; priority_steps [0] in
+   celery_app.py keeps it one list); anything else fetches with kombu's BRPOP as before.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
+from time import monotonic
 from typing import Any
 
 from pupyl_queue import constants as C
 from pupyl_queue.backoff import retrying
 
 log = logging.getLogger(__name__)
+LANDINGS = f"{C.REDIS_PREFIX}:workers:landings"  # HASH landing list -> [worker name, queue key]
+_landing_owner: str | None = None  # this process's worker name, once it fetches into landing lists
+
+# Put a landing list's messages back on their queue (the consuming end: next in line), except those
+# kombu recorded in ``unacked``; drop the list and its entry. KEYS: landing, unacked, queue, LANDINGS.
+_RESTORE_LANDED = """
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+local back = 0
+for i = #items, 1, -1 do
+  local ok, message = pcall(cjson.decode, items[i])
+  local tag = nil
+  if ok and type(message) == 'table' and type(message['properties']) == 'table' then
+    tag = message['properties']['delivery_tag']
+  end
+  if type(tag) ~= 'string' or redis.call('HEXISTS', KEYS[2], tag) == 0 then
+    redis.call('RPUSH', KEYS[3], items[i])
+    back = back + 1
+  end
+end
+redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[4], KEYS[1])
+return back
+"""
+
+
+def landing_key(owner: str, queue_key: str) -> str:
+    return f"{C.REDIS_PREFIX}:workers:landing:{owner}:{queue_key}"
+
+
+def land_as(owner: str | None) -> None:
+    """Fetch into landing lists named for this worker from now on (None: kombu's BRPOP again)."""
+    global _landing_owner
+    _landing_owner = owner
+
+
+def restore_landed(client: Any, owners: Callable[[list[str]], set[str]], unacked: str = "unacked") -> int:
+    """Put back what the workers ``owners`` picks (from all that have landing lists) had fetched
+    and not recorded; returns how many messages went back."""
+    landings = {
+        key: json.loads(value)
+        for key, value in ((_text(k), _text(v)) for k, v in client.hgetall(LANDINGS).items())
+    }
+    gone = owners(sorted({owner for owner, _ in landings.values()}))
+    back = 0
+    script = client.register_script(_RESTORE_LANDED)
+    for key, (owner, queue_key) in landings.items():
+        if owner in gone:
+            back += int(script(keys=[key, unacked, queue_key, LANDINGS]))
+    return back
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def install() -> None:
@@ -60,7 +132,9 @@ def install() -> None:
 
     channel.__init__ = __init__
     channel._connparams = _connparams
-    _patient_acks(transport.QoS, (transport.redis.ConnectionError, transport.redis.TimeoutError))
+    broker_down = (transport.redis.ConnectionError, transport.redis.TimeoutError)
+    _patient_acks(transport.QoS, broker_down)
+    _landing_fetch(channel, transport, broker_down)
     channel._pupyl_guarded = True
 
 
@@ -80,6 +154,66 @@ def _patient_acks(qos: Any, broker_down: tuple[type[BaseException], ...]) -> Non
         waiting(lambda: reject(self, delivery_tag, requeue=requeue), broker_down, what)
 
     qos.ack, qos.reject, qos.append = patient_ack, patient_reject, patient_append
+
+
+def _landing_fetch(channel: Any, transport: Any, broker_down: tuple[type[BaseException], ...]) -> None:
+    brpop_start, brpop_read = channel._brpop_start, channel._brpop_read
+
+    def _brpop_start(self: Any, timeout: float | None = None) -> None:
+        owner = _landing_owner
+        if owner is None or self.global_keyprefix or len(self.active_queues) * len(self.priority_steps) != 1:
+            return brpop_start(self, timeout)
+        (queue,) = self._queue_cycle.consume(1) or [None]
+        if queue is None:
+            return None
+        source = self._q_for_pri(queue, self.priority_steps[0])
+        landing = landing_key(owner, source)
+        with self.conn_or_acquire() as client:
+            if getattr(self, "_pupyl_landing_named", None) != landing:  # the sweep must find it
+                client.hset(LANDINGS, landing, json.dumps([owner, source]))
+                self._pupyl_landing_named = landing
+            # Between fetches the list is empty, unless a reply was lost with its connection (a broker
+            # restart, a health check's disconnect): what it holds goes back first.
+            if client.llen(landing):
+                client.register_script(_RESTORE_LANDED)(keys=[landing, self.unacked_key, source, LANDINGS])
+                client.hset(LANDINGS, landing, json.dumps([owner, source]))
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()
+        self._pupyl_landing = (queue, landing)
+        timeout = self.brpop_timeout if timeout is None else timeout
+        self.client.connection.send_command("BRPOPLPUSH", source, landing, timeout or 0)
+        return None
+
+    def _brpop_read(self: Any, **options: Any) -> bool:
+        landed = getattr(self, "_pupyl_landing", None)
+        if landed is None:
+            return bool(brpop_read(self, **options))
+        self._pupyl_landing = None
+        queue, landing = landed
+        try:
+            try:
+                item = self.client.parse_response(self.client.connection, "BRPOPLPUSH", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()  # what kombu does; a moved message stays landed
+                raise
+            if not item:
+                raise transport.Empty()
+            self._queue_cycle.rotate(queue)
+
+            def unland() -> None:
+                with self.conn_or_acquire() as client:
+                    client.lrem(landing, 1, item)
+
+            try:
+                self.connection._deliver(transport.loads(transport.bytes_to_str(item)), queue)
+            finally:  # recorded in unacked now (or refused by kombu or Celery: not to come back)
+                waiting(unland, broker_down, f"landing list {landing}")
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    channel._brpop_start, channel._brpop_read = _brpop_start, _brpop_read
 
 
 def waiting(

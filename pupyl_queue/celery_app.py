@@ -37,6 +37,9 @@ def make_app(settings: Settings | None = None, include_tasks: bool = True) -> Ce
         # recovery takes about the visibility timeout and no longer (found by tests/test_faults.py).
         "unacked_restore_interval": max(1, min(60, settings.visibility_timeout // 4)),
         "unacked_restore_throttle": 1,
+        # One list per queue, not kombu's four (priorities 0, 3, 6, 9; nothing here sets one): a worker
+        # then fetches with BRPOPLPUSH into its landing list, which reads one list (broker_fixes.py, 4).
+        "priority_steps": [0],
     }
     app.conf.update(
         task_serializer="json",

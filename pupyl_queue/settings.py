@@ -46,7 +46,7 @@ class Settings:
     infer_batch: int = 0
     decode_threads: int = 0
     decode_processes: int = -1  # -1: one per core; 0: decode in the embed worker's threads
-    embed_concurrency: int = 1  # batches one embed worker runs at once (threads, one network; write_claim.py)
+    embed_concurrency: int = 2  # batches one embed worker runs at once (threads, one network; write_claim.py)
     local_references: bool = False  # local files reach embed workers as paths (they see the same files)
     tf_threads: int = 0
     mixed_precision: bool = False

@@ -150,7 +150,10 @@ def celery_command() -> list[str]:
 
 
 def worker_command(
-    queue: str, name: str | None = None, loglevel: str = "INFO", embed_concurrency: int = 1
+    queue: str,
+    name: str | None = None,
+    loglevel: str = "INFO",
+    embed_concurrency: int = Settings.embed_concurrency,
 ) -> list[str]:
     """The celery command of one worker; ``queue`` is a kind, or a shard's queue (search.shard<k>).
 

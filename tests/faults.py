@@ -167,12 +167,23 @@ FINISHED = re.compile(r"Task pupyl\.embed\[([0-9a-f-]+)\] (?:succeeded|retry|rai
 RETRY = re.compile(r"Task pupyl\.\w+\[[0-9a-f-]+\] retry: Retry in")
 
 
-def running_task(log: str) -> str | None:
-    """The embed task a worker log shows received and not yet finished (solo pool: at most one)."""
+def open_tasks(log: str) -> list[str]:
+    """Every embed task a worker log shows received and not yet finished, oldest receipt first.
+
+    A solo worker has at most one; a threads-pool worker (PUPYL_EMBED_CONCURRENCY > 1) runs several
+    and holds prefetched ones besides, waiting for a thread. Counted per receipt, not per id: a
+    retry (or a delivery that came back) is received again under the same task id, and stays open
+    until its own end is logged.
+    """
     received = RECEIVED.findall(log)
-    finished = set(FINISHED.findall(log))
-    open_ = [t for t in received if t not in finished]
-    return open_[-1] if open_ else None
+    left = Counter(received)
+    left.subtract(FINISHED.findall(log))
+    out: list[str] = []
+    for task in reversed(received):  # the newest receipts are the open ones
+        if left[task] > 0:
+            left[task] -= 1
+            out.append(task)
+    return list(dict.fromkeys(reversed(out)))  # a task id twice open (a retry received early): once
 
 
 def count_retries(log: str) -> int:

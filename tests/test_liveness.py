@@ -247,3 +247,59 @@ def test_a_retry_received_before_its_first_run_ended_is_restored_when_its_worker
         r.flushdb()
         r.close()
         app.close()
+
+
+@pytest.mark.slow
+def test_a_message_fetched_by_a_worker_killed_before_it_recorded_it_comes_back(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The server pops a message for a worker's pending fetch whether or not the worker reads the reply.
+
+    The worker is stopped (SIGSTOP: its fetch pending, its consumer thread unable to read, as one
+    short of the GIL is) when the message is sent, then killed. With kombu's BRPOP the message was
+    then nowhere (not queued, not in ``unacked``): lost for good. It must sit in the worker's
+    landing list and come back to a live worker once the dead one's alive key lapsed.
+    """
+    from pupyl_queue.broker_fixes import LANDINGS
+    from tests.retry_app import ECHO
+
+    settings = Settings(
+        data_dir=tmp_path / "data", redis_url=redis_url.rsplit("/", 1)[0] + f"/{DB}", worker_alive_s=3
+    )
+    app = make_app(settings, include_tasks=False)
+    r = redis.Redis.from_url(settings.broker_url, decode_responses=True)
+    r.flushdb()
+    procs = {"fetch-a": retry_worker("fetch-a", settings, tmp_path)}
+    try:
+        deadline = time.monotonic() + 60
+        while not r.hlen(LANDINGS):  # the worker fetches (into its landing list)
+            assert time.monotonic() < deadline, (tmp_path / "fetch-a.log").read_text()
+            time.sleep(0.05)
+        for attempt in range(20):  # until the stopped worker's pending fetch takes the message
+            procs["fetch-a"].send_signal(signal.SIGSTOP)
+            result = app.send_task(ECHO, kwargs={"value": attempt})
+            time.sleep(0.2)
+            if not r.llen(C.QUEUE_MAINTENANCE):
+                break
+            r.delete(C.QUEUE_MAINTENANCE)  # its fetch had timed out just before: not this case
+            procs["fetch-a"].send_signal(signal.SIGCONT)
+            time.sleep(0.3)
+        else:
+            pytest.fail("the stopped worker's fetch never took a message")
+        assert not r.hlen(UNACKED)  # fetched, never recorded: nothing for kombu or the sweep's tags
+        procs["fetch-a"].send_signal(signal.SIGKILL)
+        procs.pop("fetch-a").wait()
+        procs["fetch-b"] = retry_worker("fetch-b", settings, tmp_path)
+        assert result.get(timeout=60) == attempt
+        logs = (tmp_path / "fetch-b.log").read_text(errors="replace")
+        assert "restored 1 fetched, unrecorded message(s)" in logs, logs
+        assert not [k for k in r.hkeys(LANDINGS) if "fetch-a@" in k]  # the dead worker's list went
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+        for proc in procs.values():
+            proc.wait(timeout=30)
+        r.flushdb()
+        r.close()
+        app.close()

@@ -26,6 +26,10 @@ timeout (hours). A batch dispatched again (its task id is its batch id) is the s
 receipt stamps its delivery tag into the request (``DELIVERY``), which the task's postrun reads
 back; a count per tag covers the one delivery received twice (restored while this worker was
 thought dead, then received again by it).
+
+A message a dead worker had fetched and not yet recorded (not in ``unacked``, so no tag to sweep)
+waits in that worker's landing list (pupyl_queue/broker_fixes.py, item 4): the sweep puts those
+back too, and a worker that stops puts back its own.
 """
 
 from __future__ import annotations
@@ -34,11 +38,13 @@ import json
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import redis
 from celery.signals import task_postrun, task_received, worker_ready, worker_shutdown
 
+from pupyl_queue import broker_fixes
 from pupyl_queue import constants as C
 from pupyl_queue.settings import Settings
 
@@ -153,12 +159,29 @@ class Liveness:
             log.warning("restored %d task(s) of dead workers: %s", len(restored), ", ".join(restored))
         return restored
 
+    def dead(self, hosts: list[str]) -> set[str]:
+        """Those of ``hosts`` whose alive key lapsed."""
+        if not hosts:
+            return set()
+        return {h for h, alive in zip(hosts, self.redis.mget([alive_key(h) for h in hosts])) if alive is None}
+
+    def restore_landed(self, hosts: Callable[[list[str]], set[str]]) -> int:
+        """Put back the messages these workers fetched and never recorded (broker_fixes.py, item 4)."""
+        back = broker_fixes.restore_landed(self.redis, hosts, UNACKED)
+        if back:
+            log.warning("restored %d fetched, unrecorded message(s) of stopped or dead workers", back)
+        return back
+
     def sweep(self) -> list[str]:
         """Restore the deliveries of workers that are gone; returns what was restored."""
-        return self.restore(self.orphans())
+        restored = self.restore(self.orphans())
+        self.restore_landed(self.dead)
+        return restored
 
     def close(self) -> None:
         self.stop.set()
+        broker_fixes.land_as(None)
+        self.restore_landed(lambda hosts: {self.hostname} & set(hosts))  # what it fetched last, unread
         self._drop_host(keys=[HOLDERS], args=[self.hostname])
         self.redis.delete(alive_key(self.hostname))
         self.redis.close()
@@ -174,6 +197,7 @@ def _start(sender: Any = None, **_: Any) -> None:
         return
     _liveness = Liveness(sender.app, sender.hostname, Settings.from_env().worker_alive_s)
     _liveness.start()
+    broker_fixes.land_as(sender.hostname)  # alive key set: fetch into a landing list the sweep knows
     try:
         _liveness.sweep()  # a replacement worker frees its predecessor's task at once
     except Exception as exc:  # noqa: BLE001 - the periodic sweep tries again
