@@ -28,15 +28,12 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
-# The suite runs in two processes (pytest-xdist, each module whole in one: its Redis databases,
-# workers and model fixtures are per module or per session), then the tests marked `serial` in one:
-# two tests that start Flower failed beside another test process, cause not found (BENCHMARKS.md, "Test time").
-# Exit status 5 is "no test selected" (PYTEST_ARGS picked none of that phase's tests).
+# The suite runs in two processes (pytest-xdist), each module whole in one: its Redis databases,
+# workers and model fixtures are per module or per session. PYTEST_PARALLEL= runs it in one.
 PYTEST_PARALLEL ?= -n 2 --dist loadfile
 
 test: lint browser
-	$(PY) -m pytest -q -ra --durations=10 $(PYTEST_PARALLEL) -m "not serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
-	$(PY) -m pytest -q -ra -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -q -ra --durations=10 $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -38,18 +38,22 @@
    tests/test_faults.py::test_embed_worker_killed_mid_batch_ten_times (the AOF showed the pop and no
    record). The fix is Redis's reliable-queue pattern: a worker that has said who it is
    (``land_as``) fetches with BRPOPLPUSH into its own landing list (one per worker and queue, named
-   in the LANDINGS hash), and takes the message off that list once kombu has recorded it in
-   ``unacked`` (and the worker in workers/liveness.py's record). The liveness sweep puts a dead
-   worker's landed messages back on their queue (``restore_landed``), except those in ``unacked``,
-   which kombu and the sweep already bring back. BRPOPLPUSH reads one list, so a worker consuming
-   one queue fetches this way (every pupyl worker does: ``-Q`` one queue; priority_steps [0] in
-   celery_app.py keeps it one list); anything else fetches with kombu's BRPOP as before.
+   in the LANDINGS hash), and takes the message off that list once workers/liveness.py has recorded
+   the delivery (``recorded()``, on receipt: before a solo pool runs the task inside the hand-over;
+   an entry left there for the whole run brought a task killed mid-run back twice, once through the
+   record and once from the list). The liveness sweep puts a dead worker's landed messages back on
+   their queue (``restore_landed``), except those in its record, which the record's restore brings
+   back; one already in ``unacked`` leaves it, so that kombu's own restore cannot run it again.
+   BRPOPLPUSH reads one list, so a worker consuming one queue fetches this way (every pupyl worker
+   does: ``-Q`` one queue; priority_steps [0] in celery_app.py keeps it one list); anything else
+   fetches with kombu's BRPOP as before.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable
 from time import monotonic
 from typing import Any
@@ -61,8 +65,13 @@ log = logging.getLogger(__name__)
 LANDINGS = f"{C.REDIS_PREFIX}:workers:landings"  # HASH landing list -> [worker name, queue key]
 _landing_owner: str | None = None  # this process's worker name, once it fetches into landing lists
 
+HOLDERS = f"{C.REDIS_PREFIX}:workers:holders"  # HASH delivery tag -> worker (workers/liveness.py)
+_pending = threading.local()  # the consumer thread's landed delivery, until its receipt is recorded
+
 # Put a landing list's messages back on their queue (the consuming end: next in line), except those
-# kombu recorded in ``unacked``; drop the list and its entry. KEYS: landing, unacked, queue, LANDINGS.
+# in the liveness record (HOLDERS: its sweep brings them back); one that kombu had already put in
+# ``unacked`` leaves it, so kombu's own restore cannot run it a second time. Then drop the list and
+# its entry. KEYS: landing, unacked, queue, LANDINGS, HOLDERS, unacked index.
 _RESTORE_LANDED = """
 local items = redis.call('LRANGE', KEYS[1], 0, -1)
 local back = 0
@@ -72,8 +81,12 @@ for i = #items, 1, -1 do
   if ok and type(message) == 'table' and type(message['properties']) == 'table' then
     tag = message['properties']['delivery_tag']
   end
-  if type(tag) ~= 'string' or redis.call('HEXISTS', KEYS[2], tag) == 0 then
+  if type(tag) ~= 'string' or redis.call('HEXISTS', KEYS[5], tag) == 0 then
     redis.call('RPUSH', KEYS[3], items[i])
+    if type(tag) == 'string' then
+      redis.call('HDEL', KEYS[2], tag)
+      redis.call('ZREM', KEYS[6], tag)
+    end
     back = back + 1
   end
 end
@@ -93,7 +106,23 @@ def land_as(owner: str | None) -> None:
     _landing_owner = owner
 
 
-def restore_landed(client: Any, owners: Callable[[list[str]], set[str]], unacked: str = "unacked") -> int:
+def recorded() -> None:
+    """The delivery this consumer thread is handing over is in the liveness record now (HOLDERS):
+    its landing entry goes. Called by workers/liveness.py on receipt, before a solo pool runs the
+    task inside the hand-over: a landing entry left for the whole run would bring a task killed
+    mid-run back twice, once by the record and once from the landing list."""
+    unland = getattr(_pending, "unland", None)
+    if unland is not None:
+        unland()
+        _pending.unland = None
+
+
+def restore_landed(
+    client: Any,
+    owners: Callable[[list[str]], set[str]],
+    unacked: str = "unacked",
+    unacked_index: str = "unacked_index",
+) -> int:
     """Put back what the workers ``owners`` picks (from all that have landing lists) had fetched
     and not recorded; returns how many messages went back."""
     landings = {
@@ -105,7 +134,7 @@ def restore_landed(client: Any, owners: Callable[[list[str]], set[str]], unacked
     script = client.register_script(_RESTORE_LANDED)
     for key, (owner, queue_key) in landings.items():
         if owner in gone:
-            back += int(script(keys=[key, unacked, queue_key, LANDINGS]))
+            back += int(script(keys=[key, unacked, queue_key, LANDINGS, HOLDERS, unacked_index]))
     return back
 
 
@@ -175,7 +204,9 @@ def _landing_fetch(channel: Any, transport: Any, broker_down: tuple[type[BaseExc
             # Between fetches the list is empty, unless a reply was lost with its connection (a broker
             # restart, a health check's disconnect): what it holds goes back first.
             if client.llen(landing):
-                client.register_script(_RESTORE_LANDED)(keys=[landing, self.unacked_key, source, LANDINGS])
+                client.register_script(_RESTORE_LANDED)(
+                    keys=[landing, self.unacked_key, source, LANDINGS, HOLDERS, self.unacked_index_key]
+                )
                 client.hset(LANDINGS, landing, json.dumps([owner, source]))
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
@@ -204,10 +235,13 @@ def _landing_fetch(channel: Any, transport: Any, broker_down: tuple[type[BaseExc
                 with self.conn_or_acquire() as client:
                     client.lrem(landing, 1, item)
 
+            _pending.unland = unland  # taken off once the receipt is recorded (recorded())
             try:
                 self.connection._deliver(transport.loads(transport.bytes_to_str(item)), queue)
-            finally:  # recorded in unacked now (or refused by kombu or Celery: not to come back)
-                waiting(unland, broker_down, f"landing list {landing}")
+            finally:  # not recorded (refused by kombu or Celery, or no liveness): not to come back
+                if getattr(_pending, "unland", None) is not None:
+                    _pending.unland = None
+                    waiting(unland, broker_down, f"landing list {landing}")
             return True
         finally:
             self._in_poll = None

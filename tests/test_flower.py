@@ -24,9 +24,6 @@ from pupyl_queue.stack import flower_command, flower_env, free_port, start_flowe
 from tests.workers import Workers
 
 T = TypeVar("T")
-# serial: beside the other test process, Flower refused its first API call right after it listened,
-# in 2 of 6 two-process runs (sessions 6-9), never in one process; cause not found (BENCHMARKS.md, Test time).
-pytestmark = pytest.mark.serial
 
 
 def test_flower_command_line_holds_no_secret() -> None:

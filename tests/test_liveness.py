@@ -22,7 +22,7 @@ import pytest
 import redis
 from celery import Celery
 
-from pupyl_queue import PupylQueue, Settings
+from pupyl_queue import PupylQueue, Settings, broker_fixes
 from pupyl_queue import constants as C
 from pupyl_queue.celery_app import make_app
 from pupyl_queue.layout import Layout
@@ -181,6 +181,15 @@ def test_killed_maintenance_workers_task_comes_back_without_waiting_hours(
         assert done["watermark"] == coord.last_sequence() and done["count"] == 80_000
         logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("*.log"))
         assert re.search(rf"restored 1 task\(s\) of dead workers: {result.id} \(delivery ", logs), logs
+        # Once, not twice: the sweep that restored it from the record found the dead worker's landing
+        # list empty (a solo worker runs a task inside its fetch's hand-over; the entry went on receipt).
+        received = re.compile(rf"Task {re.escape(C.TASK_COMPACT)}\[{result.id}\] received")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("*.log"))
+            assert len(received.findall(logs)) == 2 and not client.redis.llen(C.QUEUE_MAINTENANCE), logs
+            time.sleep(0.5)
+        assert not any(holder in v for v in client.redis.hvals(broker_fixes.LANDINGS)), "landing list left"
         print(f"\n[liveness] killed maintenance worker: compaction done {took:.1f}s after the kill")
     finally:
         client.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,10 @@ def test_failed_imagenet_fetch_is_explained(monkeypatch: pytest.MonkeyPatch, tmp
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
+    # urllib's shared opener reads the proxies once, when the process's first urlopen builds it: if
+    # that is Keras's fetch here, every later urlopen of this test process (the tests' HTTP clients)
+    # goes through the dead proxy, refused. The opener this fetch builds goes with the test.
+    monkeypatch.setattr(urllib.request, "_opener", None)
     with pytest.raises(ModelError) as err:
         build_characteristic(MOBILENET, resolve_weights(MOBILENET, ""))
     message = str(err.value)

@@ -33,9 +33,7 @@ from tests.imagegen import encode, pattern
 from tests.logcapture import all_log_lines
 from tests.workers import Workers
 
-# serial: beside the other test process, its first API call after Flower came up was refused, in
-# 3 of 5 two-process runs and never in one process; cause not found (BENCHMARKS.md, Test time).
-pytestmark = [pytest.mark.slow, pytest.mark.serial]
+pytestmark = pytest.mark.slow
 REDIS_PASSWORD = "redis-pw-" + uuid.uuid4().hex
 API_TOKEN = "api-token-" + uuid.uuid4().hex
 FLOWER_PASSWORD = "flower-pw-" + uuid.uuid4().hex

@@ -49,7 +49,7 @@ from pupyl_queue import constants as C
 from pupyl_queue.settings import Settings
 
 log = logging.getLogger(__name__)
-HOLDERS = f"{C.REDIS_PREFIX}:workers:holders"  # HASH delivery tag -> name of the worker that received it
+HOLDERS = broker_fixes.HOLDERS  # HASH delivery tag -> name of the worker that received it
 ALIVE_TTL_S = Settings.worker_alive_s  # PUPYL_WORKER_ALIVE_S's default (30 s)
 BEAT_S = 5  # at most; a shorter lifetime beats 3 times within it
 UNACKED = "unacked"  # kombu's Redis transport: HASH delivery tag -> [message, exchange, routing key]
@@ -173,10 +173,13 @@ class Liveness:
         return back
 
     def sweep(self) -> list[str]:
-        """Restore the deliveries of workers that are gone; returns what was restored."""
-        restored = self.restore(self.orphans())
+        """Restore the deliveries of workers that are gone; returns what was restored.
+
+        Landing lists first: one of their messages still in a dead worker's record is left to the
+        record's restore, which would otherwise have dropped the record before the landing list
+        was read, and the message would have come back twice."""
         self.restore_landed(self.dead)
-        return restored
+        return self.restore(self.orphans())
 
     def close(self) -> None:
         self.stop.set()
@@ -222,6 +225,7 @@ def _hold(request: Any = None, **_: Any) -> None:
         tag = str(request.message.delivery_tag)
         request.request_dict[DELIVERY] = tag  # becomes the task's request: its postrun finds it
         _liveness.hold(tag)
+        broker_fixes.recorded()  # in the record now: off the landing list, before a solo pool runs it
     except (redis.RedisError, AttributeError, TypeError) as exc:
         log.warning("could not record task %s as held: %s", getattr(request, "id", "?"), exc)
 
