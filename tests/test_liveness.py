@@ -109,6 +109,36 @@ def test_two_sweepers_restore_a_dead_workers_task_once(app: Celery) -> None:
         r.close()
 
 
+@pytest.mark.parametrize("recorded", ["nowhere else", "in unacked", "in unacked and the record"])
+def test_a_dead_workers_landed_message_comes_back_once(app: Celery, recorded: str) -> None:
+    """A message in a dead worker's landing list (broker_fixes.py, item 4), killed before kombu
+    recorded it, between kombu's record and the liveness record, or after both (a solo worker
+    runs its task inside the hand-over): one sweep puts it back on its queue exactly once, and
+    nothing is left in ``unacked`` for kombu's own restore to bring back a second time."""
+    r = redis.Redis.from_url(app.conf.broker_url, decode_responses=True)
+    app.send_task(C.TASK_COMPACT, kwargs={"collection": "default"})
+    opened: list[Any] = []
+    try:
+        tag = take(app, opened).delivery_tag  # now in unacked, as kombu records a fetched message
+        payload = json.loads(r.hget(UNACKED, tag))[0]  # the message as its queue held it
+        landing = broker_fixes.landing_key("dead@host", C.QUEUE_MAINTENANCE)
+        r.rpush(landing, json.dumps(payload))
+        r.hset(broker_fixes.LANDINGS, landing, json.dumps(["dead@host", C.QUEUE_MAINTENANCE]))
+        if recorded == "nowhere else":
+            r.hdel(UNACKED, tag)
+        elif recorded == "in unacked and the record":
+            Liveness(app, "dead@host").hold(tag)
+        Liveness(app, "sweeper@host").sweep()
+        queued = [json.loads(m)["properties"]["delivery_tag"] for m in r.lrange(C.QUEUE_MAINTENANCE, 0, -1)]
+        assert queued == [tag]  # back once, not twice
+        assert not r.hexists(UNACKED, tag) and not r.exists(landing)
+        assert not r.hexists(broker_fixes.LANDINGS, landing) and not r.hexists(HOLDERS, tag)
+    finally:
+        for conn in opened:
+            conn.release()
+        r.close()
+
+
 def test_alive_keys_live_for_the_setting_and_beats_fit_three_times_in_it(app: Celery) -> None:
     r = redis.Redis.from_url(app.conf.broker_url, decode_responses=True)
     default, short = Liveness(app, "default@host"), Liveness(app, "short@host", alive_s=6)
