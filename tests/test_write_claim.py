@@ -160,7 +160,9 @@ def test_a_claim_is_renewed_while_held_and_handed_over_on_failure(rt: Runtime) -
         waiter.acquire()
     holder.release()  # it failed: the next run takes over at once
     assert not rt.redis.exists(coord.write_claim_key(key))
-    assert WriteClaim(coord, key, wait_s=0.1).acquire() is True
+    successor = WriteClaim(coord, key, wait_s=0.1)
+    assert successor.acquire() is True
+    successor.release()  # its renewing thread stops here, not at the end of the test process
 
 
 def test_two_runs_retiring_one_replaced_id_write_its_tombstone_once(rt: Runtime) -> None:
