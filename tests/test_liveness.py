@@ -237,6 +237,42 @@ def retry_worker(name: str, settings: Settings, log_dir: Path) -> subprocess.Pop
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
 
 
+class RetryWorkers:
+    """Real tests/retry_app.py workers on this module's Redis database, stopped and cleaned up on exit."""
+
+    def __init__(self, redis_url: str, log_dir: Path, worker_alive_s: int) -> None:
+        self.log_dir = log_dir
+        self.settings = Settings(
+            data_dir=log_dir / "data",
+            redis_url=redis_url.rsplit("/", 1)[0] + f"/{DB}",
+            worker_alive_s=worker_alive_s,
+        )
+        self.app = make_app(self.settings, include_tasks=False)
+        self.r = redis.Redis.from_url(self.settings.broker_url, decode_responses=True)
+        self.r.flushdb()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str) -> None:
+        self.procs[name] = retry_worker(name, self.settings, self.log_dir)
+
+    def kill(self, name: str) -> None:
+        self.procs[name].send_signal(signal.SIGKILL)
+        self.procs.pop(name).wait()
+
+    def __enter__(self) -> RetryWorkers:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for proc in self.procs.values():
+            proc.send_signal(signal.SIGCONT)  # one a test stopped must be able to shut down
+            proc.terminate()
+        for proc in self.procs.values():
+            proc.wait(timeout=30)
+        self.r.flushdb()
+        self.r.close()
+        self.app.close()
+
+
 @pytest.mark.slow
 def test_a_retry_received_before_its_first_run_ended_is_restored_when_its_worker_dies(
     redis_url: str, tmp_path: Path
@@ -246,15 +282,10 @@ def test_a_retry_received_before_its_first_run_ended_is_restored_when_its_worker
     worker killed during the countdown has the retry restored in seconds, not after hours."""
     from tests.retry_app import RETRY_ONCE
 
-    settings = Settings(
-        data_dir=tmp_path / "data", redis_url=redis_url.rsplit("/", 1)[0] + f"/{DB}", worker_alive_s=6
-    )
-    app = make_app(settings, include_tasks=False)
-    r = redis.Redis.from_url(settings.broker_url, decode_responses=True)
-    r.flushdb()
-    procs = {"retry-a": retry_worker("retry-a", settings, tmp_path)}
-    try:
-        result = app.send_task(RETRY_ONCE, kwargs={"countdown": 20})
+    with RetryWorkers(redis_url, tmp_path, worker_alive_s=6) as stack:
+        r = stack.r
+        stack.start("retry-a")
+        result = stack.app.send_task(RETRY_ONCE, kwargs={"countdown": 20})
         deadline = time.monotonic() + 60
         while True:  # the first delivery acked (after its postrun), the retry received and unacked
             unacked = {tag: json.loads(raw)[0] for tag, raw in r.hgetall(UNACKED).items()}
@@ -270,22 +301,13 @@ def test_a_retry_received_before_its_first_run_ended_is_restored_when_its_worker
         )
         assert list(holders) == [retry_tag]  # and the first delivery's record went with its run
 
-        procs["retry-a"].send_signal(signal.SIGKILL)
-        procs.pop("retry-a").wait()
-        procs["retry-b"] = retry_worker("retry-b", settings, tmp_path)
+        stack.kill("retry-a")
+        stack.start("retry-b")
         assert result.get(timeout=90) == 1  # restored by the sweep, run when its countdown is over
         logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("retry-*.log"))
         assert (
             f"restored 1 task(s) of dead workers: {result.id} (delivery {retry_tag}, held by retry-a@" in logs
         )
-    finally:
-        for proc in procs.values():
-            proc.terminate()
-        for proc in procs.values():
-            proc.wait(timeout=30)
-        r.flushdb()
-        r.close()
-        app.close()
 
 
 @pytest.mark.slow
@@ -302,21 +324,16 @@ def test_a_message_fetched_by_a_worker_killed_before_it_recorded_it_comes_back(
     from pupyl_queue.broker_fixes import LANDINGS
     from tests.retry_app import ECHO
 
-    settings = Settings(
-        data_dir=tmp_path / "data", redis_url=redis_url.rsplit("/", 1)[0] + f"/{DB}", worker_alive_s=3
-    )
-    app = make_app(settings, include_tasks=False)
-    r = redis.Redis.from_url(settings.broker_url, decode_responses=True)
-    r.flushdb()
-    procs = {"fetch-a": retry_worker("fetch-a", settings, tmp_path)}
-    try:
+    with RetryWorkers(redis_url, tmp_path, worker_alive_s=3) as stack:
+        r, procs = stack.r, stack.procs
+        stack.start("fetch-a")
         deadline = time.monotonic() + 60
         while not r.hlen(LANDINGS):  # the worker fetches (into its landing list)
             assert time.monotonic() < deadline, (tmp_path / "fetch-a.log").read_text()
             time.sleep(0.05)
         for attempt in range(20):  # until the stopped worker's pending fetch takes the message
             procs["fetch-a"].send_signal(signal.SIGSTOP)
-            result = app.send_task(ECHO, kwargs={"value": attempt})
+            result = stack.app.send_task(ECHO, kwargs={"value": attempt})
             time.sleep(0.2)
             if not r.llen(C.QUEUE_MAINTENANCE):
                 break
@@ -326,19 +343,9 @@ def test_a_message_fetched_by_a_worker_killed_before_it_recorded_it_comes_back(
         else:
             pytest.fail("the stopped worker's fetch never took a message")
         assert not r.hlen(UNACKED)  # fetched, never recorded: nothing for kombu or the sweep's tags
-        procs["fetch-a"].send_signal(signal.SIGKILL)
-        procs.pop("fetch-a").wait()
-        procs["fetch-b"] = retry_worker("fetch-b", settings, tmp_path)
+        stack.kill("fetch-a")
+        stack.start("fetch-b")
         assert result.get(timeout=60) == attempt
         logs = (tmp_path / "fetch-b.log").read_text(errors="replace")
         assert "restored 1 fetched, unrecorded message(s)" in logs, logs
         assert not [k for k in r.hkeys(LANDINGS) if "fetch-a@" in k]  # the dead worker's list went
-    finally:
-        for proc in procs.values():
-            proc.send_signal(signal.SIGCONT)
-            proc.terminate()
-        for proc in procs.values():
-            proc.wait(timeout=30)
-        r.flushdb()
-        r.close()
-        app.close()
