@@ -198,16 +198,16 @@ def _landing_fetch(channel: Any, transport: Any, broker_down: tuple[type[BaseExc
         source = self._q_for_pri(queue, self.priority_steps[0])
         landing = landing_key(owner, source)
         with self.conn_or_acquire() as client:
-            if getattr(self, "_pupyl_landing_named", None) != landing:  # the sweep must find it
-                client.hset(LANDINGS, landing, json.dumps([owner, source]))
-                self._pupyl_landing_named = landing
             # Between fetches the list is empty, unless a reply was lost with its connection (a broker
-            # restart, a health check's disconnect): what it holds goes back first.
+            # restart, a health check's disconnect): what it holds goes back first (with its entry).
             if client.llen(landing):
                 client.register_script(_RESTORE_LANDED)(
                     keys=[landing, self.unacked_key, source, LANDINGS, HOLDERS, self.unacked_index_key]
                 )
+                self._pupyl_landing_named = None
+            if getattr(self, "_pupyl_landing_named", None) != landing:  # the sweep must find it
                 client.hset(LANDINGS, landing, json.dumps([owner, source]))
+                self._pupyl_landing_named = landing
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
         self._pupyl_landing = (queue, landing)
