@@ -133,6 +133,42 @@ class PeakRSS:
         return float("nan")
 
 
+class CpuSeconds:
+    """CPU seconds (user + system) spent by each part of the running system, read from /proc.
+
+    Why: on two cores every part competes for the same CPU, so per-image CPU says where the end to
+    end rate goes; on a GPU host the embed worker's own process (the one that feeds the network)
+    is one core that every image passes through, so its CPU per image bounds the rate it can feed.
+    """
+
+    def __init__(self, ingest: int, embed: int, redis: int) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self.roles = {"cpu_ingest_s": [ingest], "cpu_feeding_s": [embed], "cpu_redis_s": [redis]}
+        self.embed = embed
+
+    def _decoders(self) -> list[int]:
+        """The embed worker's decode processes (and the pool's resource tracker)."""
+        try:
+            return [p.pid for p in self._psutil.Process(self.embed).children(recursive=True)]
+        except self._psutil.Error:
+            return []
+
+    def read(self) -> dict[str, float]:
+        out = {}
+        for role, pids in {**self.roles, "cpu_decode_s": self._decoders()}.items():
+            total = 0.0
+            for pid in pids:
+                try:
+                    times = self._psutil.Process(pid).cpu_times()
+                except self._psutil.Error:
+                    continue
+                total += times.user + times.system
+            out[role] = total
+        return out
+
+
 def end_to_end(
     characteristic: Characteristic,
     weights: Path,
@@ -176,15 +212,18 @@ def end_to_end(
             f"{time.perf_counter() - started:.1f}s"
         )
         rates, spent_runs = [], []
+        cpu = CpuSeconds(ingest.pid, embed.pid, redis.pid)
         for run in range(runs):
+            cpu_before = cpu.read()
             started = time.perf_counter()
             job = client.index(folder)
             state = job.wait(timeout=3600, poll=0.05)
             elapsed = time.perf_counter() - started
+            cpu_spent = {k: v - cpu_before.get(k, 0.0) for k, v in cpu.read().items()}
             assert state["indexed"] == count, state
             rates.append(count / elapsed)
             spent = _stage_seconds(client, job.id, int(state["batches_total"]))
-            spent_runs.append({"elapsed_s": elapsed, **spent})
+            spent_runs.append({"elapsed_s": elapsed, **spent, **cpu_spent})
             print(
                 f"  run {run}: {elapsed:.2f}s; embed worker: "
                 + ", ".join(f"{k} {v:.2f}s" for k, v in spent.items())
@@ -327,7 +366,7 @@ def null_model(files: list[Path], folder: Path, runs: int, work: Path) -> None:
     print(f"{f'decode + resize, {cores} processes (the ceiling)':<44} {ceiling:>9.1f} {1:>10.0%}")
     print(f"{'end to end, null extractor':<44} {e2e:>9.1f} {e2e / ceiling:>10.0%}")
     print(f"embed worker peak RSS {peak:.0f} MiB")
-    print("per 1,000 images (median run), seconds:")
+    print("per 1,000 images (median run), seconds (cpu_*: CPU seconds of that part, so ms per image):")
     middle = sorted(spent, key=lambda r: r["elapsed_s"])[len(spent) // 2]
     per = 1000 / len(files)
     for key, value in middle.items():

@@ -20,6 +20,13 @@ processes uses every core and leaves the feeding process to feed.
   block per batch, one slot per image): no pickling of pixel arrays. The bytes
   in and the small :class:`ImageInfo` out go through the pool's pipe; both are
   local to this host, nothing of this reaches Redis.
+- With :class:`Copies` a decode process also writes each image's stored copy
+  itself, and reads a local path itself (through the same roots check as the
+  expansion): the feeding process then never holds those bytes. On a GPU host
+  the feeding process is one core that every image passes through; its writes
+  and reads were a quarter of its time per image (BENCHMARKS.md, session 10).
+  Writing the same copy twice (a group decoded again) is harmless: the key and
+  bytes are the same.
 - A decode process exits when the worker that started it dies (even by kill -9).
 - A decode process that dies (kill -9, the OOM killer, a crash in a codec)
   breaks the executor: every job in flight fails with ``BrokenProcessPool``.
@@ -34,15 +41,19 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import sys
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
 
 from pupyl_queue.images import ImageError, ImageInfo, decode
+from pupyl_queue.settings import Settings
+from pupyl_queue.sources import LocalRefused, Sources
+from pupyl_queue.store import ObjectStore, StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
@@ -71,41 +82,129 @@ class PixelSlots:
         self._shm.unlink()
 
 
+Source = bytes | str  # an image's bytes, or (with Copies) the path of a local file to read
+
+
+@dataclass(frozen=True)
+class Copies:
+    """Images whose stored copies (and originals) the decode process writes itself.
+
+    ``keys`` holds, per image handed over in that order, its stored copy's key
+    and its original's key ("" when originals are not kept). ``settings`` name
+    the store and the roots and size limit a local path is read under, for a
+    request of ``origin`` (:class:`pupyl_queue.sources.Sources`).
+    """
+
+    settings: Settings
+    origin: str
+    keys: list[tuple[str, str]]
+
+    def only(self, n: int) -> Copies:
+        """The same for image ``n`` alone (decoded again on its own after a process died)."""
+        return Copies(self.settings, self.origin, [self.keys[n]])
+
+
+_io: dict[tuple[Settings, str], tuple[ObjectStore, Sources]] = {}
+
+
+def _process_io(copies: Copies) -> tuple[ObjectStore, Sources]:
+    """This decode process's store client and local-file gate for these settings, made once."""
+    key = (copies.settings, copies.origin)
+    if key not in _io:
+        if len(_io) >= 8:  # a process that serves many runtimes (tests): keep the newest few
+            _io.pop(next(iter(_io)))
+        _io[key] = (open_store(copies.settings), Sources(copies.settings, origin=copies.origin))
+    return _io[key]
+
+
+class StoreWriteFailed(RuntimeError):
+    """A decode process could not write a stored copy, for a reason other than an unreachable store.
+
+    Carries the reason as text: a store client's own exception may not survive the trip back.
+    """
+
+
+def _write_copies(copies: Copies, n: int, copy: bytes, original: bytes) -> None:
+    store = _process_io(copies)[0]
+    key, original_key = copies.keys[n]
+    try:
+        store.put(key, copy)
+        if original_key:
+            store.put(original_key, original)
+    except StoreUnavailable:
+        raise  # transient: the batch is tried again (workers/tasks.py)
+    except Exception as exc:
+        raise StoreWriteFailed(f"writing {key}: {type(exc).__name__}: {exc}") from None
+
+
 def _decode_into(
-    data: bytes, max_pixels: int, size: int, name: str, slot: int
+    data: Source, max_pixels: int, size: int, name: str, slot: int, copies: Copies | None = None
 ) -> tuple[ImageInfo | None, bytes, str]:
     """Runs in a decode process: decode, hash, squash to ``size``, write the pixels into the slot.
 
     Returns the image's facts, its normalized copy (empty when the original
-    bytes already are one) and an error (the failure reason, or empty).
+    bytes already are one, or when ``copies`` had it stored here) and an error
+    (the failure reason, or empty).
     """
-    return _decode_group([(data, slot)], max_pixels, size, name)[0]
+    return _decode_group([(data, slot)], max_pixels, size, name, copies)[0]
 
 
 def _decode_group(
-    images: list[tuple[bytes, int]], max_pixels: int, size: int, name: str
+    images: list[tuple[Source, int]], max_pixels: int, size: int, name: str, copies: Copies | None = None
 ) -> list[tuple[ImageInfo | None, bytes, str]]:
-    """:func:`_decode_into` for several images (bytes, slot) in one call: one hand-off, one attach."""
+    """:func:`_decode_into` for several images (source, slot) in one call: one hand-off, one attach."""
     shm: shared_memory.SharedMemory | None = None
     out: list[tuple[ImageInfo | None, bytes, str]] = []
     try:
-        for data, slot in images:
+        for n, (source, slot) in enumerate(images):
             try:
+                if isinstance(source, bytes):
+                    data = source
+                elif copies is None:
+                    raise TypeError("a local path is read in a decode process only with Copies")
+                else:
+                    data = _process_io(copies)[1].read_local(source)
                 image = decode(data, max_pixels, target=size)
-            except ImageError as exc:
+            except (ImageError, LocalRefused) as exc:
                 out.append((None, b"", str(exc)))
                 continue
             pixels = image.pixels(size)
             if shm is None:
-                shm = shared_memory.SharedMemory(name=name)
+                shm = _attach(name)
             view = np.ndarray((size, size, 3), np.uint8, buffer=shm.buf, offset=slot * size * size * 3)
             view[...] = pixels
             del view
-            out.append((image.info(), b"" if image.original else image.normalized_bytes(), ""))
+            normalized = image.normalized_bytes()  # the original bytes when they already are one
+            if copies is not None:
+                _write_copies(copies, n, normalized, data)
+                out.append((image.info(), b"", ""))
+            else:
+                out.append((image.info(), b"" if image.original else normalized, ""))
     finally:
         if shm is not None:
             shm.close()
     return out
+
+
+def _attach(name: str) -> shared_memory.SharedMemory:
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg]
+    return shared_memory.SharedMemory(name=name)  # untracked by _untracked_attach
+
+
+def _untracked_attach() -> None:
+    """Attaching to a batch's pixel block registers it with the resource tracker on Python < 3.13:
+    two messages to the tracker per hand-off, and at exit a warning about "leaked" blocks that the
+    feeding process owns and unlinks. A decode process never owns one, so it registers none."""
+    if sys.version_info >= (3, 13):
+        return  # _attach passes track=False there
+    register = resource_tracker.register
+
+    def register_owned(name: str, rtype: str) -> None:
+        if rtype != "shared_memory":
+            register(name, rtype)
+
+    resource_tracker.register = register_owned
 
 
 def _start_decoder(cpus: set[int] | None) -> None:
@@ -116,6 +215,7 @@ def _start_decoder(cpus: set[int] | None) -> None:
     """
     if cpus:
         os.sched_setaffinity(0, cpus)
+    _untracked_attach()
     parent = multiprocessing.parent_process()
     if parent is not None:
 
@@ -135,9 +235,10 @@ class Decoding:
 
     future: Future[list[tuple[ImageInfo | None, bytes, str]]] | None  # None: broken at submission
     executor: ProcessPoolExecutor
-    images: list[tuple[bytes, int]]  # (bytes, slot)
+    images: list[tuple[Source, int]]  # (bytes or local path, slot)
     max_pixels: int
     slots: PixelSlots
+    copies: Copies | None = None  # stored by the decode process: a decoded image's copy is written
 
 
 class DecodePool:
@@ -154,18 +255,25 @@ class DecodePool:
         context = multiprocessing.get_context("spawn")
         return ProcessPoolExecutor(self.processes, context, initializer=_start_decoder, initargs=(self.pin,))
 
-    def submit(self, images: list[tuple[bytes, int]], max_pixels: int, slots: PixelSlots) -> Decoding:
-        """Hand images (bytes, slot) to one decode process without waiting; :meth:`results` collects them.
+    def submit(
+        self,
+        images: list[tuple[Source, int]],
+        max_pixels: int,
+        slots: PixelSlots,
+        copies: Copies | None = None,
+    ) -> Decoding:
+        """Hand images (source, slot) to one decode process without waiting; :meth:`results` collects them.
 
         Why several at once: each hand-off costs the feeding process ~0.15 ms of CPU (pickling,
-        the pool's queue threads), as much as decoding a small JPEG.
+        the pool's queue threads), as much as decoding a small JPEG. With ``copies`` the process
+        also stores each decoded image (see the module's docstring), and a source may be a path.
         """
         executor = self._executor
         try:
-            future = executor.submit(_decode_group, images, max_pixels, slots.size, slots.name)
+            future = executor.submit(_decode_group, images, max_pixels, slots.size, slots.name, copies)
         except RuntimeError:  # broken (BrokenProcessPool), or shut down by another thread's restart
             future = None
-        return Decoding(future, executor, images, max_pixels, slots)
+        return Decoding(future, executor, images, max_pixels, slots, copies)
 
     def results(self, decoding: Decoding) -> list[Decoded | ImageError]:
         """Each submitted image's facts, normalized copy and pixels, or the ImageError saying why not.
@@ -191,15 +299,22 @@ class DecodePool:
                 return out
         self._restart(decoding.executor)
         again: list[Decoded | ImageError] = []
-        for data, slot in decoding.images:
+        for n, (data, slot) in enumerate(decoding.images):
+            copies = decoding.copies.only(n) if decoding.copies is not None else None
             try:
-                again.append(self.decode(data, decoding.max_pixels, decoding.slots, slot, attempts))
+                again.append(self.decode(data, decoding.max_pixels, decoding.slots, slot, attempts, copies))
             except ImageError as exc:
                 again.append(exc)
         return again
 
     def decode(
-        self, data: bytes, max_pixels: int, slots: PixelSlots, slot: int, attempts: int = MAX_ATTEMPTS
+        self,
+        data: Source,
+        max_pixels: int,
+        slots: PixelSlots,
+        slot: int,
+        attempts: int = MAX_ATTEMPTS,
+        copies: Copies | None = None,
     ) -> tuple[ImageInfo, bytes, np.ndarray]:
         """Decode one image in a decode process and wait for it; its pixels land in ``slots`` at ``slot``.
 
@@ -208,7 +323,7 @@ class DecodePool:
         for attempt in range(MAX_ATTEMPTS - attempts + 1, MAX_ATTEMPTS + 1):
             executor = self._executor
             try:
-                future = executor.submit(_decode_into, data, max_pixels, slots.size, slots.name, slot)
+                future = executor.submit(_decode_into, data, max_pixels, slots.size, slots.name, slot, copies)
                 answer = future.result()
             except RuntimeError as exc:  # BrokenProcessPool is one too
                 if not isinstance(exc, BrokenProcessPool) and executor is self._executor:

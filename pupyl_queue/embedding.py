@@ -26,7 +26,7 @@ import numpy as np
 from pupyl_queue import integrity, keys, metadata
 from pupyl_queue.attributes import InvalidAttribute, builtin_values, check_attributes, check_key
 from pupyl_queue.codecs import SegmentRows, encode_segment
-from pupyl_queue.decode_pool import DecodePool, Decoding, PixelSlots
+from pupyl_queue.decode_pool import Copies, DecodePool, Decoding, PixelSlots, Source
 from pupyl_queue.images import ImageError, ImageInfo, decode
 from pupyl_queue.ingest import finish_if_done
 from pupyl_queue.jobs import batch_id
@@ -50,6 +50,7 @@ class Prepared:
     normalized: bytes = b""
     error: str = ""
     original: bytes = b""  # the file as uploaded, with PUPYL_KEEP_ORIGINALS
+    stored: bool = False  # its decode process wrote its stored copy (and original): nothing left to write
 
 
 def _fetch(rt: Runtime, item: dict[str, Any], origin: str) -> bytes:
@@ -109,25 +110,35 @@ class _Handed:
     outcome: dict[int, Prepared] | None = None
 
 
+CopyKeys = Callable[[int], tuple[str, str]]  # position -> its stored copy's key, its original's ("": none)
+
+
 def hand_over(
     rt: Runtime,
     decoder: DecodePool,
     items: list[tuple[int, dict[str, Any]]],
     slots: PixelSlots,
     origin: str,
+    copy_keys: CopyKeys | None = None,
 ) -> _Handed:
-    """Fetch these items' (position, item) bytes and hand them to one decode process without waiting."""
+    """Fetch these items' (position, item) bytes and hand them to one decode process without waiting.
+
+    With ``copy_keys`` the decode process writes each decoded image's stored copy under its keys,
+    and reads a local path itself (decode_pool.Copies): this process never holds those bytes.
+    """
     failed: dict[int, Prepared] = {}
-    images: list[tuple[bytes, int]] = []
+    images: list[tuple[Source, int]] = []
     for position, item in items:
         if error := _refused(item):
             failed[position] = Prepared(error=error)
             continue
         try:
-            images.append((_fetch(rt, item, origin), position))  # the slot is the position
+            source = item["path"] if copy_keys and "path" in item else _fetch(rt, item, origin)
+            images.append((source, position))  # the slot is the position
         except READ_ERRORS as exc:
             failed[position] = _unreadable(exc)
-    decoding = decoder.submit(images, rt.settings.max_pixels, slots) if images else None
+    copies = Copies(rt.settings, origin, [copy_keys(p) for _, p in images]) if copy_keys else None
+    decoding = decoder.submit(images, rt.settings.max_pixels, slots, copies) if images else None
     return _Handed(failed, decoding)
 
 
@@ -142,8 +153,11 @@ def collect(rt: Runtime, decoder: DecodePool, handed: _Handed) -> dict[int, Prep
                     outcome[position] = Prepared(error=str(answer))
                     continue
                 info, normalized, pixels = answer
+                if handed.decoding.copies is not None:  # written by the decode process
+                    outcome[position] = Prepared(info, pixels, stored=True)
+                    continue
                 original = data if rt.settings.keep_originals else b""
-                outcome[position] = Prepared(info, pixels, normalized or data, original=original)
+                outcome[position] = Prepared(info, pixels, normalized or data, original=original)  # type: ignore[arg-type]
         handed.outcome = outcome
     return handed.outcome
 
@@ -290,18 +304,26 @@ class _BatchRun:
             return [future.result for future in futures]
         # Small groups: every process busy from the start, and the first infer chunk ready soon.
         size_of_group = max(1, min(GROUP_MAX, len(self.items) // (4 * decoder.processes)))
+        # Every decoded item is indexed (no dedup decision, no near-duplicate drop): its decode
+        # process can write its stored copy at once, and read its local file itself.
+        copy_keys = self._copy_keys if self._claims_wait and not self.task.get("near_duplicate") else None
+        direct = ("data_b64", "path") if copy_keys else ("data_b64",)
         waits: list[Callable[[], Prepared]] = []
         numbered = list(enumerate(self.items))
         for first in range(0, len(numbered), size_of_group):
             group = numbered[first : first + size_of_group]
-            if all("data_b64" in item for _, item in group):  # nothing to fetch: straight to a process
-                handed = hand_over(rt, decoder, group, slots, origin)
+            if all(any(k in item for k in direct) for _, item in group):  # nothing to fetch here
+                handed = hand_over(rt, decoder, group, slots, origin, copy_keys)
                 outcome: Callable[[], dict[int, Prepared]] = lambda h=handed: collect(rt, decoder, h)  # noqa: E731
             else:
-                future = pool.submit(hand_over, rt, decoder, group, slots, origin)
+                future = pool.submit(hand_over, rt, decoder, group, slots, origin, copy_keys)
                 outcome = lambda f=future: collect(rt, decoder, f.result())  # noqa: E731
             waits += [lambda o=outcome, n=n: o()[n] for n, _ in group]
         return waits
+
+    def _copy_keys(self, position: int) -> tuple[str, str]:
+        layout, image_id = self.coord.layout, self.ids[position]
+        return layout.image(image_id), layout.original(image_id) if self.rt.settings.keep_originals else ""
 
     def _admit(self, positions: list[int]) -> None:
         """Record each item's outcome so far; the ones that go to the network join the pending chunk.
@@ -359,10 +381,12 @@ class _BatchRun:
             image = self.prepared[p].image
             meta = _metadata(image_id, self.items[p], image, self._uri(layout.image(image_id)))  # type: ignore[arg-type]
             self._metas[p] = meta
+            self._written.add(p)
+            if self.prepared[p].stored:
+                continue
             self._writes.append(pool.submit(put, layout.image(image_id), self.prepared[p].normalized))
             if self.prepared[p].original:
                 self._writes.append(pool.submit(put, layout.original(image_id), self.prepared[p].original))
-            self._written.add(p)
 
     def _uri(self, key: str) -> str:
         return f"{self.rt.store.url.rstrip('/')}/{key}"

@@ -11,17 +11,20 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
 import redis
 from PIL import Image
 
-from pupyl_queue.decode_pool import DecodePool, PixelSlots
+from pupyl_queue.decode_pool import Copies, DecodePool, PixelSlots, StoreWriteFailed
 from pupyl_queue.images import ImageError, decode
 from pupyl_queue.layout import Layout
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.settings import Settings
+from pupyl_queue.sources import OUTSIDE_ROOTS
+from pupyl_queue.store import open_store
 from tests.faults import assert_exactly_once, audit
 from tests.imagegen import encode, pattern
 from tests.indexing import index_folder
@@ -106,6 +109,58 @@ def test_killed_decode_process_is_replaced_and_the_image_decoded(pool: DecodePoo
         slots.close()
 
 
+def test_a_decode_process_stores_the_copies_and_reads_paths_through_the_roots_check(
+    pool: DecodePool, tmp_path: Path
+) -> None:
+    """With Copies, the copies land in the store under their keys (the original too, when kept), and
+    a path is read there under the same rules as the expansion: outside the roots, it fails alone."""
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    inside.mkdir()
+    outside.mkdir()
+    jpeg, png = encode(pattern(21), "JPEG"), encode(pattern(22), "PNG")
+    (inside / "a.png").write_bytes(png)
+    (outside / "b.jpg").write_bytes(jpeg)
+    settings = Settings(data_dir=tmp_path / "data", allowed_roots=str(inside))
+    keys = [("c/images/0.jpg", "c/originals/0"), ("c/images/1.jpg", "c/originals/1"), ("c/images/2.jpg", "")]
+    sources = [jpeg, str(inside / "a.png"), str(outside / "b.jpg")]
+    slots = PixelSlots(len(sources), 40)
+    try:
+        handed = pool.submit(
+            [(s, n) for n, s in enumerate(sources)], LIMIT, slots, Copies(settings, "network", keys)
+        )
+        answers = pool.results(handed)
+    finally:
+        slots.close()
+    store = open_store(settings)
+    assert store.get("c/images/0.jpg") == jpeg  # a plain JPEG is its own stored copy
+    assert store.get("c/images/1.jpg") == decode(png, LIMIT).normalized_bytes()
+    assert store.get("c/originals/0") == jpeg and store.get("c/originals/1") == png
+    assert isinstance(answers[2], ImageError) and str(answers[2]) == OUTSIDE_ROOTS
+    assert not store.exists("c/images/2.jpg")
+    for n, data in enumerate((jpeg, png)):
+        info, normalized, _ = answers[n]  # type: ignore[misc]
+        assert info == decode(data, LIMIT).info() and normalized == b""  # nothing comes back to write
+
+
+def test_a_copy_the_decode_process_cannot_write_fails_the_group_not_one_item(
+    pool: DecodePool, tmp_path: Path
+) -> None:
+    """A store write is not an image's fault: the error reaches the batch (to be tried again), with
+    the key it could not write, instead of turning into a failed item."""
+    settings = Settings(data_dir=tmp_path / "data")
+    blocked = Path(urlparse(settings.store_url).path) / "c" / "images"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_bytes(b"a file where the folder goes")
+    slots = PixelSlots(1, 32)
+    try:
+        copies = Copies(settings, "network", [("c/images/0.jpg", "")])
+        handed = pool.submit([(encode(pattern(5), "PNG"), 0)], LIMIT, slots, copies)
+        with pytest.raises(StoreWriteFailed, match="c/images/0.jpg"):
+            pool.results(handed)
+    finally:
+        slots.close()
+
+
 def big_photos(folder: Path, count: int) -> dict[Path, str]:
     """Distinct photos slow enough to decode that a kill lands while the batch is still decoding."""
     folder.mkdir()
@@ -156,7 +211,7 @@ def test_runtimes_of_one_process_share_its_decode_pool(tmp_path: Path) -> None:
 
 ORPHAN_SCRIPT = """
 import time
-from pupyl_queue.decode_pool import DecodePool, PixelSlots
+from pupyl_queue.decode_pool import Copies, DecodePool, PixelSlots, StoreWriteFailed
 from tests.imagegen import encode, pattern
 pool, slots = DecodePool(2), PixelSlots(1, 32)
 pool.decode(encode(pattern(1), "PNG"), 10**7, slots, 0)
