@@ -370,7 +370,7 @@ def null_model(files: list[Path], folder: Path, runs: int, work: Path) -> None:
     middle = sorted(spent, key=lambda r: r["elapsed_s"])[len(spent) // 2]
     per = 1000 / len(files)
     for key, value in middle.items():
-        print(f"  {key:<12} {value * per:>7.2f}")
+        print(f"  {key:<14} {value * per:>7.2f}")
 
 
 def _stage_seconds(client: object, job_id: str, batches: int) -> dict[str, float]:

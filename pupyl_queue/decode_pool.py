@@ -37,12 +37,14 @@ processes uses every core and leaves the feeding process to feed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -107,16 +109,6 @@ class Copies:
 _io: dict[tuple[Settings, str], tuple[ObjectStore, Sources]] = {}
 
 
-def _process_io(copies: Copies) -> tuple[ObjectStore, Sources]:
-    """This decode process's store client and local-file gate for these settings, made once."""
-    key = (copies.settings, copies.origin)
-    if key not in _io:
-        if len(_io) >= 8:  # a process that serves many runtimes (tests): keep the newest few
-            _io.pop(next(iter(_io)))
-        _io[key] = (open_store(copies.settings), Sources(copies.settings, origin=copies.origin))
-    return _io[key]
-
-
 class StoreWriteFailed(RuntimeError):
     """A decode process could not write a stored copy, for a reason other than an unreachable store.
 
@@ -124,17 +116,36 @@ class StoreWriteFailed(RuntimeError):
     """
 
 
-def _write_copies(copies: Copies, n: int, copy: bytes, original: bytes) -> None:
-    store = _process_io(copies)[0]
-    key, original_key = copies.keys[n]
+def _process_io(copies: Copies) -> tuple[ObjectStore, Sources]:
+    """This decode process's store client and local-file gate for these settings, made once."""
+    key = (copies.settings, copies.origin)
+    if key not in _io:
+        if len(_io) >= 8:  # a process that serves many runtimes (tests): keep the newest few
+            _io.pop(next(iter(_io)))
+        with _store_errors("opening the store"):
+            store = open_store(copies.settings)
+        _io[key] = (store, Sources(copies.settings, origin=copies.origin))
+    return _io[key]
+
+
+@contextlib.contextmanager
+def _store_errors(what: str) -> Iterator[None]:
+    """An unreachable store stays StoreUnavailable (transient: the batch is tried again,
+    workers/tasks.py); any other store error comes back as StoreWriteFailed with its text."""
     try:
+        yield
+    except StoreUnavailable:
+        raise
+    except Exception as exc:
+        raise StoreWriteFailed(f"{what}: {type(exc).__name__}: {exc}") from None
+
+
+def _write_copies(store: ObjectStore, keys: tuple[str, str], copy: bytes, original: bytes) -> None:
+    key, original_key = keys
+    with _store_errors(f"writing {key}"):
         store.put(key, copy)
         if original_key:
             store.put(original_key, original)
-    except StoreUnavailable:
-        raise  # transient: the batch is tried again (workers/tasks.py)
-    except Exception as exc:
-        raise StoreWriteFailed(f"writing {key}: {type(exc).__name__}: {exc}") from None
 
 
 def _decode_into(
@@ -155,15 +166,16 @@ def _decode_group(
     """:func:`_decode_into` for several images (source, slot) in one call: one hand-off, one attach."""
     shm: shared_memory.SharedMemory | None = None
     out: list[tuple[ImageInfo | None, bytes, str]] = []
+    store, sources = _process_io(copies) if copies is not None else (None, None)
     try:
         for n, (source, slot) in enumerate(images):
             try:
                 if isinstance(source, bytes):
                     data = source
-                elif copies is None:
+                elif sources is None:
                     raise TypeError("a local path is read in a decode process only with Copies")
                 else:
-                    data = _process_io(copies)[1].read_local(source)
+                    data = sources.read_local(source)
                 image = decode(data, max_pixels, target=size)
             except (ImageError, LocalRefused) as exc:
                 out.append((None, b"", str(exc)))
@@ -175,8 +187,8 @@ def _decode_group(
             view[...] = pixels
             del view
             normalized = image.normalized_bytes()  # the original bytes when they already are one
-            if copies is not None:
-                _write_copies(copies, n, normalized, data)
+            if store is not None and copies is not None:
+                _write_copies(store, copies.keys[n], normalized, data)
                 out.append((image.info(), b"", ""))
             else:
                 out.append((image.info(), b"" if image.original else normalized, ""))
