@@ -167,7 +167,6 @@ def _decode_group(
     shm: shared_memory.SharedMemory | None = None
     out: list[tuple[ImageInfo | None, bytes, str]] = []
     store, sources = _process_io(copies) if copies is not None else (None, None)
-    writes: list[tuple[tuple[str, str], bytes, bytes]] = []  # (keys, stored copy, original) of each image
     try:
         for n, (source, slot) in enumerate(images):
             try:
@@ -188,18 +187,14 @@ def _decode_group(
             view[...] = pixels
             del view
             normalized = image.normalized_bytes()  # the original bytes when they already are one
-            if copies is not None:
-                writes.append((copies.keys[n], normalized, data))
+            if store is not None and copies is not None:
+                _write_copies(store, copies.keys[n], normalized, data)
                 out.append((image.info(), b"", ""))
             else:
                 out.append((image.info(), b"" if image.original else normalized, ""))
     finally:
         if shm is not None:
             shm.close()
-    # The group's writes together, after its decodes: a file created between two decodes cost this
-    # process 0.1-0.3 ms more than one of a run of creates (BENCHMARKS.md, session 10).
-    for keys, copy, original in writes:
-        _write_copies(store, keys, copy, original)  # type: ignore[arg-type]
     return out
 
 
