@@ -23,8 +23,9 @@ processes uses every core and leaves the feeding process to feed.
 - With :class:`Copies` a decode process also writes each image's stored copy
   itself, and reads a local path itself (through the same roots check as the
   expansion): the feeding process then never holds those bytes. On a GPU host
-  the feeding process is one core that every image passes through; its writes
-  and reads were a quarter of its time per image (BENCHMARKS.md, session 10).
+  the feeding process is one core that every image passes through; this halved
+  its CPU per image (0.60 to 0.26 ms with the GPU settings; BENCHMARKS.md,
+  issue 15, session 10).
   Writing the same copy twice (a group decoded again) is harmless: the key and
   bytes are the same.
 - A decode process exits when the worker that started it dies (even by kill -9).
@@ -187,8 +188,8 @@ def _decode_group(
             view[...] = pixels
             del view
             normalized = image.normalized_bytes()  # the original bytes when they already are one
-            if store is not None and copies is not None:
-                _write_copies(store, copies.keys[n], normalized, data)
+            if copies is not None:
+                _write_copies(store, copies.keys[n], normalized, data)  # type: ignore[arg-type]
                 out.append((image.info(), b"", ""))
             else:
                 out.append((image.info(), b"" if image.original else normalized, ""))
