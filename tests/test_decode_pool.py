@@ -145,8 +145,9 @@ def test_a_decode_process_stores_the_copies_and_reads_paths_through_the_roots_ch
 def test_a_copy_the_decode_process_cannot_write_fails_the_group_not_one_item(
     pool: DecodePool, tmp_path: Path
 ) -> None:
-    """A store write is not an image's fault: the error reaches the batch (to be tried again), with
-    the key it could not write, instead of turning into a failed item."""
+    """A store write is not an image's fault: the error reaches the batch, with the key it could not
+    write, as the worker's own failed write did (an unreachable store stays StoreUnavailable, which
+    the batch retries), instead of turning into a failed item."""
     settings = Settings(data_dir=tmp_path / "data")
     blocked = Path(urlparse(settings.store_url).path) / "c" / "images"
     blocked.parent.mkdir(parents=True)
