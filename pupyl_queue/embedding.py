@@ -322,6 +322,8 @@ class _BatchRun:
         return waits
 
     def _copy_keys(self, position: int) -> tuple[str, str]:
+        """Its stored copy's key and its original's ("": not kept), whoever writes them: the decode
+        processes (decode_pool.Copies) or this worker's threads (``_write_images``)."""
         layout, image_id = self.coord.layout, self.ids[position]
         return layout.image(image_id), layout.original(image_id) if self.rt.settings.keep_originals else ""
 
@@ -375,18 +377,17 @@ class _BatchRun:
     def _write_images(self, positions: list[int]) -> None:
         """One write per image (its stored copy; the original too with PUPYL_KEEP_ORIGINALS); the
         metadata waits for the batch's one object (``commit``)."""
-        layout, pool, put = self.coord.layout, self.rt.pool(), self.rt.store.put
+        pool, put = self.rt.pool(), self.rt.store.put
         for p in positions:
-            image_id = self.ids[p]
-            image = self.prepared[p].image
-            meta = _metadata(image_id, self.items[p], image, self._uri(layout.image(image_id)))  # type: ignore[arg-type]
+            key, original_key = self._copy_keys(p)
+            meta = _metadata(self.ids[p], self.items[p], self.prepared[p].image, self._uri(key))  # type: ignore[arg-type]
             self._metas[p] = meta
             self._written.add(p)
             if self.prepared[p].stored:
                 continue
-            self._writes.append(pool.submit(put, layout.image(image_id), self.prepared[p].normalized))
-            if self.prepared[p].original:
-                self._writes.append(pool.submit(put, layout.original(image_id), self.prepared[p].original))
+            self._writes.append(pool.submit(put, key, self.prepared[p].normalized))
+            if original_key:
+                self._writes.append(pool.submit(put, original_key, self.prepared[p].original))
 
     def _uri(self, key: str) -> str:
         return f"{self.rt.store.url.rstrip('/')}/{key}"
