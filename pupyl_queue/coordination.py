@@ -32,8 +32,12 @@ return first
 # removed: negative), an id this commit removes ('' none: its key is forgotten), the id the first
 # keyed row's key must still name ('' any: else nothing is committed and the sequence is 0), the
 # object's sha256 ('' none: recorded apart, before), the token of the write claim this run holds on
-# the object (KEYS[11]; '' none: see _BEGIN_WRITE), then (caller's key, id, sha256) per keyed row.
+# the object (KEYS[11]; '' none: see _BEGIN_WRITE), the embed batch this object commits (its field
+# in its job's ``:batches`` hash, KEYS[12]; '' none), then (caller's key, id, sha256) per keyed row.
 # A claim another run holds now (this run's lease lapsed and it took over) commits nothing: {-1}.
+# Nor does a batch its job already counted without this commit (failed for good: jobs.fail_batch,
+# or finished by another delivery that kept nothing): {-2}. Checked here, in the commit itself, so
+# of a live delivery's commit and a failure count exactly one wins (_FINISH_BATCH checks back).
 # The checksum (KEYS[10]) is recorded by the very call that commits: no reader sees the commit
 # without it, and a publish that finds the object committed leaves the first run's checksum alone.
 # Each keyed row takes its key over; the id the key held before, if another, is tombstoned by this
@@ -42,12 +46,13 @@ return first
 _PUBLISH = """
 local have = redis.call('HGET', KEYS[3], ARGV[1])
 if have then return {tonumber(have), redis.call('HGET', KEYS[8], ARGV[1]) or '[]'} end
+if ARGV[7] ~= '' and redis.call('HEXISTS', KEYS[12], ARGV[7]) == 1 then return {-2, '[]'} end
 if ARGV[6] ~= '' then
   local holder = redis.call('GET', KEYS[11])
   if holder and holder ~= ARGV[6] then return {-1, '[]'} end
 end
 if ARGV[4] ~= '' then
-  local entry = redis.call('HGET', KEYS[6], ARGV[7])
+  local entry = redis.call('HGET', KEYS[6], ARGV[8])
   if not entry or string.match(entry, '"id":(%d+)') ~= ARGV[4] then return {0, '[]'} end
 end
 if ARGV[6] ~= '' then redis.call('DEL', KEYS[11]) end
@@ -66,7 +71,7 @@ if ARGV[3] ~= '' then
   end
 end
 local replaced = {}
-for i = 7, #ARGV, 3 do
+for i = 8, #ARGV, 3 do
   local key, id, sha = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local entry = redis.call('HGET', KEYS[6], key)
   local old = entry and string.match(entry, '"id":(%d+)')
@@ -110,8 +115,11 @@ return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
 
 # Record a finished (or failed for good: ARGV[6] = 1) batch of a job once, adding its counts to the job
-# (ARGV[8]: items whose key already held the same content).
+# (ARGV[8]: items whose key already held the same content). With ARGV[9] (the batch's segment), only
+# while that segment is not committed (KEYS[3]: committed objects): -1 when it is. _PUBLISH refuses a
+# batch once counted, so a failure count and a live delivery's commit cannot both happen.
 _FINISH_BATCH = """
+if ARGV[9] and ARGV[9] ~= '' and redis.call('HEXISTS', KEYS[3], ARGV[9]) == 1 then return -1 end
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[1], 'batches_done', 1)
 redis.call('HINCRBY', KEYS[1], 'indexed', ARGV[3])
@@ -204,6 +212,11 @@ class WriteClaimLost(RuntimeError):
     """A run's write claim lapsed and another run took it over: this run committed nothing."""
 
 
+class BatchCounted(RuntimeError):
+    """The batch was counted into its job without this commit (failed for good, most often): a
+    live delivery that comes after must not make its images searchable (nothing was committed)."""
+
+
 class WriteClaimBusy(RuntimeError):
     """Another live run held a batch's write claim for longer than a run waits for it."""
 
@@ -239,6 +252,11 @@ class Coordinator:
         keys = [self._k(C.KEY_ID_COUNTER), self._k(C.KEY_BATCH_IDS), self._k(C.KEY_META_RANGES)]
         first = int(self._allocate(keys=keys, args=[batch_id, count]))
         return list(range(first, first + count))
+
+    def batch_ids(self, batch_id: str, count: int) -> list[int]:
+        """The ids ``allocate_ids`` gave this batch ([]: none yet), without allocating any."""
+        first = self.r.hget(self._k(C.KEY_BATCH_IDS), batch_id)
+        return [] if first is None else list(range(int(first), int(first) + count))
 
     # --- dedup
     def claim_hash(self, sha256: str, image_id: int) -> int:
@@ -338,6 +356,7 @@ class Coordinator:
         expect: int | None = None,
         checksum: str | None = None,
         writer: str | None = None,
+        batch: tuple[str, int] | None = None,
     ) -> tuple[int, list[tuple[int, str]]]:
         """Publish a segment whose ``keyed`` rows ((key, id, sha256)) take their keys over, in one script.
 
@@ -352,6 +371,8 @@ class Coordinator:
         found committed (its own bytes were not written: embedding.py).
         ``writer``: the token of this run's write claim on the object (``WriteClaim``); the commit
         lets the claim go, and raises WriteClaimLost (nothing committed) when another run holds it.
+        ``batch``: (job id, batch number) of the embed batch this segment commits; raises
+        BatchCounted (nothing committed) when its job counted it already without this commit.
         """
         keys = [
             self._k(C.KEY_SEQUENCE),
@@ -365,6 +386,7 @@ class Coordinator:
             self._k(C.KEY_HASHES),
             self._k(C.KEY_CHECKSUMS),
             self.write_claim_key(store_key),
+            self.layout.job_key(batch[0]) + ":batches" if batch else self._k(C.KEY_COMMITS),
         ]
         args: list[Any] = [
             store_key,
@@ -373,10 +395,13 @@ class Coordinator:
             "" if expect is None else int(expect),
             checksum or "",
             writer or "",
+            int(batch[1]) if batch else "",
         ]
         for key, image_id, sha in keyed or []:
             args += [key, int(image_id), sha]
         sequence, replaced = self._publish(keys=keys, args=args)
+        if int(sequence) == -2:
+            raise BatchCounted(f"{store_key}: its job counted the batch already; nothing committed")
         if int(sequence) < 0:
             raise WriteClaimLost(f"{store_key}: another run holds its write claim now; nothing committed")
         return int(sequence), [(int(old), key) for old, key in json.loads(replaced)]
@@ -518,13 +543,19 @@ class Coordinator:
                 self._expire(keys=[key, key + ":batches"], args=[now, ttl], client=pipe)
             pipe.execute()
 
-    def finish_batch(self, job_id: str, batch: int, summary: dict[str, Any]) -> bool:
-        """Count a batch into its job once; False when it was already counted."""
+    def finish_batch(
+        self, job_id: str, batch: int, summary: dict[str, Any], unless_committed: str | None = None
+    ) -> bool:
+        """Count a batch into its job once; False when it was already counted.
+
+        ``unless_committed``: the batch's segment; False too (nothing counted) when it is committed,
+        checked in the same script (a failure count racing a live delivery's commit: _FINISH_BATCH).
+        """
         key = self.layout.job_key(job_id)
         counts = [summary["indexed"], summary["duplicate"], summary["failed"]]
         failed = int(bool(summary.get("error")))
         done = self._finish(
-            keys=[key, key + ":batches"],
+            keys=[key, key + ":batches", self._k(C.KEY_COMMIT_BY_OBJECT)],
             args=[
                 batch,
                 json.dumps(summary),
@@ -532,9 +563,10 @@ class Coordinator:
                 failed,
                 time.time(),
                 int(summary.get("unchanged") or 0),
+                unless_committed or "",
             ],
         )
-        return bool(done)
+        return int(done) == 1
 
     def finished_batch(self, job_id: str, batch: int) -> dict[str, Any] | None:
         raw = self.r.hget(self.layout.job_key(job_id) + ":batches", str(batch))

@@ -26,6 +26,7 @@ import numpy as np
 from pupyl_queue import integrity, keys, metadata
 from pupyl_queue.attributes import InvalidAttribute, builtin_values, check_attributes, check_key
 from pupyl_queue.codecs import SegmentRows, encode_segment
+from pupyl_queue.coordination import BatchCounted
 from pupyl_queue.decode_pool import Copies, DecodePool, Decoding, PixelSlots, Source
 from pupyl_queue.images import ImageError, ImageInfo, decode
 from pupyl_queue.ingest import finish_if_done
@@ -209,7 +210,15 @@ def embed_batch(
             return done  # finished by another delivery meanwhile: see below
         for p in set(before) - set(run.keep):  # not indexed: its content hash must not point at it
             coord.release_hash(run.prepared[p].image.sha256, ids[p])  # type: ignore[union-attr]
-    sequence = run.commit(owner) if run.keep else None
+    try:
+        sequence = run.commit(owner) if run.keep else None
+    except BatchCounted:
+        # Its job counted this batch already (failed for good while this delivery ran): nothing
+        # was committed, and nothing ever will be. What this run wrote and claimed goes with it.
+        log.warning("job %s: batch %d was counted while this delivery ran: commit refused", job_id, batch)
+        coord.settle_claims(owner, failed=True)
+        rt.store.delete_many(layout.batch_objects(owner, ids))
+        return coord.finished_batch(job_id, batch) or {"batch": batch, "sequence": None, "items": []}
     coord.settle_claims(owner)  # committed: its claims are no longer pending
 
     counts = {
@@ -459,6 +468,7 @@ class _BatchRun:
             keyed=keyed,
             checksum=checksum,
             writer=claim.token if claim is not None else None,
+            batch=(self.task["job_id"], int(self.task["batch"])),
         )
         return sequence, replaced, rows, keyed
 

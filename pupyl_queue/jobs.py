@@ -53,33 +53,60 @@ def fail_batch(client: redis.Redis, store: StoreLike, task: dict[str, Any], reas
     False when the batch was already counted (it finished, or failed before). A batch that was
     committed before it failed (its report or clean-up failed) is counted as committed, without
     per-item outcomes: its images are searchable, so calling them failed would be wrong.
+
+    Counted failed, the batch can no longer commit (a live delivery's commit is refused from then
+    on: coordination._PUBLISH), so what its runs wrote under its ids goes: stored copies,
+    originals, local features, its metadata object and an uncommitted segment.
     """
     job_id, number, collection = task["job_id"], int(task["batch"]), task["collection"]
     coord = Coordinator(client, Layout(collection))
-    if coord.finished_batch(job_id, number) is not None:
-        return False
     bid = batch_id(job_id, number)
-    sequence = client.hget(coord.layout.key(C.KEY_COMMIT_BY_OBJECT), coord.layout.segment(bid))
-    if sequence is None:
-        coord.settle_claims(bid, failed=True)
-        items = [{"ref": item.get("ref"), "status": "failed", "error": reason} for item in task["items"]]
-        summary = {"batch": number, "sequence": None, "indexed": 0, "duplicate": 0, "failed": len(items)}
-    else:
-        coord.settle_claims(bid)
-        items = []
-        summary = {"batch": number, "sequence": int(sequence), "indexed": 0, "duplicate": 0, "failed": 0}
-        reason = f"committed as sequence {int(sequence)}, then failed (its report is lost): {reason}"
-    summary["error"] = reason
-    # The items go into Redis too (a batch's worth): the store may be what failed, and Job.report reads both.
-    if not coord.finish_batch(job_id, number, {**summary, "items": items}):
-        return False
-    log.warning("job %s: batch %d failed for good: %s", job_id, number, reason)
+    counted = None
+    while counted is None:  # at most twice: a live delivery may commit between the look and the count
+        if coord.finished_batch(job_id, number) is not None:
+            return False
+        counted = _count_failed(coord, task, reason)
+    summary, items = counted
+    if summary["sequence"] is None:
+        orphans = coord.layout.batch_objects(bid, coord.batch_ids(bid, len(task["items"])))
+        _best_effort(lambda: _open(store).delete_many(orphans), "what its runs wrote")
+    log.warning("job %s: batch %d failed for good: %s", job_id, number, summary["error"])
     _best_effort(lambda: _store_batch_report(store, coord.layout, job_id, summary, items), "its report")
     for item in task["items"]:
         if item.get("key"):
             _best_effort(lambda key=item["key"]: _open(store).delete(key), item["key"])
     end_if_done(client, store, job_id, collection, ttl=ttl)
     return True
+
+
+def _count_failed(
+    coord: Coordinator, task: dict[str, Any], reason: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """Count the batch into its job as failed (or as committed, if it was): its summary and items.
+
+    None when nothing was counted: the batch was counted meanwhile, or committed between the look
+    and the count (the count checks in the same script: Coordinator.finish_batch).
+    """
+    job_id, number = task["job_id"], int(task["batch"])
+    bid = batch_id(job_id, number)
+    segment = coord.layout.segment(bid)
+    sequence = coord.r.hget(coord.layout.key(C.KEY_COMMIT_BY_OBJECT), segment)
+    summary: dict[str, Any] = {"batch": number, "indexed": 0, "duplicate": 0}
+    if sequence is None:
+        items = [{"ref": item.get("ref"), "status": "failed", "error": reason} for item in task["items"]]
+        summary.update(sequence=None, failed=len(items), error=reason)
+        # The items go into Redis too (a batch's worth): the store may be what failed, and
+        # Job.report reads both.
+        if not coord.finish_batch(job_id, number, {**summary, "items": items}, unless_committed=segment):
+            return None
+        coord.settle_claims(bid, failed=True)
+        return summary, items
+    error = f"committed as sequence {int(sequence)}, then failed (its report is lost): {reason}"
+    summary.update(sequence=int(sequence), failed=0, error=error)
+    if not coord.finish_batch(job_id, number, {**summary, "items": []}):
+        return None
+    coord.settle_claims(bid)
+    return summary, []
 
 
 def fail_job(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from pupyl_queue import constants as C
 
@@ -62,6 +63,14 @@ class Layout:
 
     def segment(self, batch_id: str) -> str:
         return f"{self.root}/{C.STORE_SEGMENTS}/{batch_id}.npz"
+
+    def batch_objects(self, batch_id: str, ids: Iterable[int]) -> list[str]:
+        """Every object an embed batch may write before its commit, under its ids: what a batch
+        that can no longer commit (its job counted it failed) must not leave in the store."""
+        keys = [self.batch_meta(batch_id), self.segment(batch_id)]
+        for image_id in ids:
+            keys += [self.image(image_id), self.original(image_id), self.local_features(image_id)]
+        return keys
 
     def tombstone(self, image_id: int) -> str:
         return f"{self.root}/{C.STORE_TOMBSTONES}/{image_id}.json"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import redis
 
 from pupyl_queue import constants as C
-from pupyl_queue.coordination import Coordinator, read_job
+from pupyl_queue.coordination import BatchCounted, Coordinator, read_job
 from pupyl_queue.layout import Layout
 
 
@@ -66,6 +67,30 @@ def test_batch_counts_once(redis_client: redis.Redis) -> None:
     assert job is not None
     assert (job["indexed"], job["duplicate"], job["failed"], job["batches_done"]) == (3, 1, 2, 1)
     assert coord.finished_batch("j1", 0) == summary
+
+
+def test_a_batch_counted_without_its_commit_can_no_longer_commit_and_the_reverse(
+    redis_client: redis.Redis,
+) -> None:
+    """A failure count and a live delivery's commit race: whichever comes first, only it happens."""
+    coord = Coordinator(redis_client, Layout())
+    coord.create_job("j1", {"collection": "default"})
+    failed = {"batch": 0, "sequence": None, "indexed": 0, "duplicate": 0, "failed": 2, "error": "gave up"}
+    segment = coord.layout.segment("j1-000000")
+    assert coord.finish_batch("j1", 0, failed, unless_committed=segment) is True
+    with pytest.raises(BatchCounted):
+        coord.commit(segment, images=2, batch=("j1", 0))
+    assert (coord.last_sequence(), coord.image_count(), coord.commits_after(0)) == (0, 0, [])
+    assert coord.commit(coord.layout.segment("j1-000001"), images=1, batch=("j1", 1))[0] == 1  # others commit
+
+    assert (
+        coord.finish_batch(
+            "j1", 1, {**failed, "batch": 1}, unless_committed=coord.layout.segment("j1-000001")
+        )
+        is False
+    )
+    assert coord.finished_batch("j1", 1) is None  # committed first: the failure was not counted
+    assert (read_job(redis_client, "j1") or {})["batches_failed"] == 1
 
 
 def test_collections_do_not_share_keys(redis_client: redis.Redis) -> None:

@@ -242,3 +242,64 @@ def test_a_late_second_delivery_of_a_batch_leaves_the_first_ones_report_and_clai
     assert [i["status"] for i in client.job("j1").report() if i["ref"].endswith("01.png")] == ["indexed"]
     image_id = first[0]["items"][0]["id"]
     assert str(image_id) in rt.redis.hvals(Layout().key(C.KEY_HASHES))  # Y's claim still stands
+
+
+# --- a batch counted failed for good leaves nothing behind, and no later delivery commits it
+def batch_objects(rt: Runtime, batch: dict, ids: list[int]) -> list[str]:
+    """The objects under the batch's ids (copies) and its own (metadata, segment) now in the store."""
+    wanted = set(Layout().batch_objects(f"{batch['job_id']}-{batch['batch']:06d}", ids))
+    return sorted(key for key in rt.store.list(Layout().root + "/") if key in wanted)
+
+
+def test_a_batch_failed_for_good_deletes_the_copies_its_runs_wrote(
+    rt: Runtime, tmp_path: Path, tiny_model: Path
+) -> None:
+    from pupyl_queue import jobs
+
+    batches = expand_folder(rt, folder_of(tmp_path, 6), tiny_model, job_id="j1")
+    assert [len(b["items"]) for b in batches] == [1, 1, 2, 2]
+    kept = [item["id"] for item in embed_batch(rt, batches[3])["items"]]
+    ids = claim_without_commit(rt, batches[1])  # its run wrote its copies, then died before the commit
+    assert batch_objects(rt, batches[1], ids) == sorted(Layout().image(i) for i in ids)
+    assert jobs.fail_batch(rt.redis, rt.store, batches[1], "gave up", ttl=60)
+    assert batch_objects(rt, batches[1], ids) == []
+    # A committed batch's objects stay: its copies, metadata object and segment.
+    assert len(batch_objects(rt, batches[3], kept)) == len(kept) + 2
+    assert jobs.fail_batch(rt.redis, rt.store, batches[2], "gave up", ttl=60)  # no ids yet: nothing to delete
+
+
+def test_a_delivery_still_running_when_its_batch_failed_for_good_commits_nothing(
+    rt: Runtime, client: PupylQueue, tmp_path: Path, tiny_model: Path
+) -> None:
+    """Two live deliveries of one batch: one is given up on (counted failed) while the other runs.
+
+    The other must not make the images searchable afterwards: the job's report calls them failed
+    and their claims were released. Its commit is refused; what it wrote and claimed goes.
+    """
+    from pupyl_queue import jobs
+    from pupyl_queue.store import LocalStore
+
+    batches = expand_folder(rt, folder_of(tmp_path, 2), tiny_model, job_id="j1")
+    batch = batches[-1]
+    meta_key = Layout().batch_meta(jobs.batch_id("j1", batch["batch"]))
+
+    class CountedMidway(LocalStore):
+        """The store of the live delivery: its batch is given up on just as it writes its metadata."""
+
+        def put(self, key: str, data: bytes) -> None:
+            if key == meta_key:
+                assert jobs.fail_batch(rt.redis, LocalStore(self.root), batch, "gave up", ttl=60)
+            super().put(key, data)
+
+    rt.__dict__["store"] = CountedMidway(rt.store.root)
+    out = embed_batch(rt, batch)
+    assert (out["failed"], out["sequence"], out["error"]) == (1, None, "gave up")
+    coord = rt.coordinator("default")
+    assert (coord.image_count(), coord.last_sequence()) == (0, 0)
+    ids = coord.batch_ids(jobs.batch_id("j1", batch["batch"]), 1)
+    assert batch_objects(rt, batch, ids) == []
+    assert rt.redis.hlen(Layout().key(C.KEY_PENDING_CLAIMS)) == 0
+    assert ids[0] not in [int(v) for v in rt.redis.hvals(Layout().key(C.KEY_HASHES))]
+    assert [
+        (f["status"], f["error"]) for f in client.job("j1").report() if f["ref"] == batch["items"][0]["ref"]
+    ] == [("failed", "gave up")]
