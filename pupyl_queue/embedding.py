@@ -34,7 +34,7 @@ from pupyl_queue.jobs import batch_id
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.sources import LocalRefused, Sources
 from pupyl_queue.store import ObjectNotFound
-from pupyl_queue.write_claim import WriteClaim
+from pupyl_queue.write_claim import write_once
 
 log = logging.getLogger(__name__)
 
@@ -421,56 +421,47 @@ class _BatchRun:
         layout = self.coord.layout
         self._write_images([p for p in self.keep if p not in self._written])
         segment = layout.segment(batch_id)
+        rows = self.rows()
+        keyed = [
+            (key, self.ids[p], sha)
+            for p, key, sha in zip(self.keep, rows.keys, rows.sha256)
+            if key is not None and sha is not None
+        ]
+
+        def write() -> str:
+            """Only the run holding the segment's write claim writes the metadata object and it."""
+            meta = metadata.encode_batch(batch_id, [self._metas[p] for p in self.keep])
+            self._writes.append(self.rt.pool().submit(self.rt.store.put, layout.batch_meta(batch_id), meta))
+            self._wait_for_writes()
+            data = encode_segment(np.array([self.ids[p] for p in self.keep]), self.vectors, rows)
+            self.rt.store.put(segment, data)
+            return integrity.sha256(data)  # recorded by the commit's own Lua call, not before it
+
+        def publish(checksum: str | None, writer: str | None) -> tuple[int, list[tuple[int, str]]]:
+            self._wait_for_writes()  # a rerun too: its copies land before its answer does
+            return self.coord.commit(
+                segment,
+                images=len(self.keep),
+                keyed=keyed,
+                checksum=checksum,
+                writer=writer,
+                batch=(self.task["job_id"], int(self.task["batch"])),
+            )
+
         # A committed segment is immutable: a rerun must not rewrite it (the commit recorded its
         # checksum), nor the metadata object written before it; and of two live runs of the batch
-        # only the one holding its write claim writes them (write_claim.py). The other waits here:
-        # for the holder's commit (then it writes nothing), or to take the claim over.
-        claim = WriteClaim(self.coord, segment)
-        writing = claim.acquire()  # one round trip, as the "committed?" check it replaces
-        try:
-            held = claim if writing else None
-            sequence, replaced, rows, keyed = self._write_and_commit(batch_id, segment, held)
-        except BaseException:
-            claim.release()  # a waiting run takes over at once, not when the lease ends
-            raise
-        claim.committed()
+        # only the one holding its write claim writes them (write_claim.py). The other waits: for
+        # the holder's commit (then it writes nothing), or to take the claim over.
+        sequence, replaced = write_once(self.coord, segment, write, publish)
         if replaced:
             keys.retire(self.rt.store, self.coord, replaced, {key: i for key, i, _ in keyed})
             self._mark_replaced({old for old, _ in replaced})
         self.timings.write_s = time.perf_counter() - started
         return sequence
 
-    def _write_and_commit(
-        self, batch_id: str, segment: str, claim: WriteClaim | None
-    ) -> tuple[int, list[tuple[int, str]], SegmentRows, list[tuple[str, int, str]]]:
-        """Wait for the image writes; with the claim (``claim``) write the metadata object and the
-        segment; then publish it (a rerun without the claim gets the first run's answer)."""
-        layout = self.coord.layout
-        if claim is not None:
-            meta = metadata.encode_batch(batch_id, [self._metas[p] for p in self.keep])
-            self._writes.append(self.rt.pool().submit(self.rt.store.put, layout.batch_meta(batch_id), meta))
+    def _wait_for_writes(self) -> None:
         for write in self._writes:
             write.result()
-        rows = self.rows()
-        checksum = None
-        if claim is not None:
-            data = encode_segment(np.array([self.ids[p] for p in self.keep]), self.vectors, rows)
-            self.rt.store.put(segment, data)
-            checksum = integrity.sha256(data)  # recorded by the commit's own Lua call, not before it
-        keyed = [
-            (key, self.ids[p], sha)
-            for p, key, sha in zip(self.keep, rows.keys, rows.sha256)
-            if key is not None and sha is not None
-        ]
-        sequence, replaced = self.coord.commit(
-            segment,
-            images=len(self.keep),
-            keyed=keyed,
-            checksum=checksum,
-            writer=claim.token if claim is not None else None,
-            batch=(self.task["job_id"], int(self.task["batch"])),
-        )
-        return sequence, replaced, rows, keyed
 
     def _mark_replaced(self, gone: set[int]) -> None:
         """A key given twice in one batch: its earlier row was replaced by its later one at once."""

@@ -142,3 +142,38 @@ def test_rotated_jpeg_is_re_encoded_upright() -> None:
     image = decode(data, LIMIT, target=64)
     copy = Image.open(io.BytesIO(image.normalized_bytes()))
     assert image.normalized_bytes() != data and copy.size == (100, 200)
+
+
+@pytest.mark.parametrize("size", [(128, 128), (224, 97), (31, 200), (224, 224)])
+def test_a_thumbnail_squashes_through_opencv_to_pillows_pixels_within_one(size: tuple[int, int]) -> None:
+    """The fast path for images no larger than the network's input (pupyl_queue.images.squash)."""
+    import cv2
+
+    from pupyl_queue.images import squash
+
+    rgb = Image.fromarray(np.random.default_rng(sum(size)).integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
+    fast = squash(rgb, 224)
+    assert fast.shape == (224, 224, 3) and fast.dtype == np.uint8
+    assert np.array_equal(fast, cv2.resize(np.asarray(rgb), (224, 224), interpolation=cv2.INTER_LINEAR))
+    pillow = np.asarray(rgb.resize((224, 224), Image.Resampling.BILINEAR)).astype(int)
+    assert np.abs(fast.astype(int) - pillow).max() <= 1
+
+
+@pytest.mark.parametrize("size", [(640, 427), (300, 150)])
+def test_a_larger_image_keeps_pillows_antialiased_squash(size: tuple[int, int]) -> None:
+    from pupyl_queue.images import squash
+
+    rgb = Image.fromarray(np.random.default_rng(1).integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
+    assert np.array_equal(squash(rgb, 224), np.asarray(rgb.resize((224, 224), Image.Resampling.BILINEAR)))
+
+
+def test_real_thumbnails_squash_within_one_of_pillow() -> None:
+    from pupyl_queue.images import squash
+
+    flowers = sorted((SHARED_DATA / "flowers").glob("*/*.jpg"))[:40]
+    if not flowers:
+        pytest.skip(f"no flowers under {SHARED_DATA}")
+    for path in flowers:
+        rgb = decode(path.read_bytes(), 10_000_000, target=224).rgb
+        pillow = np.asarray(rgb.resize((224, 224), Image.Resampling.BILINEAR)).astype(int)
+        assert np.abs(squash(rgb, 224).astype(int) - pillow).max() <= 1, path
