@@ -95,8 +95,9 @@ def write_weights(characteristic: Characteristic, keras_home: Path) -> Path:
 
 def model_only(
     characteristic: Characteristic, weights: Path, files: list[Path], runs: int, batch: int, precision: str
-) -> float:
-    """Images/s of the forward pass alone on pre-decoded batches (the limit)."""
+) -> tuple[float, float]:
+    """Images/s of the forward pass alone on pre-decoded batches (the limit), and its CPU ms per image
+    (every thread of this process: what the network takes from the cores the decode shares)."""
     import numpy as np
 
     from pupyl_queue.images import decode
@@ -111,13 +112,14 @@ def model_only(
         tflite = convert(extractor, pixels[:CALIBRATION_IMAGES])
         extractor = Int8Extractor(extractor.spec.with_precision("int8"), tflite, extractor.preprocess)
     extractor.embed(pixels[:batch])  # warm-up: trace and compile
-    rates = []
+    rates, cpu = [], []
     for _ in range(runs):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for start in range(0, len(pixels), batch):
             extractor.embed(pixels[start : start + batch])
         rates.append(len(pixels) / (time.perf_counter() - started))
-    return statistics.median(rates)
+        cpu.append((time.process_time() - cpu_started) * 1000 / len(pixels))
+    return statistics.median(rates), statistics.median(cpu)
 
 
 class PeakRSS:
@@ -473,7 +475,8 @@ def main() -> None:
     for value, precision in itertools.product(args.characteristics.split(","), args.precisions.split(",")):
         c = Characteristic.parse(value)
         weights = write_weights(c, work / "keras")
-        limit = model_only(c, weights, files[: args.model_images], args.runs, args.batch, precision)
+        subset = files[: args.model_images]
+        limit, model_cpu = model_only(c, weights, subset, args.runs, args.batch, precision)
         e2e, peak, _ = end_to_end(c, weights, folder, len(files), args.runs, work, precision)
         pupyl = None
         if args.pupyl_python and c.value == 1 and precision == "float32":  # Keras checks other files' hashes
@@ -482,6 +485,7 @@ def main() -> None:
             {
                 "characteristic": f"{c.value} {c.network.application} {precision}",
                 "model_only": limit,
+                "model_cpu_ms": model_cpu,
                 "end_to_end": e2e,
                 "pupyl": pupyl,
                 "embed_peak_rss_mib": peak,
@@ -509,6 +513,17 @@ def main() -> None:
             r["decode_ceiling"] = ceiling[1]
             share = r["end_to_end"] / min(r["model_only"], ceiling[1])
             print(f"{r['characteristic']}: end to end / min(model-only, decode ceiling) {share:.0%}")
+            # The network and the decode share the cores: even a pipeline costing nothing else reaches
+            # at most cores / (network CPU + decode CPU) per image.
+            decode_ms = 1000 / ceiling[0]
+            bound = (os.cpu_count() or 1) * 1000 / (r["model_cpu_ms"] + decode_ms)
+            r["bound"] = min(bound, r["model_only"])
+            print(
+                f"{r['characteristic']}: network {r['model_cpu_ms']:.2f} + decode {decode_ms:.2f} CPU ms/img "
+                f"on {os.cpu_count()} cores: at most {r['bound']:.1f} img/s end to end, "
+                f"{r['bound'] / r['model_only']:.0%} of model-only "
+                f"(measured: {r['end_to_end'] / r['model_only']:.0%})"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     shutil.rmtree(work, ignore_errors=True)

@@ -30,11 +30,19 @@ def test_ingest_benchmark_smoke() -> None:
         "1",
         "--precisions",
         "float32,int8",
+        "--ceiling",
     )
-    rows = [line for line in table.splitlines() if line.startswith("1 MobileNet")]
+    lines = [line for line in table.splitlines() if line.startswith("1 MobileNet")]
+    rows = [line for line in lines if ":" not in line]
     assert len(rows) == 2 and "float32" in rows[0] and "int8" in rows[1]
     rates = [float(row.split()[3]) for row in rows]  # model-only img/s
     assert all(rate > 0 for rate in rates)
+    # The bound of a pipeline that shares the cores between network and decode: below model-only.
+    bounds = [line for line in lines if "CPU ms/img" in line]
+    assert len(bounds) == 2
+    for line in bounds:
+        share = int(line.split("img/s end to end, ")[1].split("%")[0])
+        assert 0 < share <= 100, line
 
 
 def test_index_benchmark_smoke() -> None:
