@@ -17,7 +17,8 @@ processes uses every core and leaves the feeding process to feed.
   (on two cores the whole system then moved a quarter of the decode ceiling;
   BENCHMARKS.md, issue 15, session 6).
 - Pixels come back as uint8 through shared memory (:class:`PixelSlots`, one
-  block per batch, one slot per image): no pickling of pixel arrays. The bytes
+  block per batch, one slot per image; blocks are reused by later batches and
+  stay mapped in the decode processes): no pickling of pixel arrays. The bytes
   in and the small :class:`ImageInfo` out go through the pool's pipe; both are
   local to this host, nothing of this reaches Redis.
 - With :class:`Copies` a decode process also writes each image's stored copy
@@ -38,6 +39,7 @@ processes uses every core and leaves the feeding process to feed.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import multiprocessing
@@ -45,6 +47,8 @@ import multiprocessing.connection
 import os
 import sys
 import threading
+import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -65,24 +69,90 @@ MAX_ATTEMPTS = 3
 class PixelSlots:
     """A shared-memory block of ``count`` uint8 images of ``size``×``size``×3, one slot per item.
 
-    The feeding process creates it per batch; decode processes write their
-    image's pixels into its slot; :meth:`close` frees it (call it once the
-    batch's pixels are no longer used: views into a closed block are invalid).
+    The feeding process takes one per batch; decode processes write their
+    image's pixels into its slot; :meth:`close` gives it back (call it once the
+    batch's pixels are no longer used: its views are reused by a later batch).
+
+    Why blocks are reused: a fresh block per batch cost every page of it a
+    fault and a zeroing in the decode process that first wrote it, and another
+    fault in the feeding process that read it, plus a create, attach and
+    unlink: 11-17 ms of CPU per batch of 64 (BENCHMARKS.md, issue 15, session
+    11), as much as decoding ten small JPEGs. A block's size is rounded up to
+    a power of two of slots so that a job's ramp-up batches (1/8, 1/4, 1/2)
+    and its last one find a block too; at most :data:`FREE_BLOCKS` blocks of a
+    size wait for reuse, the others are unlinked, and all are at exit.
     """
 
     def __init__(self, count: int, size: int) -> None:
         self.size = size
-        self._shm = shared_memory.SharedMemory(create=True, size=max(1, count) * size * size * 3)
-        self.name = self._shm.name
-        self.array: np.ndarray | None = np.ndarray((count, size, size, 3), np.uint8, buffer=self._shm.buf)
+        self._block = _blocks.take(_capacity(count) * size * size * 3)
+        self.name = self._block.shm.name
+        # (name, token): a decode process's attachment is of this block, not of an old one of its name
+        self.block = (self.name, self._block.token)
+        self.array: np.ndarray | None = np.ndarray(
+            (count, size, size, 3), np.uint8, buffer=self._block.shm.buf
+        )
 
     def close(self) -> None:
+        if self.array is None:
+            return
         self.array = None
-        try:
-            self._shm.close()
-        except BufferError:  # a view is still referenced somewhere: the mapping goes when it does
-            log.debug("pixel slots %s still referenced at close", self.name)
-        self._shm.unlink()
+        _blocks.give_back(self._block)
+
+
+def _capacity(count: int) -> int:
+    return 1 << max(0, count - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class _Block:
+    shm: shared_memory.SharedMemory
+    token: str
+    nbytes: int
+
+
+class _Blocks:
+    """The feeding process's shared-memory blocks that wait for their next batch, by size."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: dict[int, list[_Block]] = {}
+        atexit.register(self.unlink_all)
+
+    def take(self, nbytes: int) -> _Block:
+        with self._lock:
+            free = self._free.get(nbytes)
+            if free:
+                return free.pop()
+        shm = shared_memory.SharedMemory(create=True, size=max(1, nbytes))
+        return _Block(shm, uuid.uuid4().hex, nbytes)
+
+    def give_back(self, block: _Block) -> None:
+        with self._lock:
+            free = self._free.setdefault(block.nbytes, [])
+            if len(free) < FREE_BLOCKS:
+                free.append(block)
+                return
+        _unlink(block.shm)
+
+    def unlink_all(self) -> None:
+        with self._lock:
+            blocks = [block for free in self._free.values() for block in free]
+            self._free.clear()
+        for block in blocks:
+            _unlink(block.shm)
+
+
+def _unlink(shm: shared_memory.SharedMemory) -> None:
+    try:
+        shm.close()
+    except BufferError:  # a view is still referenced somewhere: the mapping goes when it does
+        log.debug("pixel block %s still referenced at close", shm.name)
+    shm.unlink()
+
+
+FREE_BLOCKS = 2  # per size: the batches an embed worker runs at once (PUPYL_EMBED_CONCURRENCY's default)
+_blocks = _Blocks()
 
 
 Source = bytes | str  # an image's bytes, or (with Copies) the path of a local file to read
@@ -150,7 +220,7 @@ def _write_copies(store: ObjectStore, keys: tuple[str, str], copy: bytes, origin
 
 
 def _decode_into(
-    data: Source, max_pixels: int, size: int, name: str, slot: int, copies: Copies | None = None
+    data: Source, max_pixels: int, size: int, block: tuple[str, str], slot: int, copies: Copies | None = None
 ) -> tuple[ImageInfo | None, bytes, str]:
     """Runs in a decode process: decode, hash, squash to ``size``, write the pixels into the slot.
 
@@ -158,45 +228,68 @@ def _decode_into(
     bytes already are one, or when ``copies`` had it stored here) and an error
     (the failure reason, or empty).
     """
-    return _decode_group([(data, slot)], max_pixels, size, name, copies)[0]
+    return _decode_group([(data, slot)], max_pixels, size, block, copies)[0]
 
 
 def _decode_group(
-    images: list[tuple[Source, int]], max_pixels: int, size: int, name: str, copies: Copies | None = None
+    images: list[tuple[Source, int]],
+    max_pixels: int,
+    size: int,
+    block: tuple[str, str],
+    copies: Copies | None = None,
 ) -> list[tuple[ImageInfo | None, bytes, str]]:
-    """:func:`_decode_into` for several images (source, slot) in one call: one hand-off, one attach."""
-    shm: shared_memory.SharedMemory | None = None
+    """:func:`_decode_into` for several images (source, slot) in one call: one hand-off.
+
+    ``block``: the batch's pixel block, (name, token) of :class:`PixelSlots`.
+    """
     out: list[tuple[ImageInfo | None, bytes, str]] = []
     store, sources = _process_io(copies) if copies is not None else (None, None)
-    try:
-        for n, (source, slot) in enumerate(images):
-            try:
-                if isinstance(source, bytes):
-                    data = source
-                elif sources is None:
-                    raise TypeError("a local path is read in a decode process only with Copies")
-                else:
-                    data = sources.read_local(source)
-                image = decode(data, max_pixels, target=size)
-            except (ImageError, LocalRefused) as exc:
-                out.append((None, b"", str(exc)))
-                continue
-            pixels = image.pixels(size)
-            if shm is None:
-                shm = _attach(name)
-            view = np.ndarray((size, size, 3), np.uint8, buffer=shm.buf, offset=slot * size * size * 3)
-            view[...] = pixels
-            del view
-            normalized = image.normalized_bytes()  # the original bytes when they already are one
-            if copies is not None:
-                _write_copies(store, copies.keys[n], normalized, data)  # type: ignore[arg-type]
-                out.append((image.info(), b"", ""))
+    for n, (source, slot) in enumerate(images):
+        try:
+            if isinstance(source, bytes):
+                data = source
+            elif sources is None:
+                raise TypeError("a local path is read in a decode process only with Copies")
             else:
-                out.append((image.info(), b"" if image.original else normalized, ""))
-    finally:
-        if shm is not None:
-            shm.close()
+                data = sources.read_local(source)
+            image = decode(data, max_pixels, target=size)
+        except (ImageError, LocalRefused) as exc:
+            out.append((None, b"", str(exc)))
+            continue
+        view = np.ndarray(
+            (size, size, 3), np.uint8, buffer=_attached(block).buf, offset=slot * size * size * 3
+        )
+        view[...] = image.pixels(size)
+        del view
+        normalized = image.normalized_bytes()  # the original bytes when they already are one
+        if copies is not None:
+            _write_copies(store, copies.keys[n], normalized, data)  # type: ignore[arg-type]
+            out.append((image.info(), b"", ""))
+        else:
+            out.append((image.info(), b"" if image.original else normalized, ""))
     return out
+
+
+_attachments: OrderedDict[tuple[str, str], shared_memory.SharedMemory] = OrderedDict()
+ATTACHMENTS_KEPT = 8  # the blocks a feeding process keeps (FREE_BLOCKS per size, a few sizes)
+
+
+def _attached(block: tuple[str, str]) -> shared_memory.SharedMemory:
+    """This decode process's mapping of a pixel block, attached once and kept while it is in use.
+
+    Keyed by the block's token too: a block unlinked by the feeding process stays mapped here
+    until it is pushed out, and a new block that got its name must not be mistaken for it.
+    """
+    found = _attachments.get(block)
+    if found is not None:
+        _attachments.move_to_end(block)
+        return found
+    if len(_attachments) >= ATTACHMENTS_KEPT:
+        _, oldest = _attachments.popitem(last=False)
+        with contextlib.suppress(BufferError):
+            oldest.close()
+    _attachments[block] = shm = _attach(block[0])
+    return shm
 
 
 def _attach(name: str) -> shared_memory.SharedMemory:
@@ -283,7 +376,7 @@ class DecodePool:
         """
         executor = self._executor
         try:
-            future = executor.submit(_decode_group, images, max_pixels, slots.size, slots.name, copies)
+            future = executor.submit(_decode_group, images, max_pixels, slots.size, slots.block, copies)
         except RuntimeError:  # broken (BrokenProcessPool), or shut down by another thread's restart
             future = None
         return Decoding(future, executor, images, max_pixels, slots, copies)
@@ -336,7 +429,9 @@ class DecodePool:
         for attempt in range(MAX_ATTEMPTS - attempts + 1, MAX_ATTEMPTS + 1):
             executor = self._executor
             try:
-                future = executor.submit(_decode_into, data, max_pixels, slots.size, slots.name, slot, copies)
+                future = executor.submit(
+                    _decode_into, data, max_pixels, slots.size, slots.block, slot, copies
+                )
                 answer = future.result()
             except RuntimeError as exc:  # BrokenProcessPool is one too
                 if not isinstance(exc, BrokenProcessPool) and executor is self._executor:

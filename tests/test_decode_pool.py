@@ -77,6 +77,34 @@ def test_a_group_handed_over_at_once_fails_only_its_bad_image(pool: DecodePool) 
         slots.close()
 
 
+def test_a_pixel_block_is_reused_by_the_next_batch_and_its_new_pixels_are_read(pool: DecodePool) -> None:
+    """Blocks go back to a free list (no fault and zeroing of every page per batch) and decode
+    processes keep them mapped: a later batch in the same block sees its own pixels, not the old."""
+    first_images = [encode(pattern(seed), "PNG") for seed in range(3)]
+    later_images = [encode(pattern(seed), "JPEG") for seed in range(10, 14)]
+    first = PixelSlots(len(first_images), 32)
+    block = first.block
+    answers = pool.results(pool.submit([(d, n) for n, d in enumerate(first_images)], LIMIT, first))
+    assert all(not isinstance(a, ImageError) for a in answers)
+    first.close()
+    later = PixelSlots(len(later_images), 32)  # 4 slots; 3 rounded up to 4: the same block
+    try:
+        assert later.block == block
+        for _ in range(2):  # twice: the second time both decode processes may hold it mapped
+            answers = pool.results(pool.submit([(d, n) for n, d in enumerate(later_images)], LIMIT, later))
+            for n, data in enumerate(later_images):
+                np.testing.assert_array_equal(later.array[n], decode(data, LIMIT, target=32).pixels(32))  # type: ignore[index]
+                np.testing.assert_array_equal(answers[n][2], later.array[n])  # type: ignore[index]
+    finally:
+        later.close()
+    held = [PixelSlots(4, 32) for _ in range(4)]  # more at once than the free list keeps
+    assert len({slots.block for slots in held}) == 4
+    for slots in held:
+        slots.close()
+    names = {slots.name for slots in held}
+    assert sum(Path("/dev/shm", name.lstrip("/")).exists() for name in names) == 2  # FREE_BLOCKS kept
+
+
 def test_a_group_in_flight_when_its_process_dies_is_decoded_again(pool: DecodePool) -> None:
     data = [encode(pattern(seed), "PNG") for seed in range(11, 14)]
     slots = PixelSlots(len(data), 32)
