@@ -231,6 +231,38 @@ def test_kill_9_of_a_decode_process_mid_batch_loses_and_doubles_nothing(
     assert_exactly_once(found, files, Layout("killed"))
 
 
+def test_each_vector_is_of_its_own_image_when_the_network_reads_the_slots_in_place(
+    redis_url: str, tmp_path: Path, tiny_model: Path
+) -> None:
+    """The network reads a chunk's pixels straight from its slots when they are consecutive, and a
+    stacked copy when a failed image leaves a gap: either way each id's vector is its own image's."""
+    from pupyl_queue.codecs import decode_segment
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for n in range(7):
+        data = b"not an image" if n == 3 else encode(pattern(n), "PNG" if n % 2 else "JPEG")
+        (folder / f"{n:02d}.{'png' if n % 2 else 'jpg'}").write_bytes(data)
+    settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url, decode_processes=2, infer_batch=2)
+    rt = Runtime(settings)
+    items = index_folder(rt, folder, tiny_model, "slots")
+    assert [i["status"] for i in items] == ["indexed"] * 3 + ["failed"] + ["indexed"] * 3
+    vectors: dict[int, np.ndarray] = {}
+    for key in rt.store.list(Layout("slots").root + "/"):
+        if key.endswith(".npz"):
+            ids, rows = decode_segment(rt.store.get(key))
+            vectors.update(zip(ids.tolist(), rows))
+    extractor = rt.extractor("slots")
+    for item in items:
+        if item["status"] != "indexed":
+            continue
+        pixels = decode(Path(item["ref"]).read_bytes(), LIMIT, target=extractor.input_size).pixels(
+            extractor.input_size
+        )
+        expected = extractor.embed(pixels[None])[0]
+        np.testing.assert_allclose(vectors[item["id"]], expected, atol=1e-5, err_msg=item["ref"])
+
+
 def test_runtimes_of_one_process_share_its_decode_pool(tmp_path: Path) -> None:
     """Idle decode processes cost memory: a second runtime in the same process starts none of its own."""
     settings = Settings(data_dir=tmp_path / "data", decode_processes=2)
