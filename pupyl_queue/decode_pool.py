@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -66,6 +67,10 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 
 
+class NoRoomForPixels(RuntimeError):
+    """The host's shared memory (/dev/shm) cannot hold a batch's pixel block."""
+
+
 class PixelSlots:
     """A shared-memory block of ``count`` uint8 images of ``size``×``size``×3, one slot per item.
 
@@ -77,21 +82,26 @@ class PixelSlots:
     fault and a zeroing in the decode process that first wrote it, and another
     fault in the feeding process that read it, plus a create, attach and
     unlink: 11-17 ms of CPU per batch of 64 (BENCHMARKS.md, issue 15, session
-    11), as much as decoding ten small JPEGs. A block's size is rounded up to
-    a power of two of slots so that a job's ramp-up batches (1/8, 1/4, 1/2)
-    and its last one find a block too; at most :data:`FREE_BLOCKS` blocks of a
-    size wait for reuse, the others are unlinked, and all are at exit.
+    11), as much as decoding ten small JPEGs. A block holds ``capacity`` slots
+    (at least ``count``; the embed worker passes its batch size, so a job's
+    ramp-up batches and its last one take the same blocks as its full ones),
+    rounded up to a power of two; at most :data:`FREE_BLOCKS` blocks of a size
+    wait for reuse, the others are unlinked, and all are at exit.
+
+    A block's pages are reserved when it is made (``posix_fallocate``): a
+    container's /dev/shm is 64 MB unless given more, and a page that does not
+    fit would kill the decode process that writes it (SIGBUS), not fail
+    cleanly. :class:`NoRoomForPixels` says so at once instead.
     """
 
-    def __init__(self, count: int, size: int) -> None:
+    def __init__(self, count: int, size: int, capacity: int = 0) -> None:
         self.size = size
-        self._block = _blocks.take(_capacity(count) * size * size * 3)
+        self._block = _blocks.take(_capacity(max(count, capacity)) * size * size * 3)
         self.name = self._block.shm.name
         # (name, token): a decode process's attachment is of this block, not of an old one of its name
         self.block = (self.name, self._block.token)
-        self.array: np.ndarray | None = np.ndarray(
-            (count, size, size, 3), np.uint8, buffer=self._block.shm.buf
-        )
+        shape = (count, size, size, 3)
+        self.array: np.ndarray | None = np.ndarray(shape, np.uint8, buffer=self._block.shm.buf)
 
     def close(self) -> None:
         if self.array is None:
@@ -124,7 +134,29 @@ class _Blocks:
             free = self._free.get(nbytes)
             if free:
                 return free.pop()
+        try:
+            return self._make(nbytes)
+        except NoRoomForPixels:
+            self.unlink_all()  # blocks of other sizes waiting for reuse: room for this one?
+            return self._make(nbytes)
+
+    @staticmethod
+    def _make(nbytes: int) -> _Block:
         shm = shared_memory.SharedMemory(create=True, size=max(1, nbytes))
+        fd = getattr(shm, "_fd", -1)
+        if fd >= 0 and hasattr(os, "posix_fallocate"):  # Linux: reserve every page now
+            try:
+                os.posix_fallocate(fd, 0, max(1, nbytes))
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:  # a file system that cannot reserve: write and see
+                    return _Block(shm, uuid.uuid4().hex, nbytes)
+                _unlink(shm)
+                free = _shm_free()
+                raise NoRoomForPixels(
+                    f"no room in shared memory for a batch's pixels ({nbytes / 2**20:.0f} MiB needed, "
+                    f"{free}): give the worker more (docker: shm_size; Kubernetes: an emptyDir of "
+                    f"medium Memory at /dev/shm) or lower PUPYL_BATCH_SIZE ({exc.strerror})"
+                ) from None
         return _Block(shm, uuid.uuid4().hex, nbytes)
 
     def give_back(self, block: _Block) -> None:
@@ -141,6 +173,14 @@ class _Blocks:
             self._free.clear()
         for block in blocks:
             _unlink(block.shm)
+
+
+def _shm_free() -> str:
+    try:
+        stats = os.statvfs("/dev/shm")
+    except OSError:
+        return "free space unknown"
+    return f"{stats.f_bavail * stats.f_frsize / 2**20:.0f} MiB free in /dev/shm"
 
 
 def _unlink(shm: shared_memory.SharedMemory) -> None:

@@ -27,7 +27,7 @@ from pupyl_queue import integrity, keys, metadata
 from pupyl_queue.attributes import InvalidAttribute, builtin_values, check_attributes, check_key
 from pupyl_queue.codecs import SegmentRows, encode_segment
 from pupyl_queue.coordination import BatchCounted
-from pupyl_queue.decode_pool import Copies, DecodePool, Decoding, PixelSlots, Source
+from pupyl_queue.decode_pool import Copies, DecodePool, Decoding, NoRoomForPixels, PixelSlots, Source
 from pupyl_queue.images import ImageError, ImageInfo, decode
 from pupyl_queue.ingest import finish_if_done
 from pupyl_queue.jobs import batch_id
@@ -270,7 +270,7 @@ class _BatchRun:
         shared pixel slots, which live until the last chunk has run.
         """
         size = self.extractor.input_size
-        slots = PixelSlots(len(self.items), size) if self.rt.decode_pool() is not None else None
+        slots = self._pixel_slots(size) if self.rt.decode_pool() is not None else None
         self._slots = slots
         try:
             self._run_chunks(slots)
@@ -280,6 +280,15 @@ class _BatchRun:
             self._slots = None
             if slots is not None:
                 slots.close()
+
+    def _pixel_slots(self, size: int) -> PixelSlots | None:
+        """The batch's pixel block; None (decode in this process's threads) when shared memory
+        has no room for it: slower, but the batch goes on, and the log says what to change."""
+        try:
+            return PixelSlots(len(self.items), size, capacity=self.rt.settings.batch_size)
+        except NoRoomForPixels as exc:
+            log.warning("%s; this batch decodes in the worker's threads", exc)
+            return None
 
     def _run_chunks(self, slots: PixelSlots | None) -> None:
         chunk = self.rt.infer_batch()

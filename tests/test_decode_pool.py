@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
@@ -103,6 +104,59 @@ def test_a_pixel_block_is_reused_by_the_next_batch_and_its_new_pixels_are_read(p
         slots.close()
     names = {slots.name for slots in held}
     assert sum(Path("/dev/shm", name.lstrip("/")).exists() for name in names) == 2  # FREE_BLOCKS kept
+
+
+def test_a_block_is_sized_for_the_workers_batches_and_its_pages_are_reserved() -> None:
+    """A ramp-up batch (8 of 64) takes a block of the full batch's size (one size class, reused);
+    its pages are allocated at once, so /dev/shm running out fails here, not as a SIGBUS later."""
+    small = PixelSlots(8, 32, capacity=64)
+    name, nbytes = small.name, 64 * 32 * 32 * 3
+    small.close()
+    full = PixelSlots(64, 32, capacity=64)
+    try:
+        assert full.name == name
+        assert os.stat(Path("/dev/shm", name.lstrip("/"))).st_blocks * 512 >= nbytes
+    finally:
+        full.close()
+
+
+def test_no_room_in_shared_memory_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pupyl_queue.decode_pool import NoRoomForPixels
+
+    tried: list[str] = []
+
+    def full(fd: int, offset: int, length: int) -> None:
+        tried.append(os.readlink(f"/proc/self/fd/{fd}"))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(NoRoomForPixels, match="shm_size.*PUPYL_BATCH_SIZE"):
+        PixelSlots(7, 48, capacity=4096)  # a size no other test uses: none waits for reuse
+    assert len(tried) == 2  # once more after the blocks waiting for reuse were let go
+    assert not any(Path(path).exists() for path in tried)  # the blocks it tried are gone
+
+
+def test_a_batch_with_no_room_in_shared_memory_decodes_in_threads(
+    redis_url: str,
+    tmp_path: Path,
+    tiny_model: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for n in range(5):
+        (folder / f"{n}.png").write_bytes(encode(pattern(n + 40), "PNG"))
+    rt = Runtime(
+        Settings(data_dir=tmp_path / "data", redis_url=redis_url, decode_processes=2, batch_size=4096)
+    )
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    items = index_folder(rt, folder, tiny_model, "noshm")
+    assert [i["status"] for i in items] == ["indexed"] * 5
+    assert "no room in shared memory" in caplog.text and "decodes in the worker's threads" in caplog.text
 
 
 def test_a_group_in_flight_when_its_process_dies_is_decoded_again(pool: DecodePool) -> None:
