@@ -85,7 +85,8 @@ class PixelSlots:
     11), as much as decoding ten small JPEGs. A block holds ``capacity`` slots
     (at least ``count``; the embed worker passes its batch size, so a job's
     ramp-up batches and its last one take the same blocks as its full ones),
-    rounded up to a power of two; at most :data:`FREE_BLOCKS` blocks of a size
+    rounded up to a power of two; at most ``keep`` blocks of a size (the embed
+    worker passes the batches it runs at once; :data:`FREE_BLOCKS` otherwise)
     wait for reuse, the others are unlinked, and all are at exit.
 
     A block's pages are reserved when it is made (``posix_fallocate``): a
@@ -94,9 +95,9 @@ class PixelSlots:
     cleanly. :class:`NoRoomForPixels` says so at once instead.
     """
 
-    def __init__(self, count: int, size: int, capacity: int = 0) -> None:
+    def __init__(self, count: int, size: int, capacity: int = 0, keep: int = 0) -> None:
         self.size = size
-        self._block = _blocks.take(_capacity(max(count, capacity)) * size * size * 3)
+        self._block = _blocks.take(_capacity(max(count, capacity)) * size * size * 3, keep or FREE_BLOCKS)
         self.name = self._block.shm.name
         # (name, token): a decode process's attachment is of this block, not of an old one of its name
         self.block = (self.name, self._block.token)
@@ -119,6 +120,7 @@ class _Block:
     shm: shared_memory.SharedMemory
     token: str
     nbytes: int
+    keep: int  # blocks of its size kept for reuse when it comes back
 
 
 class _Blocks:
@@ -129,19 +131,19 @@ class _Blocks:
         self._free: dict[int, list[_Block]] = {}
         atexit.register(self.unlink_all)
 
-    def take(self, nbytes: int) -> _Block:
+    def take(self, nbytes: int, keep: int) -> _Block:
         with self._lock:
             free = self._free.get(nbytes)
             if free:
                 return free.pop()
         try:
-            return self._make(nbytes)
+            return self._make(nbytes, keep)
         except NoRoomForPixels:
             self.unlink_all()  # blocks of other sizes waiting for reuse: room for this one?
-            return self._make(nbytes)
+            return self._make(nbytes, keep)
 
     @staticmethod
-    def _make(nbytes: int) -> _Block:
+    def _make(nbytes: int, keep: int) -> _Block:
         shm = shared_memory.SharedMemory(create=True, size=max(1, nbytes))
         fd = getattr(shm, "_fd", -1)
         if fd >= 0 and hasattr(os, "posix_fallocate"):  # Linux: reserve every page now
@@ -149,7 +151,7 @@ class _Blocks:
                 os.posix_fallocate(fd, 0, max(1, nbytes))
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:  # a file system that cannot reserve: write and see
-                    return _Block(shm, uuid.uuid4().hex, nbytes)
+                    return _Block(shm, uuid.uuid4().hex, nbytes, keep)
                 _unlink(shm)
                 free = _shm_free()
                 raise NoRoomForPixels(
@@ -157,12 +159,12 @@ class _Blocks:
                     f"{free}): give the worker more (docker: shm_size; Kubernetes: an emptyDir of "
                     f"medium Memory at /dev/shm) or lower PUPYL_BATCH_SIZE ({exc.strerror})"
                 ) from None
-        return _Block(shm, uuid.uuid4().hex, nbytes)
+        return _Block(shm, uuid.uuid4().hex, nbytes, keep)
 
     def give_back(self, block: _Block) -> None:
         with self._lock:
             free = self._free.setdefault(block.nbytes, [])
-            if len(free) < FREE_BLOCKS:
+            if len(free) < block.keep:
                 free.append(block)
                 return
         _unlink(block.shm)
@@ -191,7 +193,7 @@ def _unlink(shm: shared_memory.SharedMemory) -> None:
     shm.unlink()
 
 
-FREE_BLOCKS = 2  # per size: the batches an embed worker runs at once (PUPYL_EMBED_CONCURRENCY's default)
+FREE_BLOCKS = 2  # per size, unless told: the batches an embed worker runs at once by default
 _blocks = _Blocks()
 
 

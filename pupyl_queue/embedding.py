@@ -285,7 +285,8 @@ class _BatchRun:
         """The batch's pixel block; None (decode in this process's threads) when shared memory
         has no room for it: slower, but the batch goes on, and the log says what to change."""
         try:
-            return PixelSlots(len(self.items), size, capacity=self.rt.settings.batch_size)
+            settings = self.rt.settings
+            return PixelSlots(len(self.items), size, settings.batch_size, keep=settings.embed_concurrency)
         except NoRoomForPixels as exc:
             log.warning("%s; this batch decodes in the worker's threads", exc)
             return None

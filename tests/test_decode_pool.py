@@ -104,6 +104,11 @@ def test_a_pixel_block_is_reused_by_the_next_batch_and_its_new_pixels_are_read(p
         slots.close()
     names = {slots.name for slots in held}
     assert sum(Path("/dev/shm", name.lstrip("/")).exists() for name in names) == 2  # FREE_BLOCKS kept
+    # An embed worker running 3 batches at once keeps 3 (PUPYL_EMBED_CONCURRENCY: ``keep``).
+    held = [PixelSlots(4, 24, keep=3) for _ in range(4)]
+    for slots in held:
+        slots.close()
+    assert sum(Path("/dev/shm", s.name.lstrip("/")).exists() for s in held) == 3
 
 
 def test_a_block_is_sized_for_the_workers_batches_and_its_pages_are_reserved() -> None:
