@@ -104,7 +104,10 @@ def decode(data: bytes, max_pixels: int, target: int | None = None) -> DecodedIm
                 rgb = _mean_of_frames(im, frames)
             else:
                 im.load()
-                rgb = _to_rgb(ImageOps.exif_transpose(im))
+                # In place: the copying form copies even an image that needs no turn (most photos),
+                # a whole frame per image (7% of a decode process on photo-sized JPEGs, BENCHMARKS.md).
+                ImageOps.exif_transpose(im, in_place=True)
+                rgb = _to_rgb(im)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -183,4 +186,4 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         im = im.convert("RGBA")
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(background, im)
-    return im.convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")  # convert() copies an RGB image whole

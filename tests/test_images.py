@@ -50,6 +50,23 @@ def test_exif_orientation_applied() -> None:
     assert (image.rgb.width, image.rgb.height) == (100, 200)
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_turns_as_pillow_does(orientation: int, fmt: str) -> None:
+    """decode turns in place (no copy of an upright image): the same pixels as Pillow's copying form."""
+    from PIL import ImageOps
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(pattern(3, size=(200, 100)), fmt, exif=exif)
+    with Image.open(io.BytesIO(data)) as im:
+        expected = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    image = decode(data, LIMIT)
+    assert image.rgb.mode == "RGB"
+    assert np.array_equal(np.asarray(image.rgb), expected)
+    assert (image.width, image.height) == (200, 100)  # the file's own size, as stored
+
+
 def test_animated_gif_is_mean_of_frames() -> None:
     frames = [Image.new("RGB", (8, 8), (0, 0, 0)), Image.new("RGB", (8, 8), (200, 200, 200))]
     out = io.BytesIO()
