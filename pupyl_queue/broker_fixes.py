@@ -47,6 +47,16 @@
    BRPOPLPUSH reads one list, so a worker consuming one queue fetches this way (every pupyl worker
    does: ``-Q`` one queue; priority_steps [0] in celery_app.py keeps it one list); anything else
    fetches with kombu's BRPOP as before.
+
+5. A landed delivery is not sent back to Redis. kombu records a delivery by writing the whole
+   message again into ``unacked`` (JSON-encoded anew), and the landing entry was taken off by
+   value (LREM sends the message once more): an embed batch of 64 small images carried inline is
+   ~1 MB, so each delivery cost two more megabytes up to Redis and a JSON encoding of one, the
+   biggest share of an embed worker's own CPU per batch after the batch itself (py-spy,
+   BENCHMARKS.md "Session 12"). Redis holds the message already, at the head of the landing list:
+   a Lua call copies it into ``unacked`` there (``_RECORD_LANDED``), and another takes the head
+   off (``_UNLAND``), each after checking that the head is this delivery (its length and delivery
+   tag). Anything else (not landed, or the head is not it) takes kombu's own way, as before.
 """
 
 from __future__ import annotations
@@ -55,7 +65,8 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from time import monotonic
+from dataclasses import dataclass
+from time import monotonic, time
 from typing import Any
 
 from pupyl_queue import constants as C
@@ -94,6 +105,50 @@ redis.call('DEL', KEYS[1])
 redis.call('HDEL', KEYS[4], KEYS[1])
 return back
 """
+
+
+# The landing list's head, if it is the delivery (ARGV[1]: its tag; ARGV[3]: its length in bytes),
+# recorded in ``unacked`` as kombu records it: [message, exchange, routing key] (ARGV[4], ARGV[5]:
+# those two as JSON), and its time in the index (ARGV[2]). KEYS: landing, unacked, unacked index.
+_RECORD_LANDED = """
+local v = redis.call('LINDEX', KEYS[1], 0)
+if not v or string.len(v) ~= tonumber(ARGV[3]) or not string.find(v, ARGV[1], 1, true) then return 0 end
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], '[' .. v .. ',' .. ARGV[4] .. ',' .. ARGV[5] .. ']')
+return 1
+"""
+# The landing list's head off, if it is the delivery (ARGV[1]: tag, ARGV[2]: length). KEYS: landing.
+_UNLAND = """
+local v = redis.call('LINDEX', KEYS[1], 0)
+if not v or string.len(v) ~= tonumber(ARGV[2]) or not string.find(v, ARGV[1], 1, true) then return 0 end
+redis.call('LPOP', KEYS[1])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Landed:
+    """The delivery the consumer thread is handing over, as it lies at the head of its landing list."""
+
+    landing: str
+    tag: str
+    size: int  # bytes
+
+
+def record_landed(
+    client: Any, landed: Landed, unacked: str, unacked_index: str, exchange: str, key: str
+) -> bool:
+    """kombu's record of a delivery (``QoS.append``), made from the copy Redis holds; False (nothing
+    written) when the landing list's head is not this delivery."""
+    args = [landed.tag, time(), landed.size, json.dumps(exchange), json.dumps(key)]
+    return bool(
+        client.register_script(_RECORD_LANDED)(keys=[landed.landing, unacked, unacked_index], args=args)
+    )
+
+
+def unland_head(client: Any, landed: Landed) -> bool:
+    """The delivery off its landing list's head; False (nothing taken) when the head is not it."""
+    return bool(client.register_script(_UNLAND)(keys=[landed.landing], args=[landed.tag, landed.size]))
 
 
 def landing_key(owner: str, queue_key: str) -> str:
@@ -138,6 +193,15 @@ def restore_landed(
     return back
 
 
+def _delivery_tag(payload: Any) -> str:
+    """A message's delivery tag, or "" when it has none a Lua call could look for."""
+    try:
+        tag = payload["properties"]["delivery_tag"]
+    except (KeyError, TypeError):
+        return ""
+    return tag if isinstance(tag, str) and len(tag) >= 16 else ""
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -168,11 +232,27 @@ def install() -> None:
 
 
 def _patient_acks(qos: Any, broker_down: tuple[type[BaseException], ...]) -> None:
+    from kombu.transport import virtual
+
     ack, reject, append = qos.ack, qos.reject, qos.append
+
+    def landed_append(self: Any, message: Any, delivery_tag: str) -> None:
+        landed = getattr(_pending, "landed", None)
+        if landed is not None and landed.tag == delivery_tag:
+            info = message.delivery_info
+            channel = self.channel
+            with channel.conn_or_acquire() as client:
+                args = (channel.unacked_key, channel.unacked_index_key, info["exchange"], info["routing_key"])
+                if record_landed(client, landed, *args):
+                    virtual.QoS.append(self, message, delivery_tag)  # kombu's own bookkeeping in memory
+                    return
+        append(self, message, delivery_tag)
 
     def patient_append(self: Any, message: Any, delivery_tag: str) -> None:
         waiting(
-            lambda: append(self, message, delivery_tag), broker_down, f"record of delivery {delivery_tag}"
+            lambda: landed_append(self, message, delivery_tag),
+            broker_down,
+            f"record of delivery {delivery_tag}",
         )
 
     def patient_ack(self: Any, delivery_tag: str) -> None:
@@ -231,14 +311,21 @@ def _landing_fetch(channel: Any, transport: Any, broker_down: tuple[type[BaseExc
                 raise transport.Empty()
             self._queue_cycle.rotate(queue)
 
+            payload = transport.loads(transport.bytes_to_str(item))
+            tag = _delivery_tag(payload)
+            landed = Landed(landing, tag, len(item)) if tag else None
+
             def unland() -> None:
                 with self.conn_or_acquire() as client:
-                    client.lrem(landing, 1, item)
+                    if landed is None or not unland_head(client, landed):
+                        client.lrem(landing, 1, item)  # not at the head (or no tag): by value
 
             _pending.unland = unland  # taken off once the receipt is recorded (recorded())
+            _pending.landed = landed  # recorded in ``unacked`` from Redis's copy (landed_append)
             try:
-                self.connection._deliver(transport.loads(transport.bytes_to_str(item)), queue)
+                self.connection._deliver(payload, queue)
             finally:  # not recorded (refused by kombu or Celery, or no liveness): not to come back
+                _pending.landed = None
                 if getattr(_pending, "unland", None) is not None:
                     _pending.unland = None
                     waiting(unland, broker_down, f"landing list {landing}")

@@ -349,3 +349,64 @@ def test_a_message_fetched_by_a_worker_killed_before_it_recorded_it_comes_back(
         logs = (tmp_path / "fetch-b.log").read_text(errors="replace")
         assert "restored 1 fetched, unrecorded message(s)" in logs, logs
         assert not [k for k in r.hkeys(LANDINGS) if "fetch-a@" in k]  # the dead worker's list went
+
+
+def test_a_landed_delivery_is_recorded_from_the_copy_redis_holds(app: Celery) -> None:
+    """kombu records a delivery by sending the whole message back to Redis (~1 MB for an embed batch
+    of small images inline), and the landing entry went by value (the message once more). Landed,
+    the record is made in Redis from its own copy: the same record kombu writes, a few bytes sent."""
+    from kombu import Queue
+
+    r = redis.Redis.from_url(app.conf.broker_url, decode_responses=True)
+    blob = "x" * 400_000
+    app.send_task("pupyl.landing_test", kwargs={"blob": blob}, queue=C.QUEUE_MAINTENANCE)
+    queued = json.loads(r.lindex(C.QUEUE_MAINTENANCE, 0))
+    seen: dict[str, Any] = {}
+
+    def received(_body: Any, message: Any) -> None:
+        tag = message.delivery_tag
+        seen.update(message=message, record=r.hget(UNACKED, tag), index=r.zscore("unacked_index", tag))
+
+    broker_fixes.land_as("landing-test@host")
+    try:
+        with app.connection_for_read() as conn:
+            sent_before = int(r.info("stats")["total_net_input_bytes"])
+            with conn.Consumer([Queue(C.QUEUE_MAINTENANCE)], callbacks=[received], accept=["json"]):
+                conn.drain_events(timeout=10)
+            sent = int(r.info("stats")["total_net_input_bytes"]) - sent_before
+            message = seen["message"]
+            landing = broker_fixes.landing_key("landing-test@host", C.QUEUE_MAINTENANCE)
+            assert r.llen(landing) == 0, "the landing entry was left"
+            info = message.delivery_info
+            assert json.loads(seen["record"]) == [queued, info["exchange"], info["routing_key"]]
+            assert seen["index"] is not None
+            assert sent < len(blob) // 4, f"{sent} bytes went up to Redis for a {len(blob)}-byte message"
+            message.ack()
+        assert not r.hlen(UNACKED) and not r.zcard("unacked_index")
+    finally:
+        broker_fixes.land_as(None)
+        r.close()
+
+
+def test_a_landing_head_that_is_not_the_delivery_is_left_alone(app: Celery) -> None:
+    """Recorded from Redis's copy only when the list's head is this delivery (its tag and length):
+    otherwise nothing is written or taken, and the caller takes kombu's own way."""
+    r = redis.Redis.from_url(app.conf.broker_url, decode_responses=True)
+    try:
+        landing = broker_fixes.landing_key("head-test@host", C.QUEUE_MAINTENANCE)
+        tag = "0123456789abcdef-tag"
+        message = json.dumps({"properties": {"delivery_tag": tag}, "body": "x" * 100})
+        r.lpush(landing, message)
+        for landed in (
+            broker_fixes.Landed(landing, tag, len(message) + 1),  # another length
+            broker_fixes.Landed(landing, "fedcba9876543210-tag", len(message)),  # another tag
+        ):
+            assert not broker_fixes.record_landed(r, landed, UNACKED, "unacked_index", "", "q")
+            assert not broker_fixes.unland_head(r, landed)
+        assert not r.hlen(UNACKED) and not r.zcard("unacked_index") and r.llen(landing) == 1
+        right = broker_fixes.Landed(landing, tag, len(message))
+        assert broker_fixes.record_landed(r, right, UNACKED, "unacked_index", "", "q")
+        assert json.loads(r.hget(UNACKED, tag)) == [json.loads(message), "", "q"]
+        assert broker_fixes.unland_head(r, right) and not r.exists(landing)
+    finally:
+        r.close()
