@@ -352,8 +352,8 @@ def test_a_message_fetched_by_a_worker_killed_before_it_recorded_it_comes_back(
 
 
 def test_a_landed_delivery_is_recorded_from_the_copy_redis_holds(app: Celery) -> None:
-    """kombu records a delivery by sending the whole message back to Redis (~1 MB for an embed batch
-    of small images inline), and the landing entry went by value (the message once more). Landed,
+    """kombu records a delivery by sending the whole message back to Redis (up to ~1.8 MB for an embed
+    batch of small images inline), and the landing entry went by value (the message once more). Landed,
     the record is made in Redis from its own copy: the same record kombu writes, a few bytes sent."""
     from kombu import Queue
 
