@@ -1,4 +1,4 @@
-"""What a worker's receipt of one big message costs it and Redis, with and without the landed record.
+"""What one big task message costs its producer, Redis and the worker that receives it, three ways.
 
     python bench/landed_delivery.py [--messages 100] [--rounds 5]
 
@@ -6,10 +6,12 @@ An embed batch of 64 small images carried inline is one ~1 MB message. On receip
 records the delivery by JSON-encoding the whole message again and sending it back to Redis
 (``unacked``), and the landing list's entry was removed by value (LREM: the message once
 more). Since session 12 both are Lua calls on the copy Redis already holds
-(``broker_fixes._RECORD_LANDED``, ``_UNLAND``). "before" runs the same consumer with those
-two calls refused, which is exactly kombu's way (the fallback the code keeps). One process,
-one redis-server, real kombu transport; the messages are real embed payloads: 64 of the
-128 px flowers each, inline (base64), as the ingest worker sends them.
+(``broker_fixes._RECORD_LANDED``, ``_UNLAND``); and the task's JSON goes into the envelope as
+text instead of base64 of it (``body_encoding`` utf-8, celery_app.py). Variants:
+"kombu" (base64 body, those two calls refused: exactly kombu's way, the fallback the code
+keeps), "landed" (base64 body, the Lua calls) and "landed+text" (today). One process, one
+redis-server, real kombu transport; the messages are real embed payloads: 64 of the 128 px
+flowers each, inline (base64), as the ingest worker sends them.
 """
 
 from __future__ import annotations
@@ -79,38 +81,54 @@ def main() -> None:
     kwargs = batch_kwargs(flowers)
     real = (broker_fixes.record_landed, broker_fixes.unland_head)
     refused = (lambda *_a, **_k: False, lambda *_a, **_k: False)
+    variants = ("kombu", "landed", "landed+text")
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         server = start_redis(Path(tmp), port, appendonly=False)
         try:
             url = f"redis://127.0.0.1:{port}/0"
-            app = make_app(Settings(redis_url=url), include_tasks=False)
+            app = make_app(Settings(redis_url=url), include_tasks=False)  # the worker's: body as text
+            base64_app = make_app(Settings(redis_url=url), include_tasks=False)
+            base64_app.conf.broker_transport_options = {
+                **base64_app.conf.broker_transport_options,
+                "body_encoding": "base64",
+            }
             r = redis.Redis.from_url(url)
             broker_fixes.land_as("bench@host")
-            size = 0
-            results: dict[str, list[tuple[float, float, int]]] = {"before": [], "after": []}
+            sizes: dict[str, int] = {}
+            send: dict[str, list[float]] = {v: [] for v in variants}
+            results: dict[str, list[tuple[float, float, int]]] = {v: [] for v in variants}
             for n in range(args.rounds):
-                for name in ("before", "after") if n % 2 == 0 else ("after", "before"):
+                for name in variants if n % 2 == 0 else variants[::-1]:
+                    producer = app if name == "landed+text" else base64_app
+                    started = time.process_time()
                     for _ in range(args.messages):
-                        app.send_task("pupyl.embed", kwargs=kwargs, queue=QUEUE)
-                    size = len(r.lindex(QUEUE, 0) or b"")
+                        producer.send_task("pupyl.embed", kwargs=kwargs, queue=QUEUE)
+                    send[name].append(time.process_time() - started)
+                    sizes[name] = len(r.lindex(QUEUE, 0) or b"")
                     broker_fixes.record_landed, broker_fixes.unland_head = (
-                        real if name == "after" else refused
+                        refused if name == "kombu" else real
                     )
                     results[name].append(receive(app, r, args.messages))
             broker_fixes.record_landed, broker_fixes.unland_head = real
         finally:
             stop(server)
     m = args.messages
-    print(f"{m} messages of {size / 1e6:.2f} MB (64 flowers inline), received+acked, median of {args.rounds}")
-    print(f"{'':8s} {'worker CPU ms/msg':>18s} {'Redis CPU ms/msg':>17s} {'MB up to Redis/msg':>19s}")
-    for name, rows in results.items():
-        cpu = statistics.median(1000 * c / m for c, _, _ in rows)
-        rcpu = statistics.median(1000 * c / m for _, c, _ in rows)
-        up = statistics.median(u / m / 1e6 for _, _, u in rows)
-        print(f"{name:8s} {cpu:18.2f} {rcpu:17.2f} {up:19.3f}")
-    for name, rows in results.items():
-        print(f"  {name} rounds, worker ms/msg: {[round(1000 * c / m, 2) for c, _, _ in rows]}")
+    print(f"{m} messages of 64 flowers inline, published, received and acked; median of {args.rounds} rounds")
+    head = ("MB/message", "producer CPU ms", "worker CPU ms", "Redis CPU ms", "MB up (receipt)")
+    print(f"{'':12s}" + "".join(f"{h:>17s}" for h in head) + "   (per message)")
+    for name in variants:
+        rows = results[name]
+        cells = (
+            sizes[name] / 1e6,
+            statistics.median(1000 * c / m for c in send[name]),
+            statistics.median(1000 * c / m for c, _, _ in rows),
+            statistics.median(1000 * c / m for _, c, _ in rows),
+            statistics.median(u / m / 1e6 for _, _, u in rows),
+        )
+        print(f"{name:12s}" + "".join(f"{c:17.3f}" for c in cells))
+    for name in variants:
+        print(f"  {name} rounds, worker ms/msg: {[round(1000 * c / m, 2) for c, _, _ in results[name]]}")
 
 
 if __name__ == "__main__":

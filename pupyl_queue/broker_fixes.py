@@ -52,8 +52,8 @@
    message again into ``unacked`` (JSON-encoded anew), and the landing entry was taken off by
    value (LREM sends the message once more): an embed batch carries its small images inline (0.32
    MB for 64 of the 128 px flowers, up to ~1.8 MB at PUPYL_INLINE_BATCH_BYTES), so each delivery
-   sent it up to Redis twice more and encoded it once more: 7.2 ms of a worker's CPU per such
-   message, against 5.1 without (bench/landed_delivery.py; Redis's own rises 0.8 -> 1.3 ms).
+   sent it up to Redis twice more and encoded it once more: 5.9 ms of a worker's CPU per such
+   message, against 4.1 without (bench/landed_delivery.txt; Redis's own rises 0.7 -> 1.0 ms).
    Redis holds the message already, at the head of the landing list: a Lua call copies it into
    ``unacked`` there (``_RECORD_LANDED``), and another takes the head
    off (``_UNLAND``), each after checking that the head is this delivery (its length and delivery

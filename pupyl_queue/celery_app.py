@@ -40,6 +40,12 @@ def make_app(settings: Settings | None = None, include_tasks: bool = True) -> Ce
         # One list per queue, not kombu's four (priorities 0, 3, 6, 9; nothing here sets one): a worker
         # then fetches with BRPOPLPUSH into its landing list, which reads one list (broker_fixes.py, 4).
         "priority_steps": [0],
+        # The task's JSON goes into the message envelope as JSON text, not base64 of it (kombu's
+        # default): an embed batch carries its small images inline, already base64, and a second
+        # base64 made its message a third larger and cost an encode in the ingest worker and a
+        # decode in the embed worker per batch. Consumers decode each message by its own
+        # ``body_encoding``: messages of other producers (base64) still read.
+        "body_encoding": "utf-8",
     }
     app.conf.update(
         task_serializer="json",

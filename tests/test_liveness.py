@@ -410,3 +410,39 @@ def test_a_landing_head_that_is_not_the_delivery_is_left_alone(app: Celery) -> N
         assert broker_fixes.unland_head(r, right) and not r.exists(landing)
     finally:
         r.close()
+
+
+def test_bodies_are_json_text_and_other_producers_base64_bodies_still_read(app: Celery) -> None:
+    """Our producers put the task's JSON in the envelope as text (``body_encoding`` utf-8, no base64
+    of it); a plain Celery producer's message (kombu's default, base64) still reads, landed or not."""
+    from kombu import Queue
+
+    r = redis.Redis.from_url(app.conf.broker_url, decode_responses=True)
+    plain = Celery(broker=app.conf.broker_url)
+    plain.conf.broker_transport_options = {"priority_steps": [0]}
+    try:
+        plain.send_task("pupyl.encoding_test", kwargs={"v": "plain"}, queue=C.QUEUE_MAINTENANCE)
+        app.send_task("pupyl.encoding_test", kwargs={"v": "ours"}, queue=C.QUEUE_MAINTENANCE)
+        queued = [json.loads(raw) for raw in r.lrange(C.QUEUE_MAINTENANCE, 0, -1)]  # newest first
+        assert [m["properties"]["body_encoding"] for m in queued] == ["utf-8", "base64"]
+        assert json.loads(queued[0]["body"])[1] == {"v": "ours"}
+        for owner in ("encoding-test@host", None):  # landed, then kombu's own BRPOP
+            broker_fixes.land_as(owner)
+            got: list[Any] = []
+            with app.connection_for_read() as conn:
+                with conn.Consumer(
+                    [Queue(C.QUEUE_MAINTENANCE)], callbacks=[lambda _b, m, got=got: got.append(m)]
+                ):
+                    while len(got) < 2:
+                        conn.drain_events(timeout=10)
+                for message in got:
+                    message.ack()
+            assert sorted(m.decode()[1]["v"] for m in got) == ["ours", "plain"]
+            if owner:  # the same two again, for kombu's own fetch
+                plain.send_task("pupyl.encoding_test", kwargs={"v": "plain"}, queue=C.QUEUE_MAINTENANCE)
+                app.send_task("pupyl.encoding_test", kwargs={"v": "ours"}, queue=C.QUEUE_MAINTENANCE)
+        assert not r.hlen(UNACKED) and not r.llen(C.QUEUE_MAINTENANCE)
+    finally:
+        broker_fixes.land_as(None)
+        plain.close()
+        r.close()

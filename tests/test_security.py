@@ -9,7 +9,6 @@ for every secret.
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import redis as redis_lib
+from celery import Celery
 from PIL import Image
 
 from api.app import make_app
@@ -137,21 +137,29 @@ def test_secrets_wire_format_and_guards_through_the_api(
             raw = client.redis.lrange("search.shard99", 0, -1)[0]
             envelope = json.loads(raw)
             assert envelope["content-type"] == "application/json"
-            args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
+            assert envelope["properties"]["body_encoding"] == "utf-8"  # JSON text, no base64 of it
+            args, kwargs, _ = json.loads(envelope["body"])
             assert kwargs["query"] == {"id": 1}
             results = [k for k in client.redis.scan_iter("celery-task-meta-*")]
             assert results and all(json.loads(client.redis.get(k))["status"] for k in results)
 
             # A pickled message, as a hostile producer would send it (this test only; nothing in
-            # pupyl-queue sends or accepts one), is refused by the worker and never runs.
-            pickled = client.app.send_task(
-                C.TASK_SEARCH, kwargs={"collection": "default", "query": {"id": 1}}, serializer=HOSTILE
+            # pupyl-queue sends or accepts one), is refused by the worker and never runs. The
+            # producer is a plain Celery app: kombu's defaults (its body in base64), not ours.
+            hostile = Celery(broker=client.settings.broker_url, backend=client.settings.broker_url)
+            hostile.conf.broker_transport_options = {"priority_steps": [0]}
+            pickled = hostile.send_task(
+                C.TASK_SEARCH,
+                kwargs={"collection": "default", "query": {"id": 1}},
+                serializer=HOSTILE,
+                queue=C.QUEUE_SEARCH,
             )
             deadline = time.monotonic() + 60
             while "untrusted content" not in (tmp_path / "search.log").read_text():
                 assert time.monotonic() < deadline, workers.logs()
                 time.sleep(0.2)
             assert pickled.state == "PENDING"
+            hostile.close()
             workers.check_alive()
     finally:
         client.close()
