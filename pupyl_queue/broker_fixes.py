@@ -55,9 +55,9 @@
    sent it up to Redis twice more and encoded it once more: 5.9 ms of a worker's CPU per such
    message, against 4.1 without (bench/landed_delivery.txt; Redis's own rises 0.7 -> 1.0 ms).
    Redis holds the message already, at the head of the landing list: a Lua call copies it into
-   ``unacked`` there (``_RECORD_LANDED``), and another takes the head
-   off (``_UNLAND``), each after checking that the head is this delivery (its length and delivery
-   tag). Anything else (not landed, or the head is not it) takes kombu's own way, as before.
+   ``unacked`` there (``_RECORD_LANDED``), and another takes the head off (``_UNLAND``), each
+   after checking that the head is this delivery (its length and delivery tag). Anything else
+   (not landed, or the head is not it) takes kombu's own way, as before.
 """
 
 from __future__ import annotations
