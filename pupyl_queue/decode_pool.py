@@ -23,13 +23,10 @@ processes uses every core and leaves the feeding process to feed.
   local to this host, nothing of this reaches Redis.
 - With :class:`Copies` a decode process also writes each image's stored copy
   itself, and reads a local path itself (through the same roots check as the
-  expansion), or a staged copy from the store (:class:`Staged`): the feeding
-  process then never holds those bytes. On a GPU host
+  expansion): the feeding process then never holds those bytes. On a GPU host
   the feeding process is one core that every image passes through; this halved
   its CPU per image (0.60 to 0.26 ms with the GPU settings; BENCHMARKS.md,
-  issue 15, session 10). Staged copies (large images of a deployment whose
-  workers share no files: URLs, uploads) took the same way in session 12: their
-  GETs were the feeding process's largest cost per image then.
+  issue 15, session 10).
   Writing the same copy twice (a group decoded again) is harmless: the key and
   bytes are the same.
 - A decode process exits when the worker that started it dies (even by kill -9).
@@ -64,7 +61,7 @@ import numpy as np
 from pupyl_queue.images import ImageError, ImageInfo, decode
 from pupyl_queue.settings import Settings
 from pupyl_queue.sources import LocalRefused, Sources
-from pupyl_queue.store import ObjectNotFound, ObjectStore, StoreUnavailable, open_store
+from pupyl_queue.store import ObjectStore, StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
@@ -200,18 +197,7 @@ FREE_BLOCKS = 2  # per size, unless told: the batches an embed worker runs at on
 _blocks = _Blocks()
 
 
-class Staged(str):
-    """A staged copy's store key: with Copies, the decode process reads it from the store."""
-
-    __slots__ = ()
-
-
-Source = bytes | str  # an image's bytes, or (with Copies) a local file's path or a Staged key
-STAGED_MISSING = "staged copy is missing (the batch was already committed or the store lost it)"
-
-
-class StagedMissing(LookupError):
-    """A staged copy is not in the store: that item fails, the rest of the batch goes on."""
+Source = bytes | str  # an image's bytes, or (with Copies) the path of a local file to read
 
 
 @dataclass(frozen=True)
@@ -237,8 +223,7 @@ _io: dict[tuple[Settings, str], tuple[ObjectStore, Sources]] = {}
 
 
 class StoreWriteFailed(RuntimeError):
-    """A decode process could not write a stored copy (or read a staged one), for a reason other
-    than an unreachable store or a missing staged copy.
+    """A decode process could not write a stored copy, for a reason other than an unreachable store.
 
     Carries the reason as text: a store client's own exception may not survive the trip back.
     """
@@ -259,23 +244,13 @@ def _process_io(copies: Copies) -> tuple[ObjectStore, Sources]:
 @contextlib.contextmanager
 def _store_errors(what: str) -> Iterator[None]:
     """An unreachable store stays StoreUnavailable (transient: the batch is tried again,
-    workers/tasks.py), and a missing staged copy fails its item (StagedMissing); any other store
-    error comes back as StoreWriteFailed with its text."""
+    workers/tasks.py); any other store error comes back as StoreWriteFailed with its text."""
     try:
         yield
-    except (StoreUnavailable, StagedMissing):
+    except StoreUnavailable:
         raise
     except Exception as exc:
         raise StoreWriteFailed(f"{what}: {type(exc).__name__}: {exc}") from None
-
-
-def _read_staged(store: ObjectStore, key: str) -> bytes:
-    """A staged copy's bytes; a missing one fails its item alone (as when the feeding process read it)."""
-    with _store_errors(f"reading {key}"):
-        try:
-            return store.get(key)
-        except ObjectNotFound:
-            raise StagedMissing(STAGED_MISSING) from None
 
 
 def _write_copies(store: ObjectStore, keys: tuple[str, str], copy: bytes, original: bytes) -> None:
@@ -315,14 +290,12 @@ def _decode_group(
         try:
             if isinstance(source, bytes):
                 data = source
-            elif sources is None or store is None:
-                raise TypeError("a local path or a staged key is read in a decode process only with Copies")
-            elif isinstance(source, Staged):
-                data = _read_staged(store, source)
+            elif sources is None:
+                raise TypeError("a local path is read in a decode process only with Copies")
             else:
                 data = sources.read_local(source)
             image = decode(data, max_pixels, target=size)
-        except (ImageError, LocalRefused, StagedMissing) as exc:
+        except (ImageError, LocalRefused) as exc:
             out.append((None, b"", str(exc)))
             continue
         view = np.ndarray(
@@ -410,7 +383,7 @@ class Decoding:
 
     future: Future[list[tuple[ImageInfo | None, bytes, str]]] | None  # None: broken at submission
     executor: ProcessPoolExecutor
-    images: list[tuple[Source, int]]  # (bytes, local path or staged key, slot)
+    images: list[tuple[Source, int]]  # (bytes or local path, slot)
     max_pixels: int
     slots: PixelSlots
     copies: Copies | None = None  # stored by the decode process: a decoded image's copy is written

@@ -27,16 +27,7 @@ from pupyl_queue import integrity, keys, metadata
 from pupyl_queue.attributes import InvalidAttribute, builtin_values, check_attributes, check_key
 from pupyl_queue.codecs import SegmentRows, encode_segment
 from pupyl_queue.coordination import BatchCounted
-from pupyl_queue.decode_pool import (
-    STAGED_MISSING,
-    Copies,
-    DecodePool,
-    Decoding,
-    NoRoomForPixels,
-    PixelSlots,
-    Source,
-    Staged,
-)
+from pupyl_queue.decode_pool import Copies, DecodePool, Decoding, NoRoomForPixels, PixelSlots, Source
 from pupyl_queue.images import ImageError, ImageInfo, decode
 from pupyl_queue.ingest import finish_if_done
 from pupyl_queue.jobs import batch_id
@@ -88,7 +79,7 @@ def _refused(item: dict[str, Any]) -> str:
 
 def _unreadable(exc: Exception) -> Prepared:
     if isinstance(exc, ObjectNotFound):
-        return Prepared(error=STAGED_MISSING)
+        return Prepared(error="staged copy is missing (the batch was already committed or the store lost it)")
     return Prepared(error=str(exc))
 
 
@@ -134,8 +125,7 @@ def hand_over(
     """Fetch these items' (position, item) bytes and hand them to one decode process without waiting.
 
     With ``copy_keys`` the decode process writes each decoded image's stored copy under its keys,
-    and reads a local path or a staged copy itself (decode_pool.Copies): this process never holds
-    those bytes.
+    and reads a local path itself (decode_pool.Copies): this process never holds those bytes.
     """
     failed: dict[int, Prepared] = {}
     images: list[tuple[Source, int]] = []
@@ -144,13 +134,7 @@ def hand_over(
             failed[position] = Prepared(error=error)
             continue
         try:
-            source: Source
-            if copy_keys and "path" in item:
-                source = item["path"]
-            elif copy_keys and "key" in item:
-                source = Staged(item["key"])  # read by the decode process from its store
-            else:
-                source = _fetch(rt, item, origin)
+            source = item["path"] if copy_keys and "path" in item else _fetch(rt, item, origin)
             images.append((source, position))  # the slot is the position
         except READ_ERRORS as exc:
             failed[position] = _unreadable(exc)
@@ -343,9 +327,9 @@ class _BatchRun:
         # Small groups: every process busy from the start, and the first infer chunk ready soon.
         size_of_group = max(1, min(GROUP_MAX, len(self.items) // (4 * decoder.processes)))
         # Every decoded item is indexed (no dedup decision, no near-duplicate drop): its decode
-        # process can write its stored copy at once, and read its local file or staged copy itself.
+        # process can write its stored copy at once, and read its local file itself.
         copy_keys = self._copy_keys if self._claims_wait and not self.task.get("near_duplicate") else None
-        direct = ("data_b64", "path", "key") if copy_keys else ("data_b64",)
+        direct = ("data_b64", "path") if copy_keys else ("data_b64",)
         waits: list[Callable[[], Prepared]] = []
         numbered = list(enumerate(self.items))
         for first in range(0, len(numbered), size_of_group):

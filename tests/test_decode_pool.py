@@ -19,7 +19,7 @@ import pytest
 import redis
 from PIL import Image
 
-from pupyl_queue.decode_pool import STAGED_MISSING, Copies, DecodePool, PixelSlots, Staged, StoreWriteFailed
+from pupyl_queue.decode_pool import Copies, DecodePool, PixelSlots, StoreWriteFailed
 from pupyl_queue.images import ImageError, decode
 from pupyl_queue.layout import Layout
 from pupyl_queue.runtime import Runtime
@@ -229,33 +229,6 @@ def test_a_decode_process_stores_the_copies_and_reads_paths_through_the_roots_ch
         assert info == decode(data, LIMIT).info() and normalized == b""  # nothing comes back to write
 
 
-def test_a_decode_process_reads_staged_copies_from_the_store_and_a_missing_one_fails_alone(
-    pool: DecodePool, tmp_path: Path
-) -> None:
-    """A Staged key is read from the decode process's own store client; a missing one is that
-    item's failure (the same reason as when the feeding process read it), not the group's."""
-    settings = Settings(data_dir=tmp_path / "data")
-    store = open_store(settings)
-    png = encode(pattern(23), "PNG")
-    store.put("c/staging/j/0", png)
-    sources = [Staged("c/staging/j/0"), Staged("c/staging/j/1")]  # the second was never staged
-    slots = PixelSlots(len(sources), 40)
-    try:
-        keys = [("c/images/0.jpg", "c/originals/0"), ("c/images/1.jpg", "")]
-        handed = pool.submit(
-            [(s, n) for n, s in enumerate(sources)], LIMIT, slots, Copies(settings, "network", keys)
-        )
-        answers = pool.results(handed)
-    finally:
-        slots.close()
-    info, normalized, _ = answers[0]  # type: ignore[misc]
-    assert info == decode(png, LIMIT).info() and normalized == b""
-    assert store.get("c/images/0.jpg") == decode(png, LIMIT).normalized_bytes()
-    assert store.get("c/originals/0") == png
-    assert isinstance(answers[1], ImageError) and str(answers[1]) == STAGED_MISSING
-    assert not store.exists("c/images/1.jpg")
-
-
 def test_a_copy_the_decode_process_cannot_write_fails_the_group_not_one_item(
     pool: DecodePool, tmp_path: Path
 ) -> None:
@@ -358,7 +331,7 @@ def test_runtimes_of_one_process_share_its_decode_pool(tmp_path: Path) -> None:
 
 ORPHAN_SCRIPT = """
 import time
-from pupyl_queue.decode_pool import STAGED_MISSING, Copies, DecodePool, PixelSlots, Staged, StoreWriteFailed
+from pupyl_queue.decode_pool import Copies, DecodePool, PixelSlots, StoreWriteFailed
 from tests.imagegen import encode, pattern
 pool, slots = DecodePool(2), PixelSlots(1, 32)
 pool.decode(encode(pattern(1), "PNG"), 10**7, slots, 0)

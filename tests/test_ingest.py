@@ -237,43 +237,6 @@ def test_local_references_stage_nothing_and_read_at_embed(
     assert state is not None and (state["state"], state["indexed"], state["failed"]) == ("done", 4, 2)
 
 
-def test_staged_copies_are_read_by_the_decode_processes_and_a_lost_one_fails_alone(
-    rt: Runtime, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Staged items (large images when workers share no files: URLs, uploads) go to the decode
-    processes as their store keys: the feeding process fetches none of them (it was its largest
-    cost per image). A staged copy lost since the expansion fails its item, with its reason."""
-    from pupyl_queue import embedding
-    from pupyl_queue.decode_pool import STAGED_MISSING
-
-    rt = Runtime(rt.settings.replace(inline_item_bytes=0))
-    assert rt.decode_pool() is not None
-    batches = job(rt, folder_of(tmp_path, 7), tiny_model, "js")
-    assert all("key" in item for b in batches for item in b["items"])
-    fetched: list[str] = []
-    fetch = embedding._fetch
-
-    def counted(rt_: Runtime, item: dict[str, Any], origin: str) -> bytes:
-        fetched.append(item["ref"])
-        return fetch(rt_, item, origin)
-
-    monkeypatch.setattr(embedding, "_fetch", counted)
-    lost = batches[-1]["items"][0]
-    rt.store.delete(lost["key"])
-    outcome = {}
-    for batch in batches:
-        for item in embed_batch(rt, batch)["items"]:
-            outcome[Path(item["ref"]).name] = item.get("error", item["status"])
-    assert fetched == []  # every staged copy was read by a decode process
-    assert outcome.pop(Path(lost["ref"]).name) == STAGED_MISSING
-    assert list(outcome.values()) == ["indexed"] * 6
-    state = read_job(rt.redis, "js")
-    assert state is not None and (state["indexed"], state["failed"]) == (6, 1)
-    assert list(rt.store.list(Layout().staging("js") + "/")) == []  # staged bytes cleaned up
-    searcher = rt.searcher("default")
-    assert len(searcher) == 6
-
-
 def test_int8_first_job_keeps_bytes_for_calibration_even_with_references(
     rt: Runtime, tmp_path: Path, tiny_model: Path
 ) -> None:
