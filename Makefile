@@ -6,10 +6,10 @@ PYTEST_ARGS ?=
 
 .PHONY: install browser demo test test-fast lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[cpu,jax,dev]'
+	$(PY) -m pip install -q -c .ci/constraints.txt -e '.[cpu,jax,torch,dev]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -122,11 +122,15 @@ def test_collection_with_own_model(redis_client: redis.Redis, tmp_path: Path, ti
         ensure_collection(store, redis_client, layout, {"characteristic": 1})
 
 
-def test_jax_backend_gives_the_same_vectors(tiny_model: Path, weights_dir: Path, tmp_path: Path) -> None:
-    """KERAS_BACKEND=jax runs the same collections: same vectors within float tolerance.
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_other_backends_give_the_same_vectors(
+    backend: str, tiny_model: Path, weights_dir: Path, tmp_path: Path
+) -> None:
+    """KERAS_BACKEND=jax or torch runs the same collections: same vectors within float tolerance.
 
     The parent embeds on TensorFlow; a child process (Keras fixes its backend at
-    import) embeds the same uint8 photos with the same files on JAX.
+    import) embeds the same uint8 photos with the same files on the other backend.
+    Both backends are in the test extras, so neither test is skipped in CI.
     """
     import os
     import subprocess
@@ -144,8 +148,14 @@ def test_jax_backend_gives_the_same_vectors(tiny_model: Path, weights_dir: Path,
     np.save(tmp_path / "pixels.npy", pixels)
     weights = str(weights_dir / MOBILENET.network.weights_file)
     ours = embed_all(pixels, str(tiny_model), weights)
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    out = tmp_path / "jax.npz"
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": backend,
+        "JAX_PLATFORMS": "cpu",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONPATH": str(ROOT),
+    }
+    out = tmp_path / f"{backend}.npz"
     child = subprocess.run(
         [sys.executable, "-m", "tests.backend_parity", out, tmp_path / "pixels.npy", tiny_model, weights],
         cwd=ROOT,
@@ -156,14 +166,14 @@ def test_jax_backend_gives_the_same_vectors(tiny_model: Path, weights_dir: Path,
     )
     assert child.returncode == 0, child.stderr[-3000:]
     theirs = np.load(out)
-    assert str(ours["backend"]) == "tensorflow" and str(theirs["backend"]) == "jax"
+    assert str(ours["backend"]) == "tensorflow" and str(theirs["backend"]) == backend
     assert str(ours["int8"]) == "converted"
     assert "int8 conversion needs the TensorFlow backend" in str(theirs["int8"])
     for name in ("own", "own_gem_mirror", "characteristic"):
         a, b = ours[name], theirs[name]
         assert a.shape == b.shape == (len(pixels), 1024 if name == "characteristic" else 256)
         cosine = np.sum(a * b, axis=1)
-        print(f"{name}: max |tf - jax| {np.abs(a - b).max():.2e}, min cosine {cosine.min():.8f}")
+        print(f"{name}: max |tf - {backend}| {np.abs(a - b).max():.2e}, min cosine {cosine.min():.8f}")
         np.testing.assert_allclose(a, b, atol=BACKEND_TOLERANCE)
         assert cosine.min() > 1 - BACKEND_TOLERANCE
 

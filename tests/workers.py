@@ -30,9 +30,11 @@ class Workers:
         name = f"{queue}-{len(self.procs)}"
         self.procs[name] = start_worker(queue, self.settings, log_path=self.log_dir / f"{name}.log")
 
-    def start_named(self, name: str, queue: str, settings: Settings) -> subprocess.Popen[bytes]:
-        """A worker on ``queue`` with its own settings (e.g. PUPYL_EMBED_CONCURRENCY)."""
-        self.procs[name] = start_worker(queue, settings, log_path=self.log_dir / f"{name}.log")
+    def start_named(
+        self, name: str, queue: str, settings: Settings, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """A worker on ``queue`` with its own settings (e.g. PUPYL_EMBED_CONCURRENCY) or environment."""
+        self.procs[name] = start_worker(queue, settings, env=env, log_path=self.log_dir / f"{name}.log")
         return self.procs[name]
 
     def stop_named(self, prefix: str) -> None:
