@@ -8,12 +8,13 @@ PyTorch) are imported only there, after any fork, because none is fork-safe.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,7 @@ def descriptor_model(model: Any, descriptor: str) -> Any:
         def swap(layer: Any) -> Any:
             if isinstance(layer, keras.layers.GlobalAveragePooling2D):
                 swapped.append(layer.name)
-                return GeneralizedMeanPooling(name=f"{layer.name}_gem")
+                return GeneralizedMeanPooling(layer.data_format, name=f"{layer.name}_gem")
             return layer
 
         model = keras.models.clone_model(model, clone_function=swap, recursive=True)
@@ -163,8 +164,15 @@ def descriptor_model(model: Any, descriptor: str) -> Any:
             )
     if mirror:  # one call on the batch and its mirror images: fewer, larger ops than two calls
         inputs = keras.Input(tuple(model.input_shape[1:]))
-        model = keras.Model(inputs, UnitSum()(model(WithMirrorImages()(inputs))))
+        width_axis = 3 if channels_first(model) else 2
+        model = keras.Model(inputs, UnitSum()(model(WithMirrorImages(width_axis)(inputs))))
     return model
+
+
+def channels_first(model: Any) -> bool:
+    """Whether a network takes (n, 3, size, size): how the characteristics are built on PyTorch."""
+    shape = tuple(model.input_shape)
+    return len(shape) == 4 and shape[1] == 3 and shape[3] != 3
 
 
 @functools.cache
@@ -175,15 +183,23 @@ def _descriptor_layers() -> tuple[type, type, type]:
     class GeneralizedMeanPooling(keras.layers.Layer):
         """(mean over positions of x^p)^(1/p), p = 3: between average (p = 1) and max pooling."""
 
+        def __init__(self, data_format: str = "channels_last", **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.axes = (2, 3) if data_format == "channels_first" else (1, 2)
+
         def call(self, x: Any) -> Any:
             cubes = keras.ops.power(keras.ops.maximum(x, 1e-6), 3.0)
-            return keras.ops.power(keras.ops.mean(cubes, axis=(1, 2)), 1.0 / 3.0)
+            return keras.ops.power(keras.ops.mean(cubes, axis=self.axes), 1.0 / 3.0)
 
     class WithMirrorImages(keras.layers.Layer):
-        """A batch of n images followed by their n mirror images."""
+        """A batch of n images followed by their n mirror images (flipped along ``width_axis``)."""
+
+        def __init__(self, width_axis: int = 2, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.width_axis = width_axis
 
         def call(self, x: Any) -> Any:
-            return keras.ops.concatenate([x, keras.ops.flip(x, axis=2)], axis=0)
+            return keras.ops.concatenate([x, keras.ops.flip(x, axis=self.width_axis)], axis=0)
 
     class UnitSum(keras.layers.Layer):
         """Each of the first n vectors as a unit vector, plus its mirror image's (the last n)."""
@@ -283,17 +299,19 @@ def compile_forward(model: Any, preprocess: Any, backend: str) -> Callable[[np.n
     arguments; batches are padded to a power of two so that a stream of odd
     sizes compiles a handful of times, not once per size. PyTorch: eager under
     ``no_grad``. The preprocessing is written with ``keras.ops`` by Keras, so
-    the same function traces on each backend.
+    the same function traces on each backend. A channels-first network (the
+    characteristics on PyTorch) gets the batch transposed once, after the preprocessing.
     """
     import keras
 
-    size = int(model.input_shape[1])
+    size = int(model.input_shape[-1 if channels_first(model) else 1])
+    transpose = channels_first(model)
 
     def features(x: Any) -> Any:
         x = keras.ops.cast(x, "float32")
-        if preprocess is not None:
+        if preprocess is not None:  # on (n, size, size, 3), as the network's own preprocessing expects
             x = preprocess(x)
-        return x
+        return keras.ops.transpose(x, (0, 3, 1, 2)) if transpose else x
 
     if backend == "tensorflow":
         import tensorflow as tf
@@ -417,14 +435,25 @@ def build_characteristic(
     net = c.network
     app = getattr(keras.applications, net.application)
     preprocess = getattr(keras.applications, net.preprocess_module).preprocess_input
+    # On PyTorch, Keras 3.15 copies every conv's input to channels-first and back in a
+    # channels-last network; built channels-first (Network.channels_first), MobileNet runs 2x
+    # faster there, same vectors (bench/backends.py). The preprocessing still sees (n, size, size, 3).
+    torch_layout = keras.backend.backend() == "torch" and net.channels_first
+    data_format = "channels_first" if torch_layout else "channels_last"
+    shape = (
+        (3, net.input_size, net.input_size)
+        if data_format == "channels_first"
+        else (net.input_size,) * 2 + (3,)
+    )
     kwargs: dict[str, Any] = dict(
         include_top=False,
         pooling="avg",
-        input_shape=(net.input_size, net.input_size, 3),
+        input_shape=shape,
         weights=None if weights is None else str(weights),
     )
     try:
-        model = app(**kwargs)
+        with _image_data_format(data_format):
+            model = app(**kwargs)
     except Exception as exc:  # Keras raises a bare Exception when a fetch fails
         if weights == "imagenet":
             raise ModelError(
@@ -435,6 +464,19 @@ def build_characteristic(
             ) from exc
         raise ModelError(f"could not load weights {weights} into {net.application}: {exc}") from exc
     return FeatureExtractor(ModelSpec.for_characteristic(c), model, preprocess)
+
+
+@contextlib.contextmanager
+def _image_data_format(data_format: str) -> Iterator[None]:
+    """Keras' process-wide image data format for building one network (under the build lock)."""
+    import keras
+
+    before = keras.config.image_data_format()
+    keras.config.set_image_data_format(data_format)
+    try:
+        yield
+    finally:
+        keras.config.set_image_data_format(before)
 
 
 def resolve_weights(characteristic: Characteristic, weights_setting: str) -> str:

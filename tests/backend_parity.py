@@ -2,19 +2,50 @@
 
 Run as ``KERAS_BACKEND=jax python -m tests.backend_parity OUT.npz PIXELS.npy MODEL.keras WEIGHTS.h5``
 (Keras picks its backend when first imported, so another backend needs another process).
-It writes the vectors of a user's own model (with the default and the ``gem+mirror`` descriptor)
-and of characteristic 1, the backend that made them, and what an int8 conversion said there.
+It writes the vectors of a user's own model and of characteristic 1 (each with the default and
+the ``gem+mirror`` descriptor), the backend that made them, characteristic 1's int8 cache key,
+and what an int8 conversion said there.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import numpy as np
 
 
+def calibrate_batchnorm(extractor: Any, pixels: np.ndarray) -> None:
+    """Give a random-weight network batch-norm statistics of real inputs, in place.
+
+    Freshly initialized, every batch norm of a deep network passes activations through
+    unscaled, and they shrink layer by layer: the vectors of different images then agree to
+    within float error (with the gem descriptor, exactly), and a parity check would prove
+    nothing. One training-mode pass with momentum 0 sets each moving mean and variance to what
+    its layer sees, so activations keep their scale and different images differ.
+    """
+    import keras
+
+    from pupyl_queue.models import channels_first
+
+    layers = [
+        layer
+        for layer in extractor._model._flatten_layers()
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    x = extractor.preprocess(pixels.astype(np.float32))
+    if channels_first(extractor._model):
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    extractor._model(x, training=True)
+    for layer, momentum in zip(layers, momenta, strict=True):
+        layer.momentum = momentum
+
+
 def embed_all(pixels: np.ndarray, model_file: str, weights: str) -> dict[str, np.ndarray]:
-    from pupyl_queue.int8 import convert
+    from pupyl_queue.int8 import convert, source_hash
     from pupyl_queue.models import ModelError, build_characteristic, configure_backend, load_keras_model
 
     backend = configure_backend(0, False)["backend"]
@@ -24,11 +55,15 @@ def embed_all(pixels: np.ndarray, model_file: str, weights: str) -> dict[str, np
         int8 = "converted"
     except ModelError as exc:
         int8 = str(exc)
+    characteristic = build_characteristic(1, weights)
     return {
         "backend": np.array(backend),
         "own": own.embed(pixels),
         "own_gem_mirror": own.with_descriptor("gem+mirror").embed(pixels),
-        "characteristic": build_characteristic(1, weights).embed(pixels),
+        "characteristic": characteristic.embed(pixels),
+        "characteristic_gem_mirror": characteristic.with_descriptor("gem+mirror").embed(pixels),
+        # the key of the collection's cached int8 model: every backend must find the same one
+        "characteristic_hash": np.array(source_hash(characteristic)),
         "int8": np.array(int8),
     }
 

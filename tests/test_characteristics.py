@@ -28,3 +28,28 @@ def test_each_characteristic(characteristic: Characteristic) -> None:
     np.testing.assert_allclose(first, second, rtol=0, atol=1e-6)  # deterministic
     np.testing.assert_allclose(np.linalg.norm(first), 1.0, atol=1e-4)
     keras.backend.clear_session()
+
+
+@pytest.mark.slow
+def test_pytorch_builds_them_channels_first_with_the_same_vectors() -> None:
+    """On PyTorch the characteristics that can are built channels-first (Keras would copy every
+    conv's input to that layout and back): each gives the vectors of its channels-last build."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "KERAS_BACKEND": "torch", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    child = subprocess.run(
+        [sys.executable, "-m", "tests.torch_layouts"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    print(child.stdout)
+    assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-3000:]
+    checked = [line for line in child.stdout.splitlines() if "max difference" in line]
+    assert len(checked) == 2 * sum(c.network.channels_first for c in Characteristic) == 10

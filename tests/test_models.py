@@ -22,6 +22,7 @@ from pupyl_queue.models import (
     resolve_weights,
 )
 from pupyl_queue.store import LocalStore
+from tests.imagegen import pattern
 
 MOBILENET = Characteristic.MINIMUMWEIGHT_FAST_SMALL_PRECISION
 BACKEND_TOLERANCE = 1e-4  # max |difference| per component of unit vectors, any two Keras backends
@@ -29,14 +30,18 @@ BACKEND_TOLERANCE = 1e-4  # max |difference| per component of unit vectors, any 
 
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Random MobileNet weights saved under the file name Keras caches them as."""
+    """Random MobileNet weights (batch norms calibrated) saved under the file name Keras caches them as."""
     import h5py
     from keras.src.legacy.saving import legacy_h5_format
 
+    from tests.backend_parity import calibrate_batchnorm
+
     folder = tmp_path_factory.mktemp("weights")
-    model = build_characteristic(MOBILENET, None)._model
+    extractor = build_characteristic(MOBILENET, None)
+    pictures = np.stack([np.asarray(pattern(seed, size=(224, 224))) for seed in range(8)])
+    calibrate_batchnorm(extractor, pictures)
     with h5py.File(folder / MOBILENET.network.weights_file, "w") as fh:
-        legacy_h5_format.save_weights_to_hdf5_group(fh, model)
+        legacy_h5_format.save_weights_to_hdf5_group(fh, extractor._model)
     return folder
 
 
@@ -169,9 +174,12 @@ def test_other_backends_give_the_same_vectors(
     assert str(ours["backend"]) == "tensorflow" and str(theirs["backend"]) == backend
     assert str(ours["int8"]) == "converted"
     assert "int8 conversion needs the TensorFlow backend" in str(theirs["int8"])
-    for name in ("own", "own_gem_mirror", "characteristic"):
+    assert str(ours["characteristic_hash"]) == str(theirs["characteristic_hash"])
+    for name in ("own", "own_gem_mirror", "characteristic", "characteristic_gem_mirror"):
         a, b = ours[name], theirs[name]
-        assert a.shape == b.shape == (len(pixels), 1024 if name == "characteristic" else 256)
+        assert a.shape == b.shape == (len(pixels), 1024 if name.startswith("characteristic") else 256)
+        # Different photos must differ far more than the tolerance, or agreeing would prove nothing.
+        assert np.abs(a[0] - a[1:]).max(axis=1).min() > 100 * BACKEND_TOLERANCE, name
         cosine = np.sum(a * b, axis=1)
         print(f"{name}: max |tf - {backend}| {np.abs(a - b).max():.2e}, min cosine {cosine.min():.8f}")
         np.testing.assert_allclose(a, b, atol=BACKEND_TOLERANCE)
