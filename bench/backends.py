@@ -1,6 +1,6 @@
 """Model-only rate of a characteristic on each Keras backend, on this machine's CPU.
 
-    python bench/backends.py [--characteristics 1,2] [--batch 64] [--batches 3] [--rounds 3]
+    python bench/backends.py [--characteristics 1,2] [--batch 64] [--batches 3] [--rounds 3] [--gpu]
 
 One child process per backend (Keras fixes its backend at import), one after another, each
 running ``FeatureExtractor.embed`` exactly as an embed worker does: uint8 batches in, the
@@ -10,7 +10,8 @@ Keras Applications builds it by default (channels-last), the baseline it replace
 copies each conv's input to channels-first and back in a channels-last network on PyTorch.
 Random weights with batch norms calibrated (tests/backend_parity.py), random pixels. Each
 child interleaves its variants round by round and prints img/s and CPU ms per image (every
-thread of the process) per round; the table gives the median round.
+thread of the process) per round; the table gives the median round. ``--gpu`` leaves the
+GPUs visible (bench/gpu/ingest_run.sh runs it so, on JAX and PyTorch, where TensorFlow is absent).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--batches", type=int, default=3, help="batches per timed round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--gpu", action="store_true", help="run on the GPU (default: hide it, CPU only)")
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -94,7 +96,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for characteristic in [int(c) for c in args.characteristics.split(",")]:
         for backend in args.backends.split(","):
-            env = {**os.environ, "KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+            env = {**os.environ, "KERAS_BACKEND": backend}
+            if not args.gpu:
+                env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
             env.setdefault("KERAS_HOME", "/tmp/pupyl-bench-keras")
             command = [
                 sys.executable,

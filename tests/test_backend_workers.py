@@ -53,40 +53,42 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-@pytest.mark.parametrize("precision", ["float32", "int8"])
 def test_a_collection_goes_on_on_another_backend(
     backend: str,
-    precision: str,
     stack: tuple[Settings, Workers],
     photos: Path,
     tiny_model: Path,
     tmp_path: Path,
 ) -> None:
     settings, workers = stack
-    collection = f"{backend}-{precision}"
-    index_folder(Runtime(settings), photos, tiny_model, collection, precision=precision)  # TensorFlow
     copies = tmp_path / "copies"
     copies.mkdir()
     for path in photos.iterdir():
         shutil.copy(path, copies / f"copy-{path.name}")
-
     env = {"KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-    workers.start_named(f"embed-{backend}-{precision}", "embed", settings, env=env)
-    client = PupylQueue(settings=settings, collection=collection, model=tiny_model, precision=precision)
+    workers.start_named(f"embed-{backend}", "embed", settings, env=env)
     try:
-        job = client.index(copies)
-        state = job.wait(timeout=240)
-        workers.check_alive()
-        log = (workers.log_dir / f"embed-{backend}-{precision}.log").read_text(errors="replace")
+        for precision in ("float32", "int8"):  # one worker, one collection of each
+            collection = f"{backend}-{precision}"
+            index_folder(Runtime(settings), photos, tiny_model, collection, precision=precision)  # TensorFlow
+            client = PupylQueue(
+                settings=settings, collection=collection, model=tiny_model, precision=precision
+            )
+            try:
+                job = client.index(copies)
+                state = job.wait(timeout=240)
+                workers.check_alive()
+                assert (state["indexed"], state["failed"]) == (len(list(photos.iterdir())), 0), job.failures()
+                for path in sorted(photos.iterdir()):
+                    hits = client.search(path, top=2, return_metadata=True, min_sequence=job.sequence)
+                    names = sorted(hit["original_file_name"] for hit in hits)
+                    assert names == sorted([path.name, f"copy-{path.name}"]), (path.name, hits)
+                    distances = [hit["distance"] for hit in hits]
+                    print(f"{backend} {precision} {path.name}: {distances}")
+                    assert max(distances) < SAME_VECTOR, (path.name, hits)
+            finally:
+                client.close()
+        log = (workers.log_dir / f"embed-{backend}.log").read_text(errors="replace")
         assert f"'backend': '{backend}'" in log  # this worker's Keras really ran on that backend
-        assert (state["indexed"], state["failed"]) == (len(list(photos.iterdir())), 0), job.failures()
-        for path in sorted(photos.iterdir()):
-            hits = client.search(path, top=2, return_metadata=True, min_sequence=job.sequence)
-            names = sorted(hit["original_file_name"] for hit in hits)
-            assert names == sorted([path.name, f"copy-{path.name}"]), (path.name, hits)
-            distances = [hit["distance"] for hit in hits]
-            print(f"{backend} {precision} {path.name}: {distances}")
-            assert max(distances) < SAME_VECTOR, (path.name, hits)
     finally:
-        client.close()
         workers.stop_named(f"embed-{backend}")

@@ -21,28 +21,29 @@ def main() -> int:
     from tests.imagegen import pattern
 
     assert keras.backend.backend() == "torch", keras.backend.backend()
-    for c in Characteristic:
+    # Only these are built differently on PyTorch (the others, built as on TensorFlow, would cost
+    # minutes here to build and prove nothing new).
+    for c in [c for c in Characteristic if c.network.channels_first]:
         net = c.network
         ours = build_characteristic(c, None)
-        if channels_first(ours._model) != net.channels_first:
+        if not channels_first(ours._model):
             print(f"{net.application}: built with input {ours._model.input_shape}")
             return 1
-        if net.channels_first:
-            app = getattr(keras.applications, net.application)
-            shape = (net.input_size, net.input_size, 3)
-            pixels = np.stack([np.asarray(pattern(seed, size=shape[:2])) for seed in range(4)])
-            calibrate_batchnorm(ours, pixels)
-            plain = app(include_top=False, pooling="avg", input_shape=shape, weights=None)
-            plain.set_weights(ours._model.get_weights())
-            reference = FeatureExtractor(ours.spec, plain, ours._preprocess)
-            for descriptor in ("avg", "gem+mirror"):
-                a = ours.with_descriptor(descriptor).embed(pixels)
-                b = reference.with_descriptor(descriptor).embed(pixels)
-                apart = np.abs(a[0] - a[1:]).max(axis=1).min()  # how much different images differ
-                difference = np.abs(a - b).max()
-                print(f"{net.application} {descriptor}: max difference {difference:.2e}, images {apart:.2e}")
-                if difference > 1e-5 or apart < 1e-3:
-                    return 1
+        app = getattr(keras.applications, net.application)
+        shape = (net.input_size, net.input_size, 3)
+        pixels = np.stack([np.asarray(pattern(seed, size=shape[:2])) for seed in range(3)])
+        calibrate_batchnorm(ours, pixels)
+        plain = app(include_top=False, pooling="avg", input_shape=shape, weights=None)
+        plain.set_weights(ours._model.get_weights())
+        reference = FeatureExtractor(ours.spec, plain, ours._preprocess)
+        for descriptor in ("avg", "gem+mirror"):
+            a = ours.with_descriptor(descriptor).embed(pixels)
+            b = reference.with_descriptor(descriptor).embed(pixels)
+            apart = np.abs(a[0] - a[1:]).max(axis=1).min()  # how much different images differ
+            difference = np.abs(a - b).max()
+            print(f"{net.application} {descriptor}: max difference {difference:.2e}, images {apart:.2e}")
+            if difference > 1e-5 or apart < 1e-3:
+                return 1
         keras.backend.clear_session()
     return 0
 

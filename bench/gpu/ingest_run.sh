@@ -12,7 +12,8 @@
 #      MobileNet float32; then 200 searches by image and by id through a search worker (faiss-gpu);
 #   4. JAX GPU vs JAX CPU vectors (bench/gpu/parity.py);
 #   5. the null extractor on a fifth of the photos: staged copies and one batch at a time, then local
-#      references, then references and 3 batches at once; nvidia-smi samples the GPU all along.
+#      references, then references and 3 batches at once; nvidia-smi samples the GPU all along;
+#   6. model-only on JAX and PyTorch (bench/backends.py --gpu).
 # Session 5 ran it (one H100: bench/gpu/run4_ingest_h100.txt) before the MobileNet step had
 # --local-references --embed-concurrency 3 and before the null variants.
 # Most important first: a step that runs out of time leaves the ones before it whole.
@@ -94,6 +95,11 @@ for variant in "" "--local-references" "--local-references --embed-concurrency 3
     timeout $((100 * slow)) "$py" bench/ingest.py --photos $scratch/photos --images $((count / 5)) --runs 1 \
         --model null --batch-size 256 --infer-batch 256 --warmup 512 $variant || { echo "exit $?"; logs; }
 done
+# Model-only on the GPU, JAX against PyTorch (the machine's own torch), and PyTorch's two builds
+# (channels-first, pupyl-queue's; channels-last, Keras' default), MobileNet and ResNet50V2.
+stamp "model-only per backend on the GPU (bench/backends.py --gpu)"
+timeout $((120 * slow)) "$py" bench/backends.py --gpu --backends jax,torch --batch 256 --batches 8 \
+    ${need:+--batch 32 --batches 1} || echo "exit $?"
 kill "$smi"
 stamp "GPU utilization (nvidia-smi, 1 s samples; busy = above 5%)"
 awk -F', ' '{gsub(/ %/, "", $2); n++; s += $2; if ($2 > 5) b++} END {if (n) printf "%d samples, mean %.0f%%, busy %d\n", n, s / n, b}' "$out/nvidia_smi.csv"
