@@ -135,7 +135,8 @@ def check_descriptor(descriptor: str) -> str:
 def descriptor_model(model: Any, descriptor: str) -> Any:
     """The network with the collection's global descriptor: what ``model`` pools, pooled otherwise.
 
-    ``gem``: each global average pooling layer of the network (nested models included) is
+    ``gem``: each global average pooling layer of the network (nested models included) that
+    makes its vector (nothing after it is a feature map again: not a squeeze-and-excite block's) is
     replaced by generalized-mean pooling, p = 3, the other layers shared, weights and all: it
     weighs the strongest activations more, which finds edited copies better and similar photos
     no worse (bench/copies.py --pooling). ``+mirror``: the network runs on the image and on its
@@ -149,9 +150,14 @@ def descriptor_model(model: Any, descriptor: str) -> Any:
     pooling, _, mirror = descriptor.partition("+")
     if pooling == "gem":
         swapped: list[str] = []
+        descriptors = {
+            id(layer)
+            for layer in model._flatten_layers()
+            if isinstance(layer, keras.layers.GlobalAveragePooling2D) and not _feeds_feature_maps(layer)
+        }
 
         def swap(layer: Any) -> Any:
-            if isinstance(layer, keras.layers.GlobalAveragePooling2D):
+            if id(layer) in descriptors:
                 swapped.append(layer.name)
                 return GeneralizedMeanPooling(layer.data_format, name=f"{layer.name}_gem")
             return layer
@@ -167,6 +173,24 @@ def descriptor_model(model: Any, descriptor: str) -> Any:
         width_axis = 3 if channels_first(model) else 2
         model = keras.Model(inputs, UnitSum()(model(WithMirrorImages(width_axis)(inputs))))
     return model
+
+
+def _feeds_feature_maps(layer: Any) -> bool:
+    """Whether anything downstream of ``layer`` in its network is a feature map again (rank 4).
+
+    A global average pooling that does is inside the network, as in EfficientNetV2's
+    squeeze-and-excite blocks (pool, reshape to 1 x 1, gate the maps): swapping those for
+    generalized means would change the network itself (its gates), not its descriptor.
+    """
+    stack, seen = [layer], {id(layer)}
+    while stack:
+        for node in stack.pop()._outbound_nodes:
+            if any(len(tensor.shape) == 4 for tensor in node.outputs):
+                return True
+            if id(node.operation) not in seen:
+                seen.add(id(node.operation))
+                stack.append(node.operation)
+    return False
 
 
 def channels_first(model: Any) -> bool:

@@ -36,12 +36,22 @@ def calibrate_batchnorm(extractor: Any, pixels: np.ndarray) -> None:
     momenta = [layer.momentum for layer in layers]
     for layer in layers:
         layer.momentum = 0.0
+    # Training mode also drops paths (EfficientNetV2's stochastic depth): statistics taken so
+    # would not match inference, where nothing is dropped.
+    dropouts = [
+        layer for layer in extractor._model._flatten_layers() if isinstance(layer, keras.layers.Dropout)
+    ]
+    rates = [layer.rate for layer in dropouts]
+    for layer in dropouts:
+        layer.rate = 0.0
     x = extractor.preprocess(pixels.astype(np.float32))
     if channels_first(extractor._model):
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     extractor._model(x, training=True)
     for layer, momentum in zip(layers, momenta, strict=True):
         layer.momentum = momentum
+    for layer, rate in zip(dropouts, rates, strict=True):
+        layer.rate = rate
 
 
 def embed_all(pixels: np.ndarray, model_file: str, weights: str) -> dict[str, np.ndarray]:

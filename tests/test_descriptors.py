@@ -134,3 +134,27 @@ def test_client_and_cli_name_a_descriptor_for_new_collections() -> None:
         PupylQueue(settings=settings, descriptor="max")
     args = parser().parse_args(["--descriptor", "gem+mirror", "up"])
     assert args.descriptor == "gem+mirror"
+
+
+def test_gem_leaves_the_poolings_inside_the_network_alone(tmp_path: Path) -> None:
+    """Squeeze-and-excite blocks (EfficientNetV2) pool too, then gate the feature maps with the
+    result: gem swaps only the pooling that makes the vector, so the network stays the same."""
+    import keras
+
+    from pupyl_queue.models import load_keras_model
+
+    inputs = keras.Input((32, 32, 3))
+    maps = keras.layers.Conv2D(8, 3, activation="relu")(inputs)
+    squeezed = keras.layers.Reshape((1, 1, 8))(keras.layers.GlobalAveragePooling2D()(maps))
+    gated = keras.layers.Multiply()([maps, keras.layers.Conv2D(8, 1, activation="sigmoid")(squeezed)])
+    keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(gated)).save(tmp_path / "se.keras")
+    plain = load_keras_model(tmp_path / "se.keras")
+    gem = plain.with_descriptor("gem")
+    kinds = [type(layer).__name__ for layer in gem._model._flatten_layers()]
+    assert kinds.count("GlobalAveragePooling2D") == 1 and kinds.count("GeneralizedMeanPooling") == 1
+    x = np.random.default_rng(2).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    before_pooling = keras.Model(plain._model.inputs, plain._model.layers[-2].output)  # the gated maps
+    gated_maps = np.maximum(np.asarray(before_pooling(x.astype(np.float32))), 1e-6)
+    np.testing.assert_allclose(
+        gem.embed(x), normalize(np.cbrt(np.mean(gated_maps**3, axis=(1, 2)))), atol=1e-5
+    )
