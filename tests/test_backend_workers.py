@@ -25,7 +25,7 @@ from tests.indexing import index_folder
 from tests.workers import Workers
 
 pytestmark = pytest.mark.slow
-# Squared L2 distance between two unit vectors that agree within 1e-4 per component (test_models).
+# The distance between an image's two copies: round-off only, far below any two photos' distance.
 SAME_VECTOR = 1e-4
 
 
