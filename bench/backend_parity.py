@@ -32,7 +32,7 @@ def child(work: Path, size: int, characteristics: list[int]) -> None:
     import keras
 
     from pupyl_queue.characteristics import Characteristic
-    from pupyl_queue.models import FeatureExtractor, ModelSpec, _image_data_format
+    from pupyl_queue.models import build_characteristic
     from tests.backend_parity import calibrate_batchnorm
     from tests.imagegen import pattern
 
@@ -40,15 +40,8 @@ def child(work: Path, size: int, characteristics: list[int]) -> None:
     pixels = np.stack([np.asarray(pattern(seed, size=(size, size))) for seed in range(4)])
     for value in characteristics:
         net = Characteristic(value).network
-        app = getattr(keras.applications, net.application)
-        preprocess = getattr(keras.applications, net.preprocess_module).preprocess_input
-        first = backend == "torch" and net.channels_first
-        shape = (3, size, size) if first else (size, size, 3)
-        with _image_data_format("channels_first" if first else "channels_last"):
-            model = app(include_top=False, pooling="avg", input_shape=shape, weights=None)
-        extractor = FeatureExtractor(
-            ModelSpec("characteristic", net.feature_size, size, characteristic=value), model, preprocess
-        )
+        extractor = build_characteristic(value, None, input_size=size)  # as this backend runs it
+        model = extractor._model
         weights = work / f"{value}.npz"
         if backend == "tensorflow":
             calibrate_batchnorm(extractor, pixels)

@@ -34,8 +34,7 @@ def child(characteristic: int, batch: int, batches: int, rounds: int) -> None:
     import keras
     import numpy as np
 
-    from pupyl_queue.characteristics import Characteristic
-    from pupyl_queue.models import FeatureExtractor, build_characteristic, configure_backend
+    from pupyl_queue.models import build_characteristic, configure_backend
     from tests.backend_parity import calibrate_batchnorm
 
     configure_backend(0, False)
@@ -46,15 +45,9 @@ def child(characteristic: int, batch: int, batches: int, rounds: int) -> None:
     calibrate_batchnorm(ours, pixels[:8])
     variants = {f"{backend}": ours}
     if backend == "torch":
-        app = getattr(keras.applications, Characteristic(characteristic).network.application)
-        plain = app(include_top=False, pooling="avg", input_shape=(size, size, 3), weights=None)
-        plain.set_weights(ours._model.get_weights())
-        variants = {
-            "torch, pupyl-queue's build": ours,
-            "torch, channels-last (Keras' default build)": FeatureExtractor(
-                ours.spec, plain, ours._preprocess
-            ),
-        }
+        plain = build_characteristic(characteristic, None, "channels_last")
+        plain._model.set_weights(ours._model.get_weights())
+        variants = {"torch, pupyl-queue's build": ours, "torch, channels-last (Keras' default build)": plain}
     for extractor in variants.values():
         extractor.embed(pixels)  # compile / warm up
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}

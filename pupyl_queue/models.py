@@ -450,9 +450,16 @@ def _configure_tensorflow(cores: int) -> int:
 
 
 def build_characteristic(
-    characteristic: Characteristic | int | str, weights: str | Path | None
+    characteristic: Characteristic | int | str,
+    weights: str | Path | None,
+    data_format: str | None = None,
+    input_size: int | None = None,
 ) -> FeatureExtractor:
-    """Build one of the nine networks; ``weights`` is "imagenet", a file, or None (random)."""
+    """Build one of the nine networks; ``weights`` is "imagenet", a file, or None (random).
+
+    ``data_format`` and ``input_size`` default to what this backend runs: the benchmarks and
+    layout tests build the same network in the other layout, or smaller, through this one path.
+    """
     import keras
 
     c = Characteristic.parse(characteristic)
@@ -462,13 +469,11 @@ def build_characteristic(
     # On PyTorch, Keras 3.15 copies every conv's input to channels-first and back in a
     # channels-last network; built channels-first (Network.channels_first), MobileNet runs 2x
     # faster there, same vectors (bench/backends.py). The preprocessing still sees (n, size, size, 3).
-    torch_layout = keras.backend.backend() == "torch" and net.channels_first
-    data_format = "channels_first" if torch_layout else "channels_last"
-    shape = (
-        (3, net.input_size, net.input_size)
-        if data_format == "channels_first"
-        else (net.input_size,) * 2 + (3,)
-    )
+    if data_format is None:
+        torch_layout = keras.backend.backend() == "torch" and net.channels_first
+        data_format = "channels_first" if torch_layout else "channels_last"
+    size = input_size or net.input_size
+    shape = (3, size, size) if data_format == "channels_first" else (size, size, 3)
     kwargs: dict[str, Any] = dict(
         include_top=False,
         pooling="avg",
@@ -487,7 +492,7 @@ def build_characteristic(
                 "from a machine that has run this characteristic works)"
             ) from exc
         raise ModelError(f"could not load weights {weights} into {net.application}: {exc}") from exc
-    return FeatureExtractor(ModelSpec.for_characteristic(c), model, preprocess)
+    return FeatureExtractor(replace(ModelSpec.for_characteristic(c), input_size=size), model, preprocess)
 
 
 @contextlib.contextmanager

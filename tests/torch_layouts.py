@@ -20,7 +20,7 @@ def main() -> int:
     import keras
 
     from pupyl_queue.characteristics import Characteristic
-    from pupyl_queue.models import FeatureExtractor, ModelSpec, _image_data_format
+    from pupyl_queue.models import build_characteristic
     from tests.backend_parity import calibrate_batchnorm
     from tests.imagegen import pattern
 
@@ -28,16 +28,10 @@ def main() -> int:
     pixels = np.stack([np.asarray(pattern(seed, size=(SIZE, SIZE))) for seed in range(3)])
     for c in [c for c in Characteristic if c.network.channels_first]:
         net = c.network
-        app = getattr(keras.applications, net.application)
-        preprocess = getattr(keras.applications, net.preprocess_module).preprocess_input
-        spec = ModelSpec("characteristic", net.feature_size, SIZE, characteristic=c.value)
-        with _image_data_format("channels_first"):
-            first = app(include_top=False, pooling="avg", input_shape=(3, SIZE, SIZE), weights=None)
-        ours = FeatureExtractor(spec, first, preprocess)
+        ours = build_characteristic(c, None, "channels_first", SIZE)
         calibrate_batchnorm(ours, pixels)
-        plain = app(include_top=False, pooling="avg", input_shape=(SIZE, SIZE, 3), weights=None)
-        plain.set_weights(first.get_weights())
-        reference = FeatureExtractor(spec, plain, preprocess)
+        reference = build_characteristic(c, None, "channels_last", SIZE)
+        reference._model.set_weights(ours._model.get_weights())
         for descriptor in ("avg", "gem+mirror"):
             a = ours.with_descriptor(descriptor).embed(pixels)
             b = reference.with_descriptor(descriptor).embed(pixels)
