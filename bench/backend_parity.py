@@ -3,7 +3,7 @@
     python bench/backend_parity.py [--size 128] [--characteristics 1,2,...,9]
 
 The parity tests check characteristic 1 and a user's model; this measures all nine, each with
-the avg and gem+mirror descriptors. TensorFlow builds each network (random weights, batch norms
+the four descriptors. TensorFlow builds each network (random weights, batch norms
 calibrated on the pictures: tests/backend_parity.py) and saves its weights; JAX and PyTorch
 build the same network as pupyl-queue does on them (channels-first on PyTorch where
 ``Network.channels_first``), load those weights and embed the same pictures. The networks take
