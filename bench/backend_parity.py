@@ -3,13 +3,14 @@
     python bench/backend_parity.py [--size 128] [--characteristics 1,2,...,9]
 
 The parity tests check characteristic 1 and a user's model; this measures all nine, each with
-the four descriptors. TensorFlow builds each network (random weights, batch norms
-calibrated on the pictures: tests/backend_parity.py) and saves its weights; JAX and PyTorch
-build the same network as pupyl-queue does on them (channels-first on PyTorch where
+the four descriptors. TensorFlow builds each network (random weights, batch norms calibrated on
+the pictures and their mirror images: tests/backend_parity.py) and saves its weights; JAX and
+PyTorch build the same network as pupyl-queue does on them (channels-first on PyTorch where
 ``Network.channels_first``), load those weights and embed the same pictures. The networks take
 ``--size`` px images (the input size does not change what is compared; 128 px keeps the run
 short). Prints, per characteristic, descriptor and backend, the largest difference from
-TensorFlow per component of the unit vectors, and how far apart different pictures are.
+TensorFlow per component of the unit vectors, the cosine distance that makes between a
+picture's two vectors, and how far apart different pictures are.
 """
 
 from __future__ import annotations
@@ -76,19 +77,26 @@ def main() -> None:
         env.setdefault("KERAS_HOME", "/tmp/pupyl-bench-keras")
         command = [sys.executable, __file__, "--child", str(work), "--size", str(args.size)]
         subprocess.run([*command, "--characteristics", args.characteristics], env=env, check=True)
-    print(f"\n{args.size} px pictures, 4 of them; max |difference from TensorFlow| per component")
-    print("| characteristic | descriptor | JAX | PyTorch | pictures apart (TensorFlow) |")
-    print("|---|---|---|---|---|")
+    print(f"\n{args.size} px pictures, 4 of them; max |difference from TensorFlow| per component of the")
+    print("unit vectors, and the largest cosine distance between a picture's vectors on two backends,")
+    print("next to the smallest cosine distance between two different pictures (TensorFlow)")
+    print("| characteristic | descriptor | JAX | PyTorch | cosine distance, JAX / PyTorch | pictures apart |")
+    print("|---|---|---|---|---|---|")
     for value in characteristics:
         tf = np.load(work / f"{value}-tensorflow.npz")
         others = {b: np.load(work / f"{value}-{b}.npz") for b in ("jax", "torch")}
         for descriptor in DESCRIPTORS:
             key = descriptor.replace("+", "_")
             a = tf[key]
-            apart = np.abs(a[0] - a[1:]).max(axis=1).min()
+            between = 1.0 - a @ a.T
+            apart = between[~np.eye(len(a), dtype=bool)].min()
             diffs = [np.abs(others[b][key] - a).max() for b in ("jax", "torch")]
+            cosine = [(1.0 - (others[b][key] * a).sum(axis=1)).max() for b in ("jax", "torch")]
             name = Characteristic(value).network.application
-            print(f"| {value} {name} | {descriptor} | {diffs[0]:.1e} | {diffs[1]:.1e} | {apart:.1e} |")
+            print(
+                f"| {value} {name} | {descriptor} | {diffs[0]:.1e} | {diffs[1]:.1e} "
+                f"| {cosine[0]:.1e} / {cosine[1]:.1e} | {apart:.1e} |"
+            )
 
 
 if __name__ == "__main__":

@@ -4,13 +4,16 @@
 
 One child process per backend (Keras fixes its backend at import), one after another, each
 running ``FeatureExtractor.embed`` exactly as an embed worker does: uint8 batches in, the
-cast, preprocessing and network compiled per backend. On PyTorch two builds run side by
-side: pupyl-queue's (channels-first where ``Network.channels_first``) and the network as
-Keras Applications builds it by default (channels-last), the baseline it replaced: Keras 3.15
-copies each conv's input to channels-first and back in a channels-last network on PyTorch.
-Random weights with batch norms calibrated (tests/backend_parity.py), random pixels. Each
-child interleaves its variants round by round and prints img/s and CPU ms per image (every
-thread of the process) per round; the table gives the median round. ``--gpu`` leaves the
+cast, preprocessing and network compiled per backend. On PyTorch three variants run side by
+side: pupyl-queue's (channels-first where ``Network.channels_first``, run by
+``eager_graph.call``); the network as Keras Applications builds it by default (channels-last),
+the baseline the layout replaced (Keras 3.15 copies each conv's input to channels-first and
+back in a channels-last network on PyTorch); and pupyl-queue's build run by Keras' own call,
+the baseline ``eager_graph`` replaced (it keeps every layer's output to the end). Random
+weights with batch norms calibrated (tests/backend_parity.py), random pixels. Each child
+interleaves its variants round by round and prints img/s, CPU ms per image (every thread of
+the process) and the peak growth of resident memory (VmHWM) per round; the table gives the
+median round and the largest peak. ``--gpu`` leaves the
 GPUs visible (bench/gpu/ingest_run.sh runs it so, on JAX and PyTorch, where TensorFlow is absent).
 """
 
@@ -24,8 +27,45 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def status_mib(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise LookupError(field)
+
+
+def reset_peak() -> None:
+    """Start VmHWM (this process's peak resident memory) again from its current size."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def keras_own_call(ours: Any) -> Any:
+    """The same network and weights, run by Keras' own call as before session 14: eager PyTorch
+    then holds every layer's output until the call returns (pupyl_queue/eager_graph.py)."""
+    import keras
+    import torch
+
+    from pupyl_queue.models import FeatureExtractor, channels_first
+
+    def features(x: Any) -> Any:
+        x = ours._preprocess(keras.ops.cast(x, "float32"))
+        return keras.ops.transpose(x, (0, 3, 1, 2)) if channels_first(ours._model) else x
+
+    def forward(batch: Any) -> Any:
+        with torch.no_grad():
+            out = ours._model(features(keras.ops.convert_to_tensor(batch)), training=False)
+            return keras.ops.convert_to_numpy(keras.ops.cast(out, "float32"))
+
+    kept = FeatureExtractor(ours.spec, ours._model, ours._preprocess)
+    kept._forward = forward
+    return kept
 
 
 def child(characteristic: int, batch: int, batches: int, rounds: int) -> None:
@@ -47,19 +87,25 @@ def child(characteristic: int, batch: int, batches: int, rounds: int) -> None:
     if backend == "torch":
         plain = build_characteristic(characteristic, None, "channels_last")
         plain._model.set_weights(ours._model.get_weights())
-        variants = {"torch, pupyl-queue's build": ours, "torch, channels-last (Keras' default build)": plain}
+        variants = {
+            "torch, pupyl-queue's build": ours,
+            "torch, channels-last (Keras' default build)": plain,
+            "torch, pupyl-queue's build, Keras' own call": keras_own_call(ours),
+        }
     for extractor in variants.values():
         extractor.embed(pixels)  # compile / warm up
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
     for r in range(rounds):
         order = list(variants.items())
         for name, extractor in order if r % 2 == 0 else order[::-1]:
+            reset_peak()
+            rss = status_mib("VmRSS")
             wall, cpu = time.perf_counter(), time.process_time()
             for _ in range(batches):
                 extractor.embed(pixels)
             n = batch * batches
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            results[name].append((n / wall, 1000 * cpu / n))
+            results[name].append((n / wall, 1000 * cpu / n, status_mib("VmHWM") - rss))
     vectors = {name: extractor.embed(pixels[:4]) for name, extractor in variants.items()}
     first = next(iter(vectors.values()))
     agree = max(float(np.abs(v - first).max()) for v in vectors.values())
@@ -85,8 +131,8 @@ def main() -> None:
         f"# {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores; batch {args.batch}, "
         f"{args.batches} batches per round, {args.rounds} rounds"
     )
-    print("| characteristic | backend | img/s (median round) | CPU ms/img | rounds img/s |")
-    print("|---|---|---|---|---|")
+    print("| characteristic | backend | img/s (median round) | CPU ms/img | peak MiB | rounds img/s |")
+    print("|---|---|---|---|---|---|")
     for characteristic in [int(c) for c in args.characteristics.split(",")]:
         for backend in args.backends.split(","):
             env = {**os.environ, "KERAS_BACKEND": backend}
@@ -109,20 +155,22 @@ def main() -> None:
             lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
             if out.returncode or not lines:
                 print(
-                    f"| {characteristic} | {backend} | failed: {out.stderr.strip().splitlines()[-1:]} | | |"
+                    f"| {characteristic} | {backend} | failed (exit {out.returncode}): "
+                    f"{out.stderr.strip().splitlines()[-1:]} | | | |"
                 )
                 continue
             data = json.loads(lines[-1])
             for name, rounds in data["results"].items():
-                rates = [rate for rate, _ in rounds]
-                cpu = statistics.median(c for _, c in rounds)
+                rates = [rate for rate, *_ in rounds]
+                cpu = statistics.median(c for _, c, *_ in rounds)
+                peak = max(p for *_, p in rounds) if all(len(r) > 2 for r in rounds) else float("nan")
                 print(
                     f"| {characteristic} | {name} | {statistics.median(rates):.1f} | {cpu:.1f} | "
-                    f"{', '.join(f'{r:.1f}' for r in rates)} |"
+                    f"{peak:.0f} | {', '.join(f'{r:.1f}' for r in rates)} |"
                 )
             if backend == "torch":
                 difference = data["max_difference"]
-                print(f"| {characteristic} | (torch builds: max difference {difference:.1e}) | | | |")
+                print(f"| {characteristic} | (torch variants: max difference {difference:.1e}) | | | | |")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,7 @@ class Network:
     weights_url: str
     # Built channels-first on PyTorch (twice as fast there: Keras copies each conv's input to
     # channels-first and back otherwise) where the vectors stay the same (tests/torch_layouts.py).
-    # Not DenseNet (Keras refuses) nor EfficientNetV2: built so, EfficientNetV2L's gem+mirror
-    # vectors moved up to 3e-4 on random weights, over the backends' 1e-4 tolerance (its vectors
-    # move with float round-off there: BENCHMARKS.md, session 13; unsettled without real weights).
+    # Not DenseNet: Keras refuses to build it channels-first.
     channels_first: bool = True
 
 
@@ -92,21 +90,9 @@ NETWORKS: dict[Characteristic, Network] = {
     ),
     Characteristic(7): _keras("Xception", "xception", 299, 2048, "xception" + _NOTOP, "xception"),
     Characteristic(8): _keras(
-        "EfficientNetV2M",
-        "efficientnet_v2",
-        480,
-        1280,
-        "efficientnetv2-m_notop.h5",
-        "efficientnet_v2",
-        channels_first=False,
+        "EfficientNetV2M", "efficientnet_v2", 480, 1280, "efficientnetv2-m_notop.h5", "efficientnet_v2"
     ),
     Characteristic(9): _keras(
-        "EfficientNetV2L",
-        "efficientnet_v2",
-        480,
-        1280,
-        "efficientnetv2-l_notop.h5",
-        "efficientnet_v2",
-        channels_first=False,
+        "EfficientNetV2L", "efficientnet_v2", 480, 1280, "efficientnetv2-l_notop.h5", "efficientnet_v2"
     ),
 }

@@ -322,7 +322,8 @@ def compile_forward(model: Any, preprocess: Any, backend: str) -> Callable[[np.n
     JAX: ``jax.jit`` of the model's stateless call, its weights passed in as
     arguments; batches are padded to a power of two so that a stream of odd
     sizes compiles a handful of times, not once per size. PyTorch: eager under
-    ``no_grad``. The preprocessing is written with ``keras.ops`` by Keras, so
+    ``no_grad``, through ``eager_graph.call`` (Keras' own call keeps every activation
+    alive until it returns). The preprocessing is written with ``keras.ops`` by Keras, so
     the same function traces on each backend. A channels-first network (the
     characteristics on PyTorch) gets the batch transposed once, after the preprocessing.
     """
@@ -366,9 +367,11 @@ def compile_forward(model: Any, preprocess: Any, backend: str) -> Callable[[np.n
     if backend == "torch":
         import torch
 
+        from pupyl_queue import eager_graph
+
         def eager(batch: np.ndarray) -> np.ndarray:
-            with torch.no_grad():
-                out = model(features(keras.ops.convert_to_tensor(batch)), training=False)
+            with torch.no_grad():  # each activation let go after its last reader (eager_graph)
+                out = eager_graph.call(model, features(keras.ops.convert_to_tensor(batch)))
                 return keras.ops.convert_to_numpy(keras.ops.cast(out, "float32"))
 
         return eager

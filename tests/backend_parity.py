@@ -9,6 +9,7 @@ and what an int8 conversion said there.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any
 
@@ -23,6 +24,11 @@ def calibrate_batchnorm(extractor: Any, pixels: np.ndarray) -> None:
     within float error (with the gem descriptor, exactly), and a parity check would prove
     nothing. One training-mode pass with momentum 0 sets each moving mean and variance to what
     its layer sees, so activations keep their scale and different images differ.
+
+    The statistics come from the pictures and their mirror images, as the ``+mirror``
+    descriptors embed both: calibrated on 4 pictures alone, EfficientNetV2M's activations for
+    their mirror images grew to 5e3 at the last block (12 for the pictures), and float
+    round-off grew with them into vectors that differed by 1e-1 between backends.
     """
     import keras
 
@@ -44,14 +50,25 @@ def calibrate_batchnorm(extractor: Any, pixels: np.ndarray) -> None:
     rates = [layer.rate for layer in dropouts]
     for layer in dropouts:
         layer.rate = 0.0
-    x = extractor.preprocess(pixels.astype(np.float32))
+    x = extractor.preprocess(np.concatenate([pixels, pixels[:, :, ::-1]]).astype(np.float32))
     if channels_first(extractor._model):
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-    extractor._model(x, training=True)
+    with _no_autograd():  # PyTorch would keep every activation for a backward pass (OOM at 480 px)
+        extractor._model(x, training=True)
     for layer, momentum in zip(layers, momenta, strict=True):
         layer.momentum = momentum
     for layer, rate in zip(dropouts, rates, strict=True):
         layer.rate = rate
+
+
+def _no_autograd() -> Any:
+    import keras
+
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
 
 
 def embed_all(pixels: np.ndarray, model_file: str, weights: str) -> dict[str, np.ndarray]:

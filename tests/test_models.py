@@ -127,6 +127,29 @@ def test_collection_with_own_model(redis_client: redis.Redis, tmp_path: Path, ti
         ensure_collection(store, redis_client, layout, {"characteristic": 1})
 
 
+def test_pytorch_lets_each_activation_go_after_its_last_reader() -> None:
+    """Eager PyTorch under Keras' own call held every layer's output to the end (EfficientNetV2M,
+    8 images at 480 px: 10 GB); ``eager_graph.call`` gives the same outputs, holding a few."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "KERAS_BACKEND": "torch", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    child = subprocess.run(
+        [sys.executable, "-m", "tests.torch_eager_graph"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    print(child.stdout)
+    assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-3000:]
+    assert len([line for line in child.stdout.splitlines() if "difference" in line]) == 3
+
+
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_other_backends_give_the_same_vectors(
     backend: str, tiny_model: Path, weights_dir: Path, tmp_path: Path
