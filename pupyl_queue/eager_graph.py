@@ -3,8 +3,8 @@
 Keras 3.15's ``Functional`` call keeps every layer's output in one dict until the call
 returns. Under ``tf.function`` or ``jax.jit`` that dict is only traced, and the compiled graph
 frees each buffer when it is done; PyTorch runs the call eagerly, so a network's activations are
-all alive at its end: EfficientNetV2M on 8 images at 480 px peaked at 10 GB there, against
-1.3 GB on TensorFlow (BENCHMARKS.md, session 14). On a GPU that caps the batch a card can take.
+all alive at its end: EfficientNetV2M on 8 images at 480 px peaked at 10 GB there, 1.4 GB
+with this (bench/torch_memory.txt). On a GPU that caps the batch a card can take.
 ``call`` walks the same graph in the same order as Keras, and drops each tensor once the last
 layer that reads it has run. Nested functional models (the ``+mirror`` descriptor wraps the
 network in one; a ``Sequential`` holds one) are walked the same way.
