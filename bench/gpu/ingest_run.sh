@@ -2,8 +2,9 @@
 # The GPU run of the real stack (issue 15): on a lent GPU machine, from the repository root, with .whl/
 # carried (bench/gpu/build_stack_pack.sh, and build_pack.sh for faiss-gpu):
 #   bash bench/gpu/ingest_run.sh [photos, default 50000]
-# Through the run tool: carry [".whl"], timeout_s 600 (the steps' own timeouts add up to ~10 min at
-# worst; expect ~6 with 50,000 photos); everything it prints lands in $OUT.
+# Through the run tool: carry [".whl"], timeout_s 600; expect ~7 min with 50,000 photos (the steps'
+# own timeouts add up to 18 min at worst: past 600 s the last steps are lost, the first kept whole);
+# everything it prints lands in $OUT.
 # What it does, in one run, on the machine's own Python 3.12 with JAX (no TensorFlow there):
 #   1. installs the carried wheels into $scratch/site (no index, no network);
 #   2. makes the photos (bench/gpu/make_photos.py, all cores);
@@ -13,7 +14,8 @@
 #   4. JAX GPU vs JAX CPU vectors (bench/gpu/parity.py);
 #   5. the null extractor on a fifth of the photos: staged copies and one batch at a time, then local
 #      references, then references and 3 batches at once; nvidia-smi samples the GPU all along;
-#   6. model-only on JAX and PyTorch (bench/backends.py --gpu).
+#   6. model-only on JAX and PyTorch (bench/backends.py --gpu);
+#   7. MobileNet end to end and 50 searches again, on PyTorch, a fifth of the photos.
 # Session 5 ran it (one H100: bench/gpu/run4_ingest_h100.txt) before the MobileNet step had
 # --local-references --embed-concurrency 3 and before the null variants.
 # Most important first: a step that runs out of time leaves the ones before it whole.
@@ -100,6 +102,13 @@ done
 stamp "model-only per backend on the GPU (bench/backends.py --gpu)"
 timeout $((120 * slow)) "$py" bench/backends.py --gpu --backends jax,torch --batch 256 --batches 8 \
     ${need:+--batch 32 --batches 1} || echo "exit $?"
+# The whole stack once more with PyTorch as the embed and search workers' backend (never run on a
+# GPU yet): MobileNet float32 end to end on a fifth of the photos, the GPU settings as in step 3.
+stamp "ingest MobileNet float32 (PyTorch) on a fifth of the photos"
+KERAS_BACKEND=torch timeout $((150 * slow)) "$py" bench/ingest.py --photos $scratch/photos \
+    --images $((count / 5)) --runs 1 --characteristics 1 --batch-size 256 --infer-batch 256 \
+    --model-images 2048 --batch 256 --warmup 512 --search 50 --local-references \
+    --embed-concurrency "${CONCURRENCY:-3}" --json "$out/mobilenet_torch.json" || { echo "exit $?"; logs; }
 kill "$smi"
 stamp "GPU utilization (nvidia-smi, 1 s samples; busy = above 5%)"
 awk -F', ' '{gsub(/ %/, "", $2); n++; s += $2; if ($2 > 5) b++} END {if (n) printf "%d samples, mean %.0f%%, busy %d\n", n, s / n, b}' "$out/nvidia_smi.csv"
