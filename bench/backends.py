@@ -12,8 +12,8 @@ back in a channels-last network on PyTorch); and pupyl-queue's build run by Kera
 the baseline ``eager_graph`` replaced (it keeps every layer's output to the end). Random
 weights with batch norms calibrated (tests/backend_parity.py), random pixels. Each child
 interleaves its variants round by round and prints img/s, CPU ms per image (every thread of
-the process) and the peak growth of resident memory (VmHWM) per round; the table gives the
-median round and the largest peak. ``--gpu`` leaves the
+the process) and the peak growth of resident memory (VmHWM: host memory, not a GPU's) per
+round; the table gives the median round and the largest peak. ``--gpu`` leaves the
 GPUs visible (bench/gpu/ingest_run.sh runs it so, on JAX and PyTorch, where TensorFlow is absent).
 """
 
@@ -163,7 +163,7 @@ def main() -> None:
             for name, rounds in data["results"].items():
                 rates = [rate for rate, *_ in rounds]
                 cpu = statistics.median(c for _, c, *_ in rounds)
-                peak = max(p for *_, p in rounds) if all(len(r) > 2 for r in rounds) else float("nan")
+                peak = max(p for *_, p in rounds)
                 print(
                     f"| {characteristic} | {name} | {statistics.median(rates):.1f} | {cpu:.1f} | "
                     f"{peak:.0f} | {', '.join(f'{r:.1f}' for r in rates)} |"
