@@ -34,6 +34,7 @@ def child(work: Path, characteristic: int, size: int, calibrate: str) -> None:
     import keras
 
     from pupyl_queue.models import build_characteristic
+    from tests.backend_parity import calibrate_batchnorm
     from tests.imagegen import pattern
 
     pictures = np.stack([np.asarray(pattern(seed, size=(size, size))) for seed in range(4)])
@@ -42,14 +43,7 @@ def child(work: Path, characteristic: int, size: int, calibrate: str) -> None:
     model = extractor._model
     x = extractor.preprocess(pixels.astype(np.float32))
     if keras.backend.backend() == "tensorflow":
-        calibrate_on = pixels if calibrate == "pictures+mirrors" else pictures
-        batch_norms = [m for m in model._flatten_layers() if isinstance(m, keras.layers.BatchNormalization)]
-        dropouts = [m for m in model._flatten_layers() if isinstance(m, keras.layers.Dropout)]
-        for layer in batch_norms:
-            layer.momentum = 0.0
-        for layer in dropouts:
-            layer.rate = 0.0
-        model(extractor.preprocess(calibrate_on.astype(np.float32)), training=True)
+        calibrate_batchnorm(extractor, pictures, mirrors=calibrate == "pictures+mirrors")
         np.savez(work / "weights.npz", *model.get_weights())
     else:
         saved = np.load(work / "weights.npz")

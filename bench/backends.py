@@ -32,20 +32,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def status_mib(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise LookupError(field)
-
-
-def reset_peak() -> None:
-    """Start VmHWM (this process's peak resident memory) again from its current size."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-
-
 def keras_own_call(ours: Any) -> Any:
     """The same network and weights, run by Keras' own call as before session 14: eager PyTorch
     then holds every layer's output until the call returns (pupyl_queue/eager_graph.py)."""
@@ -76,6 +62,7 @@ def child(characteristic: int, batch: int, batches: int, rounds: int) -> None:
 
     from pupyl_queue.models import build_characteristic, configure_backend
     from tests.backend_parity import calibrate_batchnorm
+    from tests.torch_eager_graph import reset_peak, status_mib
 
     configure_backend(0, False)
     backend = keras.backend.backend()

@@ -27,9 +27,10 @@ def child(characteristic: int, batch: int, variant: str) -> None:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "bench"))
     import numpy as np
-    from backends import keras_own_call, status_mib
+    from backends import keras_own_call
 
     from pupyl_queue.models import build_characteristic, configure_backend
+    from tests.torch_eager_graph import status_mib
 
     configure_backend(0, False)
     extractor = build_characteristic(characteristic, None)

@@ -10,13 +10,36 @@ and what an int8 conversion said there.
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
 import sys
 from typing import Any
 
 import numpy as np
 
 
-def calibrate_batchnorm(extractor: Any, pixels: np.ndarray) -> None:
+def run_child(backend: str, module: str, *args: object, timeout: float) -> str:
+    """Run ``python -m module args`` on another Keras backend (CPU only) and return its output.
+
+    Keras picks its backend when first imported, so each backend needs its own process; the
+    child fails the calling test with its output's tail."""
+    from tests.conftest import ROOT
+
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": backend,
+        "JAX_PLATFORMS": "cpu",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONPATH": str(ROOT),
+    }
+    command = [sys.executable, "-m", module, *map(str, args)]
+    child = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    print(child.stdout)
+    assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-3000:]
+    return child.stdout
+
+
+def calibrate_batchnorm(extractor: Any, pixels: np.ndarray, mirrors: bool = True) -> None:
     """Give a random-weight network batch-norm statistics of real inputs, in place.
 
     Freshly initialized, every batch norm of a deep network passes activations through
@@ -28,7 +51,8 @@ def calibrate_batchnorm(extractor: Any, pixels: np.ndarray) -> None:
     The statistics come from the pictures and their mirror images, as the ``+mirror``
     descriptors embed both: calibrated on 4 pictures alone, EfficientNetV2M's activations for
     their mirror images grew to 5e3 at the last block (12 for the pictures), and float
-    round-off grew with them into vectors that differed by 1e-1 between backends.
+    round-off grew with them into vectors that differed by 1e-1 between backends
+    (``mirrors=False``, the old way, is kept for bench/backend_layers.py to show it).
     """
     import keras
 
@@ -50,7 +74,9 @@ def calibrate_batchnorm(extractor: Any, pixels: np.ndarray) -> None:
     rates = [layer.rate for layer in dropouts]
     for layer in dropouts:
         layer.rate = 0.0
-    x = extractor.preprocess(np.concatenate([pixels, pixels[:, :, ::-1]]).astype(np.float32))
+    if mirrors:
+        pixels = np.concatenate([pixels, pixels[:, :, ::-1]])
+    x = extractor.preprocess(pixels.astype(np.float32))
     if channels_first(extractor._model):
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     with _no_autograd():  # PyTorch would keep every activation for a backward pass (OOM at 480 px)

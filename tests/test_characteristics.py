@@ -34,22 +34,8 @@ def test_each_characteristic(characteristic: Characteristic) -> None:
 def test_pytorch_builds_them_channels_first_with_the_same_vectors() -> None:
     """On PyTorch the characteristics that can are built channels-first (Keras would copy every
     conv's input to that layout and back): each gives the vectors of its channels-last build."""
-    import os
-    import subprocess
-    import sys
+    from tests.backend_parity import run_child
 
-    from tests.conftest import ROOT
-
-    env = {**os.environ, "KERAS_BACKEND": "torch", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
-    child = subprocess.run(
-        [sys.executable, "-m", "tests.torch_layouts"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    print(child.stdout)
-    assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-3000:]
-    checked = [line for line in child.stdout.splitlines() if "max difference" in line]
+    stdout = run_child("torch", "tests.torch_layouts", timeout=600)
+    checked = [line for line in stdout.splitlines() if "max difference" in line]
     assert len(checked) == 2 * (sum(c.network.channels_first for c in Characteristic) - 1) == 12

@@ -130,24 +130,10 @@ def test_collection_with_own_model(redis_client: redis.Redis, tmp_path: Path, ti
 def test_pytorch_lets_each_activation_go_after_its_last_reader() -> None:
     """Eager PyTorch under Keras' own call held every layer's output to the end (EfficientNetV2M,
     8 images at 480 px: 10 GB); ``eager_graph.call`` gives the same outputs, holding a few."""
-    import os
-    import subprocess
-    import sys
+    from tests.backend_parity import run_child
 
-    from tests.conftest import ROOT
-
-    env = {**os.environ, "KERAS_BACKEND": "torch", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
-    child = subprocess.run(
-        [sys.executable, "-m", "tests.torch_eager_graph"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    print(child.stdout)
-    assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-3000:]
-    assert len([line for line in child.stdout.splitlines() if "difference" in line]) == 3
+    stdout = run_child("torch", "tests.torch_eager_graph", timeout=300)
+    assert len([line for line in stdout.splitlines() if "difference" in line]) == 3
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
@@ -160,13 +146,9 @@ def test_other_backends_give_the_same_vectors(
     import) embeds the same uint8 photos with the same files on the other backend.
     Both backends are in the test extras, so neither test is skipped in CI.
     """
-    import os
-    import subprocess
-    import sys
-
     from pupyl_queue.images import decode
-    from tests.backend_parity import embed_all
-    from tests.conftest import PHOTOS, ROOT
+    from tests.backend_parity import embed_all, run_child
+    from tests.conftest import PHOTOS
 
     files = sorted((PHOTOS / "caer").glob("*.jpg"))[:4] if PHOTOS.exists() else []
     if files:
@@ -176,23 +158,8 @@ def test_other_backends_give_the_same_vectors(
     np.save(tmp_path / "pixels.npy", pixels)
     weights = str(weights_dir / MOBILENET.network.weights_file)
     ours = embed_all(pixels, str(tiny_model), weights)
-    env = {
-        **os.environ,
-        "KERAS_BACKEND": backend,
-        "JAX_PLATFORMS": "cpu",
-        "CUDA_VISIBLE_DEVICES": "",
-        "PYTHONPATH": str(ROOT),
-    }
     out = tmp_path / f"{backend}.npz"
-    child = subprocess.run(
-        [sys.executable, "-m", "tests.backend_parity", out, tmp_path / "pixels.npy", tiny_model, weights],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert child.returncode == 0, child.stderr[-3000:]
+    run_child(backend, "tests.backend_parity", out, tmp_path / "pixels.npy", tiny_model, weights, timeout=240)
     theirs = np.load(out)
     assert str(ours["backend"]) == "tensorflow" and str(theirs["backend"]) == backend
     assert str(ours["int8"]) == "converted"

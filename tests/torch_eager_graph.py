@@ -18,7 +18,8 @@ from collections.abc import Callable
 import numpy as np
 
 
-def _status_mib(field: str) -> float:
+def status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB; bench/backends.py reads it too."""
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith(field + ":"):
@@ -26,16 +27,20 @@ def _status_mib(field: str) -> float:
     raise LookupError(field)
 
 
-def peak_growth_mib(run: Callable[[], object]) -> float:
-    """How far this process's resident memory rose above where it stood while ``run()`` ran.
+def reset_peak() -> None:
+    """Start VmHWM (this process's peak resident memory) again from its current size.
 
-    The peak is the kernel's VmHWM, reset first (``clear_refs`` 5): ``ru_maxrss`` would carry the
-    parent's peak across the exec of this child."""
+    ``ru_maxrss`` cannot be reset, and would carry the parent's peak across the exec of a child."""
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
-    before = _status_mib("VmRSS")
+
+
+def peak_growth_mib(run: Callable[[], object]) -> float:
+    """How far this process's resident memory rose above where it stood while ``run()`` ran."""
+    reset_peak()
+    before = status_mib("VmRSS")
     run()
-    return _status_mib("VmHWM") - before
+    return status_mib("VmHWM") - before
 
 
 def main() -> int:
