@@ -426,6 +426,7 @@ def main() -> None:
         "--decode-processes", type=int, default=None, help="PUPYL_DECODE_PROCESSES of the run"
     )
     parser.add_argument("--embed-concurrency", type=int, default=0, help="PUPYL_EMBED_CONCURRENCY of the run")
+    parser.add_argument("--network-nice", type=int, default=None, help="PUPYL_NETWORK_NICE of the run")
     parser.add_argument(
         "--local-references", action="store_true", help="PUPYL_LOCAL_REFERENCES: files as paths, not staged"
     )
@@ -450,6 +451,8 @@ def main() -> None:
     SETTINGS.update({k: v for k, v in chosen if v})
     if args.local_references:
         SETTINGS["local_references"] = True
+    if args.network_nice is not None:  # 0 is a value here (the network at the feeding's priority)
+        SETTINGS["network_nice"] = args.network_nice
     if args.decode_processes is not None:  # 0 is a value here (decode in the embed worker's threads)
         SETTINGS["decode_processes"] = args.decode_processes
     if args.photos:  # e.g. bench/gpu's 50,000 generated photos

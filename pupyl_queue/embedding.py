@@ -248,6 +248,7 @@ class _BatchRun:
         self.ids = ids
         self.coord = rt.coordinator(task["collection"])
         self.extractor = rt.extractor(task["collection"])
+        rt.lower_network_threads(self.extractor)
         self.timings = Timings()
         self.report: list[dict[str, Any]] = []
         self.prepared: list[Prepared] = []

@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import tempfile
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -94,11 +95,19 @@ class Int8Extractor:
             interpreter = Interpreter(model_content=tflite, num_threads=1)
             interpreter.allocate_tensors()
             self._free.put(interpreter)
-        self._pool = ThreadPoolExecutor(count, thread_name_prefix="pupyl-litert")
+        self._threads: list[int] = []  # the pool's native thread ids (priority.py lowers them)
+        self._pool = ThreadPoolExecutor(count, thread_name_prefix="pupyl-litert", initializer=self._started)
 
     @property
     def input_size(self) -> int:
         return self.spec.input_size
+
+    def _started(self) -> None:
+        self._threads.append(threading.get_native_id())
+
+    def compute_threads(self) -> list[int]:
+        """The threads that run the interpreters (LiteRT runs each on its caller's thread)."""
+        return list(self._threads)
 
     def _one(self, image: np.ndarray) -> np.ndarray:
         interpreter = self._free.get()

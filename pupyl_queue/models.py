@@ -288,6 +288,13 @@ class FeatureExtractor:
             out = self._forward(np.ascontiguousarray(batch, dtype=np.uint8))
         return normalize(out.reshape(len(batch), -1))
 
+    def compute_threads(self) -> list[int]:
+        """The threads the backend computes on besides the caller's: its native pools
+        (process-wide: every Keras model of this process shares them)."""
+        from pupyl_queue.priority import native_threads
+
+        return native_threads()
+
 
 class NullExtractor(FeatureExtractor):
     """An extractor that costs nothing: the same unit vector for every image, at the spec's dimension.
@@ -308,6 +315,9 @@ class NullExtractor(FeatureExtractor):
     def embed(self, batch: np.ndarray) -> np.ndarray:
         check_batch(batch, self.input_size)
         return np.repeat(self._vector, len(batch), axis=0)
+
+    def compute_threads(self) -> list[int]:
+        return []
 
 
 def check_batch(batch: np.ndarray, size: int) -> None:

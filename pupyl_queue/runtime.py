@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import redis
 
+from pupyl_queue import priority
 from pupyl_queue.collection import model_spec
 from pupyl_queue.coordination import Coordinator, connect
 from pupyl_queue.decode_pool import DecodePool, default_processes, pinned_cpus, shared_pool
@@ -39,6 +40,7 @@ class Runtime:
         self._pool: ThreadPoolExecutor | None = None
         self._decode_pool: DecodePool | None = None
         self._int8_models: dict[tuple[str, ModelSpec], object] = {}
+        self._lowered: set[int] = set()  # threads lower_network_threads has seen
 
     @cached_property
     def store(self) -> ObjectStore:
@@ -105,6 +107,18 @@ class Runtime:
         if spec.precision == "int8":
             return self._int8(collection, spec, extractor)  # type: ignore[return-value]
         return extractor
+
+    def lower_network_threads(self, extractor: FeatureExtractor) -> None:
+        """On a CPU embed worker, the network's threads yield the cores to what feeds it (priority.py).
+
+        Called for each batch: a backend starts its threads on its first forward pass.
+        """
+        nice = self.settings.network_nice
+        if not nice or self.device()["gpus"]:
+            return
+        threads = [t for t in extractor.compute_threads() if t not in self._lowered]
+        self._lowered.update(threads)
+        priority.lower(threads, nice)
 
     def _int8(self, collection: str, spec: ModelSpec, extractor: FeatureExtractor) -> object:
         from pupyl_queue.int8 import Int8Extractor, convert, source_hash

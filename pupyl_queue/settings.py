@@ -49,6 +49,7 @@ class Settings:
     embed_concurrency: int = 2  # batches one embed worker runs at once (threads, one network; write_claim.py)
     local_references: bool = False  # local files reach embed workers as paths (they see the same files)
     tf_threads: int = 0
+    network_nice: int = 10  # CPU embed workers: the network's threads yield to its feeding (priority.py)
     mixed_precision: bool = False
     precision: str = "float32"
     descriptor: str = C.DEFAULT_DESCRIPTOR  # global descriptor of new collections (constants.DESCRIPTORS)
@@ -137,6 +138,8 @@ class Settings:
             raise SettingsError(
                 "PUPYL_COPY_SHORT_LIST must be between 1 and 200, PUPYL_COPY_SHORT_LIST_GRAY 1 to 500"
             )
+        if not 0 <= self.network_nice <= 19:
+            raise SettingsError(f"PUPYL_NETWORK_NICE must be between 0 and 19, got {self.network_nice}")
         if self.batch_size < 1:
             raise SettingsError("PUPYL_BATCH_SIZE must be at least 1")
         if 0 < self.job_ttl < self.visibility_timeout:

@@ -20,7 +20,7 @@ from pupyl_queue.store import open_store
 from tests.conftest import MOBILENET_025, PHOTOS, S3_SECRET_KEY, need_shared, s3_store
 from tests.httpserver import ApiClient, LoopbackServer
 from tests.imagegen import encode, pattern
-from tests.workers import Workers
+from tests.workers import Workers, thread_niceness
 
 pytestmark = pytest.mark.slow
 BAD_FILES = {"truncated.jpg", "not_image.jpg"}
@@ -203,7 +203,7 @@ def test_embed_worker_running_batches_in_threads(stack: tuple[PupylQueue, Worker
     for seed, data in images.items():
         (tmp_path / f"t-{seed}.png").write_bytes(data)
     workers.stop_named("embed")  # this worker alone takes the job's batches (8, 16, 16 images)
-    workers.start_named("embed-threads", "embed", workers.settings.replace(embed_concurrency=3))
+    proc = workers.start_named("embed-threads", "embed", workers.settings.replace(embed_concurrency=3))
     try:
         job = client.index(tmp_path)
         state = job.wait(timeout=300)
@@ -219,6 +219,12 @@ def test_embed_worker_running_batches_in_threads(stack: tuple[PupylQueue, Worker
         for item in indexed[::13]:
             hit = client.search(tmp_path / Path(item["ref"]).name, top=1, return_distances=True)[0]
             assert hit == (item["id"], pytest.approx(0.0, abs=1e-4))
+        # On CPU the network's threads yield to what feeds it (PUPYL_NETWORK_NICE, priority.py):
+        # TensorFlow's own threads run at nice 10, the worker's main thread at 0.
+        threads = thread_niceness(proc.pid)
+        assert threads[proc.pid][1] == 0, threads
+        tensorflow = [nice for name, nice in threads.values() if name.startswith("tf_")]
+        assert tensorflow and set(tensorflow) == {10}, threads
         workers.check_alive()
     finally:
         workers.stop_named("embed-threads")

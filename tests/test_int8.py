@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
 
+from pupyl_queue import priority
 from pupyl_queue.images import decode
 from pupyl_queue.layout import Layout
 from pupyl_queue.models import ModelMismatchError
@@ -52,6 +54,7 @@ def test_int8_collection_matches_float(
     pixels = np.stack([decode(f.read_bytes(), 10**8, target=224).pixels(224) for f in files])
     cosine = np.sum(float_x.embed(pixels) * int8_x.embed(pixels), axis=1)
     assert np.median(cosine) > 0.9, cosine  # same network, quantized
+    _check_network_threads_lowered(rt, float_x, int8_x)
     # A query is embedded with the collection's precision: each photo finds itself first.
     for f in files[:4]:
         answer = search(
@@ -68,6 +71,21 @@ def test_precision_cannot_be_mixed(
     index(rt, photos, tiny_model, "mixed", "float32", "j1")
     with pytest.raises(ModelMismatchError, match=r"\(float32\).*asks for .*\(int8\)"):
         index(rt, photos, tiny_model, "mixed", "int8", "j2")
+
+
+def _check_network_threads_lowered(rt: Runtime, float_x: object, int8_x: object) -> None:
+    """On CPU the embed stage lowers the network's threads (PUPYL_NETWORK_NICE, 10): LiteRT's
+    interpreter threads and TensorFlow's native pools; this process's other Python threads (the
+    caller, the fetch and store-write pool) stay at 0."""
+    if not priority.LINUX:
+        return
+    rt.lower_network_threads(float_x)  # type: ignore[arg-type]
+    litert, native = int8_x.compute_threads(), float_x.compute_threads()  # type: ignore[attr-defined]
+    assert len(litert) >= 1 and len(native) >= 1
+    assert {priority.niceness(t) for t in litert + native} <= {10, None}  # None: a thread since gone
+    others = [t.native_id for t in threading.enumerate() if t.native_id not in litert]
+    assert threading.get_native_id() in others
+    assert {priority.niceness(t) for t in others} <= {0, None}
 
 
 def _b64(path: Path) -> str:

@@ -14,6 +14,10 @@ import sys
 import numpy as np
 
 SIZE = 128
+# Same backend, same weights, only the layout differs: measured at most 2.8e-6 (session 14,
+# batch norms calibrated on the pictures and their mirror images), against test_models'
+# BACKEND_TOLERANCE of 1e-4 between backends.
+LAYOUT_TOLERANCE = 2e-5
 
 
 def main() -> int:
@@ -40,7 +44,7 @@ def main() -> int:
             apart = np.abs(a[0] - a[1:]).max(axis=1).min()  # how much different images differ
             difference = np.abs(a - b).max()
             print(f"{net.application} {descriptor}: max difference {difference:.2e}, images {apart:.2e}")
-            if difference > 1e-4 or apart < 1e-3:  # 1e-4: test_models.BACKEND_TOLERANCE
+            if difference > LAYOUT_TOLERANCE or apart < 1e-3:
                 return 1
         keras.backend.clear_session()
     return 0

@@ -59,6 +59,19 @@ class Workers:
         assert not dead, f"workers died: {dead}\n{self.logs()}"
 
 
+def thread_niceness(pid: int) -> dict[int, tuple[str, int]]:
+    """Each thread of a process: its name and nice value (/proc/<pid>/task/<tid>/stat)."""
+    found = {}
+    for tid in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (tid / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        found[int(tid.name)] = (name, int(stat[stat.rindex(")") + 2 :].split()[16]))  # field 19: nice
+    return found
+
+
 def stop_together(procs: Iterable[subprocess.Popen[bytes]], timeout: float = 20) -> None:
     """Warm shutdown of several workers at once: SIGTERM to each, then wait, SIGKILL what lingers.
 
