@@ -406,6 +406,26 @@ def pupyl_rate(
     return statistics.median(rates)
 
 
+def _chosen_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The Settings fields the command line sets for the run's workers."""
+    chosen: dict[str, Any] = {
+        k: v
+        for k, v in (
+            ("batch_size", args.batch_size),
+            ("infer_batch", args.infer_batch),
+            ("embed_concurrency", args.embed_concurrency),
+        )
+        if v
+    }
+    if args.local_references:
+        chosen["local_references"] = True
+    # 0 is a value for these: decode in the embed worker's threads; the network at the feeding's priority
+    for name in ("decode_processes", "network_nice"):
+        if getattr(args, name) is not None:
+            chosen[name] = getattr(args, name)
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -443,18 +463,7 @@ def main() -> None:
 
     device = configure_backend(0, False)  # as an embed worker does, before any network is built
     print(f"Keras backend {device['backend']}, {device['gpus']} GPU(s)")
-    chosen = (
-        ("batch_size", args.batch_size),
-        ("infer_batch", args.infer_batch),
-        ("embed_concurrency", args.embed_concurrency),
-    )
-    SETTINGS.update({k: v for k, v in chosen if v})
-    if args.local_references:
-        SETTINGS["local_references"] = True
-    if args.network_nice is not None:  # 0 is a value here (the network at the feeding's priority)
-        SETTINGS["network_nice"] = args.network_nice
-    if args.decode_processes is not None:  # 0 is a value here (decode in the embed worker's threads)
-        SETTINGS["decode_processes"] = args.decode_processes
+    SETTINGS.update(_chosen_settings(args))
     if args.photos:  # e.g. bench/gpu's 50,000 generated photos
         folder = Path(args.photos)
         every = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))

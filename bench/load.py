@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="jobs per producer")
     parser.add_argument("--per-job", type=int, default=300, help="photos per job")
     parser.add_argument("--searches", type=int, default=200, help="searches of the idle phase")
+    parser.add_argument("--network-nice", type=int, default=None, help="PUPYL_NETWORK_NICE of the run")
     args = parser.parse_args()
 
     from pupyl_queue import PupylQueue
@@ -128,6 +129,7 @@ def main() -> None:
         redis_url=f"redis://127.0.0.1:{port}/0",
         weights=str(weights),
         characteristic=characteristic,
+        **({} if args.network_nice is None else {"network_nice": args.network_nice}),
     )
     workers = {q: start_worker(q, settings, log_path=work / f"{q}.log") for q in C.QUEUES}
     sampler = Sampler({q: p.pid for q, p in workers.items()})
