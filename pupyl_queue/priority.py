@@ -1,12 +1,12 @@
-"""On a CPU embed worker the network's threads run at a lower priority than what feeds them.
+"""On a CPU embed worker the network's threads run at a lower priority than the rest of the host.
 
-There the network, the decode processes, the feeding thread, the ingest worker and
-Redis share the same cores. At equal priority the scheduler gives the network's
-threads their fair share of a core while a decode process still has the next chunk
-to finish, and the network then waits for that chunk (``wait_s`` in the bench). With
-the network's threads lowered (Linux nice, per thread), the feeding stages run as
-soon as they have work and the network takes every cycle they leave: alone (the
-model-only figure) it runs as fast as before. Measured in BENCHMARKS.md (session 15).
+There the network shares the cores with its decode processes, the feeding threads,
+the ingest worker, Redis and, under ``pupyl-queue up``, the search worker. At equal
+priority a search waits for its share of a core behind a bulk job's network; with
+the network's threads lowered (Linux nice, per thread) the others take a core as soon
+as they have work, and the network gets every cycle they leave: alone it runs as fast
+as before. Measured on 2 cores (BENCHMARKS.md, session 15): searches under ingest load
+p99 -15%; ingest alone unchanged (the decode processes had their share already).
 
 Not on a GPU worker: there the threads the network's library starts feed the GPU.
 Linux only (nice is per thread there); elsewhere this does nothing.

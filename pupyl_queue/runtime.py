@@ -109,7 +109,7 @@ class Runtime:
         return extractor
 
     def lower_network_threads(self, extractor: FeatureExtractor) -> None:
-        """On a CPU embed worker, the network's threads yield the cores to what feeds it (priority.py).
+        """On a CPU embed worker, the network's threads run below the rest of the host (priority.py).
 
         Called for each batch: a backend starts its threads on its first forward pass.
         """

@@ -49,7 +49,7 @@ class Settings:
     embed_concurrency: int = 2  # batches one embed worker runs at once (threads, one network; write_claim.py)
     local_references: bool = False  # local files reach embed workers as paths (they see the same files)
     tf_threads: int = 0
-    network_nice: int = 10  # CPU embed workers: the network's threads yield to its feeding (priority.py)
+    network_nice: int = 10  # CPU embed workers: the network's threads run nicer than the rest (priority.py)
     mixed_precision: bool = False
     precision: str = "float32"
     descriptor: str = C.DEFAULT_DESCRIPTOR  # global descriptor of new collections (constants.DESCRIPTORS)

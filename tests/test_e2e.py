@@ -219,7 +219,7 @@ def test_embed_worker_running_batches_in_threads(stack: tuple[PupylQueue, Worker
         for item in indexed[::13]:
             hit = client.search(tmp_path / Path(item["ref"]).name, top=1, return_distances=True)[0]
             assert hit == (item["id"], pytest.approx(0.0, abs=1e-4))
-        # On CPU the network's threads yield to what feeds it (PUPYL_NETWORK_NICE, priority.py):
+        # On CPU the network's threads run nicer than the rest of the host (PUPYL_NETWORK_NICE, priority.py):
         # TensorFlow's own threads run at nice 10, the worker's main thread at 0.
         threads = thread_niceness(proc.pid)
         assert threads[proc.pid][1] == 0, threads
