@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,33 +94,45 @@ def write_weights(characteristic: Characteristic, keras_home: Path) -> Path:
     return folder
 
 
+class ModelOnly:
+    """The forward pass alone on pre-decoded batches (the limit): built once, timed as often as asked."""
+
+    def __init__(
+        self, characteristic: Characteristic, weights: Path, files: list[Path], batch: int, precision: str
+    ) -> None:
+        import numpy as np
+
+        from pupyl_queue.images import decode
+        from pupyl_queue.int8 import CALIBRATION_IMAGES, Int8Extractor, convert
+        from pupyl_queue.models import build_characteristic, configure_backend, resolve_weights
+
+        configure_backend(0, False)
+        extractor: Any = build_characteristic(characteristic, resolve_weights(characteristic, str(weights)))
+        size = extractor.input_size
+        self.pixels = np.stack([decode(f.read_bytes(), 10**9, target=size).pixels(size) for f in files])
+        if precision == "int8":
+            tflite = convert(extractor, self.pixels[:CALIBRATION_IMAGES])
+            extractor = Int8Extractor(extractor.spec.with_precision("int8"), tflite, extractor.preprocess)
+        self.extractor, self.batch = extractor, batch
+        extractor.embed(self.pixels[:batch])  # warm-up: trace and compile
+
+    def once(self) -> tuple[float, float]:
+        """Images/s of one pass, and its CPU ms per image (every thread of this process: what the
+        network takes from the cores the decode shares)."""
+        started, cpu_started = time.perf_counter(), time.process_time()
+        for start in range(0, len(self.pixels), self.batch):
+            self.extractor.embed(self.pixels[start : start + self.batch])
+        elapsed = time.perf_counter() - started
+        return len(self.pixels) / elapsed, (time.process_time() - cpu_started) * 1000 / len(self.pixels)
+
+
 def model_only(
     characteristic: Characteristic, weights: Path, files: list[Path], runs: int, batch: int, precision: str
 ) -> tuple[float, float]:
-    """Images/s of the forward pass alone on pre-decoded batches (the limit), and its CPU ms per image
-    (every thread of this process: what the network takes from the cores the decode shares)."""
-    import numpy as np
-
-    from pupyl_queue.images import decode
-    from pupyl_queue.int8 import CALIBRATION_IMAGES, Int8Extractor, convert
-    from pupyl_queue.models import build_characteristic, configure_backend, resolve_weights
-
-    configure_backend(0, False)
-    extractor: Any = build_characteristic(characteristic, resolve_weights(characteristic, str(weights)))
-    size = extractor.input_size
-    pixels = np.stack([decode(f.read_bytes(), 10**9, target=size).pixels(size) for f in files])
-    if precision == "int8":
-        tflite = convert(extractor, pixels[:CALIBRATION_IMAGES])
-        extractor = Int8Extractor(extractor.spec.with_precision("int8"), tflite, extractor.preprocess)
-    extractor.embed(pixels[:batch])  # warm-up: trace and compile
-    rates, cpu = [], []
-    for _ in range(runs):
-        started, cpu_started = time.perf_counter(), time.process_time()
-        for start in range(0, len(pixels), batch):
-            extractor.embed(pixels[start : start + batch])
-        rates.append(len(pixels) / (time.perf_counter() - started))
-        cpu.append((time.process_time() - cpu_started) * 1000 / len(pixels))
-    return statistics.median(rates), statistics.median(cpu)
+    """The median of ``runs`` passes of ModelOnly: img/s and CPU ms per image."""
+    network = ModelOnly(characteristic, weights, files, batch, precision)
+    passes = [network.once() for _ in range(runs)]
+    return statistics.median(p[0] for p in passes), statistics.median(p[1] for p in passes)
 
 
 class PeakRSS:
@@ -180,11 +193,13 @@ def end_to_end(
     work: Path,
     precision: str,
     spec: Any = None,
+    before_run: Callable[[], object] | None = None,
 ) -> tuple[float, float, list[dict[str, float]]]:
     """Images/s from index() to job done through real Redis, ingest and embed workers; peak embed RSS.
 
     ``spec`` (a ModelSpec) creates the collection with that model first (the null extractor).
     Also gives, per timed run, its seconds and where the embed worker spent them.
+    ``before_run`` runs before each timed run, the workers idle (--paired: a model-only pass).
     """
     from pupyl_queue import PupylQueue
     from pupyl_queue.stack import free_port, start_redis, start_worker, stop
@@ -216,6 +231,8 @@ def end_to_end(
         rates, spent_runs = [], []
         cpu = CpuSeconds(ingest.pid, embed.pid, redis.pid)
         for run in range(runs):
+            if before_run is not None:
+                before_run()
             cpu_before = cpu.read()
             started = time.perf_counter()
             job = client.index(folder)
@@ -406,6 +423,37 @@ def pupyl_rate(
     return statistics.median(rates)
 
 
+def paired(
+    c: Characteristic,
+    weights: Path,
+    subset: list[Path],
+    folder: Path,
+    count: int,
+    args: argparse.Namespace,
+    work: Path,
+    precision: str,
+) -> tuple[float, float, float, float]:
+    """A model-only pass right before each end-to-end run, the workers idle: this machine's speed
+    moves by up to a fifth within minutes (BENCHMARKS.md, session 15), so each run is compared with
+    the limit measured next to it. Model-only img/s, its CPU ms/img, end to end img/s (the medians)
+    and peak RSS; prints each pair and the median of their ratios."""
+    network = ModelOnly(c, weights, subset, args.batch, precision)
+    limits: list[tuple[float, float]] = []
+    measure = lambda: limits.append(network.once())  # noqa: E731
+    _, peak, runs = end_to_end(c, weights, folder, count, args.runs, work, precision, before_run=measure)
+    rates = [count / run["elapsed_s"] for run in runs]
+    for n, ((limit, _), rate) in enumerate(zip(limits, rates, strict=True)):
+        print(f"  pair {n}: model-only {limit:.1f} img/s, end to end {rate:.1f} img/s: {rate / limit:.0%}")
+    ratios = [rate / limit for (limit, _), rate in zip(limits, rates, strict=True)]
+    print(f"  median of the {len(ratios)} pairs' ratios: {statistics.median(ratios):.0%}")
+    return (
+        statistics.median(limit for limit, _ in limits),
+        statistics.median(cpu for _, cpu in limits),
+        statistics.median(rates),
+        peak,
+    )
+
+
 def _chosen_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The Settings fields the command line sets for the run's workers."""
     chosen: dict[str, Any] = {
@@ -446,6 +494,7 @@ def main() -> None:
         "--decode-processes", type=int, default=None, help="PUPYL_DECODE_PROCESSES of the run"
     )
     parser.add_argument("--embed-concurrency", type=int, default=0, help="PUPYL_EMBED_CONCURRENCY of the run")
+    parser.add_argument("--paired", action="store_true", help="a model-only pass before each end-to-end run")
     parser.add_argument("--network-nice", type=int, default=None, help="PUPYL_NETWORK_NICE of the run")
     parser.add_argument(
         "--local-references", action="store_true", help="PUPYL_LOCAL_REFERENCES: files as paths, not staged"
@@ -488,8 +537,13 @@ def main() -> None:
         c = Characteristic.parse(value)
         weights = write_weights(c, work / "keras")
         subset = files[: args.model_images]
-        limit, model_cpu = model_only(c, weights, subset, args.runs, args.batch, precision)
-        e2e, peak, _ = end_to_end(c, weights, folder, len(files), args.runs, work, precision)
+        if args.paired:
+            limit, model_cpu, e2e, peak = paired(
+                c, weights, subset, folder, len(files), args, work, precision
+            )  # noqa: E501
+        else:
+            limit, model_cpu = model_only(c, weights, subset, args.runs, args.batch, precision)
+            e2e, peak, _ = end_to_end(c, weights, folder, len(files), args.runs, work, precision)
         pupyl = None
         if args.pupyl_python and c.value == 1 and precision == "float32":  # Keras checks other files' hashes
             pupyl = pupyl_rate(args.pupyl_python, c, folder, len(files), args.runs, work)

@@ -31,7 +31,11 @@ def test_ingest_benchmark_smoke() -> None:
         "--precisions",
         "float32,int8",
         "--ceiling",
+        "--paired",
     )
+    # --paired: a model-only pass next to each end-to-end run, each pair's ratio printed
+    pairs = [line for line in table.splitlines() if line.strip().startswith("pair 0: model-only")]
+    assert len(pairs) == 2 and all(float(p.split("end to end ")[1].split()[0]) > 0 for p in pairs), table
     lines = [line for line in table.splitlines() if line.startswith("1 MobileNet")]
     rows = [line for line in lines if ":" not in line]
     assert len(rows) == 2 and "float32" in rows[0] and "int8" in rows[1]
