@@ -25,14 +25,23 @@ LINUX = sys.platform.startswith("linux")
 def native_threads() -> list[int]:
     """This process's threads that Python did not start: the compute pools of TensorFlow,
     XLA, OpenMP (PyTorch, FAISS) and the like. Python's own threads (Celery's pool, the
-    feeding and store-write threads) are not among them."""
+    feeding and store-write threads) are not among them. A library thread that has called
+    into Python (a "dummy" thread to ``threading``) is still the library's.
+
+    Empty while one of Python's threads is still starting (its native id not yet known, it
+    would look like a library's): the caller tries again at its next batch.
+    """
     if not LINUX:
         return []
-    ours = {thread.native_id for thread in threading.enumerate()}
     try:
-        return [tid for tid in map(int, os.listdir("/proc/self/task")) if tid not in ours]
+        listed = [int(tid) for tid in os.listdir("/proc/self/task")]
     except OSError:
         return []
+    started = [t for t in threading.enumerate() if not isinstance(t, threading._DummyThread)]
+    if any(t.native_id is None for t in started):
+        return []
+    ours = {t.native_id for t in started}
+    return [tid for tid in listed if tid not in ours]
 
 
 def lower(threads: Iterable[int], nice: int) -> list[int]:
