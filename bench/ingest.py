@@ -540,7 +540,7 @@ def main() -> None:
         if args.paired:
             limit, model_cpu, e2e, peak = paired(
                 c, weights, subset, folder, len(files), args, work, precision
-            )  # noqa: E501
+            )
         else:
             limit, model_cpu = model_only(c, weights, subset, args.runs, args.batch, precision)
             e2e, peak, _ = end_to_end(c, weights, folder, len(files), args.runs, work, precision)
