@@ -92,7 +92,19 @@ def test_index_codes_benchmark_smoke() -> None:
 
 def test_load_benchmark_smoke() -> None:
     need_shared(SHARED_DATA / "photos")
-    table = run("bench/load.py", "--seed", "30", "--producers", "2", "--jobs", "1", "--per-job", "15")
+    table = run(
+        "bench/load.py",
+        "--seed",
+        "30",
+        "--producers",
+        "2",
+        "--jobs",
+        "1",
+        "--per-job",
+        "15",
+        "--searches",
+        "20",
+    )
     phases = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
     assert {"idle", "under ingest", "embed", "search"} <= set(phases)
     p50 = float(phases["under ingest"].split("|")[3])
