@@ -18,44 +18,28 @@ import os
 import time
 from pathlib import Path
 
+from tests.workers import thread_stat
+
 FLOWERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "flowers"
 
 
-def thread_stat(pid: int | str, tid: int | str) -> tuple[str, float, int]:
-    """A thread's name, CPU seconds and nice value."""
-    stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return stat[stat.index("(") + 1 : stat.rindex(")")], cpu, int(fields[16])
-
-
 def passes(images: int, count: int) -> None:
-    import numpy as np
+    import tempfile
 
+    from bench.ingest import ModelOnly, write_weights
     from pupyl_queue.characteristics import Characteristic
-    from pupyl_queue.images import decode
-    from pupyl_queue.int8 import CALIBRATION_IMAGES, Int8Extractor, convert
-    from pupyl_queue.models import build_characteristic, configure_backend
 
-    configure_backend(0, False)
-    network = build_characteristic(Characteristic(1), None)  # random weights: the cost is the same
-    files = sorted(FLOWERS.rglob("*.jpg"))[:images]
-    pixels = np.stack([decode(f.read_bytes(), 10**9, target=224).pixels(224) for f in files])
-    tflite = convert(network, pixels[:CALIBRATION_IMAGES])
-    extractor = Int8Extractor(network.spec.with_precision("int8"), tflite, network.preprocess)
-    extractor.embed(pixels[:32])
+    characteristic = Characteristic(1)
+    keras_home = Path(tempfile.mkdtemp(prefix="pupyl-thread-cpu-"))
+    os.environ["KERAS_HOME"] = str(keras_home)
+    weights = write_weights(characteristic, keras_home)  # random weights: the cost is the same
+    network = ModelOnly(characteristic, weights, sorted(FLOWERS.rglob("*.jpg"))[:images], 32, "int8")
+    threads = network.extractor.compute_threads()
     for n in range(count):
-        before = {t: thread_stat("self", t)[1] for t in extractor.compute_threads()}
-        started = time.perf_counter()
-        for first in range(0, len(pixels), 32):
-            extractor.embed(pixels[first : first + 32])
-        elapsed = time.perf_counter() - started
-        spent = sum(thread_stat("self", t)[1] - before[t] for t in extractor.compute_threads())
-        print(
-            f"pass {n + 1}: {len(pixels) / elapsed:.1f} img/s; "
-            f"interpreter threads {spent * 1000 / len(pixels):.2f} CPU ms/img",
-            flush=True,
-        )
+        before = sum(thread_stat("self", t)[1] for t in threads)
+        rate, _ = network.once()
+        per_image_ms = (sum(thread_stat("self", t)[1] for t in threads) - before) * 1000 / len(network.pixels)
+        print(f"pass {n + 1}: {rate:.1f} img/s; interpreter threads {per_image_ms:.2f} CPU ms/img")
 
 
 def sample(pid: int) -> None:

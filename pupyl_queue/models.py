@@ -23,6 +23,7 @@ import numpy as np
 
 from pupyl_queue.characteristics import Characteristic
 from pupyl_queue.constants import DEFAULT_DESCRIPTOR, DEFAULT_WHITENING, DESCRIPTORS
+from pupyl_queue.priority import native_threads
 from pupyl_queue.whitening import check_whitening
 
 log = logging.getLogger(__name__)
@@ -291,8 +292,6 @@ class FeatureExtractor:
     def compute_threads(self) -> list[int]:
         """The threads the backend computes on besides the caller's: its native pools
         (process-wide: every Keras model of this process shares them)."""
-        from pupyl_queue.priority import native_threads
-
         return native_threads()
 
 

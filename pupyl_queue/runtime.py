@@ -40,7 +40,6 @@ class Runtime:
         self._pool: ThreadPoolExecutor | None = None
         self._decode_pool: DecodePool | None = None
         self._int8_models: dict[tuple[str, ModelSpec], object] = {}
-        self._lowered: set[int] = set()  # threads lower_network_threads has seen
 
     @cached_property
     def store(self) -> ObjectStore:
@@ -116,9 +115,7 @@ class Runtime:
         nice = self.settings.network_nice
         if not nice or self.device()["gpus"]:
             return
-        threads = [t for t in extractor.compute_threads() if t not in self._lowered]
-        self._lowered.update(threads)
-        priority.lower(threads, nice)
+        priority.lower(extractor.compute_threads(), nice)  # a thread already as nice is left alone
 
     def _int8(self, collection: str, spec: ModelSpec, extractor: FeatureExtractor) -> object:
         from pupyl_queue.int8 import Int8Extractor, convert, source_hash

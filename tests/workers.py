@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -59,16 +60,23 @@ class Workers:
         assert not dead, f"workers died: {dead}\n{self.logs()}"
 
 
+def thread_stat(pid: int | str, tid: int | str) -> tuple[str, float, int]:
+    """A thread's name, CPU seconds (user + system) and nice value, from /proc/<pid>/task/<tid>/stat."""
+    stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 on: the name may hold spaces
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return stat[stat.index("(") + 1 : stat.rindex(")")], cpu, int(fields[16])
+
+
 def thread_niceness(pid: int) -> dict[int, tuple[str, int]]:
-    """Each thread of a process: its name and nice value (/proc/<pid>/task/<tid>/stat)."""
+    """Each thread of a process: its name and nice value."""
     found = {}
     for tid in Path(f"/proc/{pid}/task").iterdir():
         try:
-            stat = (tid / "stat").read_text()
+            name, _, nice = thread_stat(pid, tid.name)
         except OSError:  # exited meanwhile
             continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        found[int(tid.name)] = (name, int(stat[stat.rindex(")") + 2 :].split()[16]))  # field 19: nice
+        found[int(tid.name)] = (name, nice)
     return found
 
 
