@@ -30,7 +30,7 @@ def build(codes: str, centroids: np.ndarray, dim: int) -> faiss.Index:
     nlist = len(centroids)
     base_codes, _, refine = codes.partition("+")
     index = faiss.index_factory(dim, f"IVF{nlist},{base_codes}", faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.extract_index_ivf(index)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))  # IndexIVFPQ, IndexIVFScalarQuantizer
     ivf.quantizer.add(centroids)  # trained once, shared: IndexIVF.train then trains the codes only
     if isinstance(ivf, faiss.IndexIVFPQ):
         # The factory turns on polysemous training (~85% of a PQ8 train here) for a Hamming filter

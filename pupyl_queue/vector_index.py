@@ -31,7 +31,15 @@ import faiss
 import numpy as np
 
 from pupyl_queue import constants as C
-from pupyl_queue.gpu_index import GPU_MAX_K, coarse_template, gpu_ivf_vector, ivf_parts, to_cpu, to_gpu
+from pupyl_queue.gpu_index import (
+    GPU_MAX_K,
+    coarse_template,
+    cpu_ivf,
+    gpu_ivf_vector,
+    ivf_parts,
+    to_cpu,
+    to_gpu,
+)
 from pupyl_queue.whitening import Whitening
 
 log = logging.getLogger(__name__)
@@ -181,9 +189,19 @@ def two_level_centroids(sample: np.ndarray, nlist: int, seed: int = 0) -> np.nda
 
 
 def build(dim: int, factory: str) -> faiss.Index:
+    """An empty index for ``factory``.
+
+    PQ codes train without faiss's polysemous step: index_factory turns it on for IVF-PQ, to order
+    each codebook for a Hamming pre-filter that only a search with ``polysemous_ht`` set uses, and
+    none here does. It was nearly all of a PQ codebook's training (bench/pq_training.py), and it
+    does not change which vectors a search finds (the same centroids, in another order).
+    """
     if factory == "Flat":
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if isinstance(ivf := cpu_ivf(index), faiss.IndexIVFPQ):
+        ivf.do_polysemous_training = False
+    return index
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pupyl_queue import constants as C
+from pupyl_queue.gpu_index import cpu_ivf
 from pupyl_queue.models import normalize
 from pupyl_queue.vector_index import IdSet, VectorIndex, choose_factory, code_bytes, two_level_centroids
 
@@ -94,6 +95,25 @@ def test_ivf_recall_against_exact() -> None:
     ivf.remove([int(ids[0])])
     assert int(ids[0]) not in [i for i, _ in ivf.search(vectors[0], 5)[0]]
     np.testing.assert_allclose(ivf.vector(5), vectors[4], atol=0.05)  # SQ8 codes are close
+
+
+def test_pq_codes_train_without_the_polysemous_step_and_find_the_same() -> None:
+    """index_factory turns polysemous training on for IVF-PQ (for a Hamming pre-filter no search
+    here uses); it took nine tenths of a PQ training (bench/pq_training.py). Off, the answers are
+    those of the index trained with it: the same centroids, only ordered differently."""
+    vectors = clustered(3000)
+    ids = np.arange(1, 3001)
+    ours = VectorIndex(32, "IVF16,PQ8x4", nprobe=4)
+    assert not cpu_ivf(ours._index).do_polysemous_training
+    default = faiss.index_factory(32, "IVF16,PQ8x4", faiss.METRIC_INNER_PRODUCT)
+    assert cpu_ivf(default).do_polysemous_training  # what it would be without build's switch
+    twin = VectorIndex(32, "IVF16,PQ8x4", index=default, nprobe=4)
+    for index in (ours, twin):
+        index.train(vectors)
+        index.add(ids, vectors)
+    assert cpu_ivf(twin._index).polysemous_ht == 0  # the Hamming pre-filter stays off either way
+    queries = clustered(50, seed=1)
+    assert ours.search(queries, 10) == twin.search(queries, 10)
 
 
 def test_empty_and_small() -> None:
