@@ -31,6 +31,11 @@ def run_child(backend: str, module: str, *args: object, timeout: float) -> str:
         "JAX_PLATFORMS": "cpu",
         "CUDA_VISIBLE_DEVICES": "",
         "PYTHONPATH": str(ROOT),
+        # One compute thread: the suite's two processes share two cores, and a pool per core
+        # spin-waits against the other process (the PyTorch layout check took 159 s with two
+        # threads beside two busy cores, 55 s with one; vectors do not depend on it).
+        "OMP_NUM_THREADS": "1",
+        "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
     }
     command = [sys.executable, "-m", module, *map(str, args)]
     child = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -97,11 +102,11 @@ def _no_autograd() -> Any:
     return contextlib.nullcontext()
 
 
-def embed_all(pixels: np.ndarray, model_file: str, weights: str) -> dict[str, np.ndarray]:
+def embed_all(pixels: np.ndarray, model_file: str, weights: str, threads: int = 0) -> dict[str, np.ndarray]:
     from pupyl_queue.int8 import convert, source_hash
     from pupyl_queue.models import ModelError, build_characteristic, configure_backend, load_keras_model
 
-    backend = configure_backend(0, False)["backend"]
+    backend = configure_backend(threads, False)["backend"]
     own = load_keras_model(model_file)
     try:  # int8 conversion is TensorFlow's: elsewhere it must say so, not fail deep inside
         convert(own, pixels[:1])
@@ -123,4 +128,4 @@ def embed_all(pixels: np.ndarray, model_file: str, weights: str) -> dict[str, np
 
 if __name__ == "__main__":
     out, pixels, model_file, weights = sys.argv[1:5]
-    np.savez(out, **embed_all(np.load(pixels), model_file, weights))
+    np.savez(out, **embed_all(np.load(pixels), model_file, weights, threads=1))  # run_child's one thread

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from pupyl_queue import PupylQueue, Settings
+from pupyl_queue.jobs import batch_id
 from pupyl_queue.layout import Layout
 from pupyl_queue.store import open_store
 from tests.conftest import MOBILENET_025, PHOTOS, S3_SECRET_KEY, need_shared, s3_store
@@ -123,6 +124,10 @@ def test_job_report_survives_in_store(stack: tuple[PupylQueue, Workers], tmp_pat
     report = json.loads(open_store(client.settings).get(Layout().job_report(job.id, 0)))
     assert report["items"][0]["status"] == "failed"
     assert report["items"][0]["ref"].endswith("x.jpg")
+    # The job and the store hold the batch's outcome: the result backend keeps no copy of it
+    # (the index task's result, under its job's id, shows the key is the backend's).
+    assert client.redis.exists(f"celery-task-meta-{job.id}")
+    assert not client.redis.exists(f"celery-task-meta-{batch_id(job.id, 0)}")
 
 
 @pytest.mark.realweights

@@ -187,18 +187,12 @@ class BatchSpy:
         self.job_id = job_id
         self.images = settings.data_dir / "store" / "collections" / client.collection / "images"
         self.coord = Coordinator(client.redis, Layout(client.collection))
-        self._batch: dict[str, int] = {}
 
     def batch(self, task_id: str) -> int | None:
-        """The batch number: an embed task's id is its batch id (jobs.batch_id), once it has STARTED."""
-        if task_id not in self._batch:
-            raw = self.client.redis.get(f"celery-task-meta-{task_id}")
-            meta = json.loads(raw) if raw else {}
-            job_id, _, batch = task_id.rpartition("-")
-            if meta.get("status") != "STARTED" or job_id != self.job_id:
-                return None
-            self._batch[task_id] = int(batch)
-        return self._batch[task_id]
+        """The batch number: an embed task's id is its batch id (jobs.batch_id). Whether it runs
+        is the ids it allocated (writing): embed tasks keep no STARTED state in the backend."""
+        job_id, _, batch = task_id.rpartition("-")
+        return int(batch) if job_id == self.job_id and batch.isdigit() else None
 
     def finished(self, task_id: str) -> bool:
         batch = self.batch(task_id)

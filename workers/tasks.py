@@ -175,7 +175,11 @@ def ask_short_lists(collection: str, vectors: Any, top: int) -> list[list[tuple[
     return [[(int(image_id), float(distance)) for image_id, distance in row] for row in rows]
 
 
-@shared_task(name=C.TASK_EMBED, bind=True, **JOB_RETRY)
+# ignore_result: an embed batch's outcome lives in its job (the summary in Redis, each item's in the
+# store's batch report, docs/tasks.md); a copy in the result backend, items and all, was read by
+# no one, cost a STARTED and a SUCCESS write per batch, and stayed in Redis for PUPYL_RESULT_EXPIRES
+# (a day: ~10 KB a batch, ~150 MB per million images). Flower still shows each batch (events).
+@shared_task(name=C.TASK_EMBED, bind=True, ignore_result=True, **JOB_RETRY)
 def embed(self: Any, **kwargs: Any) -> EmbedResult:
     rt = runtime()
     batch = cast(EmbedRequest, kwargs)
