@@ -178,7 +178,8 @@ def ask_short_lists(collection: str, vectors: Any, top: int) -> list[list[tuple[
 # ignore_result: an embed batch's outcome lives in its job (the summary in Redis, each item's in the
 # store's batch report, docs/tasks.md); a copy in the result backend, items and all, was read by
 # no one, cost a STARTED and a SUCCESS write per batch, and stayed in Redis for PUPYL_RESULT_EXPIRES
-# (a day: ~10 KB a batch, ~150 MB per million images). Flower still shows each batch (events).
+# (a day) at ~100-140 bytes an image (a 256-image report: 35 KB): 100+ MB per million images.
+# Flower still shows each batch (from the worker's events).
 @shared_task(name=C.TASK_EMBED, bind=True, ignore_result=True, **JOB_RETRY)
 def embed(self: Any, **kwargs: Any) -> EmbedResult:
     rt = runtime()
