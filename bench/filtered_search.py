@@ -13,7 +13,6 @@ short lists). Then the column store's memory for three attributes at 1M and 10M 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
@@ -23,20 +22,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-VECTORS = ROOT.parent / "shared" / "bench" / "vectors.py"
 
+from bench.index_scale import generator  # noqa: E402
 from pupyl_queue.attributes import AttributeTable, parse_filter  # noqa: E402
 from pupyl_queue.vector_index import VectorIndex, choose_factory  # noqa: E402
 
 CATEGORIES = 100  # one category = 1% of the images
 GROUPS = 10_000  # one group = 0.01%
-
-
-def generator():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("bench_vectors", VECTORS)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
 
 
 def attributes(start: int, count: int) -> list[dict[str, object]]:

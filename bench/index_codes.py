@@ -20,7 +20,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.index_scale import generator  # noqa: E402
+from bench.index_scale import vectors_and_truth  # noqa: E402
 
 CODES = ["SQ8", "SQ6", "SQ4", "PQ128", "PQ64", "PQ256x4fs", "PQ64+RefineSQ8"]
 
@@ -55,12 +55,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--codes", default=",".join(CODES), help="comma-separated; PQ needs dim % M == 0")
     args = parser.parse_args()
-    gen = generator()
-    x = gen.vectors(args.n, args.dim, seed=0)
-    queries = gen.vectors(args.queries, args.dim, seed=1)
-    exact = faiss.IndexFlatIP(args.dim)
-    exact.add(x)
-    _, truth = exact.search(queries, 10)
+    x, queries, truth = vectors_and_truth(args.n, args.dim, args.queries)
     rng = np.random.default_rng(0)
     started = time.perf_counter()
     kmeans = faiss.Kmeans(args.dim, args.nlist, niter=10, seed=0, spherical=True)

@@ -60,6 +60,19 @@ def generator():  # type: ignore[no-untyped-def]
     return module
 
 
+def vectors_and_truth(
+    n: int, dim: int, queries: int, k: int = 10
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` CNN-like vectors, ``queries`` more, and each query's exact top ``k`` among the ``n``."""
+    import faiss
+
+    gen = generator()
+    x, q = gen.vectors(n, dim, seed=0), gen.vectors(queries, dim, seed=1)
+    exact = faiss.IndexFlatIP(dim)
+    exact.add(x)
+    return x, q, exact.search(q, k)[1]
+
+
 def percentiles(values: list[float]) -> tuple[float, float]:
     ordered = sorted(values)
     return statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]

@@ -22,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.index_scale import generator  # noqa: E402
+from bench.index_scale import vectors_and_truth  # noqa: E402
 from pupyl_queue.gpu_index import cpu_ivf  # noqa: E402
 from pupyl_queue.vector_index import build  # noqa: E402
 
@@ -37,12 +37,7 @@ def main() -> None:
     parser.add_argument("--pq", type=int, default=64, help="PQ sub-quantizers (bytes per vector)")
     parser.add_argument("--queries", type=int, default=200)
     args = parser.parse_args()
-    gen = generator()
-    x = gen.vectors(args.n, args.dim, seed=0)
-    queries = gen.vectors(args.queries, args.dim, seed=1)
-    exact = faiss.IndexFlatIP(args.dim)
-    exact.add(x)
-    _, truth = exact.search(queries, 10)
+    x, queries, truth = vectors_and_truth(args.n, args.dim, args.queries)
     factory = f"IVF{args.nlist},PQ{args.pq}"
     rows = []
     for polysemous in (True, False):
