@@ -93,6 +93,7 @@ KEY_SNAPSHOT = "snapshot"  # watermark of the newest published snapshot
 KEY_HASHES = "hashes"  # HASH sha256 -> id (dedup)
 KEY_PENDING_CLAIMS = "claims-pending"  # HASH sha256 -> "id@batch id" until that batch commits or fails
 KEY_BATCH_IDS = "batch-ids"  # HASH batch id -> first id (a batch owns ids first .. first + count - 1)
+KEY_ORPHANS = "orphans"  # SET of store keys a batch that can no longer commit left (store down): housekeeping
 KEY_META_RANGES = "meta-ranges"  # ZSET score=first id member=batch id: whose metadata object holds an id
 KEY_REMOVED = "removed"  # SET of removed ids: their metadata reads as absent (pupyl_queue/metadata.py)
 KEY_META_VERSION = "meta-version"  # INCR: names the batch metadata objects a prune rewrites (metadata.py)

@@ -30,7 +30,7 @@ from pupyl_queue.coordination import BatchCounted
 from pupyl_queue.decode_pool import Copies, DecodePool, Decoding, NoRoomForPixels, PixelSlots, Source
 from pupyl_queue.images import ImageError, ImageInfo, decode
 from pupyl_queue.ingest import finish_if_done
-from pupyl_queue.jobs import batch_id
+from pupyl_queue.jobs import batch_id, delete_or_leave_to_housekeeping
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.sources import LocalRefused, Sources
 from pupyl_queue.store import ObjectNotFound
@@ -217,7 +217,7 @@ def embed_batch(
         # was committed, and nothing ever will be. What this run wrote and claimed goes with it.
         log.warning("job %s: batch %d was counted while this delivery ran: commit refused", job_id, batch)
         coord.settle_claims(owner, failed=True)
-        rt.store.delete_many(layout.batch_objects(owner, ids))
+        delete_or_leave_to_housekeeping(rt.redis, rt.store, layout, layout.batch_objects(owner, ids))
         return coord.finished_batch(job_id, batch) or {"batch": batch, "sequence": None, "items": []}
     coord.settle_claims(owner)  # committed: its claims are no longer pending
 

@@ -9,6 +9,8 @@
   ``PUPYL_JOB_TTL`` is at least the visibility timeout).
 - **Query images** a client put in the store whose search never ran (no worker, the caller gave
   up): deleted ``PUPYL_QUERY_TTL`` after they were written.
+- **Orphans**: what a batch that can never commit wrote (its job counted it failed) while the store
+  was down, so it could not be deleted then (``pupyl:<c>:orphans``).
 - **Uploads and staged bytes** (``uploads/<job>/``, ``staging/<job>/``) of jobs that ended, that no
   longer exist, or whose upload was cut off (an API killed mid-request): a job still ``uploading``
   ``PUPYL_UPLOAD_GRACE`` after it was recorded is failed with that reason and its bytes deleted.
@@ -44,6 +46,7 @@ REPORT = (
     "objects_deleted",  # objects under those folders
     "queries_deleted",  # query images never searched
     "batch_ids_forgotten",  # batch-ids fields of jobs whose record is gone
+    "orphans_deleted",  # objects of batches that can never commit, left while the store was down
     "collections_skipped",  # collections whose Redis state is lost (left for `pupyl-queue rebuild`)
 )
 CUT_OFF = "the upload was cut off: not finished within PUPYL_UPLOAD_GRACE ({grace} s); upload the files again"
@@ -71,6 +74,7 @@ def housekeep(
             continue
         counts.update(collect_job_leftovers(store, client, layout, settings, now))
         counts.update(forget_batch_ids(client, layout))
+        counts.update(delete_orphans(store, client, layout))
     report = {key: counts[key] for key in REPORT}
     if any(report.values()):
         log.info("housekeeping: %s", report)
@@ -226,4 +230,19 @@ def forget_batch_ids(client: redis.Redis, layout: Layout) -> Counter[str]:
         if gone:
             client.hdel(key, *gone)
             counts["batch_ids_forgotten"] += len(gone)
+    return counts
+
+
+def delete_orphans(store: ObjectStore, client: redis.Redis, layout: Layout) -> Counter[str]:
+    """Delete the objects named in ``pupyl:<c>:orphans`` (jobs.delete_or_leave_to_housekeeping).
+
+    A key leaves the set only after its delete went through; a store still down raises here, and
+    the set waits for the next round.
+    """
+    counts: Counter[str] = Counter()
+    key = layout.key(C.KEY_ORPHANS)
+    while orphans := client.srandmember(key, _SCAN):
+        store.delete_many(orphans)
+        client.srem(key, *orphans)
+        counts["orphans_deleted"] += len(orphans)
     return counts

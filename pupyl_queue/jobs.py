@@ -69,7 +69,7 @@ def fail_batch(client: redis.Redis, store: StoreLike, task: dict[str, Any], reas
     summary, items = counted
     if summary["sequence"] is None:
         orphans = coord.layout.batch_objects(bid, coord.batch_ids(bid, len(task["items"])))
-        _best_effort(lambda: _open(store).delete_many(orphans), "what its runs wrote")
+        delete_or_leave_to_housekeeping(client, store, coord.layout, orphans)
     log.warning("job %s: batch %d failed for good: %s", job_id, number, summary["error"])
     _best_effort(lambda: _store_batch_report(store, coord.layout, job_id, summary, items), "its report")
     for item in task["items"]:
@@ -170,13 +170,27 @@ def _store_batch_report(
     )
 
 
-def _best_effort(action: Any, what: str) -> None:
+def _best_effort(action: Any, what: str) -> bool:
     """A store write or delete that may fail: the store may be what failed. Redis has the truth;
-    housekeeping deletes an ended job's leftovers once the store answers again."""
+    housekeeping deletes an ended job's leftovers once the store answers again. False if it failed."""
     try:
         action()
     except StoreUnavailable as exc:
         log.warning("store unreachable (%s): %s left for housekeeping", exc, what)
+        return False
+    return True
+
+
+def delete_or_leave_to_housekeeping(
+    client: redis.Redis, store: StoreLike, layout: Layout, keys: list[str]
+) -> None:
+    """Delete what a batch that can never commit wrote; with the store down, name it in Redis instead.
+
+    Its objects live under image ids no segment will ever hold, so nothing else would find them
+    again: housekeeping deletes the keys of ``pupyl:<c>:orphans`` once the store answers.
+    """
+    if keys and not _best_effort(lambda: _open(store).delete_many(keys), "what its runs wrote"):
+        client.sadd(layout.key(C.KEY_ORPHANS), *keys)
 
 
 # --- jobs whose tasks are gone

@@ -268,6 +268,36 @@ def test_a_batch_failed_for_good_deletes_the_copies_its_runs_wrote(
     assert jobs.fail_batch(rt.redis, rt.store, batches[2], "gave up", ttl=60)  # no ids yet: nothing to delete
 
 
+def test_copies_a_failed_batch_could_not_delete_go_with_housekeeping(
+    rt: Runtime, tmp_path: Path, tiny_model: Path
+) -> None:
+    """The store down as the batch is counted failed: its copies are named in Redis, and deleted by
+    housekeeping's next round with the store back (before, they stayed in the store for good)."""
+    from pupyl_queue import jobs
+    from pupyl_queue.housekeeping import housekeep
+    from pupyl_queue.store import LocalStore, StoreUnavailable
+
+    class Down(LocalStore):
+        def delete_many(self, keys: object) -> None:
+            raise StoreUnavailable("the store is down")
+
+    batches = expand_folder(rt, folder_of(tmp_path, 6), tiny_model, job_id="j1")
+    ids = claim_without_commit(rt, batches[1])
+    copies = batch_objects(rt, batches[1], ids)
+    assert copies == sorted(Layout().image(i) for i in ids)
+    assert jobs.fail_batch(rt.redis, Down(rt.store.root), batches[1], "gave up", ttl=60)
+    assert batch_objects(rt, batches[1], ids) == copies  # still there: the store was down
+    orphans = rt.redis.smembers(Layout().key(C.KEY_ORPHANS))
+    assert set(copies) <= orphans
+    with pytest.raises(StoreUnavailable):  # a round with the store still down keeps the names
+        housekeep(Down(rt.store.root), rt.redis, rt.settings)
+    assert rt.redis.smembers(Layout().key(C.KEY_ORPHANS)) == orphans
+    report = housekeep(rt.store, rt.redis, rt.settings)
+    assert report["orphans_deleted"] == len(orphans)
+    assert batch_objects(rt, batches[1], ids) == []
+    assert not rt.redis.exists(Layout().key(C.KEY_ORPHANS))
+
+
 def test_a_delivery_still_running_when_its_batch_failed_for_good_commits_nothing(
     rt: Runtime, client: PupylQueue, tmp_path: Path, tiny_model: Path
 ) -> None:
