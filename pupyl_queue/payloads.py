@@ -359,4 +359,5 @@ class HousekeepResult(TypedDict):
     objects_deleted: int
     queries_deleted: int
     batch_ids_forgotten: int
+    orphans_deleted: int
     collections_skipped: int
