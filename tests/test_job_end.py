@@ -274,7 +274,7 @@ def test_copies_a_failed_batch_could_not_delete_go_with_housekeeping(
     """The store down as the batch is counted failed: its copies are named in Redis, and deleted by
     housekeeping's next round with the store back (before, they stayed in the store for good)."""
     from pupyl_queue import jobs
-    from pupyl_queue.housekeeping import housekeep
+    from pupyl_queue.housekeeping import delete_orphans, housekeep
     from pupyl_queue.store import LocalStore, StoreUnavailable
 
     class Down(LocalStore):
@@ -290,7 +290,7 @@ def test_copies_a_failed_batch_could_not_delete_go_with_housekeeping(
     orphans = rt.redis.smembers(Layout().key(C.KEY_ORPHANS))
     assert set(copies) <= orphans
     with pytest.raises(StoreUnavailable):  # a round with the store still down keeps the names
-        housekeep(Down(rt.store.root), rt.redis, rt.settings)
+        delete_orphans(Down(rt.store.root), rt.redis, Layout())
     assert rt.redis.smembers(Layout().key(C.KEY_ORPHANS)) == orphans
     report = housekeep(rt.store, rt.redis, rt.settings)
     assert report["orphans_deleted"] == len(orphans)

@@ -99,7 +99,7 @@ def test_ivf_recall_against_exact() -> None:
 
 def test_pq_codes_train_without_the_polysemous_step_and_find_the_same() -> None:
     """index_factory turns polysemous training on for IVF-PQ (for a Hamming pre-filter no search
-    here uses); it took nine tenths of a PQ training (bench/pq_training.py). Off, the answers are
+    here uses); it took most of a PQ training (86-90%, bench/pq_training.py). Off, the answers are
     those of the index trained with it: the same centroids, only ordered differently."""
     vectors = clustered(3000)
     ids = np.arange(1, 3001)
