@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.index_scale import vectors_and_truth  # noqa: E402
+from pupyl_queue.gpu_index import cpu_ivf  # noqa: E402
+from pupyl_queue.vector_index import build as build_index  # noqa: E402
 
 CODES = ["SQ8", "SQ6", "SQ4", "PQ128", "PQ64", "PQ256x4fs", "PQ64+RefineSQ8"]
 
@@ -29,13 +31,11 @@ def build(codes: str, centroids: np.ndarray, dim: int) -> faiss.Index:
     """An IVF index over the given centroids with ``codes``; ``+RefineSQ8`` re-ranks 4x top with SQ8."""
     nlist = len(centroids)
     base_codes, _, refine = codes.partition("+")
-    index = faiss.index_factory(dim, f"IVF{nlist},{base_codes}", faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))  # IndexIVFPQ, IndexIVFScalarQuantizer
+    # The product's builder: PQ codes without faiss's polysemous step, as compaction trains them.
+    index = build_index(dim, f"IVF{nlist},{base_codes}")
+    ivf = cpu_ivf(index)
+    assert ivf is not None
     ivf.quantizer.add(centroids)  # trained once, shared: IndexIVF.train then trains the codes only
-    if isinstance(ivf, faiss.IndexIVFPQ):
-        # The factory turns on polysemous training (~85% of a PQ8 train here) for a Hamming filter
-        # these searches never use (polysemous_ht stays 0): recall is the same without it.
-        ivf.do_polysemous_training = False
     if refine:
         index = faiss.IndexRefine(
             index, faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
