@@ -346,40 +346,85 @@ def _decode_one(path: str) -> int:
     return len(image.normalized_bytes())
 
 
+class DecodeCeiling:
+    """Decode + resize in one process per core, the processes started once: timed as often as asked."""
+
+    def __init__(self, files: list[Path]) -> None:
+        import multiprocessing
+
+        self.paths = [str(f) for f in files]
+        self.cores = os.cpu_count() or 1
+        self.pool = multiprocessing.get_context("spawn").Pool(self.cores)
+        self.pool.map(_decode_one, self.paths[: self.cores * 4])  # start and warm every process
+
+    def one_core(self) -> float:
+        """Images/s in this process: on at most 1,000 photos (50,000 would take minutes)."""
+        started = time.perf_counter()
+        for path in self.paths[:1000]:
+            _decode_one(path)
+        return len(self.paths[:1000]) / (time.perf_counter() - started)
+
+    def once(self) -> float:
+        """Images/s of one pass over every photo on all cores (the ceiling)."""
+        started = time.perf_counter()
+        self.pool.map(_decode_one, self.paths, chunksize=16)
+        return len(self.paths) / (time.perf_counter() - started)
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
+
+
 def decode_rates(files: list[Path], runs: int) -> tuple[float, float]:
     """Images/s of decode + resize on one core, and in one process per core (the ceiling)."""
-    import multiprocessing
-
-    paths = [str(f) for f in files]
-    single = []
-    for _ in range(runs):  # one core: on at most 1,000 photos (50,000 would take minutes)
-        started = time.perf_counter()
-        for path in paths[:1000]:
-            _decode_one(path)
-        single.append(len(paths[:1000]) / (time.perf_counter() - started))
-    cores = os.cpu_count() or 1
-    with multiprocessing.get_context("spawn").Pool(cores) as pool:
-        pool.map(_decode_one, paths[: cores * 4])  # start and warm every process
-        ceiling = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            pool.map(_decode_one, paths, chunksize=16)
-            ceiling.append(len(paths) / (time.perf_counter() - started))
-    return statistics.median(single), statistics.median(ceiling)
+    ceiling = DecodeCeiling(files)
+    try:
+        single = [ceiling.one_core() for _ in range(runs)]
+        return statistics.median(single), statistics.median(ceiling.once() for _ in range(runs))
+    finally:
+        ceiling.close()
 
 
-def null_model(files: list[Path], folder: Path, runs: int, work: Path) -> None:
-    """The whole system with a network that costs nothing, next to this machine's decode ceiling."""
+def null_model(files: list[Path], folder: Path, runs: int, work: Path, paired: bool = False) -> None:
+    """The whole system with a network that costs nothing, next to this machine's decode ceiling.
+
+    ``paired``: a ceiling pass right before each end-to-end run (the workers idle), each run
+    compared with the ceiling measured next to it, as this machine's speed moves within minutes."""
     from pupyl_queue.models import ModelSpec
 
-    one_core, ceiling = decode_rates(files, runs)
-    c = Characteristic(1)
-    e2e, peak, spent = end_to_end(c, Path(""), folder, len(files), runs, work, "float32", ModelSpec.null())
-    cores = os.cpu_count() or 1
+    pool = DecodeCeiling(files)
+    try:
+        one_core = statistics.median(pool.one_core() for _ in range(runs))
+        ceilings: list[float] = []
+        if not paired:
+            ceilings = [pool.once() for _ in range(runs)]
+        c = Characteristic(1)
+        e2e, peak, spent = end_to_end(
+            c,
+            Path(""),
+            folder,
+            len(files),
+            runs,
+            work,
+            "float32",
+            ModelSpec.null(),
+            before_run=(lambda: ceilings.append(pool.once())) if paired else None,
+        )
+    finally:
+        pool.close()
+    ceiling = statistics.median(ceilings)
+    cores = pool.cores
     print(
         f"\n{len(files)} photos, median of {runs} runs, {platform.processor() or platform.machine()}, "
         f"{cores} cores, {time.strftime('%Y-%m-%d')}, null extractor (1024-d fixed vectors)"
     )
+    if paired:
+        ratios = []
+        for n, (limit, run) in enumerate(zip(ceilings, spent, strict=True)):
+            rate = len(files) / run["elapsed_s"]
+            ratios.append(rate / limit)
+            print(f"  pair {n}: ceiling {limit:.1f} img/s, end to end {rate:.1f} img/s: {rate / limit:.0%}")
+        print(f"  median of the {len(ratios)} pairs' ratios: {statistics.median(ratios):.0%}")
     print(f"{'what':<44} {'img/s':>9} {'of ceiling':>11}")
     print(f"{'decode + resize, 1 process':<44} {one_core:>9.1f} {one_core / ceiling:>10.0%}")
     print(f"{f'decode + resize, {cores} processes (the ceiling)':<44} {ceiling:>9.1f} {1:>10.0%}")
@@ -494,7 +539,11 @@ def main() -> None:
         "--decode-processes", type=int, default=None, help="PUPYL_DECODE_PROCESSES of the run"
     )
     parser.add_argument("--embed-concurrency", type=int, default=0, help="PUPYL_EMBED_CONCURRENCY of the run")
-    parser.add_argument("--paired", action="store_true", help="a model-only pass before each end-to-end run")
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="a model-only (null: decode ceiling) pass before each end-to-end run",
+    )
     parser.add_argument("--network-nice", type=int, default=None, help="PUPYL_NETWORK_NICE of the run")
     parser.add_argument(
         "--local-references", action="store_true", help="PUPYL_LOCAL_REFERENCES: files as paths, not staged"
@@ -528,7 +577,7 @@ def main() -> None:
         folder = work / "photos"
         files = photo_set(args.images, folder)
     if args.model == "null":
-        null_model(files, folder, args.runs, work)
+        null_model(files, folder, args.runs, work, args.paired)
         shutil.rmtree(work, ignore_errors=True)
         return
     ceiling = decode_rates(files, args.runs) if args.ceiling else None

@@ -137,6 +137,28 @@ def test_network_requests_stay_in_allowed_roots(tmp_path: Path) -> None:
     assert found["a.jpg"] == "ok" and "outside the allowed roots" in found["secret.jpg"]
 
 
+def test_roots_are_folders_not_name_prefixes_and_are_resolved(tmp_path: Path) -> None:
+    """The roots are resolved once per job and compared as strings: a sibling whose name extends a
+    root's stays out, a root named through a link admits what it leads to, and "/" admits all."""
+    allowed, sibling = tmp_path / "photos", tmp_path / "photos-private"
+    for folder in (allowed, sibling):
+        folder.mkdir()
+        (folder / "a.jpg").write_bytes(JPEG)
+    (tmp_path / "via").symlink_to(allowed)
+    with pytest.raises(SourceError, match="outside the allowed roots"):
+        expand(sibling, origin="network", allowed_roots=str(allowed))
+    sources = Sources(settings(allowed_roots=str(tmp_path / "via")), origin="network", references=True)
+    (item,) = sources.expand(str(allowed))
+    # by reference: the path the embed worker opens again, and the folder's resolved path in the metadata
+    assert item.path == str((allowed / "a.jpg").resolve()) and item.data is None
+    assert item.meta["original_path"] == str(allowed.resolve())
+    (item,) = sources.expand(str(tmp_path / "via"))  # the folder named through the link
+    assert item.path == str((allowed / "a.jpg").resolve())
+    assert "outside the allowed roots" in sources.local_path_error(sibling / "a.jpg")
+    assert sources.local_path_error(allowed) == ""  # the root itself
+    assert outcome(expand(sibling, origin="network", allowed_roots="/")) == {"a.jpg": "ok"}
+
+
 # --- archives
 @pytest.mark.parametrize("mode", ["w", "w:gz", "w:bz2", "w:xz"])
 def test_tar_archives(tmp_path: Path, mode: str) -> None:
