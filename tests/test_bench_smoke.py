@@ -114,7 +114,14 @@ def test_load_benchmark_smoke() -> None:
 def test_null_model_benchmark_smoke() -> None:
     """The CPU proxy of a GPU worker: the whole stack with a free network, beside the decode ceiling."""
     need_shared(SHARED_DATA / "photos")
-    table = run("bench/ingest.py", "--model", "null", "--images", "16", "--runs", "1")
+    table = run("bench/ingest.py", "--model", "null", "--images", "16", "--runs", "1", "--paired")
     rows = [line for line in table.splitlines() if line.startswith(("decode + resize", "end to end"))]
     assert len(rows) == 3 and "(the ceiling)" in rows[1] and "null extractor" in rows[2]
     assert all(float(row[44:].split()[0]) > 0 for row in rows)  # img/s
+    assert "pair 0: ceiling" in table and "median of the 1 pairs' ratios" in table  # --paired
+
+
+def test_expand_files_benchmark_smoke() -> None:
+    table = run("bench/expand_files.py", "--code", ".", "--files", "40", "--rounds", "1")
+    (row,) = [line for line in table.splitlines() if line.startswith(".")]
+    assert all(float(cell) > 0 for cell in row.split()[2:])  # CPU ms per file, by path and by bytes
