@@ -393,6 +393,15 @@ def _bucket(n: int) -> int:
 
 
 def normalize(vectors: np.ndarray) -> np.ndarray:
+    """Unit vectors; a network that gave an inf or a NaN (an overflow) is an error, not a vector:
+    FAISS would rank every query against it as garbage, and no later step would notice."""
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        raise ModelError(
+            f"the network gave non-finite values (inf or NaN) for {int(bad.sum())} of {len(vectors)} "
+            "images: an overflow in the model (with PUPYL_MIXED_PRECISION=true, float16's range; "
+            "turn it off for this network)"
+        )
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     # A tiny floor: random-weight networks give valid directions at norms far below 1e-12.
     return (vectors / np.maximum(norms, 1e-30)).astype(np.float32)
@@ -411,8 +420,10 @@ def configure_backend(threads: int, mixed_precision: bool) -> dict[str, Any]:
     TensorFlow on CPU: the intra-op pool gets ``threads`` (default: every core)
     and the inter-op pool 1: a feature extractor is one chain of big ops, and
     decoding runs beside it. On GPU: memory growth (so several processes can share
-    a card) and, if asked, mixed precision (float16 on TensorFlow, bfloat16 on
-    JAX and PyTorch).
+    a card) and, if asked, mixed precision: float16 on every backend. A collection
+    does not record it, so its vectors must stay beside float32 ones: float16 moves
+    an image's vector by a cosine distance of ~1e-4, bfloat16 by ~4e-2, as far as
+    the next image (bench/mixed_precision.py, real ImageNet MobileNet weights).
     """
     if _configured:
         return _configured
@@ -424,22 +435,19 @@ def configure_backend(threads: int, mixed_precision: bool) -> dict[str, Any]:
     cores = threads or os.cpu_count() or 1
     if backend == "tensorflow":
         gpus = _configure_tensorflow(cores)
-        policy = "mixed_float16"
     elif backend == "jax":
         import jax
 
         gpus = sum(1 for d in jax.devices() if d.platform == "gpu")
-        policy = "mixed_bfloat16"
     elif backend == "torch":
         import torch
 
         torch.set_num_threads(cores)
         gpus = torch.cuda.device_count()
-        policy = "mixed_bfloat16"
     else:
         raise ModelError(f"Keras backend {backend!r} is not supported: use tensorflow, jax or torch")
     if mixed_precision and gpus:
-        keras.mixed_precision.set_global_policy(policy)
+        keras.mixed_precision.set_global_policy("mixed_float16")
     _configured.update(
         backend=backend, gpus=gpus, intra_op_threads=cores, mixed_precision=bool(mixed_precision and gpus)
     )

@@ -341,3 +341,42 @@ def test_http_api(stack: tuple[PupylQueue, Workers], photo_dir: Path, http_serve
         assert call("GET", "/v1/collections/..%2Fetc")[0] in (400, 404)
         # put the image back for the tests that follow on this stack
         client.index(query.parent, check_unique=True).wait(timeout=120)
+
+
+def test_a_network_that_overflows_fails_its_batch_and_indexes_nothing(
+    stack: tuple[PupylQueue, Workers], tmp_path: Path
+) -> None:
+    """A model whose output overflows (inf) gives no vectors: its batch fails with the reason and
+    nothing reaches the index (as float16 on a GPU would, past its range), and other collections
+    go on."""
+    import keras
+
+    from pupyl_queue.client import JobFailed
+
+    client, workers = stack
+    before = count(client, empty_ok=True)  # alone (-k), the default collection is empty
+    inputs = keras.Input((32, 32, 3))
+    overflow = keras.Model(
+        inputs, keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1e38)(inputs))
+    )
+    overflow.save(tmp_path / "overflow.keras")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for seed in range(3):
+        (folder / f"{seed}.png").write_bytes(encode(pattern(seed), "PNG"))
+    other = PupylQueue(
+        settings=client.settings,
+        collection=f"overflow-{uuid.uuid4().hex[:8]}",
+        model=tmp_path / "overflow.keras",
+    )
+    try:
+        job = other.index(folder)
+        with pytest.raises(JobFailed, match="non-finite values"):
+            job.wait(timeout=120)
+        state = job.progress()
+        assert (state["state"], state["indexed"], state["failed"]) == ("failed", 0, 3)
+        assert all("non-finite values (inf or NaN) for 3 of 3 images" in f["error"] for f in job.failures())
+    finally:
+        other.close()
+    assert count(client, empty_ok=True) == before
+    workers.check_alive()

@@ -186,3 +186,17 @@ def test_null_extractor_costs_nothing_and_keeps_the_contract() -> None:
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
     with pytest.raises(ValueError, match=r"expected \(n, 32, 32, 3\)"):
         extractor.embed(np.zeros((1, 224, 224, 3), np.uint8))
+
+
+def test_non_finite_vectors_are_an_error_not_a_vector() -> None:
+    """An overflow (float16 past its range, a broken model) must not reach the index as NaN."""
+    from pupyl_queue.models import normalize
+
+    vectors = np.ones((3, 4), dtype=np.float32)
+    assert np.allclose(np.linalg.norm(normalize(vectors), axis=1), 1.0)
+    vectors[1, 2] = np.inf
+    with pytest.raises(ModelError, match=r"non-finite values \(inf or NaN\) for 1 of 3 images"):
+        normalize(vectors)
+    vectors[1, 2], vectors[2, 0] = 0.0, np.nan
+    with pytest.raises(ModelError, match="for 1 of 3 images"):
+        normalize(vectors)
