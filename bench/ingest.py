@@ -337,37 +337,40 @@ def create_collection(client: Any, spec: Any) -> None:
     client.store.put(layout.manifest, json.dumps({**manifest, "created_at": time.time()}).encode())
 
 
-def _decode_one(path: str) -> int:
-    """What an embed worker does to one photo before the network: read, hash, decode, squash to 224."""
+def _decode_one(path: str, size: int = 224) -> int:
+    """What an embed worker does to one photo before the network: read, hash, decode, squash to size."""
     from pupyl_queue.images import decode
 
-    image = decode(Path(path).read_bytes(), 64_000_000, target=224)
-    image.pixels(224)
+    image = decode(Path(path).read_bytes(), 64_000_000, target=size)
+    image.pixels(size)
     return len(image.normalized_bytes())
 
 
 class DecodeCeiling:
     """Decode + resize in one process per core, the processes started once: timed as often as asked."""
 
-    def __init__(self, files: list[Path]) -> None:
+    def __init__(self, files: list[Path], size: int = 224) -> None:
+        """``size``: the network's input size (480 for EfficientNetV2: a larger squash, a smaller draft)."""
+        import functools
         import multiprocessing
 
         self.paths = [str(f) for f in files]
         self.cores = os.cpu_count() or 1
+        self.decode = functools.partial(_decode_one, size=size)
         self.pool = multiprocessing.get_context("spawn").Pool(self.cores)
-        self.pool.map(_decode_one, self.paths[: self.cores * 4])  # start and warm every process
+        self.pool.map(self.decode, self.paths[: self.cores * 4])  # start and warm every process
 
     def one_core(self) -> float:
         """Images/s in this process: on at most 1,000 photos (50,000 would take minutes)."""
         started = time.perf_counter()
         for path in self.paths[:1000]:
-            _decode_one(path)
+            self.decode(path)
         return len(self.paths[:1000]) / (time.perf_counter() - started)
 
     def once(self) -> float:
         """Images/s of one pass over every photo on all cores (the ceiling)."""
         started = time.perf_counter()
-        self.pool.map(_decode_one, self.paths, chunksize=16)
+        self.pool.map(self.decode, self.paths, chunksize=16)
         return len(self.paths) / (time.perf_counter() - started)
 
     def close(self) -> None:
@@ -375,9 +378,9 @@ class DecodeCeiling:
         self.pool.join()
 
 
-def decode_rates(files: list[Path], runs: int) -> tuple[float, float]:
+def decode_rates(files: list[Path], runs: int, size: int = 224) -> tuple[float, float]:
     """Images/s of decode + resize on one core, and in one process per core (the ceiling)."""
-    ceiling = DecodeCeiling(files)
+    ceiling = DecodeCeiling(files, size)
     try:
         single = [ceiling.one_core() for _ in range(runs)]
         return statistics.median(single), statistics.median(ceiling.once() for _ in range(runs))
@@ -512,6 +515,8 @@ def _chosen_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.local_references:
         chosen["local_references"] = True
+    if args.mixed_precision:
+        chosen["mixed_precision"] = True
     # 0 is a value for these: decode in the embed worker's threads; the network at the feeding's priority
     for name in ("decode_processes", "network_nice"):
         if getattr(args, name) is not None:
@@ -519,7 +524,47 @@ def _chosen_settings(args: argparse.Namespace) -> dict[str, Any]:
     return chosen
 
 
-def main() -> None:
+def report(
+    rows: list[dict[str, Any]], ceilings: dict[int, tuple[float, float]], count: int, runs: int
+) -> None:
+    """The table of a run, then each network against its decode ceiling and the most the cores allow."""
+    print(
+        f"\n{count} photos, median of {runs} runs, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
+    )
+    print(
+        f"{'characteristic':<32} {'model-only img/s':>17} {'end-to-end img/s':>17} {'e2e/limit':>10} "
+        f"{'pupyl 0.14.7 img/s':>19} {'e2e/pupyl':>10} {'embed peak RSS':>15}"
+    )
+    for r in rows:
+        pupyl = f"{r['pupyl']:.1f}" if r["pupyl"] else "-"
+        ratio = f"{r['end_to_end'] / r['pupyl']:.1f}x" if r["pupyl"] else "-"
+        print(
+            f"{r['characteristic']:<32} {r['model_only']:>17.1f} {r['end_to_end']:>17.1f} "
+            f"{r['end_to_end'] / r['model_only']:>9.0%} {pupyl:>19} {ratio:>10} "
+            f"{r['embed_peak_rss_mib']:>11.0f} MiB"
+        )
+    for size, ceiling in ceilings.items():
+        rates = f"{ceiling[0]:.1f} img/s in 1 process, {ceiling[1]:.1f} in {os.cpu_count()}"
+        print(f"decode + resize to {size}: {rates}")
+        for r in [r for r in rows if r["input_size"] == size]:
+            r["decode_ceiling"] = ceiling[1]
+            share = r["end_to_end"] / min(r["model_only"], ceiling[1])
+            print(f"{r['characteristic']}: end to end / min(model-only, decode ceiling) {share:.0%}")
+            # The network and the decode share the cores: even a pipeline costing nothing else reaches
+            # at most cores / (network CPU + decode CPU) per image.
+            decode_ms = 1000 / ceiling[0]
+            bound = (os.cpu_count() or 1) * 1000 / (r["model_cpu_ms"] + decode_ms)
+            r["bound"] = min(bound, r["model_only"])
+            print(
+                f"{r['characteristic']}: network {r['model_cpu_ms']:.2f} + decode {decode_ms:.2f} CPU ms/img "
+                f"on {os.cpu_count()} cores: at most {r['bound']:.1f} img/s end to end, "
+                f"{r['bound'] / r['model_only']:.0%} of model-only "
+                f"(measured: {r['end_to_end'] / r['model_only']:.0%})"
+            )
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -549,9 +594,18 @@ def main() -> None:
         "--local-references", action="store_true", help="PUPYL_LOCAL_REFERENCES: files as paths, not staged"
     )
     parser.add_argument("--ceiling", action="store_true", help="also measure the decode ceiling (all cores)")
+    parser.add_argument(
+        "--mixed-precision",
+        action="store_true",
+        help="PUPYL_MIXED_PRECISION: float16 on a GPU, model-only too",
+    )
     parser.add_argument("--warmup", type=int, default=0, help="the untimed first job's photos (0: all)")
     parser.add_argument("--search", type=int, default=0, help="then this many searches by image and by id")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     OPTIONS.update(warmup=args.warmup, search=args.search)
 
     work = Path(tempfile.mkdtemp(prefix="pupyl-bench-"))
@@ -559,9 +613,14 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from pupyl_queue.models import configure_backend
 
-    device = configure_backend(0, False)  # as an embed worker does, before any network is built
-    print(f"Keras backend {device['backend']}, {device['gpus']} GPU(s)")
+    # as an embed worker does, before any network is built (float16 only where there is a GPU)
+    device = configure_backend(0, args.mixed_precision)
+    print(f"Keras backend {device['backend']}, {device['gpus']} GPU(s), mixed {device['mixed_precision']}")
     SETTINGS.update(_chosen_settings(args))
+
+    def label(precision: str) -> str:
+        return "mixed float16" if precision == "float32" and device["mixed_precision"] else precision
+
     if args.photos:  # e.g. bench/gpu's 50,000 generated photos
         folder = Path(args.photos)
         every = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
@@ -580,10 +639,13 @@ def main() -> None:
         null_model(files, folder, args.runs, work, args.paired)
         shutil.rmtree(work, ignore_errors=True)
         return
-    ceiling = decode_rates(files, args.runs) if args.ceiling else None
+    ceilings: dict[int, tuple[float, float]] = {}  # per input size: the decode work depends on it
     rows = []
     for value, precision in itertools.product(args.characteristics.split(","), args.precisions.split(",")):
         c = Characteristic.parse(value)
+        size = c.network.input_size
+        if args.ceiling and size not in ceilings:
+            ceilings[size] = decode_rates(files, args.runs, size)
         weights = write_weights(c, work / "keras")
         subset = files[: args.model_images]
         if args.paired:
@@ -598,7 +660,8 @@ def main() -> None:
             pupyl = pupyl_rate(args.pupyl_python, c, folder, len(files), args.runs, work)
         rows.append(
             {
-                "characteristic": f"{c.value} {c.network.application} {precision}",
+                "characteristic": f"{c.value} {c.network.application} {label(precision)}",
+                "input_size": size,
                 "model_only": limit,
                 "model_cpu_ms": model_cpu,
                 "end_to_end": e2e,
@@ -606,39 +669,7 @@ def main() -> None:
                 "embed_peak_rss_mib": peak,
             }
         )
-    print(
-        f"\n{len(files)} photos, median of {args.runs} runs, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
-    )
-    print(
-        f"{'characteristic':<24} {'model-only img/s':>17} {'end-to-end img/s':>17} {'e2e/limit':>10} "
-        f"{'pupyl 0.14.7 img/s':>19} {'e2e/pupyl':>10} {'embed peak RSS':>15}"
-    )
-    for r in rows:
-        pupyl = f"{r['pupyl']:.1f}" if r["pupyl"] else "-"
-        ratio = f"{r['end_to_end'] / r['pupyl']:.1f}x" if r["pupyl"] else "-"
-        print(
-            f"{r['characteristic']:<24} {r['model_only']:>17.1f} {r['end_to_end']:>17.1f} "
-            f"{r['end_to_end'] / r['model_only']:>9.0%} {pupyl:>19} {ratio:>10} "
-            f"{r['embed_peak_rss_mib']:>11.0f} MiB"
-        )
-    if ceiling is not None:
-        print(f"decode + resize: {ceiling[0]:.1f} img/s in 1 process, {ceiling[1]:.1f} in {os.cpu_count()}")
-        for r in rows:
-            r["decode_ceiling"] = ceiling[1]
-            share = r["end_to_end"] / min(r["model_only"], ceiling[1])
-            print(f"{r['characteristic']}: end to end / min(model-only, decode ceiling) {share:.0%}")
-            # The network and the decode share the cores: even a pipeline costing nothing else reaches
-            # at most cores / (network CPU + decode CPU) per image.
-            decode_ms = 1000 / ceiling[0]
-            bound = (os.cpu_count() or 1) * 1000 / (r["model_cpu_ms"] + decode_ms)
-            r["bound"] = min(bound, r["model_only"])
-            print(
-                f"{r['characteristic']}: network {r['model_cpu_ms']:.2f} + decode {decode_ms:.2f} CPU ms/img "
-                f"on {os.cpu_count()} cores: at most {r['bound']:.1f} img/s end to end, "
-                f"{r['bound'] / r['model_only']:.0%} of model-only "
-                f"(measured: {r['end_to_end'] / r['model_only']:.0%})"
-            )
+    report(rows, ceilings, len(files), args.runs)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     shutil.rmtree(work, ignore_errors=True)
