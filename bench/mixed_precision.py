@@ -1,12 +1,13 @@
-"""How far mixed precision moves the vectors: float16 and bfloat16 against float32, the nine networks.
+"""How far mixed precision moves the vectors: float16 and bfloat16 against float32.
 
-    KERAS_BACKEND=jax python bench/mixed_precision.py [--images 64]
+    KERAS_BACKEND=jax python bench/mixed_precision.py [--images 64]     # or torch
 
 ``PUPYL_MIXED_PRECISION=true`` runs a GPU embed worker's network in a 16-bit compute dtype, and a
 collection does not record it: its vectors sit beside those of float32 workers and are searched
-by float32 queries. So the 16-bit vectors must stay within what separates an image from the
-next one. Measured on CPU (JAX runs both dtypes there, rounding each layer's output to 16 bits as
-a GPU does) with the one real trained network there is offline, the ImageNet MobileNet 0.25 of
+by float32 queries. So the 16-bit vectors must stay well within what separates an image from
+the next one. Measured on CPU (JAX and PyTorch run both dtypes there, rounding each layer's
+output to 16 bits as a GPU does), through pupyl-queue's own forward pass (``FeatureExtractor``),
+with the one real trained network there is offline, the ImageNet MobileNet 0.25 of
 ../shared/data/models, on real photos (the flowers). Random-weight networks cannot answer this:
 even with calibrated batch norms (tests/backend_parity.py) different photos' vectors lie within
 ~4e-3 of each other, so any rounding reorders them. Prints, per dtype, the cosine distance between
@@ -57,12 +58,16 @@ def real_mobilenet(pixels: np.ndarray) -> None:
         return
 
     def embed() -> np.ndarray:
+        """Through pupyl-queue's own forward pass (compiled per backend, preprocessing inside)."""
+        from pupyl_queue.models import FeatureExtractor, ModelSpec
+
         model = keras.applications.MobileNet(
             alpha=0.25, weights=str(weights), include_top=False, pooling="avg", input_shape=pixels.shape[1:]
         )
-        x = keras.applications.mobilenet.preprocess_input(pixels.astype(np.float32))
-        y = np.asarray(model(x, training=False)).astype(np.float32)
-        return y / np.linalg.norm(y, axis=1, keepdims=True)
+        extractor = FeatureExtractor(
+            ModelSpec("keras", 256, 224), model, keras.applications.mobilenet.preprocess_input
+        )
+        return extractor.embed(pixels)
 
     keras.mixed_precision.set_global_policy("float32")
     reference = embed()
