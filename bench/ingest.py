@@ -346,6 +346,14 @@ def _decode_one(path: str, size: int = 224) -> int:
     return len(image.normalized_bytes())
 
 
+def print_pairs(limit_name: str, limits: list[float], rates: list[float]) -> None:
+    """Each pair (the limit measured right before an end-to-end run) and the median of their ratios."""
+    ratios = [rate / limit for limit, rate in zip(limits, rates, strict=True)]
+    for n, (limit, rate, ratio) in enumerate(zip(limits, rates, ratios, strict=True)):
+        print(f"  pair {n}: {limit_name} {limit:.1f} img/s, end to end {rate:.1f} img/s: {ratio:.0%}")
+    print(f"  median of the {len(ratios)} pairs' ratios: {statistics.median(ratios):.0%}")
+
+
 class DecodeCeiling:
     """Decode + resize in one process per core, the processes started once: timed as often as asked."""
 
@@ -422,12 +430,7 @@ def null_model(files: list[Path], folder: Path, runs: int, work: Path, paired: b
         f"{cores} cores, {time.strftime('%Y-%m-%d')}, null extractor (1024-d fixed vectors)"
     )
     if paired:
-        ratios = []
-        for n, (limit, run) in enumerate(zip(ceilings, spent, strict=True)):
-            rate = len(files) / run["elapsed_s"]
-            ratios.append(rate / limit)
-            print(f"  pair {n}: ceiling {limit:.1f} img/s, end to end {rate:.1f} img/s: {rate / limit:.0%}")
-        print(f"  median of the {len(ratios)} pairs' ratios: {statistics.median(ratios):.0%}")
+        print_pairs("ceiling", ceilings, [len(files) / run["elapsed_s"] for run in spent])
     print(f"{'what':<44} {'img/s':>9} {'of ceiling':>11}")
     print(f"{'decode + resize, 1 process':<44} {one_core:>9.1f} {one_core / ceiling:>10.0%}")
     print(f"{f'decode + resize, {cores} processes (the ceiling)':<44} {ceiling:>9.1f} {1:>10.0%}")
@@ -490,10 +493,7 @@ def paired(
     measure = lambda: limits.append(network.once())  # noqa: E731
     _, peak, runs = end_to_end(c, weights, folder, count, args.runs, work, precision, before_run=measure)
     rates = [count / run["elapsed_s"] for run in runs]
-    for n, ((limit, _), rate) in enumerate(zip(limits, rates, strict=True)):
-        print(f"  pair {n}: model-only {limit:.1f} img/s, end to end {rate:.1f} img/s: {rate / limit:.0%}")
-    ratios = [rate / limit for (limit, _), rate in zip(limits, rates, strict=True)]
-    print(f"  median of the {len(ratios)} pairs' ratios: {statistics.median(ratios):.0%}")
+    print_pairs("model-only", [limit for limit, _ in limits], rates)
     return (
         statistics.median(limit for limit, _ in limits),
         statistics.median(cpu for _, cpu in limits),
