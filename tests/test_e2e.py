@@ -348,12 +348,14 @@ def test_a_network_that_overflows_fails_its_batch_and_indexes_nothing(
 ) -> None:
     """A model whose output overflows (inf) gives no vectors: its batch fails with the reason and
     nothing reaches the index (as float16 on a GPU would, past its range), and other collections
-    go on."""
+    go on. Both stores share the failure path (jobs.fail_batch; test_job_end covers S3's)."""
     import keras
 
     from pupyl_queue.client import JobFailed
 
     client, workers = stack
+    if not client.store.url.startswith("file:"):
+        pytest.skip("a batch's failure path does not depend on the store: the file stack runs it (13 s)")
     before = count(client, empty_ok=True)  # alone (-k), the default collection is empty
     inputs = keras.Input((32, 32, 3))
     overflow = keras.Model(
