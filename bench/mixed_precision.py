@@ -30,10 +30,11 @@ SHARED = ROOT.parent / "shared" / "data"
 POLICIES = ("mixed_float16", "mixed_bfloat16")
 
 
-def photos(count: int, size: int) -> np.ndarray:
+def photos(count: int, size: int, folder: Path = SHARED / "flowers") -> np.ndarray:
     from pupyl_queue.images import decode
 
-    files = sorted((SHARED / "flowers").rglob("*.jpg"))[:: max(1, 1000 // count)][:count]
+    every = sorted(folder.rglob("*.jpg"))
+    files = every[:: max(1, len(every) // count)][:count]  # spread over the folder (the flowers' kinds)
     return np.stack([decode(f.read_bytes(), 10**9, target=size).pixels(size) for f in files])
 
 
@@ -49,10 +50,9 @@ def compare(name: str, reference: np.ndarray, other: np.ndarray, policy: str) ->
     )
 
 
-def real_mobilenet(pixels: np.ndarray) -> None:
+def real_mobilenet(pixels: np.ndarray, weights: Path) -> None:
     import keras
 
-    weights = SHARED / "models" / "mobilenet_2_5_224_tf_no_top.h5"
     if not weights.exists():
         print(f"| MobileNet 0.25, ImageNet weights | (no {weights.name} in ../shared/data/models) |")
         return
@@ -82,14 +82,28 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--photos", default=str(SHARED / "flowers"), help="a folder of JPEGs")
+    parser.add_argument(
+        "--weights", default=str(SHARED / "models" / "mobilenet_2_5_224_tf_no_top.h5"), help="MobileNet 0.25"
+    )
     args = parser.parse_args()
     os.environ.setdefault("KERAS_HOME", "/tmp/pupyl-bench-keras")
     import keras
 
-    print(f"Keras {keras.__version__} on {keras.backend.backend()}, {args.images} flowers")
+    device = "cpu"
+    if keras.backend.backend() == "jax":
+        import jax
+
+        device = jax.devices()[0].device_kind
+    elif keras.backend.backend() == "torch":
+        import torch
+
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    backend = f"{keras.backend.backend()} ({device})"
+    print(f"Keras {keras.__version__} on {backend}, {args.images} photos of {args.photos}")
     print("| network | 16-bit dtype | own distance, median | largest | two images, nearest | finds itself |")
     print("|---|---|---|---|---|---|")
-    real_mobilenet(photos(args.images, 224))
+    real_mobilenet(photos(args.images, 224, Path(args.photos)), Path(args.weights))
 
 
 if __name__ == "__main__":

@@ -422,8 +422,8 @@ def configure_backend(threads: int, mixed_precision: bool) -> dict[str, Any]:
     decoding runs beside it. On GPU: memory growth (so several processes can share
     a card) and, if asked, mixed precision: float16 on every backend. A collection
     does not record it, so its vectors must stay beside float32 ones: float16 moves
-    an image's vector by a cosine distance of ~1e-4, bfloat16 by ~4e-2, as far as
-    the next image (bench/mixed_precision.py, real ImageNet MobileNet weights).
+    an image's vector by a cosine distance of ~2e-4, bfloat16 by 2-3e-2, about as
+    far as the next image (bench/mixed_precision.py, real ImageNet MobileNet weights).
     """
     if _configured:
         return _configured

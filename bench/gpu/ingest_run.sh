@@ -13,7 +13,8 @@
 #      MobileNet float32; then 200 searches by image and by id through a search worker (faiss-gpu);
 #   4. the same for ResNet50V2 float32 on a fifth of the photos, and EfficientNetV2L with
 #      PUPYL_MIXED_PRECISION (float16; batches of 64, the ceiling at its 480 px) on a tenth;
-#   5. JAX GPU vs JAX CPU vectors (bench/gpu/parity.py);
+#   5. JAX GPU vs JAX CPU vectors (bench/gpu/parity.py), and float16/bfloat16 against float32 on the
+#      GPU with real weights (bench/mixed_precision.py);
 #   6. MobileNet end to end and 50 searches again, on PyTorch, a fifth of the photos;
 #   7. the null extractor on a tenth of the photos: staged copies and one batch at a time, then local
 #      references, then references and 3 batches at once; nvidia-smi samples the GPU all along;
@@ -105,6 +106,16 @@ stamp parity
 [ -n "$need" ] && export PARITY_GPU_PLATFORM=cpu
 if [ -n "${SKIP_PARITY:-}" ]; then echo "skipped (SKIP_PARITY is set)"; else
     timeout $((90 * slow)) "$py" bench/gpu/parity.py $scratch/photos || echo "exit $?"
+fi
+
+# How far float16 (PUPYL_MIXED_PRECISION) moves a real network's vectors on the GPU: the ImageNet
+# MobileNet 0.25 carried in .whl/models, 200 of the photos (on CPU: bench/mixed_precision.txt).
+stamp "float16 and bfloat16 against float32 on the GPU (bench/mixed_precision.py)"
+if [ -f .whl/models/mobilenet_2_5_224_tf_no_top.h5 ]; then
+    timeout $((60 * slow)) "$py" bench/mixed_precision.py --images 200 --photos $scratch/photos \
+        --weights .whl/models/mobilenet_2_5_224_tf_no_top.h5 ${need:+--images 16} || echo "exit $?"
+else
+    echo "skipped: no .whl/models/mobilenet_2_5_224_tf_no_top.h5 (bench/gpu/build_stack_pack.sh copies it)"
 fi
 
 # The whole stack once more with PyTorch as the embed and search workers' backend (never run on a
