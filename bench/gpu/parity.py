@@ -4,7 +4,8 @@
 
 The CPU side is the figure measured on the CPU machine (JAX = TensorFlow within
 1.2e-6, tests/test_models.py); this measures what a GPU adds (TF32 convolutions), in
-float32; bench/mixed_precision.py measures float16 (PUPYL_MIXED_PRECISION) with real weights. Children run tests/backend_parity.py.
+float32; bench/mixed_precision.py measures float16 (PUPYL_MIXED_PRECISION) with real
+weights. Children run tests/backend_parity.py.
 """
 
 from __future__ import annotations
