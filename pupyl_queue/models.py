@@ -356,9 +356,6 @@ def compile_forward(model: Any, preprocess: Any, backend: str) -> Callable[[np.n
     if backend == "jax":
         import jax
 
-        trainable = [v.value for v in model.trainable_variables]
-        frozen = [v.value for v in model.non_trainable_variables]
-
         def pure(trainable: Any, frozen: Any, x: Any) -> Any:
             out, _ = model.stateless_call(trainable, frozen, features(x), training=False)
             return keras.ops.cast(out, "float32")
@@ -370,6 +367,10 @@ def compile_forward(model: Any, preprocess: Any, backend: str) -> Callable[[np.n
             padded = _bucket(n)
             if padded != n:
                 batch = np.concatenate([batch, np.zeros((padded - n, *batch.shape[1:]), batch.dtype)])
+            # The weights as they are now (a list of references, no copy), as TensorFlow and PyTorch
+            # read them: captured once, a set_weights after the build went unseen on JAX alone.
+            trainable = [v.value for v in model.trainable_variables]
+            frozen = [v.value for v in model.non_trainable_variables]
             return np.asarray(jitted(trainable, frozen, batch))[:n]
 
         return run

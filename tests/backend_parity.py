@@ -115,6 +115,7 @@ def embed_all(pixels: np.ndarray, model_file: str, weights: str, threads: int = 
         int8 = str(exc)
     characteristic = build_characteristic(1, weights)
     return {
+        "weights_live": np.array(_reads_weights_live(own, pixels[:1])),
         "backend": np.array(backend),
         "own": own.embed(pixels),
         "own_gem_mirror": own.with_descriptor("gem+mirror").embed(pixels),
@@ -124,6 +125,20 @@ def embed_all(pixels: np.ndarray, model_file: str, weights: str, threads: int = 
         "characteristic_hash": np.array(source_hash(characteristic)),
         "int8": np.array(int8),
     }
+
+
+def _reads_weights_live(extractor: Any, pixels: np.ndarray) -> bool:
+    """Whether a built extractor embeds with its model's weights as they are now (set_weights after
+    the build), as every backend must; the weights are put back before it returns."""
+    model = extractor._model
+    saved = model.get_weights()
+    before = extractor.embed(pixels)
+    try:
+        model.set_weights([np.zeros_like(w) for w in saved])
+        after = extractor.embed(pixels)
+    finally:
+        model.set_weights(saved)
+    return not np.allclose(before, after) and np.allclose(extractor.embed(pixels), before)
 
 
 if __name__ == "__main__":

@@ -165,6 +165,7 @@ def test_other_backends_give_the_same_vectors(
     assert str(ours["int8"]) == "converted"
     assert "int8 conversion needs the TensorFlow backend" in str(theirs["int8"])
     assert str(ours["characteristic_hash"]) == str(theirs["characteristic_hash"])
+    assert bool(ours["weights_live"]) and bool(theirs["weights_live"]), "set_weights after the build unseen"
     for name in ("own", "own_gem_mirror", "characteristic", "characteristic_gem_mirror"):
         a, b = ours[name], theirs[name]
         assert a.shape == b.shape == (len(pixels), 1024 if name.startswith("characteristic") else 256)
