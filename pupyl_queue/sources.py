@@ -135,7 +135,7 @@ class Sources:
                 str(root) if str(root).endswith(os.sep) else str(root) + os.sep
                 for root in self.settings.allowed_root_paths
             ]
-        if any(real.startswith(root) or real + os.sep == root for root in self._roots):
+        if any((real + os.sep).startswith(root) for root in self._roots):  # under a root, or the root
             return ""
         return OUTSIDE_ROOTS
 
