@@ -29,6 +29,12 @@ processes uses every core and leaves the feeding process to feed.
   issue 15, session 10).
   Writing the same copy twice (a group decoded again) is harmless: the key and
   bytes are the same.
+- To a remote store (S3) a decode process writes its copies through a few
+  threads of its own (:data:`COPY_WRITERS`) and decodes the next image
+  meanwhile; the group's answer waits for them. A put to S3 waits on the
+  network for as long as it costs CPU, or longer: written in line, that wait
+  left the process's core idle (BENCHMARKS.md, issue 15, session 18). A local
+  store's put does not wait: written in line.
 - A decode process exits when the worker that started it dies (even by kill -9).
 - A decode process that dies (kill -9, the OOM killer, a crash in a codec)
   breaks the executor: every job in flight fails with ``BrokenProcessPool``.
@@ -51,7 +57,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
@@ -253,6 +259,20 @@ def _store_errors(what: str) -> Iterator[None]:
         raise StoreWriteFailed(f"{what}: {type(exc).__name__}: {exc}") from None
 
 
+COPY_WRITERS = 4  # a decode process's threads writing to a remote store: puts in flight while it decodes
+_copy_writers: ThreadPoolExecutor | None = None
+
+
+def _copy_writer(store: ObjectStore) -> ThreadPoolExecutor | None:
+    """This decode process's copy-writing threads, for a remote store (None: write in line)."""
+    global _copy_writers
+    if not store.remote:
+        return None
+    if _copy_writers is None:
+        _copy_writers = ThreadPoolExecutor(COPY_WRITERS, thread_name_prefix="pupyl-copy")
+    return _copy_writers
+
+
 def _write_copies(store: ObjectStore, keys: tuple[str, str], copy: bytes, original: bytes) -> None:
     key, original_key = keys
     with _store_errors(f"writing {key}"):
@@ -286,6 +306,8 @@ def _decode_group(
     """
     out: list[tuple[ImageInfo | None, bytes, str]] = []
     store, sources = _process_io(copies) if copies is not None else (None, None)
+    writer = _copy_writer(store) if store is not None else None
+    writes: list[Future[None]] = []
     for n, (source, slot) in enumerate(images):
         try:
             if isinstance(source, bytes):
@@ -305,10 +327,15 @@ def _decode_group(
         del view
         normalized = image.normalized_bytes()  # the original bytes when they already are one
         if copies is not None:
-            _write_copies(store, copies.keys[n], normalized, data)  # type: ignore[arg-type]
+            if writer is None:
+                _write_copies(store, copies.keys[n], normalized, data)  # type: ignore[arg-type]
+            else:
+                writes.append(writer.submit(_write_copies, store, copies.keys[n], normalized, data))  # type: ignore[arg-type]
             out.append((image.info(), b"", ""))
         else:
             out.append((image.info(), b"" if image.original else normalized, ""))
+    for write in writes:  # every copy is stored before the answer says so; the first error is the group's
+        write.result()
     return out
 
 

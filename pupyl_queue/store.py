@@ -41,6 +41,8 @@ def check_key(key: str) -> str:
 
 class ObjectStore(ABC):
     url: str
+    # A put waits on the network (S3): a caller with other work to do overlaps its puts (decode_pool).
+    remote: bool = False
 
     @abstractmethod
     def put(self, key: str, data: bytes) -> None: ...
@@ -196,6 +198,8 @@ class LocalStore(ObjectStore):
 
 class S3Store(ObjectStore):
     """Any S3 server (MinIO in production) through the minio SDK; creates its bucket."""
+
+    remote = True
 
     def __init__(
         self,

@@ -19,13 +19,15 @@ import pytest
 import redis
 from PIL import Image
 
+from pupyl_queue import decode_pool
 from pupyl_queue.decode_pool import Copies, DecodePool, PixelSlots, StoreWriteFailed
 from pupyl_queue.images import ImageError, decode
 from pupyl_queue.layout import Layout
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.settings import Settings
 from pupyl_queue.sources import OUTSIDE_ROOTS
-from pupyl_queue.store import open_store
+from pupyl_queue.store import LocalStore, StoreUnavailable, open_store
+from tests.conftest import s3_store
 from tests.faults import assert_exactly_once, audit
 from tests.imagegen import encode, pattern
 from tests.indexing import index_folder
@@ -245,6 +247,84 @@ def test_a_copy_the_decode_process_cannot_write_fails_the_group_not_one_item(
         handed = pool.submit([(encode(pattern(5), "PNG"), 0)], LIMIT, slots, copies)
         with pytest.raises(StoreWriteFailed, match="c/images/0.jpg"):
             pool.results(handed)
+    finally:
+        slots.close()
+
+
+def test_decode_processes_write_the_copies_to_s3_through_their_threads(
+    pool: DecodePool, s3_endpoint: str
+) -> None:
+    """Real decode processes and a real S3 server: every decoded image's copy is in the store once the
+    group has answered, a bad image fails alone. (That the answer waits for held puts, and that an
+    unreachable store fails the group, is checked on ``_decode_group`` itself below.)"""
+    settings = Settings(**s3_store(s3_endpoint, f"s3://copies-{os.getpid()}/run"))
+    sources = [encode(pattern(30 + n), "JPEG" if n % 2 else "PNG") for n in range(10)] + [b"not an image"]
+    keys = [(f"c/images/{n}.jpg", "") for n in range(len(sources))]
+    slots = PixelSlots(len(sources), 40)
+    try:
+        handed = pool.submit(
+            [(s, n) for n, s in enumerate(sources)], LIMIT, slots, Copies(settings, "network", keys)
+        )
+        answers = pool.results(handed)
+        store = open_store(settings)
+        for n, data in enumerate(sources[:-1]):
+            assert store.get(f"c/images/{n}.jpg") == decode(data, LIMIT).normalized_bytes()
+        assert isinstance(answers[-1], ImageError) and not store.exists(f"c/images/{len(sources) - 1}.jpg")
+    finally:
+        slots.close()
+
+
+class _RemoteStore(LocalStore):
+    """A local directory that says it is remote; its puts record their thread and may fail or wait."""
+
+    remote = True
+
+    def __init__(self, root: Path, fail: str = "", hold: threading.Event | None = None) -> None:
+        super().__init__(root)
+        self.fail, self.hold, self.threads = fail, hold, set[str]()
+
+    def put(self, key: str, data: bytes) -> None:
+        self.threads.add(threading.current_thread().name)
+        if self.hold is not None:
+            assert self.hold.wait(10)
+        if key == self.fail:
+            raise StoreUnavailable("the store went away")
+        super().put(key, data)
+
+
+def test_copies_to_a_remote_store_are_written_in_threads_and_the_first_error_is_the_groups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``_decode_group`` itself (as a decode process runs it): a remote store's puts leave the calling
+    thread, the group waits for held puts, and an unreachable store fails the group, not an item."""
+    settings = Settings(data_dir=tmp_path / "data")
+    sources = [encode(pattern(40 + n), "PNG") for n in range(6)]
+    keys = [(f"c/images/{n}.jpg", "") for n in range(len(sources))]
+    slots = PixelSlots(len(sources), 32)
+    try:
+        hold = threading.Event()
+        store = _RemoteStore(tmp_path / "held", hold=hold)
+        monkeypatch.setattr(decode_pool, "_process_io", lambda copies: (store, None))
+        group = [(s, n) for n, s in enumerate(sources)]
+        done: list[object] = []
+        caller = threading.Thread(
+            target=lambda: done.append(
+                decode_pool._decode_group(group, LIMIT, 32, slots.block, Copies(settings, "network", keys))
+            )
+        )
+        caller.start()
+        caller.join(1.0)
+        assert caller.is_alive() and not done  # its puts are held: no answer yet
+        hold.set()
+        caller.join(10)
+        assert len(done) == 1 and all(error == "" for _, _, error in done[0])  # type: ignore[attr-defined]
+        assert all(store.exists(key) for key, _ in keys)
+        assert store.threads and all(name.startswith("pupyl-copy") for name in store.threads)
+
+        failing = _RemoteStore(tmp_path / "failing", fail="c/images/3.jpg")
+        monkeypatch.setattr(decode_pool, "_process_io", lambda copies: (failing, None))
+        with pytest.raises(StoreUnavailable, match="went away"):
+            decode_pool._decode_group(group, LIMIT, 32, slots.block, Copies(settings, "network", keys))
     finally:
         slots.close()
 
