@@ -88,7 +88,9 @@ def run(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--photos", default="../shared/data/photos")
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--group", type=int, default=16)
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--endpoint", default="", help="an S3 server host:port (default: start moto_server)")
     parser.add_argument("--access-key", default="bench")
     parser.add_argument("--secret-key", default="bench-secret")
+    parser.add_argument("--server-pid", type=int, default=0, help="with --endpoint: its process, for its CPU")
     args = parser.parse_args()
 
     files = sorted(p for p in Path(args.photos).iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
@@ -103,6 +106,7 @@ def main() -> None:
     cpus = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cpus[0]})
     server, endpoint = (None, args.endpoint) if args.endpoint else start_moto(cpus[-1])
+    server_pid = server.pid if server else args.server_pid
     print(
         f"{len(datas)} photos, {sum(map(len, datas)) / len(datas) / 1024:.0f} KB on average, groups of "
         f"{args.group}; this process on CPU {cpus[0]}, the S3 server ({endpoint}) on CPU {cpus[-1]}; "
@@ -127,15 +131,18 @@ def main() -> None:
         results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
         for round_ in range(args.rounds):
             for name, (settings, threads) in variants.items():
-                server_cpu = process_cpu(server.pid) if server else 0.0
+                server_cpu = process_cpu(server_pid) if server_pid else 0.0
                 wall, cpu = run(datas, args.group, settings, threads, f"r{round_}")
-                served = (process_cpu(server.pid) - server_cpu) * 1000 / len(datas) if server else 0.0
+                served = (process_cpu(server_pid) - server_cpu) * 1000 / len(datas) if server_pid else 0.0
                 results[name].append((wall, cpu, served))
                 print(f"round {round_}: {name}: wall {wall:.2f} ms, CPU {cpu:.2f} ms, server {served:.2f} ms")
     if server:
         server.kill()
     base = statistics.median(w for w, _, _ in results["no copies (decode only)"])
-    print("\n| variant | wall ms per image (median) | img/s of one process | of decode only | process CPU ms | server CPU ms |")
+    print(
+        "\n| variant | wall ms per image (median) | img/s of one process | of decode only "
+        "| process CPU ms | server CPU ms |"
+    )
     print("|---|---|---|---|---|---|")
     for name, rows in results.items():
         wall = statistics.median(r[0] for r in rows)
