@@ -203,7 +203,7 @@ FREE_BLOCKS = 2  # per size, unless told: the batches an embed worker runs at on
 _blocks = _Blocks()
 
 
-Source = bytes | str  # an image's bytes, or (with Copies) the path of a local file to read
+Source = bytes | str  # an image's bytes, or (with Copies) a local file's path or an s3:// object to read
 
 
 @dataclass(frozen=True)
@@ -313,9 +313,9 @@ def _decode_group(
             if isinstance(source, bytes):
                 data = source
             elif sources is None:
-                raise TypeError("a local path is read in a decode process only with Copies")
+                raise TypeError("a reference is read in a decode process only with Copies")
             else:
-                data = sources.read_local(source)
+                data = sources.read_reference(source)
             image = decode(data, max_pixels, target=size)
         except (ImageError, LocalRefused) as exc:
             out.append((None, b"", str(exc)))

@@ -56,11 +56,12 @@ class Prepared:
 
 def _fetch(rt: Runtime, item: dict[str, Any], origin: str) -> bytes:
     """One item's bytes: inline in the message, a local path (PUPYL_LOCAL_REFERENCES: the same gate
-    it passed at expansion, as the file may have changed since) or its staged copy in the store."""
+    it passed at expansion, as the file may have changed since), an s3:// object
+    (PUPYL_S3_REFERENCES) or its staged copy in the store."""
     if "data_b64" in item:
         return base64.b64decode(item["data_b64"])
-    if "path" in item:
-        return Sources(rt.settings, origin=origin).read_local(item["path"])
+    if "path" in item or "s3" in item:
+        return Sources(rt.settings, origin=origin).read_reference(item.get("path") or item["s3"])
     return rt.store.get(item["key"])
 
 
@@ -125,7 +126,8 @@ def hand_over(
     """Fetch these items' (position, item) bytes and hand them to one decode process without waiting.
 
     With ``copy_keys`` the decode process writes each decoded image's stored copy under its keys,
-    and reads a local path itself (decode_pool.Copies): this process never holds those bytes.
+    and reads a local path or an s3:// object itself (decode_pool.Copies): this process never holds
+    those bytes.
     """
     failed: dict[int, Prepared] = {}
     images: list[tuple[Source, int]] = []
@@ -134,7 +136,8 @@ def hand_over(
             failed[position] = Prepared(error=error)
             continue
         try:
-            source = item["path"] if copy_keys and "path" in item else _fetch(rt, item, origin)
+            reference = item.get("path") or item.get("s3")
+            source = reference if copy_keys and reference else _fetch(rt, item, origin)
             images.append((source, position))  # the slot is the position
         except READ_ERRORS as exc:
             failed[position] = _unreadable(exc)
@@ -330,7 +333,7 @@ class _BatchRun:
         # Every decoded item is indexed (no dedup decision, no near-duplicate drop): its decode
         # process can write its stored copy at once, and read its local file itself.
         copy_keys = self._copy_keys if self._claims_wait and not self.task.get("near_duplicate") else None
-        direct = ("data_b64", "path") if copy_keys else ("data_b64",)
+        direct = ("data_b64", "path", "s3") if copy_keys else ("data_b64",)
         waits: list[Callable[[], Prepared]] = []
         numbered = list(enumerate(self.items))
         for first in range(0, len(numbered), size_of_group):

@@ -62,7 +62,12 @@ def expand_job(rt: Runtime, job: IndexRequest, dispatch: Dispatch) -> IndexResul
         # int8's first job keeps its first images' bytes as the calibration set: no references then.
         calibrating = spec.precision == "int8" and not rt.store.children(layout.calibration)
         references = rt.settings.local_references and not calibrating
-        sources = Sources(rt.settings, origin=job.get("origin") or "network", references=references)
+        sources = Sources(
+            rt.settings,
+            origin=job.get("origin") or "network",
+            references=references,
+            s3_references=rt.settings.s3_references and not calibrating,
+        )
         if job["uri"].startswith(C.ITEMS_SCHEME):  # the request lists its images, keys and attributes
             if job["uri"] != C.ITEMS_SCHEME + job_id or not isinstance(job.get("items"), list):
                 raise SourceError(f"an {C.ITEMS_SCHEME} job lists its images in 'items' (uri items:<its id>)")
@@ -81,15 +86,15 @@ def expand_job(rt: Runtime, job: IndexRequest, dispatch: Dispatch) -> IndexResul
             entry["error"] = (
                 f"the job gives one key ({str(job['key'])[:80]!r}) for one image; its URI names more"
             )
-        elif item.path:
-            entry["path"] = item.path  # read by the embed worker: nothing staged, nothing to delete
+        elif item.path or item.s3:  # read by the embed worker: nothing staged, nothing to delete
+            entry["path" if item.path else "s3"] = item.path or item.s3
         elif len(data) <= min(rt.settings.inline_item_bytes, inline_budget):
             entry["data_b64"] = base64.b64encode(data).decode()  # small: in the message itself
             inline_budget -= len(data)
         else:
             entry["key"] = layout.staged_item(job_id, total)  # large: through the store
             rt.store.put(entry["key"], data)
-        batch.append(cast(EmbedItem, entry))  # one of data_b64, key, path or error: a valid item
+        batch.append(cast(EmbedItem, entry))  # one of data_b64, key, path, s3 or error: a valid item
         total += 1
         if len(batch) >= jobs.batch_target(batches, rt.settings.batch_size):
             flush()

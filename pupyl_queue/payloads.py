@@ -130,11 +130,15 @@ class LocalItem(_ItemBase):
     path: str  # PUPYL_LOCAL_REFERENCES: a resolved local file the embed worker reads itself
 
 
+class S3Item(_ItemBase):
+    s3: str  # PUPYL_S3_REFERENCES: an s3://bucket/key object the embed worker reads itself
+
+
 class ErrorItem(_ItemBase):
     error: str  # failed at expansion (too large, unreadable, ...): reported as failed
 
 
-EmbedItem = InlineItem | StagedItem | LocalItem | ErrorItem
+EmbedItem = InlineItem | StagedItem | LocalItem | S3Item | ErrorItem
 
 
 class EmbedRequest(TypedDict, total=False):

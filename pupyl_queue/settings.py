@@ -48,6 +48,7 @@ class Settings:
     decode_processes: int = -1  # -1: one per core; 0: decode in the embed worker's threads
     embed_concurrency: int = 2  # batches one embed worker runs at once (threads, one network; write_claim.py)
     local_references: bool = False  # local files reach embed workers as paths (they see the same files)
+    s3_references: bool = True  # s3:// sources reach embed workers as their s3:// names (read there)
     tf_threads: int = 0
     network_nice: int = 10  # CPU embed workers: the network's threads run nicer than the rest (priority.py)
     mixed_precision: bool = False

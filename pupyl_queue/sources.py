@@ -20,6 +20,7 @@ import lzma
 import os
 import stat
 import tarfile
+import threading
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
@@ -48,6 +49,11 @@ class LocalRefused(Exception):
     """A local path that is not read; the message is the per-item reason."""
 
 
+class ObjectRefused(LocalRefused):
+    """An s3:// object named by reference that is not read (gone, too large, access denied): per item,
+    as a refused local file is. An unreachable S3 server is not this: it stays StoreUnavailable."""
+
+
 @dataclass
 class SourceItem:
     ref: str
@@ -58,6 +64,7 @@ class SourceItem:
     key: str = ""  # the caller's key (lists with a key column or field)
     attributes: dict[str, Any] = field(default_factory=dict)
     path: str = ""  # a local image the embed worker reads itself (PUPYL_LOCAL_REFERENCES); no data
+    s3: str = ""  # s3://bucket/key, an object the embed worker reads itself (PUPYL_S3_REFERENCES); no data
 
 
 def is_url(text: str) -> bool:
@@ -83,15 +90,19 @@ class Sources:
         origin: str = "network",
         fetcher: Fetcher | None = None,
         references: bool = False,
+        s3_references: bool = False,
     ) -> None:
         """``references``: a local image is yielded as its resolved path (``SourceItem.path``), not its
-        bytes, for an embed worker that reads the same files (PUPYL_LOCAL_REFERENCES)."""
+        bytes, for an embed worker that reads the same files (PUPYL_LOCAL_REFERENCES).
+        ``s3_references``: an s3:// object is yielded as its name (``SourceItem.s3``), for embed
+        workers with the same S3 settings (PUPYL_S3_REFERENCES)."""
         if origin not in ORIGINS:
             raise ValueError(f"origin must be one of {ORIGINS}")
         self.settings = settings
         self.origin = origin
         self.fetcher = fetcher or Fetcher(settings)
         self.references = references
+        self.s3_references = s3_references
         self._roots: list[str] | None = None  # allowed_root_paths, each ending in a separator
         self._folders: dict[str, str] = {}  # a listed folder -> its resolved path (_file_meta)
 
@@ -149,6 +160,34 @@ class Sources:
             raise LocalRefused(f"cannot read: {exc.strerror or exc}") from None
         if len(data) > self.settings.max_image_bytes:
             raise LocalRefused(too_large(len(data), self.settings.max_image_bytes))
+        return data
+
+    def read_reference(self, ref: str) -> bytes:
+        """An item's bytes by reference: an s3:// object (:meth:`read_object`) or a local path."""
+        return self.read_object(ref) if ref.startswith("s3://") else self.read_local(ref)
+
+    def read_object(self, ref: str) -> bytes:
+        """An s3:// object's bytes (PUPYL_S3_REFERENCES), at most PUPYL_MAX_IMAGE_BYTES (else
+        ObjectRefused, as for anything else that fails this item alone).
+
+        Read in the embed worker's decode processes: each keeps one client per bucket. An
+        unreachable server raises StoreUnavailable, so the batch is retried, not its items failed.
+        """
+        from pupyl_queue.store import ObjectNotFound, StoreUnavailable
+
+        parsed = urlparse(ref)
+        try:
+            data = _bucket(self.settings, parsed.netloc).get_at_most(
+                parsed.path.lstrip("/"), self.settings.max_image_bytes
+            )
+        except StoreUnavailable:
+            raise
+        except ObjectNotFound:
+            raise ObjectRefused("no such object (deleted since it was listed?)") from None
+        except Exception as exc:  # the SDK's S3Error (access denied, ...), a bad key
+            raise ObjectRefused(f"cannot fetch: {type(exc).__name__}: {exc}") from None
+        if len(data) > self.settings.max_image_bytes:
+            raise ObjectRefused(too_large(len(data), self.settings.max_image_bytes))
         return data
 
     def open_local(self, path: Path) -> tuple[IO[bytes], os.stat_result]:
@@ -312,13 +351,20 @@ class Sources:
             source = S3Store(
                 parsed.netloc, "", s.s3_endpoint, s.s3_access_key, s.s3_secret_key, s.s3_secure, s.s3_region
             )
-            keys = list(source.list(parsed.path.lstrip("/")))
+            listed = list(source.sizes(parsed.path.lstrip("/")))
         except (StoreUnavailable, ValueError) as exc:
             raise SourceError(f"cannot list {uri}: {exc}") from None
         except Exception as exc:  # the SDK's S3Error: access denied, no such bucket, ...
             raise SourceError(f"cannot list {uri}: {type(exc).__name__}: {exc}") from None
-        for key in keys:
+        for key, size in listed:
             ref = f"s3://{parsed.netloc}/{key}"
+            meta = {"original_file_name": key.rsplit("/", 1)[-1], "original_path": ref.rsplit("/", 1)[0]}
+            if size > s.max_image_bytes:
+                yield SourceItem(ref, error=too_large(size, s.max_image_bytes))
+                continue
+            if self.s3_references:  # read by the embed worker: neither fetched here nor staged
+                yield SourceItem(ref, meta={**meta, "original_file_size": size}, s3=ref)
+                continue
             try:
                 data = source.get(key)
             except Exception as exc:
@@ -327,7 +373,6 @@ class Sources:
             if len(data) > s.max_image_bytes:
                 yield SourceItem(ref, error=too_large(len(data), s.max_image_bytes))
                 continue
-            meta = {"original_file_name": key.rsplit("/", 1)[-1], "original_path": ref.rsplit("/", 1)[0]}
             yield SourceItem(ref, data, meta={**meta, "original_file_size": len(data)})
 
     # --- archives and lists (local, remote, or inside another archive)
@@ -536,3 +581,29 @@ def _member_meta(ref: str, size: int) -> dict[str, Any]:
 
 
 __all__ = ["FORMATS", "LocalRefused", "SourceError", "SourceItem", "Sources", "fetch_pending", "sniff"]
+
+
+_buckets: dict[tuple[str, str, str, bool, str, str], Any] = {}
+_buckets_lock = threading.Lock()
+
+
+def _bucket(settings: Settings, bucket: str) -> Any:
+    """This process's client of an s3:// source bucket (an S3Store), made once: making one asks the
+    server whether the bucket exists, a round trip no object read should pay again."""
+    from pupyl_queue.store import S3Store
+
+    key = (
+        settings.s3_endpoint,
+        settings.s3_access_key,
+        settings.s3_secret_key,
+        settings.s3_secure,
+        settings.s3_region,
+        bucket,
+    )
+    with _buckets_lock:
+        found = _buckets.get(key)
+    if found is None:
+        found = S3Store(bucket, "", *key[:5])
+        with _buckets_lock:
+            found = _buckets.setdefault(key, found)
+    return found

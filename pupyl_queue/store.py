@@ -272,6 +272,28 @@ class S3Store(ObjectStore):
 
         return self._guard(fetch, key)
 
+    def get_at_most(self, key: str, limit: int) -> bytes:
+        """The object's bytes, read no further than ``limit`` + 1 (the caller refuses a longer one):
+        an object named by a message is read without trusting its size."""
+
+        def fetch() -> bytes:
+            response = self._client.get_object(self.bucket, self._name(key))
+            try:
+                return response.read(limit + 1)
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._guard(fetch, key)
+
+    def sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """Every key under ``prefix`` with its size in bytes, sorted (an s3:// source's listing)."""
+        objects = self._guard(
+            lambda: list(self._client.list_objects(self.bucket, self.prefix + prefix, recursive=True))
+        )
+        for o in sorted(objects, key=lambda o: o.object_name):
+            yield o.object_name[len(self.prefix) :], int(o.size or 0)
+
     def put_file(self, key: str, path: str | Path) -> None:
         """Multipart upload straight from the file (the SDK picks the part size)."""
         self._guard(lambda: self._client.fput_object(self.bucket, self._name(key), str(path)))

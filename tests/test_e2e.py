@@ -178,6 +178,44 @@ def test_remote_archive_and_list(stack: tuple[PupylQueue, Workers], http_server:
     assert count(client) == before + 5
 
 
+def test_an_s3_prefix_is_read_by_the_embed_workers(stack: tuple[PupylQueue, Workers]) -> None:
+    """An s3:// source reaches the embed workers as object names (PUPYL_S3_REFERENCES, the default):
+    its decode processes read them (and, in a check_unique job, the worker's threads), a non-image
+    fails alone, and the images are found by their own bytes. (That the ingest yields names, not
+    bytes, is tests/test_sources.py's.)"""
+    from pupyl_queue.store import S3Store
+
+    client, workers = stack
+    if not client.store.url.startswith("s3:"):
+        pytest.skip("s3:// sources need the S3 server: the s3 stack runs this")
+    s = client.settings
+    bucket = f"src-{uuid.uuid4().hex[:8]}"
+    source = S3Store(bucket, "", s.s3_endpoint, s.s3_access_key, s.s3_secret_key, secure=False)
+    images = {f"photos/{seed}.png": encode(pattern(seed), "PNG") for seed in range(300, 305)}
+    for key, data in {
+        **images,
+        "photos/bad.jpg": b"not an image",
+        "elsewhere/x.png": images["photos/300.png"],
+    }.items():
+        source.put(key, data)
+    before = count(client, empty_ok=True)  # alone (-k), the default collection is empty
+    job = client.index(f"s3://{bucket}/photos/")
+    state = job.wait(timeout=120)
+    assert (state["total"], state["indexed"], state["failed"]) == (6, 5, 1)
+    assert job.failures()[0]["ref"] == f"s3://{bucket}/photos/bad.jpg"
+    assert job.failures()[0]["error"].startswith("not an image")
+    assert count(client) == before + 5
+    hits = client.search(images["photos/302.png"], top=1, return_metadata=True)
+    assert hits[0]["original_file_name"] == "302.png" and hits[0]["distance"] == pytest.approx(0.0, abs=1e-4)
+    assert hits[0]["original_path"] == f"s3://{bucket}/photos"
+    assert hits[0]["original_file_size"] == len(images["photos/302.png"])
+
+    again = client.index(f"s3://{bucket}/photos/", check_unique=True)  # read by the worker's threads
+    state = again.wait(timeout=120)
+    assert (state["duplicate"], state["failed"]) == (5, 1)
+    workers.check_alive()
+
+
 def test_two_jobs_over_overlapping_folders(stack: tuple[PupylQueue, Workers], tmp_path: Path) -> None:
     """Two embed workers, two jobs sharing five images, check_unique: each image indexed once."""
     client, workers = stack

@@ -340,6 +340,52 @@ def test_s3_prefix(s3_endpoint: str) -> None:
     assert expand(f"s3://{bucket}/nothing-here/", **s3) == []
 
 
+def test_s3_references_name_the_objects_and_their_reader_checks_them_again(s3_endpoint: str) -> None:
+    """PUPYL_S3_REFERENCES: the listing yields names and sizes, no bytes (the embed worker reads
+    them); a listed object over the limit fails at once. The reader reads at most the limit + 1 bytes
+    again (an object may grow after its listing) and fails one item for what is that item's alone;
+    an unreachable server is the store's error, which retries the batch."""
+    from pupyl_queue.sources import ObjectRefused
+    from pupyl_queue.store import S3Store, StoreUnavailable
+
+    bucket = f"refs-{uuid.uuid4().hex[:8]}"
+    source = S3Store(bucket, "", s3_endpoint, S3_ACCESS_KEY, S3_SECRET_KEY, secure=False)
+    source.put("photos/a.jpg", JPEG)
+    source.put("photos/big.png", PNG)
+    s3 = dict(
+        s3_endpoint=s3_endpoint, s3_access_key=S3_ACCESS_KEY, s3_secret_key=S3_SECRET_KEY, s3_secure=False
+    )
+    limit = len(JPEG) + 100
+    assert len(PNG) > limit
+    sources = Sources(settings(max_image_bytes=limit, **s3), origin="network", s3_references=True)
+    items = list(sources.expand(f"s3://{bucket}/photos/"))
+    a, big = items
+    assert (a.ref, a.s3, a.data, a.error) == (f"s3://{bucket}/photos/a.jpg", a.ref, None, "")
+    assert a.meta == {
+        "original_file_name": "a.jpg",
+        "original_path": f"s3://{bucket}/photos",
+        "original_file_size": len(JPEG),
+    }
+    assert (big.s3, big.data) == ("", None) and "too large" in big.error
+    assert sources.read_reference(a.s3) == JPEG
+
+    source.put("photos/a.jpg", JPEG + b"\0" * (limit + 1 - len(JPEG)))  # grew after its listing
+    with pytest.raises(ObjectRefused, match="too large"):
+        sources.read_object(a.s3)
+    source.delete("photos/a.jpg")
+    with pytest.raises(ObjectRefused, match="no such object"):
+        sources.read_object(a.s3)
+    dead = dict(s3, s3_endpoint=f"127.0.0.1:{_closed_port()}")
+    with pytest.raises(StoreUnavailable):
+        Sources(settings(**dead), s3_references=True).read_object(f"s3://{bucket}/photos/a.jpg")
+    # Without references, the ingest reads the objects itself (embed workers without the buckets).
+    source.put("photos/a.jpg", JPEG)
+    by_bytes = Sources(settings(max_image_bytes=limit, **s3), origin="network").expand(
+        f"s3://{bucket}/photos/"
+    )
+    assert next(iter(by_bytes)).data == JPEG
+
+
 def _closed_port() -> int:
     from pupyl_queue.stack import free_port
 
