@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--server-pid", type=int, default=0, help="with --endpoint: its process, for its CPU")
     args = parser.parse_args()
 
-    files = sorted(p for p in Path(args.photos).iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    files = sorted(p for p in Path(args.photos).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
     datas = [p.read_bytes() for p in files[: args.images]]
     cpus = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cpus[0]})

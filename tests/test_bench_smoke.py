@@ -125,3 +125,21 @@ def test_expand_files_benchmark_smoke() -> None:
     table = run("bench/expand_files.py", "--code", ".", "--files", "40", "--rounds", "1")
     (row,) = [line for line in table.splitlines() if line.startswith(".")]
     assert all(float(cell) > 0 for cell in row.split()[2:])  # CPU ms per file, by path and by bytes
+
+
+def test_s3_copies_benchmark_smoke() -> None:
+    """A stored copy's cost to a decode process: decode only, local store, S3 in line, S3 in threads."""
+    need_shared(SHARED_DATA / "photos")
+    table = run(
+        "bench/s3_copies.py",
+        "--photos",
+        str(SHARED_DATA / "photos"),
+        "--images",
+        "8",
+        "--group",
+        "4",
+        "--rounds",
+        "1",
+    )
+    rows = [line for line in table.splitlines() if line.startswith(("| no copies", "| local", "| S3"))]
+    assert len(rows) == 4 and all(float(row.split("|")[2]) > 0 for row in rows), table  # wall ms per image
