@@ -13,6 +13,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from typing import Any, cast
 
 from pupyl_queue import constants as C
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 Dispatch = Callable[[EmbedRequest], None]
 FETCH_WINDOW = 64  # URLs fetched concurrently per window while expanding
+STAGED_IN_FLIGHT = 16  # staged copies being written to a remote store at once while expanding
 
 
 def expand_job(rt: Runtime, job: IndexRequest, dispatch: Dispatch) -> IndexResult:
@@ -46,10 +48,12 @@ def expand_job(rt: Runtime, job: IndexRequest, dispatch: Dispatch) -> IndexResul
     batch: list[EmbedItem] = []
     batches = total = 0
     inline_budget = rt.settings.inline_batch_bytes
+    staging = _Staging(rt)
 
     def flush() -> None:
         nonlocal batch, batches, inline_budget
         if batch:
+            staging.wait()  # a batch is sent once every copy it names is in the store
             dispatch(embed_request(job, batches, batch))
             batches += 1
             batch = []
@@ -93,7 +97,7 @@ def expand_job(rt: Runtime, job: IndexRequest, dispatch: Dispatch) -> IndexResul
             inline_budget -= len(data)
         else:
             entry["key"] = layout.staged_item(job_id, total)  # large: through the store
-            rt.store.put(entry["key"], data)
+            staging.put(entry["key"], data)
         batch.append(cast(EmbedItem, entry))  # one of data_b64, key, path, s3 or error: a valid item
         total += 1
         if len(batch) >= jobs.batch_target(batches, rt.settings.batch_size):
@@ -103,6 +107,33 @@ def expand_job(rt: Runtime, job: IndexRequest, dispatch: Dispatch) -> IndexResul
     coord.update_job(job_id, total=total, batches_total=batches, expanded=1, state="running")
     finish_if_done(rt, job_id, collection)
     return {"job_id": job_id, "total": total, "batches": batches}
+
+
+class _Staging:
+    """The staged copies of the batch being filled: to a remote store (S3) through the process's
+    threads, several in flight while the expansion goes on; to a local one in line.
+
+    Why: one after another, each put to S3 waited on the server's answer before the next image was
+    read, and the ingest of a URL list or an s3:// prefix read by bytes ran at one put per round trip.
+    """
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self._pending: list[Future[None]] = []
+
+    def put(self, key: str, data: bytes) -> None:
+        if not self.rt.store.remote:
+            self.rt.store.put(key, data)
+            return
+        if len(self._pending) >= STAGED_IN_FLIGHT:  # bounds the bytes held for puts in flight
+            self._pending.pop(0).result()
+        self._pending.append(self.rt.pool().submit(self.rt.store.put, key, data))
+
+    def wait(self) -> None:
+        """Every put so far has landed; the first that failed raises (StoreUnavailable: retried)."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
 
 
 def embed_request(job: IndexRequest, number: int, items: list[EmbedItem]) -> EmbedRequest:

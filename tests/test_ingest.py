@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,14 @@ from PIL import Image
 from pupyl_queue import constants as C
 from pupyl_queue.coordination import read_job
 from pupyl_queue.embedding import embed_batch
+from pupyl_queue.ingest import expand_job
 from pupyl_queue.layout import Layout
 from pupyl_queue.metadata import decode_batch
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.settings import Settings
 from pupyl_queue.sources import OUTSIDE_ROOTS
-from tests.conftest import MOBILENET_025, PHOTOS, need_shared
+from pupyl_queue.store import StoreUnavailable
+from tests.conftest import MOBILENET_025, PHOTOS, need_shared, s3_store
 from tests.imagegen import encode, pattern
 from tests.indexing import expand_folder, index_folder
 
@@ -260,3 +263,72 @@ def test_a_near_duplicate_keeps_its_key_in_the_report(rt: Runtime, tmp_path: Pat
     assert by_key["sku-1"]["status"] == "indexed"
     assert by_key["sku-2"]["status"] == "duplicate"
     assert by_key["sku-2"]["duplicate_of"] == by_key["sku-1"]["id"]
+
+
+def test_staged_copies_to_s3_are_in_the_store_before_their_batch_is_sent(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path, tiny_model: Path, s3_endpoint: str
+) -> None:
+    """To a remote store the ingest stages copies several at a time while it goes on reading; a
+    batch is dispatched only once every copy it names has landed. Real Redis and a real S3 server."""
+    settings = Settings(
+        **s3_store(s3_endpoint, f"s3://stage-{uuid.uuid4().hex[:8]}/pq"),
+        data_dir=tmp_path / "data",
+        redis_url=redis_url,
+        batch_size=8,
+        inline_item_bytes=0,  # every image through the staging area
+    )
+    rt = Runtime(settings)
+    folder = folder_of(tmp_path, 20)
+    missing: list[str] = []
+
+    def dispatch(request: dict[str, Any]) -> None:
+        missing.extend(item["key"] for item in request["items"] if not rt.store.exists(item["key"]))
+        sent.append(request)
+
+    sent: list[dict[str, Any]] = []
+    rt.coordinator("default").create_job("js3", {"collection": "default"})
+    request = {
+        "job_id": "js3",
+        "collection": "default",
+        "uri": str(folder),
+        "model": str(tiny_model),
+        "origin": "local",
+    }
+    expand_job(rt, request, dispatch)  # type: ignore[arg-type]
+    assert sum(len(b["items"]) for b in sent) == 20 and all("key" in i for b in sent for i in b["items"])
+    assert missing == []
+    for batch in sent:
+        embed_batch(rt, batch)
+    state = read_job(rt.redis, "js3")
+    assert state is not None and (state["state"], state["indexed"]) == ("done", 20)
+
+
+def test_a_staged_copy_that_cannot_be_written_stops_the_expansion_before_its_batch(
+    rt: Runtime, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put that fails in a staging thread fails the ingest (StoreUnavailable: the task retries it),
+    and the batch naming that copy is never sent."""
+    rt = Runtime(rt.settings.replace(inline_item_bytes=0))
+    monkeypatch.setattr(type(rt.store), "remote", True)  # a local directory standing in for S3
+    put = rt.store.put
+
+    def failing(key: str, data: bytes) -> None:
+        if key.endswith("/5"):
+            raise StoreUnavailable("the store went away")
+        put(key, data)
+
+    monkeypatch.setattr(rt.store, "put", failing)
+    sent: list[dict[str, Any]] = []
+    with pytest.raises(StoreUnavailable, match="went away"):
+        job_id = "jfail"
+        rt.coordinator("default").create_job(job_id, {"collection": "default"})
+        request = {
+            "job_id": job_id,
+            "collection": "default",
+            "uri": str(folder_of(tmp_path, 9)),
+            "model": str(tiny_model),
+            "origin": "local",
+        }
+        expand_job(rt, request, sent.append)  # type: ignore[arg-type]
+    assert all(not item["key"].endswith("/5") for batch in sent for item in batch["items"])
+    assert [len(b["items"]) for b in sent] == [1, 1, 2]  # items 0-3; the batch of 4-7 was not sent
