@@ -349,7 +349,14 @@ class Sources:
         s = self.settings
         try:
             source = S3Store(
-                parsed.netloc, "", s.s3_endpoint, s.s3_access_key, s.s3_secret_key, s.s3_secure, s.s3_region
+                parsed.netloc,
+                "",
+                s.s3_endpoint,
+                s.s3_access_key,
+                s.s3_secret_key,
+                s.s3_secure,
+                s.s3_region,
+                create=False,  # a source is read: listing a bucket that is not there makes none
             )
             listed = list(source.sizes(parsed.path.lstrip("/")))
         except (StoreUnavailable, ValueError) as exc:
@@ -588,8 +595,8 @@ _buckets_lock = threading.Lock()
 
 
 def _bucket(settings: Settings, bucket: str) -> Any:
-    """This process's client of an s3:// source bucket (an S3Store), made once: making one asks the
-    server whether the bucket exists, a round trip no object read should pay again."""
+    """This process's client of an s3:// source bucket (an S3Store, which never makes the bucket),
+    made once per process: each has its own pool of connections kept alive."""
     from pupyl_queue.store import S3Store
 
     key = (
@@ -603,7 +610,7 @@ def _bucket(settings: Settings, bucket: str) -> Any:
     with _buckets_lock:
         found = _buckets.get(key)
     if found is None:
-        found = S3Store(bucket, "", *key[:5])
+        found = S3Store(bucket, "", *key[:5], create=False)
         with _buckets_lock:
             found = _buckets.setdefault(key, found)
     return found

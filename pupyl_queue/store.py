@@ -197,7 +197,8 @@ class LocalStore(ObjectStore):
 
 
 class S3Store(ObjectStore):
-    """Any S3 server (MinIO in production) through the minio SDK; creates its bucket."""
+    """Any S3 server (MinIO in production) through the minio SDK; creates its bucket, unless
+    ``create`` is false (a source bucket is read, never made)."""
 
     remote = True
 
@@ -210,6 +211,7 @@ class S3Store(ObjectStore):
         secret_key: str,
         secure: bool = True,
         region: str = "",
+        create: bool = True,
     ) -> None:
         import urllib3
         from minio import Minio
@@ -233,7 +235,8 @@ class S3Store(ObjectStore):
                 maxsize=16,
             ),
         )
-        self._guard(self._ensure_bucket)
+        if create:
+            self._guard(self._ensure_bucket)
 
     def _ensure_bucket(self) -> None:
         if not self._client.bucket_exists(self.bucket):

@@ -378,6 +378,13 @@ def test_s3_references_name_the_objects_and_their_reader_checks_them_again(s3_en
     dead = dict(s3, s3_endpoint=f"127.0.0.1:{_closed_port()}")
     with pytest.raises(StoreUnavailable):
         Sources(settings(**dead), s3_references=True).read_object(f"s3://{bucket}/photos/a.jpg")
+    # A bucket that is not there: the listing and a reference fail, and neither makes it.
+    nowhere = f"nowhere-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(SourceError, match="cannot list"):
+        list(sources.expand(f"s3://{nowhere}/photos/"))
+    with pytest.raises(ObjectRefused, match="cannot fetch"):
+        sources.read_object(f"s3://{nowhere}/photos/a.jpg")
+    assert not source._client.bucket_exists(nowhere)
     # Without references, the ingest reads the objects itself (embed workers without the buckets).
     source.put("photos/a.jpg", JPEG)
     by_bytes = Sources(settings(max_image_bytes=limit, **s3), origin="network").expand(
