@@ -57,12 +57,12 @@ class Prepared:
 def _fetch(rt: Runtime, item: dict[str, Any], origin: str) -> bytes:
     """One item's bytes: inline in the message, a local path (PUPYL_LOCAL_REFERENCES: the same gate
     it passed at expansion, as the file may have changed since), an s3:// object
-    (PUPYL_S3_REFERENCES) or its staged copy in the store."""
+    (PUPYL_S3_REFERENCES), a job's upload or its staged copy in the store."""
     if "data_b64" in item:
         return base64.b64decode(item["data_b64"])
     if "path" in item or "s3" in item:
         return Sources(rt.settings, origin=origin).read_reference(item.get("path") or item["s3"])
-    return rt.store.get(item["key"])
+    return rt.store.get(item["upload"] if "upload" in item else item["key"])
 
 
 def _refused(item: dict[str, Any]) -> str:
@@ -80,7 +80,10 @@ def _refused(item: dict[str, Any]) -> str:
 
 def _unreadable(exc: Exception) -> Prepared:
     if isinstance(exc, ObjectNotFound):
-        return Prepared(error="staged copy is missing (the batch was already committed or the store lost it)")
+        return Prepared(
+            error="its bytes are missing from the store (the batch was already committed, its job "
+            "ended, or the store lost them)"
+        )
     return Prepared(error=str(exc))
 
 

@@ -60,11 +60,11 @@ def expand_job(rt: Runtime, job: IndexRequest, dispatch: Dispatch) -> IndexResul
             inline_budget = rt.settings.inline_batch_bytes
 
     items: Iterable[SourceItem]
+    # int8's first job keeps its first images' bytes as the calibration set: no references then.
+    calibrating = spec.precision == "int8" and not rt.store.children(layout.calibration)
     if job["uri"].startswith(C.UPLOAD_SCHEME):
-        items = _uploads(rt, layout, job_id, job["uri"], job.get("uploads"))
+        items = _uploads(rt, layout, job_id, job["uri"], job.get("uploads"), by_key=not calibrating)
     else:
-        # int8's first job keeps its first images' bytes as the calibration set: no references then.
-        calibrating = spec.precision == "int8" and not rt.store.children(layout.calibration)
         references = rt.settings.local_references and not calibrating
         sources = Sources(
             rt.settings,
@@ -79,7 +79,7 @@ def expand_job(rt: Runtime, job: IndexRequest, dispatch: Dispatch) -> IndexResul
         else:
             listed = sources.expand(job["uri"])
         items = fetch_pending(listed, sources.fetcher, rt.settings.max_image_bytes, FETCH_WINDOW)
-    if spec.precision == "int8" and not rt.store.children(layout.calibration):
+    if calibrating:
         items = _keep_calibration_sample(rt, layout, items)
     for item in items:
         entry: dict[str, Any] = {"ref": item.ref, "meta": item.meta, **_keyed(job, item, total)}
@@ -90,15 +90,15 @@ def expand_job(rt: Runtime, job: IndexRequest, dispatch: Dispatch) -> IndexResul
             entry["error"] = (
                 f"the job gives one key ({str(job['key'])[:80]!r}) for one image; its URI names more"
             )
-        elif item.path or item.s3:  # read by the embed worker: nothing staged, nothing to delete
-            entry["path" if item.path else "s3"] = item.path or item.s3
+        elif (reference := item.reference())[0]:  # read by the embed worker: nothing staged here
+            entry[reference[0]] = reference[1]
         elif len(data) <= min(rt.settings.inline_item_bytes, inline_budget):
             entry["data_b64"] = base64.b64encode(data).decode()  # small: in the message itself
             inline_budget -= len(data)
         else:
             entry["key"] = layout.staged_item(job_id, total)  # large: through the store
             staging.put(entry["key"], data)
-        batch.append(cast(EmbedItem, entry))  # one of data_b64, key, path, s3 or error: a valid item
+        batch.append(cast(EmbedItem, entry))  # one of data_b64, key, path, s3, upload or error
         total += 1
         if len(batch) >= jobs.batch_target(batches, rt.settings.batch_size):
             flush()
@@ -167,23 +167,27 @@ def _keyed(job: IndexRequest, item: SourceItem, number: int) -> dict[str, Any]:
 
 
 def _uploads(
-    rt: Runtime, layout: Layout, job_id: str, uri: str, keyed: list[Any] | None = None
+    rt: Runtime, layout: Layout, job_id: str, uri: str, keyed: list[Any] | None = None, by_key: bool = True
 ) -> Iterator[SourceItem]:
     """The images a client uploaded for this job (the API puts them in the store first).
 
     A job may only read its own uploads: ``upload:<its own id>``. ``keyed`` (the request's
     ``uploads``) gives file number n its ``{"key", "attributes"}``, or ``{"error"}``: the reason the
     API refused them, which fails that file alone.
+
+    ``by_key``: each upload goes to the embed worker as its store key, which it reads itself; the
+    uploads stay until the job ends (jobs.end_if_done), so a batch run again still finds them. Read
+    here and sent again (inline, or staged: a GET and a PUT more per image) only for the bytes an
+    int8 calibration keeps.
     """
     if uri != C.UPLOAD_SCHEME + job_id:
         raise SourceError(f"{uri!r}: a job can only index its own uploads ({C.UPLOAD_SCHEME}{job_id})")
-    for key in rt.store.list(layout.uploads(job_id) + "/"):
+    for key, size in rt.store.sizes(layout.uploads(job_id) + "/"):
         name = key.rsplit("/", 1)[-1].split("-", 1)[-1]
-        data = rt.store.get(key)
         meta = {
             "original_file_name": name,
             "original_path": "upload",
-            "original_file_size": len(data),
+            "original_file_size": size,
             "original_access_time": None,
         }
         number = int(key.rsplit("/", 1)[-1].split("-", 1)[0])
@@ -191,12 +195,12 @@ def _uploads(
         extra = {"key": str(given.get("key") or ""), "attributes": given.get("attributes") or {}}
         if given.get("error"):
             yield SourceItem(ref=name, error=str(given["error"]), meta=meta, **extra)
-        elif len(data) > rt.settings.max_image_bytes:
-            yield SourceItem(
-                ref=name, error=too_large(len(data), rt.settings.max_image_bytes), meta=meta, **extra
-            )
+        elif size > rt.settings.max_image_bytes:
+            yield SourceItem(ref=name, error=too_large(size, rt.settings.max_image_bytes), meta=meta, **extra)
+        elif by_key:
+            yield SourceItem(ref=name, meta=meta, upload=key, **extra)
         else:
-            yield SourceItem(ref=name, data=data, meta=meta, **extra)
+            yield SourceItem(ref=name, data=rt.store.get(key), meta=meta, **extra)
 
 
 def _keep_calibration_sample(

@@ -134,11 +134,15 @@ class S3Item(_ItemBase):
     s3: str  # PUPYL_S3_REFERENCES: an s3://bucket/key object the embed worker reads itself
 
 
+class UploadItem(_ItemBase):
+    upload: str  # an upload of this job in the store, read by the embed worker (deleted when the job ends)
+
+
 class ErrorItem(_ItemBase):
     error: str  # failed at expansion (too large, unreadable, ...): reported as failed
 
 
-EmbedItem = InlineItem | StagedItem | LocalItem | S3Item | ErrorItem
+EmbedItem = InlineItem | StagedItem | LocalItem | S3Item | UploadItem | ErrorItem
 
 
 class EmbedRequest(TypedDict, total=False):

@@ -65,6 +65,14 @@ class SourceItem:
     attributes: dict[str, Any] = field(default_factory=dict)
     path: str = ""  # a local image the embed worker reads itself (PUPYL_LOCAL_REFERENCES); no data
     s3: str = ""  # s3://bucket/key, an object the embed worker reads itself (PUPYL_S3_REFERENCES); no data
+    upload: str = ""  # a job's upload in the store, read by the embed worker (kept until the job ends)
+
+    def reference(self) -> tuple[str, str]:
+        """The embed item's field and value when the embed worker reads the bytes itself, else ("", "")."""
+        for kind in ("path", "s3", "upload"):
+            if getattr(self, kind):
+                return kind, getattr(self, kind)
+        return "", ""
 
 
 def is_url(text: str) -> bool:

@@ -66,6 +66,11 @@ class ObjectStore(ABC):
         """The names one level below ``prefix`` (like a directory listing), without a full scan."""
 
     @abstractmethod
+    def sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """Every key under ``prefix`` with its size in bytes, sorted: what a listing checks before
+        anything is read (an s3:// source, a job's uploads)."""
+
+    @abstractmethod
     def list_modified(self, prefix: str = "") -> Iterator[tuple[str, float]]:
         """Every key under ``prefix`` with its last-modified time (epoch seconds): how housekeeping
         tells leftovers (an upload cut off, a query never searched) from live work."""
@@ -169,6 +174,13 @@ class LocalStore(ObjectStore):
         for key in self.list(prefix):
             try:
                 yield key, self._path(key).stat().st_mtime
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+
+    def sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        for key in self.list(prefix):
+            try:
+                yield key, self._path(key).stat().st_size
             except FileNotFoundError:  # deleted meanwhile
                 continue
 
@@ -290,7 +302,6 @@ class S3Store(ObjectStore):
         return self._guard(fetch, key)
 
     def sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
-        """Every key under ``prefix`` with its size in bytes, sorted (an s3:// source's listing)."""
         objects = self._guard(
             lambda: list(self._client.list_objects(self.bucket, self.prefix + prefix, recursive=True))
         )

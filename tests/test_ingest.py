@@ -332,3 +332,38 @@ def test_a_staged_copy_that_cannot_be_written_stops_the_expansion_before_its_bat
         expand_job(rt, request, sent.append)  # type: ignore[arg-type]
     assert all(not item["key"].endswith("/5") for batch in sent for item in batch["items"])
     assert [len(b["items"]) for b in sent] == [1, 1, 2]  # items 0-3; the batch of 4-7 was not sent
+
+
+def test_uploads_reach_the_embed_worker_by_key_and_stay_until_the_job_ends(
+    rt: Runtime, tmp_path: Path, tiny_model: Path
+) -> None:
+    """An upload job's images go to the embed worker as their keys in the store: the ingest reads no
+    bytes and stages nothing; they are deleted when the job ends, not after their batch; an upload
+    over the size limit fails at the listing."""
+    rt = Runtime(rt.settings.replace(max_image_bytes=30_000))
+    layout, job_id = Layout(), "jup"
+    images = {f"{n}-{n}.png": encode(pattern(60 + n), "PNG") for n in range(5)}
+    images["5-big.png"] = encode(Image.effect_noise((300, 300), 90).convert("RGB"), "PNG")
+    assert len(images["5-big.png"]) > 30_000
+    for name, data in images.items():
+        rt.store.put(f"{layout.uploads(job_id)}/{name}", data)
+    rt.coordinator("default").create_job(job_id, {"collection": "default"})
+    batches: list[dict[str, Any]] = []
+    request = {"job_id": job_id, "collection": "default", "uri": f"upload:{job_id}", "model": str(tiny_model)}
+    expand_job(rt, request, batches.append)  # type: ignore[arg-type]
+    items = [item for batch in batches for item in batch["items"]]
+    assert [i.get("upload") for i in items[:5]] == [f"{layout.uploads(job_id)}/{n}-{n}.png" for n in range(5)]
+    assert all("data_b64" not in i and "key" not in i for i in items)
+    assert "too large" in items[5]["error"] and items[5]["meta"]["original_file_size"] == len(
+        images["5-big.png"]
+    )
+    assert list(rt.store.list(layout.staging(job_id) + "/")) == []
+    assert [i["status"] for i in embed_batch(rt, batches[0])["items"]] == ["indexed"]
+    # Unlike a staged copy, an upload outlives its batch: an expansion run again (its first run
+    # cut off) lists the same uploads and numbers the same batches.
+    assert rt.store.exists(items[0]["upload"])
+    for batch in batches[1:]:
+        embed_batch(rt, batch)
+    state = read_job(rt.redis, job_id)
+    assert state is not None and (state["state"], state["indexed"], state["failed"]) == ("done", 5, 1)
+    assert list(rt.store.list(layout.uploads(job_id) + "/")) == []  # the job ended: its uploads went
