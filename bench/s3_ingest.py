@@ -6,10 +6,12 @@ The whole system (redis-server, an ingest and an embed worker with its decode pr
 extractor) indexes photos from an S3 bucket into a collection kept in S3, both on one moto_server,
 twice per round: with ``PUPYL_S3_REFERENCES=false`` (the ingest worker reads each object, one after
 another, and stages those that do not fit in the message in the store) and ``true`` (the default:
-the embed worker's decode processes read the objects by name). moto_server logs every request it
-serves: the requests of each timed job are counted from its log, by method. On this 2-core machine
-the server's own CPU (moto, ~4 ms a request) weighs on the wall time; the counts and the workers'
-CPU per image do not depend on it.
+the embed worker's decode processes read the objects by name). ``--variants uploads`` indexes the
+same photos as uploads (``PupylQueue.index_uploads``, the API's path; their PUTs counted too).
+moto_server logs every request it serves: the requests of each timed job are counted from its log,
+by method. On this 2-core machine the server's own CPU (moto, ~4 ms a request) weighs on the wall
+time; the counts and the workers' CPU per image do not depend on it. To compare two checkouts, run
+this file with ``PYTHONPATH`` set to each (its workers inherit it).
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--variants",
+        default="bytes,references",
+        help="comma-separated: bytes (PUPYL_S3_REFERENCES=false), references (true), uploads (index_uploads)",
+    )
     args = parser.parse_args()
     files = sorted(p for p in Path(args.photos).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
     files = files[: args.images]
@@ -83,13 +90,18 @@ def main() -> None:
             )
             rows: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
             for round_ in range(args.rounds):
-                for references in (False, True):
-                    name = f"PUPYL_S3_REFERENCES={str(references).lower()}"
+                for number, variant in enumerate(args.variants.split(",")):
+                    references = variant != "bytes"
+                    name = (
+                        "uploads"
+                        if variant == "uploads"
+                        else f"PUPYL_S3_REFERENCES={str(references).lower()}"
+                    )
                     settings = Settings(
-                        store=f"s3://bench-store/r{round_}-{int(references)}",
+                        store=f"s3://bench-store/r{round_}-{variant}",
                         s3_endpoint=endpoint,
-                        redis_url=f"redis://127.0.0.1:{redis_port}/{round_ * 2 + int(references)}",
-                        data_dir=work / f"data-{round_}-{int(references)}",
+                        redis_url=f"redis://127.0.0.1:{redis_port}/{round_ * 3 + number}",
+                        data_dir=work / f"data-{round_}-{variant}",
                         batch_size=args.batch_size,
                         s3_references=references,
                         **keys,
@@ -104,7 +116,12 @@ def main() -> None:
                         _, offset = requests_in(moto_log, 0)
                         before = cpu.read()
                         started = time.perf_counter()
-                        state = client.index("s3://bench-src/photos/").wait(timeout=1800, poll=0.05)
+                        if variant == "uploads":  # the client's PUT of each upload is counted too
+                            uploads = [(p.name, p.read_bytes()) for p in files]
+                            job = client.index_uploads(uploads)
+                        else:
+                            job = client.index("s3://bench-src/photos/")
+                        state = job.wait(timeout=1800, poll=0.05)
                         elapsed = time.perf_counter() - started
                         after = cpu.read()
                         time.sleep(1.0)  # the batches' last deletes reach the log
