@@ -11,7 +11,8 @@ same photos as uploads (``PupylQueue.index_uploads``, the API's path; their PUTs
 moto_server logs every request it serves: the requests of each timed job are counted from its log,
 by method. On this 2-core machine the server's own CPU (moto, ~4 ms a request) weighs on the wall
 time; the counts and the workers' CPU per image do not depend on it. To compare two checkouts, run
-this file with ``PYTHONPATH`` set to each (its workers inherit it).
+this file from each (``cd`` there, ``PYTHONPATH=.``): the workers import the code of the folder
+they start in.
 """
 
 from __future__ import annotations
