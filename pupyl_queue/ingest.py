@@ -175,10 +175,11 @@ def _uploads(
     ``uploads``) gives file number n its ``{"key", "attributes"}``, or ``{"error"}``: the reason the
     API refused them, which fails that file alone.
 
-    ``by_key``: each upload goes to the embed worker as its store key, which it reads itself; the
-    uploads stay until the job ends (jobs.end_if_done), so a batch run again still finds them. Read
-    here and sent again (inline, or staged: a GET and a PUT more per image) only for the bytes an
-    int8 calibration keeps.
+    ``by_key``: each upload goes to the embed worker as its store key, which it reads itself. The
+    uploads stay until the job ends (jobs.end_if_done), unlike staged copies (deleted after their
+    batch): an expansion run again lists the same uploads and numbers the same batches. Read here
+    and sent again (inline, or staged: a GET and a PUT more per image) only for the bytes an int8
+    calibration keeps.
     """
     if uri != C.UPLOAD_SCHEME + job_id:
         raise SourceError(f"{uri!r}: a job can only index its own uploads ({C.UPLOAD_SCHEME}{job_id})")
