@@ -280,12 +280,12 @@ def test_staged_copies_to_s3_are_in_the_store_before_their_batch_is_sent(
     rt = Runtime(settings)
     folder = folder_of(tmp_path, 20)
     missing: list[str] = []
+    sent: list[dict[str, Any]] = []
 
     def dispatch(request: dict[str, Any]) -> None:
         missing.extend(item["key"] for item in request["items"] if not rt.store.exists(item["key"]))
         sent.append(request)
 
-    sent: list[dict[str, Any]] = []
     rt.coordinator("default").create_job("js3", {"collection": "default"})
     request = {
         "job_id": "js3",
@@ -319,16 +319,15 @@ def test_a_staged_copy_that_cannot_be_written_stops_the_expansion_before_its_bat
 
     monkeypatch.setattr(rt.store, "put", failing)
     sent: list[dict[str, Any]] = []
+    rt.coordinator("default").create_job("jfail", {"collection": "default"})
+    request = {
+        "job_id": "jfail",
+        "collection": "default",
+        "uri": str(folder_of(tmp_path, 9)),
+        "model": str(tiny_model),
+        "origin": "local",
+    }
     with pytest.raises(StoreUnavailable, match="went away"):
-        job_id = "jfail"
-        rt.coordinator("default").create_job(job_id, {"collection": "default"})
-        request = {
-            "job_id": job_id,
-            "collection": "default",
-            "uri": str(folder_of(tmp_path, 9)),
-            "model": str(tiny_model),
-            "origin": "local",
-        }
         expand_job(rt, request, sent.append)  # type: ignore[arg-type]
     assert all(not item["key"].endswith("/5") for batch in sent for item in batch["items"])
     assert [len(b["items"]) for b in sent] == [1, 1, 2]  # items 0-3; the batch of 4-7 was not sent
