@@ -334,8 +334,13 @@ def _decode_group(
             out.append((image.info(), b"", ""))
         else:
             out.append((image.info(), b"" if image.original else normalized, ""))
-    for write in writes:  # every copy is stored before the answer says so; the first error is the group's
-        write.result()
+    try:
+        for write in writes:  # every copy is stored before the answer says so; the first error is the group's
+            write.result()
+    except BaseException:
+        for write in writes:  # those not started yet: the group fails anyway
+            write.cancel()
+        raise
     return out
 
 

@@ -126,14 +126,22 @@ class _Staging:
             self.rt.store.put(key, data)
             return
         if len(self._pending) >= STAGED_IN_FLIGHT:  # bounds the bytes held for puts in flight
-            self._pending.pop(0).result()
+            self._landed(self._pending.pop(0))
         self._pending.append(self.rt.pool().submit(self.rt.store.put, key, data))
 
     def wait(self) -> None:
         """Every put so far has landed; the first that failed raises (StoreUnavailable: retried)."""
-        pending, self._pending = self._pending, []
-        for future in pending:
+        while self._pending:
+            self._landed(self._pending.pop(0))
+
+    def _landed(self, future: Future[None]) -> None:
+        try:
             future.result()
+        except BaseException:
+            for waiting in self._pending:  # not started yet: a store that failed is not tried 15 times more
+                waiting.cancel()
+            self._pending = []
+            raise
 
 
 def embed_request(job: IndexRequest, number: int, items: list[EmbedItem]) -> EmbedRequest:
