@@ -11,8 +11,8 @@ same photos as uploads (``PupylQueue.index_uploads``, the API's path; their PUTs
 moto_server logs every request it serves: the requests of each timed job are counted from its log,
 by method. On this 2-core machine the server's own CPU (moto, ~4 ms a request) weighs on the wall
 time; the counts and the workers' CPU per image do not depend on it. To compare two checkouts, run
-this file from each (``cd`` there, ``PYTHONPATH=.``): the workers import the code of the folder
-they start in.
+each checkout's own copy of this file from its folder: the workers import the code of the folder
+they start in, this process the code of the checkout this file is in.
 """
 
 from __future__ import annotations
@@ -28,12 +28,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.ingest import CpuSeconds, create_collection
-from pupyl_queue import PupylQueue
-from pupyl_queue.models import ModelSpec
-from pupyl_queue.settings import Settings
-from pupyl_queue.stack import free_port, start_redis, start_worker, stop, wait_for_port
-from pupyl_queue.store import S3Store
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench.ingest; the workers import the checkout of their folder
+
+from bench.ingest import CpuSeconds, create_collection  # noqa: E402
+from pupyl_queue import PupylQueue  # noqa: E402
+from pupyl_queue.models import ModelSpec  # noqa: E402
+from pupyl_queue.settings import Settings  # noqa: E402
+from pupyl_queue.stack import free_port, start_redis, start_worker, stop, wait_for_port  # noqa: E402
+from pupyl_queue.store import S3Store  # noqa: E402
 
 REQUEST = re.compile(r'"(GET|PUT|POST|DELETE|HEAD) (\S+) HTTP')
 

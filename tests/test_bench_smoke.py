@@ -143,3 +143,29 @@ def test_s3_copies_benchmark_smoke() -> None:
     )
     rows = [line for line in table.splitlines() if line.startswith(("| no copies", "| local", "| S3"))]
     assert len(rows) == 4 and all(float(row.split("|")[2]) > 0 for row in rows), table  # wall ms per image
+
+
+def test_s3_ingest_benchmark_smoke() -> None:
+    """Indexing an s3:// prefix and uploads through the real stack, S3 requests counted per image."""
+    need_shared(SHARED_DATA / "photos")
+    table = run(
+        "bench/s3_ingest.py",
+        "--photos",
+        str(SHARED_DATA / "photos"),
+        "--images",
+        "6",
+        "--rounds",
+        "1",
+        "--variants",
+        "bytes,references,uploads",
+    )
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in table.splitlines()
+        if line.startswith("| ") and "img/s" not in line
+    }
+    assert set(rows) == {"PUPYL_S3_REFERENCES=false", "PUPYL_S3_REFERENCES=true", "uploads"}, table
+    header = next(line for line in table.splitlines() if line.startswith("| run |")).split("|")
+    requests = header.index(" requests ")
+    # by name, two requests an image at the least (the source's GET, the stored copy's PUT)
+    assert all(float(row.split("|")[requests]) >= 2.0 for row in rows.values()), table
