@@ -71,7 +71,7 @@ def run(
     datas: list[bytes], group: int, settings: Settings | None, remote_threads: bool, tag: str
 ) -> tuple[float, float]:
     """Wall and this process's CPU, in ms per image, for one pass of every photo."""
-    S3Store.remote = remote_threads  # read by decode_pool._copy_writer at each group
+    S3Store.remote = remote_threads  # read by store.OverlappedWrites at each put
     slots = PixelSlots(group, SIZE)
     started, cpu = time.perf_counter(), time.process_time()
     for first in range(0, len(datas), group):

@@ -67,7 +67,7 @@ import numpy as np
 from pupyl_queue.images import ImageError, ImageInfo, decode
 from pupyl_queue.settings import Settings
 from pupyl_queue.sources import LocalRefused, Sources
-from pupyl_queue.store import ObjectStore, StoreUnavailable, open_store
+from pupyl_queue.store import ObjectStore, OverlappedWrites, StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
@@ -263,11 +263,9 @@ COPY_WRITERS = 4  # a decode process's threads writing to a remote store: puts i
 _copy_writers: ThreadPoolExecutor | None = None
 
 
-def _copy_writer(store: ObjectStore) -> ThreadPoolExecutor | None:
-    """This decode process's copy-writing threads, for a remote store (None: write in line)."""
+def _copy_writer() -> ThreadPoolExecutor:
+    """This decode process's copy-writing threads (made when a remote store first needs them)."""
     global _copy_writers
-    if not store.remote:
-        return None
     if _copy_writers is None:
         _copy_writers = ThreadPoolExecutor(COPY_WRITERS, thread_name_prefix="pupyl-copy")
     return _copy_writers
@@ -306,8 +304,7 @@ def _decode_group(
     """
     out: list[tuple[ImageInfo | None, bytes, str]] = []
     store, sources = _process_io(copies) if copies is not None else (None, None)
-    writer = _copy_writer(store) if store is not None else None
-    writes: list[Future[None]] = []
+    writes = OverlappedWrites(store, _copy_writer) if store is not None else None
     for n, (source, slot) in enumerate(images):
         try:
             if isinstance(source, bytes):
@@ -326,21 +323,13 @@ def _decode_group(
         view[...] = image.pixels(size)
         del view
         normalized = image.normalized_bytes()  # the original bytes when they already are one
-        if copies is not None:
-            if writer is None:
-                _write_copies(store, copies.keys[n], normalized, data)  # type: ignore[arg-type]
-            else:
-                writes.append(writer.submit(_write_copies, store, copies.keys[n], normalized, data))  # type: ignore[arg-type]
+        if writes is not None and copies is not None:
+            writes.submit(_write_copies, store, copies.keys[n], normalized, data)
             out.append((image.info(), b"", ""))
         else:
             out.append((image.info(), b"" if image.original else normalized, ""))
-    try:
-        for write in writes:  # every copy is stored before the answer says so; the first error is the group's
-            write.result()
-    except BaseException:
-        for write in writes:  # those not started yet: the group fails anyway
-            write.cancel()
-        raise
+    if writes is not None:
+        writes.wait()  # every copy is stored before the answer says so; the first error is the group's
     return out
 
 

@@ -13,7 +13,6 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
 from typing import Any, cast
 
 from pupyl_queue import constants as C
@@ -23,6 +22,7 @@ from pupyl_queue.layout import Layout
 from pupyl_queue.payloads import EmbedItem, EmbedRequest, IndexRequest, IndexResult
 from pupyl_queue.runtime import Runtime
 from pupyl_queue.sources import SourceError, SourceItem, Sources, fetch_pending, too_large
+from pupyl_queue.store import OverlappedWrites
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,9 @@ def expand_job(rt: Runtime, job: IndexRequest, dispatch: Dispatch) -> IndexResul
     batch: list[EmbedItem] = []
     batches = total = 0
     inline_budget = rt.settings.inline_batch_bytes
-    staging = _Staging(rt)
+    # Staged copies to a remote store go through this process's threads while the expansion goes
+    # on: one after another, each put to S3 waited on the server before the next image was read.
+    staging = OverlappedWrites(rt.store, rt.pool, bound=STAGED_IN_FLIGHT)
 
     def flush() -> None:
         nonlocal batch, batches, inline_budget
@@ -97,7 +99,7 @@ def expand_job(rt: Runtime, job: IndexRequest, dispatch: Dispatch) -> IndexResul
             inline_budget -= len(data)
         else:
             entry["key"] = layout.staged_item(job_id, total)  # large: through the store
-            staging.put(entry["key"], data)
+            staging.submit(rt.store.put, entry["key"], data)
         batch.append(cast(EmbedItem, entry))  # one of data_b64, key, path, s3, upload or error
         total += 1
         if len(batch) >= jobs.batch_target(batches, rt.settings.batch_size):
@@ -107,41 +109,6 @@ def expand_job(rt: Runtime, job: IndexRequest, dispatch: Dispatch) -> IndexResul
     coord.update_job(job_id, total=total, batches_total=batches, expanded=1, state="running")
     finish_if_done(rt, job_id, collection)
     return {"job_id": job_id, "total": total, "batches": batches}
-
-
-class _Staging:
-    """The staged copies of the batch being filled: to a remote store (S3) through the process's
-    threads, several in flight while the expansion goes on; to a local one in line.
-
-    Why: one after another, each put to S3 waited on the server's answer before the next image was
-    read, and the ingest of a URL list or an s3:// prefix read by bytes ran at one put per round trip.
-    """
-
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-        self._pending: list[Future[None]] = []
-
-    def put(self, key: str, data: bytes) -> None:
-        if not self.rt.store.remote:
-            self.rt.store.put(key, data)
-            return
-        if len(self._pending) >= STAGED_IN_FLIGHT:  # bounds the bytes held for puts in flight
-            self._landed(self._pending.pop(0))
-        self._pending.append(self.rt.pool().submit(self.rt.store.put, key, data))
-
-    def wait(self) -> None:
-        """Every put so far has landed; the first that failed raises (StoreUnavailable: retried)."""
-        while self._pending:
-            self._landed(self._pending.pop(0))
-
-    def _landed(self, future: Future[None]) -> None:
-        try:
-            future.result()
-        except BaseException:
-            for waiting in self._pending:  # not started yet: a store that failed is not tried 15 times more
-                waiting.cancel()
-            self._pending = []
-            raise
 
 
 def embed_request(job: IndexRequest, number: int, items: list[EmbedItem]) -> EmbedRequest:

@@ -351,21 +351,12 @@ class Sources:
             yield from self._blob(url, fh, size, depth=0, base=None)
 
     def _s3(self, uri: str) -> Iterator[SourceItem]:
-        from pupyl_queue.store import S3Store, StoreUnavailable
+        from pupyl_queue.store import StoreUnavailable
 
         parsed = urlparse(uri)
         s = self.settings
         try:
-            source = S3Store(
-                parsed.netloc,
-                "",
-                s.s3_endpoint,
-                s.s3_access_key,
-                s.s3_secret_key,
-                s.s3_secure,
-                s.s3_region,
-                create=False,  # a source is read: listing a bucket that is not there makes none
-            )
+            source = _bucket(s, parsed.netloc)  # a source is read: listing a bucket not there makes none
             listed = list(source.sizes(parsed.path.lstrip("/")))
         except (StoreUnavailable, ValueError) as exc:
             raise SourceError(f"cannot list {uri}: {exc}") from None
@@ -600,11 +591,13 @@ __all__ = ["FORMATS", "LocalRefused", "SourceError", "SourceItem", "Sources", "f
 
 _buckets: dict[tuple[str, str, str, bool, str, str], Any] = {}
 _buckets_lock = threading.Lock()
+BUCKETS_KEPT = 16  # source buckets' clients a process keeps; their names come from requests
 
 
 def _bucket(settings: Settings, bucket: str) -> Any:
     """This process's client of an s3:// source bucket (an S3Store, which never makes the bucket),
-    made once per process: each has its own pool of connections kept alive."""
+    made once and kept (the newest :data:`BUCKETS_KEPT`): each has its own pool of connections kept
+    alive, for the expansion's listing and every object read by reference."""
     from pupyl_queue.store import S3Store
 
     key = (
@@ -620,5 +613,7 @@ def _bucket(settings: Settings, bucket: str) -> Any:
     if found is None:
         found = S3Store(bucket, "", *key[:5], create=False)
         with _buckets_lock:
+            if key not in _buckets and len(_buckets) >= BUCKETS_KEPT:
+                _buckets.pop(next(iter(_buckets)))
             found = _buckets.setdefault(key, found)
     return found

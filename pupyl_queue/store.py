@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 from urllib.parse import urlparse
@@ -171,16 +172,15 @@ class LocalStore(ObjectStore):
         return sorted(p.name for p in base.iterdir() if not p.name.startswith(".tmp-"))
 
     def list_modified(self, prefix: str = "") -> Iterator[tuple[str, float]]:
-        for key in self.list(prefix):
-            try:
-                yield key, self._path(key).stat().st_mtime
-            except FileNotFoundError:  # deleted meanwhile
-                continue
+        return ((key, info.st_mtime) for key, info in self._stats(prefix))
 
     def sizes(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        return ((key, info.st_size) for key, info in self._stats(prefix))
+
+    def _stats(self, prefix: str) -> Iterator[tuple[str, os.stat_result]]:
         for key in self.list(prefix):
             try:
-                yield key, self._path(key).stat().st_size
+                yield key, self._path(key).stat()
             except FileNotFoundError:  # deleted meanwhile
                 continue
 
@@ -353,6 +353,42 @@ class S3Store(ObjectStore):
         folder = self.prefix + prefix.strip("/") + "/" if prefix.strip("/") else self.prefix
         objects = self._guard(lambda: list(self._client.list_objects(self.bucket, folder, recursive=False)))
         return sorted(o.object_name[len(folder) :].rstrip("/") for o in objects)
+
+
+class OverlappedWrites:
+    """Writes to a store that overlap the caller's other work when the store is remote (S3: a put
+    waits on the network); made in line for a local store, whose put does not wait.
+
+    ``pool`` gives the threads (asked for only when the store is remote); at most ``bound`` writes
+    are in flight (0: no bound). :meth:`wait` returns once every write has landed; the first that
+    failed raises, and those not started yet are cancelled: a store that failed is not tried again
+    and again for nothing. Used by the decode processes (stored copies) and the ingest (staging).
+    """
+
+    def __init__(self, store: ObjectStore, pool: Callable[[], Executor], bound: int = 0) -> None:
+        self.store, self._pool, self.bound = store, pool, bound
+        self._pending: list[Future[object]] = []
+
+    def submit(self, write: Callable[..., object], *args: object) -> None:
+        if not self.store.remote:
+            write(*args)
+            return
+        if self.bound and len(self._pending) >= self.bound:  # bounds the bytes held for writes in flight
+            self._landed(self._pending.pop(0))
+        self._pending.append(self._pool().submit(write, *args))
+
+    def wait(self) -> None:
+        while self._pending:
+            self._landed(self._pending.pop(0))
+
+    def _landed(self, future: Future[object]) -> None:
+        try:
+            future.result()
+        except BaseException:
+            for waiting in self._pending:
+                waiting.cancel()
+            self._pending = []
+            raise
 
 
 def open_store(settings: Settings) -> ObjectStore:
